@@ -706,3 +706,6 @@ def generate_steered_answer(
         return answer
     trace.token_ids.extend(answer_ids)
     return answer, trace
+
+
+# ===== Steering vector files, demo.yaml and steering specs =====
