@@ -30,6 +30,7 @@ import tempfile
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -502,6 +503,52 @@ class _StopOnEvent:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+def _install_hooks(model: Any, comps: list[SteeringComponent], request: _Request, steer_from: int,
+                   record: list[ComponentTrace] | None) -> list[Any]:
+    """Register one forward hook per steered layer; return the handles to remove."""
+    _, layers = _decoder_layers(model)
+    vectors = _device_vectors(model, comps)
+    handles = []
+    try:
+        for layer, idx in _by_layer(comps).items():
+            hook = _make_hook(
+                request,
+                [comps[i] for i in idx],
+                [vectors[i] for i in idx],
+                steer_from,
+                None if record is None else [record[i] for i in idx],
+            )
+            handles.append(layers[layer].register_forward_hook(hook))
+    except BaseException:
+        for handle in handles:
+            handle.remove()
+        raise
+    return handles
+
+
+@contextmanager
+def steer(model: Any, components: Sequence[SteeringComponent], steer_from: int = 0) -> Iterator[None]:
+    """Steer every forward pass this thread runs on `model` inside the block (forward hooks).
+
+    Positions are counted from the first forward in the block; those before
+    `steer_from` are left alone. Other threads using the model are not affected, and
+    the hooks are gone when the block exits, however it exits.
+
+        >>> with steer(model, [SteeringComponent(layer=3, vector=v, strength=4.0)]):
+        ...     logits = model(ids).logits
+    """
+    comps = list(components)
+    validate_components(model, comps)
+    request = _Request()
+    request.thread_id = threading.get_ident()
+    handles = _install_hooks(model, comps, request, steer_from, None)
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def stream_steered_answer_hf(
     model: Any,
     tokenizer: Any,
@@ -525,7 +572,7 @@ def stream_steered_answer_hf(
         >>> for piece in stream_steered_answer_hf(model, tok, chat, [comp], temperature=0):
         ...     print(piece, end="")
     """
-    from transformers import StoppingCriteriaList, TextIteratorStreamer
+    from transformers import TextIteratorStreamer
 
     comps = _resolve(components, clamp_intensity)
     validate_components(model, comps)
@@ -539,13 +586,21 @@ def stream_steered_answer_hf(
         fresh = _new_trace(comps, prompt_ids)
         trace.prompt_len, trace.token_ids, trace.components = fresh.prompt_len, fresh.token_ids, fresh.components
         record = trace.components
-    vectors = _device_vectors(model, comps)
     steer_from = 0 if steer_prompt else len(prompt_ids)
-    _, layers = _decoder_layers(model)
     device = next(model.parameters()).device
     input_ids = torch.tensor([prompt_ids], device=device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     kwargs = _generation_kwargs(model, tokenizer, max_new_tokens, temperature, repetition_penalty)
+    # Everything above raises at call time; the generator below runs when iterated.
+    return _stream(model, streamer, kwargs, input_ids, comps, request, steer_from, trace, record)
+
+
+def _stream(model: Any, streamer: Any, kwargs: dict[str, Any], input_ids: torch.Tensor,
+            comps: list[SteeringComponent], request: _Request, steer_from: int,
+            trace: SteeringTrace | None, record: list[ComponentTrace] | None) -> Iterator[str]:
+    from transformers import StoppingCriteriaList
+
+    n_prompt = input_ids.shape[1]
 
     def run() -> None:
         request.thread_id = threading.get_ident()
@@ -558,26 +613,15 @@ def stream_steered_answer_hf(
                     stopping_criteria=StoppingCriteriaList([_StopOnEvent(request.stop)]),
                     **kwargs,
                 )
-            request.output_ids = out[0, len(prompt_ids):].tolist()
+            request.output_ids = out[0, n_prompt:].tolist()
         except BaseException as exc:  # handed to the consumer below
             request.error = exc
             streamer.end()
 
-    handles = []
+    handles: list[Any] = []
     thread = threading.Thread(target=run, name="steered-generation", daemon=True)
     try:
-        for layer, idx in _by_layer(comps).items():
-            handles.append(
-                layers[layer].register_forward_hook(
-                    _make_hook(
-                        request,
-                        [comps[i] for i in idx],
-                        [vectors[i] for i in idx],
-                        steer_from,
-                        None if record is None else [record[i] for i in idx],
-                    )
-                )
-            )
+        handles = _install_hooks(model, comps, request, steer_from, record)
         thread.start()
         for piece in streamer:
             if piece:
@@ -588,11 +632,9 @@ def stream_steered_answer_hf(
         if trace is not None:
             trace.token_ids.extend(request.output_ids)
     finally:
-        request.stop.set()
-        if thread.is_alive():
-            # Drain so a generation blocked on the streamer's queue can reach the stop check.
-            while thread.is_alive():
-                thread.join(timeout=0.05)
+        request.stop.set()  # a consumer that stopped reading ends the generation at the next layer
+        if thread.ident is not None:
+            thread.join()
         for handle in handles:
             handle.remove()
 
