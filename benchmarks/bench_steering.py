@@ -1,0 +1,80 @@
+"""Greedy decoding speed: unsteered, steered with hooks, steered with NNsight, side by side in one run.
+
+    .venv/bin/python benchmarks/bench_steering.py                  # embedded model, 64 tokens, 3 rounds
+    .venv/bin/python benchmarks/bench_steering.py --tokens 128 --rounds 5
+    .venv/bin/python benchmarks/bench_steering.py --model /path/to/llama --layers 11 15 19
+
+Each round runs the three configurations one after another (so machine noise hits all
+of them alike); the figure per configuration is the median over rounds of tokens/s.
+Steering: a clamp on each of --layers. Targets: hooks cost at most 3% against
+unsteered, NNsight at most 15% against hooks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import steering  # noqa: E402
+
+CHAT = [{"role": "user", "content": "Write a long, detailed essay about the history of bridges in Europe."}]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="hub id or local dir (default: the embedded model)")
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per answer")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the three configurations")
+    parser.add_argument("--layers", type=int, nargs="+", default=[8, 14, 20], help="layers to clamp")
+    args = parser.parse_args()
+
+    model, tok = steering.load_model(args.model)
+    d = steering.hidden_size(model)
+    gen = torch.Generator().manual_seed(0)
+    comps = [
+        steering.SteeringComponent(layer=L, vector=torch.randn(d, generator=gen), strength=20.0, op="clamp")
+        for L in args.layers
+    ]
+
+    def hooks(components: list[steering.SteeringComponent]) -> str:
+        return "".join(
+            steering.stream_steered_answer_hf(model, tok, CHAT, components, max_new_tokens=args.tokens)
+        )
+
+    def nnsight() -> str:
+        return steering.generate_steered_answer(model, tok, CHAT, comps, max_new_tokens=args.tokens)
+
+    configs = {"unsteered (hooks path, no component)": lambda: hooks([]),
+               f"hooks, clamp on {len(comps)} layers": lambda: hooks(comps),
+               f"nnsight, clamp on {len(comps)} layers": nnsight}
+    for fn in configs.values():  # warm-up: first calls pay for allocation and NNsight's wrapping
+        fn()
+    rates: dict[str, list[float]] = {name: [] for name in configs}
+    for r in range(args.rounds):
+        for name, fn in configs.items():
+            t0 = time.perf_counter()
+            text = fn()
+            dt = time.perf_counter() - t0
+            n = len(tok.encode(text, add_special_tokens=False))
+            rates[name].append(n / dt)
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{v[-1]:.2f}" for v in rates.values()), flush=True)
+
+    device = next(model.parameters()).device
+    print(f"\nmodel {steering.model_id_of(model)} on {device}, {torch.get_num_threads()} threads, "
+          f"greedy, {args.tokens} new tokens, median of {args.rounds} rounds")
+    med = {name: statistics.median(v) for name, v in rates.items()}
+    for name, v in med.items():
+        print(f"  {name:<40} {v:8.2f} tokens/s")
+    unsteered, hooked, nn = med.values()
+    print(f"  hooks vs unsteered:   {hooked / unsteered:.3f}x speed ({(1 - hooked / unsteered) * 100:+.1f}% cost, target <= 3%)")
+    print(f"  nnsight vs hooks:     {nn / hooked:.3f}x speed ({(1 - nn / hooked) * 100:+.1f}% cost, target <= 15%)")
+
+
+if __name__ == "__main__":
+    main()
