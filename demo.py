@@ -316,7 +316,7 @@ class Console:
         self.steer_prompt = True
         self.history: list[dict[str, str]] = []
         self.compare_next = False
-        self._background: threading.Thread | None = None  # an nnsight answer that was stopped
+        self._background: threading.Event | None = None  # set when a stopped nnsight answer ends
 
     # -- printing --------------------------------------------------------------
 
@@ -445,6 +445,12 @@ class Console:
 
     def _answer(self, chat: list[dict], comps: list, kind: str, labelled: bool = False) -> str | None:
         """Print one answer in `kind`'s colour; its text, or None if the user stopped it."""
+        if self.settings.backend == "nnsight":
+            try:
+                self._wait_for_background()
+            except Stopped:
+                self.notice("(stopped)")
+                return None
         labelled = labelled or self.interactive
         if labelled:
             label = f"{kind}> " if self.interactive else f"[{kind}]\n"
@@ -493,8 +499,8 @@ class Console:
 
     def _whole_nnsight(self, chat: list[dict], comps: list) -> str:
         """The nnsight answer, computed in a worker thread so that Ctrl-C returns at once."""
-        self._wait_for_background()
         result: dict[str, Any] = {}
+        done = threading.Event()
 
         def work() -> None:
             try:
@@ -503,35 +509,37 @@ class Console:
                 )
             except BaseException as exc:  # handed to the main thread below
                 result["error"] = exc
+            finally:
+                done.set()
 
-        worker = threading.Thread(target=work, name="nnsight-answer", daemon=True)
-        worker.start()
+        threading.Thread(target=work, name="nnsight-answer", daemon=True).start()
+        # Wait on an Event, not Thread.join: a Ctrl-C inside join(timeout) can mark a
+        # running thread as finished (CPython bpo-45274).
         try:
             with ctrl_c_stops():
-                while worker.is_alive():
-                    worker.join(0.1)
+                while not done.wait(0.1):
+                    pass
         except KeyboardInterrupt:
-            self._background = worker  # NNsight cannot be stopped mid-run: it finishes on its own
+            self._background = done  # NNsight cannot be stopped mid-run: it finishes on its own
             raise Stopped from None
         if "error" in result:
             raise result["error"]
         return result["answer"]
 
     def _wait_for_background(self) -> None:
-        worker = self._background
-        if worker is not None and worker.is_alive():
+        if self.busy():
             self.notice("waiting for the stopped nnsight answer to finish...")
             try:
                 with ctrl_c_stops():
-                    while worker.is_alive():
-                        worker.join(0.1)
+                    while not self._background.wait(0.1):
+                        pass
             except KeyboardInterrupt:
                 raise Stopped from None
         self._background = None
 
     def busy(self) -> bool:
         """Whether a stopped nnsight answer is still running in the background."""
-        return self._background is not None and self._background.is_alive()
+        return self._background is not None and not self._background.is_set()
 
     # -- the interactive loop --------------------------------------------------
 
@@ -622,6 +630,9 @@ class Console:
                 else:
                     compare, self.compare_next = self.compare_next or self.settings.compare, False
                     self.ask(line, compare=compare)
+            except KeyboardInterrupt:  # pressed outside the answer itself (just before or after it)
+                self.out.write(self.paint.reset() + "\n")
+                self.notice("(stopped)")
             except ValueError as exc:
                 self.error(one_line(exc))
             except Exception as exc:  # never a traceback in the chat
@@ -775,6 +786,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the program; any error is one line on stderr (exit 2 for bad input), never a traceback."""
     try:
         return run(argv)
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (ValueError, OSError) as exc:
         print(Painter(colour_enabled(sys.stderr))("error", f"error: {one_line(exc)}"), file=sys.stderr)
         return 2
