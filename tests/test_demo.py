@@ -1,0 +1,317 @@
+"""demo.py, the console chat: the real program in a pseudo-terminal, the one-shot mode, errors.
+
+Answers are checked token for token against the steering module called directly, on the
+embedded model with the shipped demo.yaml and its vectors file (greedy, a few tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pexpect
+import pytest
+from conftest import hooks_on
+
+import demo
+import steering
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = str(ROOT / "demo.py")
+PROMPT = "you> "
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\001\002\r]")
+TOKENS = 8
+QUESTION = "Tell me about your weekend."
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    """The default profile of the shipped demo.yaml and its vectors file."""
+    profile = steering.load_config(ROOT / "demo.yaml").profile()
+    return profile, steering.load_vectors(profile.vectors_path())
+
+
+_ANSWERS: dict = {}
+
+
+def reference(embedded, profile, vectors, prompt, steers, max_new_tokens=TOKENS):
+    """The answer the steering module gives for `steers` [(key, fraction, mode)], greedy."""
+    key = (prompt, tuple(steers), max_new_tokens)
+    if key not in _ANSWERS:
+        _ANSWERS[key] = _reference(embedded, profile, vectors, prompt, steers, max_new_tokens)
+    return _ANSWERS[key]
+
+
+def _reference(embedded, profile, vectors, prompt, steers, max_new_tokens):
+    model, tok = embedded
+    gen = profile.generation
+    chat = [{"role": "system", "content": gen.system_prompt}, {"role": "user", "content": prompt}]
+    comps = [vectors.component(key, fraction, op=mode) for key, fraction, mode in steers]
+    return steering.generate_steered_answer_hf(
+        model, tok, chat, comps, max_new_tokens=max_new_tokens, temperature=0.0,
+        repetition_penalty=gen.repetition_penalty,
+    )
+
+
+def clean(text: str) -> str:
+    return ANSI.sub("", text)
+
+
+def spawn(*args: str, env: dict | None = None) -> pexpect.spawn:
+    full_env = {**os.environ, "TERM": "dumb", "COLUMNS": "200"}
+    full_env.pop("NO_COLOR", None)
+    full_env.update(env or {})
+    child = pexpect.spawn(sys.executable, [DEMO, *args], cwd=str(ROOT), env=full_env, encoding="utf-8",
+                          timeout=90, dimensions=(50, 200))
+    child.expect_exact(PROMPT)
+    return child
+
+
+def say(child: pexpect.spawn, line: str) -> str:
+    """Type a line, wait for the next prompt, return what was printed in between (no colours)."""
+    child.sendline(line)
+    child.expect_exact(PROMPT)
+    return clean(child.before)
+
+
+def run_one_shot(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    return subprocess.run([sys.executable, DEMO, *args], cwd=str(ROOT), env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+# ---------------------------------------------------------------------------
+# The interactive chat in a pseudo-terminal
+# ---------------------------------------------------------------------------
+
+
+def test_a_session_steers_compares_saves_loads_survives_an_error_and_quits(embedded, shipped, tmp_path):
+    profile, vectors = shipped
+    spec_file = tmp_path / "steering.json"
+    unsteered = reference(embedded, profile, vectors, QUESTION, [])
+    steered = reference(embedded, profile, vectors, QUESTION, [("eiffel_tower", 0.5, "clamp")])
+    assert unsteered != steered  # otherwise the comparison below proves nothing
+
+    child = spawn("--temperature", "0", "--max-new-tokens", str(TOKENS))
+    log = [clean(child.before)]
+    try:
+        out = say(child, "/features")
+        for feature in profile.features:
+            assert feature.name in out and feature.description in out
+        out = say(child, "/steer eiffel_tower 0.5 clamp")
+        norm = vectors.norm(profile.feature("eiffel_tower").layer)
+        assert f"steering with eiffel_tower at 0.5 x norm ({0.5 * norm:.1f}" in out
+        assert "eiffel_tower" in say(child, "/active")
+
+        say(child, "/compare")
+        child.sendline(QUESTION)
+        child.expect_exact(PROMPT)
+        raw = child.before
+        out = clean(raw)
+        assert f"unsteered> {unsteered}\nsteered> {steered}\n" in out
+        # colours on a terminal: the unsteered answer in cyan, the steered one in magenta
+        assert demo.COLOURS["unsteered"] + "unsteered> " in raw and demo.COLOURS["steered"] + "steered> " in raw
+
+        out = say(child, "/steer pirate abc")
+        assert out.strip().splitlines()[-1] == (
+            "error: strength 'abc' is not a number: give a fraction of the layer's typical norm, e.g. 0.5"
+        )
+        out = say(child, "/steer 99:1 0.5")
+        assert "error:" in out and "99:1" in out
+
+        assert "saved" in say(child, f"/save {spec_file}")
+        saved = json.loads(spec_file.read_text())
+        assert saved["format"] == "llm-steering/spec" and saved["model_id"] == steering.EMBEDDED_MODEL_ID
+        assert saved["features"] == [{"key": "eiffel_tower", "fraction": 0.5, "mode": "clamp"}]
+
+        say(child, "/clear")
+        assert "nothing is steered" in say(child, "/active")
+        out = say(child, f"/load {tmp_path / 'missing.yaml'}")
+        assert "error:" in out and "not found" in out
+        out = say(child, f"/load {spec_file}")
+        assert "eiffel_tower" in out and "0.5 x norm" in out
+
+        # the same message again, with the history forgotten, on the nnsight backend: same tokens
+        say(child, "/reset")
+        assert "backend: nnsight" in say(child, "/backend nnsight")
+        out = say(child, QUESTION)
+        assert f"steered> {steered}\n" in out
+
+        child.sendline("quit")
+        child.expect(pexpect.EOF)
+        log.append(clean(child.before))
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    assert "Traceback" not in "".join(log)
+
+
+def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(shipped):
+    child = spawn("--temperature", "0", "--max-new-tokens", "400", "--steer", "pirate", "0.3",
+                  env={"NO_COLOR": "1"})
+    try:
+        started = time.monotonic()
+        child.sendline("Write a long story about a dragon who lives in a castle.")
+        child.expect_exact("steered> ")
+        child.expect(r"\w+\W+\w+")  # a few words have streamed
+        child.sendintr()
+        child.expect_exact("(stopped: this exchange is not kept in the conversation)", timeout=10)
+        child.expect_exact(PROMPT, timeout=10)
+        assert time.monotonic() - started < 25  # 400 tokens would take far longer
+        out = say(child, "/active")
+        assert "pirate" in out and "\x1b[" not in child.before  # NO_COLOR: no colour codes
+        child.sendeof()  # Ctrl-D ends the chat
+        child.expect(pexpect.EOF, timeout=20)
+        assert "Traceback" not in child.before
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+
+
+def test_an_interrupted_answer_ends_its_thread_and_removes_its_hooks(embedded, shipped):
+    """Ctrl-C (a real SIGINT) arriving while the answer streams, in-process."""
+    model, tok = embedded
+    profile, vectors = shipped
+
+    class InterruptOnFirstPiece:
+        def __init__(self):
+            self.text, self.sent = "", False
+
+        def write(self, s):
+            self.text += s
+            if s.strip() and not self.sent and "steered" not in s:
+                self.sent = True
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)  # the handler raises in here
+
+        def flush(self):
+            pass
+
+        def isatty(self):
+            return False
+
+    out = InterruptOnFirstPiece()
+    settings = demo.Settings(backend="hf", temperature=0.0, max_new_tokens=200, repetition_penalty=1.1,
+                             system="", max_input_tokens=2048)
+    catalog = demo.Catalog(profile, vectors)
+    catalog.attach(model, tok)
+    console = demo.Console(model, tok, catalog, settings, out=out, info=out, interactive=True)
+    console.steer("eiffel_tower", 0.5)
+    assert console.ask("Tell me a long story.") is None
+    assert out.sent and "(stopped" in out.text
+    assert hooks_on(model) == 0
+    assert not [t for t in threading.enumerate() if t.name == "steered-generation"]
+    assert console.history == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# ---------------------------------------------------------------------------
+# One-shot mode
+# ---------------------------------------------------------------------------
+
+
+def test_one_shot_prints_only_the_answer(embedded, shipped):
+    profile, vectors = shipped
+    expected = reference(embedded, profile, vectors, "Tell me about Paris",
+                         [("eiffel_tower", 0.5, "clamp"), ("pirate", 0.3, "clamp")])
+    result = run_one_shot("--prompt", "Tell me about Paris", "--steer", "eiffel_tower", "0.5",
+                          "--steer", "pirate", "0.3", "--temperature", "0", "--max-new-tokens", str(TOKENS))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+    assert "Traceback" not in result.stderr
+
+
+def test_one_shot_compare_prints_both_answers_labelled(embedded, shipped):
+    profile, vectors = shipped
+    unsteered = reference(embedded, profile, vectors, QUESTION, [])
+    steered = reference(embedded, profile, vectors, QUESTION, [("eiffel_tower", 0.5, "clamp")])
+    result = run_one_shot("--prompt", QUESTION, "--steer", "eiffel_tower", "0.5", "--compare",
+                          "--temperature", "0", "--max-new-tokens", str(TOKENS))
+    assert result.returncode == 0, result.stderr
+    # not a terminal: no colour codes
+    assert result.stdout == f"[unsteered]\n{unsteered}\n[steered]\n{steered}\n"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--steer", "eifel_tower", "0.5"], "unknown feature 'eifel_tower': use one of"),
+        (["--steer", "pirate", "half"], "strength 'half' is not a number"),
+        (["--steer", "pirate", "inf"], "strength inf is out of range"),
+        (["--steer", "15:21576", "0.5"], "has no SAE to extract it from"),
+        (["--config", "no-such.yaml"], "config file 'no-such.yaml' not found"),
+        (["--max-new-tokens", "many"], "argument --max-new-tokens: invalid int value: 'many'"),
+    ],
+)
+def test_one_shot_bad_input_is_one_line_and_exit_code_2(args, message):
+    result = run_one_shot("--prompt", "Hi", *args)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+# ---------------------------------------------------------------------------
+# layer:index on a profile with an SAE source: extracted on demand
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sae_profile(tmp_path_factory, shipped):
+    """A demo.yaml whose profile has a local SAELens-layout SAE at layer 3 (16 random features)."""
+    import torch
+    import yaml
+    from safetensors.torch import save_file
+
+    _, vectors = shipped
+    root = tmp_path_factory.mktemp("sae")
+    folder = root / "saes" / "blocks.3.hook_resid_post"
+    folder.mkdir(parents=True)
+    w_dec = torch.randn(16, vectors.hidden_size, generator=torch.Generator().manual_seed(3))  # [d_sae, d_in]
+    save_file({"W_enc": w_dec.T.contiguous(), "W_dec": w_dec, "b_enc": torch.zeros(16),
+               "b_dec": torch.zeros(vectors.hidden_size)}, str(folder / "sae_weights.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps(
+        {"d_in": vectors.hidden_size, "d_sae": 16, "hook_name": "blocks.3.hook_resid_post"}))
+    profile = steering.load_config(ROOT / "demo.yaml").profile()
+    config = {"default_profile": "sae", "profiles": {"sae": {
+        "model_id": None, "vectors_file": str(profile.vectors_path()), "sae_source": str(root / "saes"),
+        "sae_format": "saelens", "features": [], "generation": {"repetition_penalty": 1.1},
+    }}}
+    path = root / "demo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path, w_dec
+
+
+def test_one_shot_steers_an_sae_feature_extracted_on_demand(embedded, shipped, sae_profile):
+    model, tok = embedded
+    _, vectors = shipped
+    path, w_dec = sae_profile
+    norm = vectors.layer_norms.get(3) or steering.measure_layer_norms(model, tok, [3])[3]
+    comp = steering.SteeringComponent(layer=3, vector=w_dec[5], strength=0.5 * norm, op="clamp")
+    chat = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": QUESTION}]
+    expected = steering.generate_steered_answer_hf(model, tok, chat, [comp], max_new_tokens=TOKENS,
+                                                   temperature=0.0, repetition_penalty=1.1)
+    result = run_one_shot("--config", str(path), "--prompt", QUESTION, "--steer", "3:5", "0.5",
+                          "--temperature", "0", "--max-new-tokens", str(TOKENS))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+
+
+
+def test_a_layer_out_of_range_is_refused_before_any_extraction(embedded, sae_profile):
+    model, tok = embedded
+    profile = steering.load_config(sae_profile[0]).profile()
+    catalog = demo.Catalog(profile, steering.load_vectors(profile.vectors_path()))
+    catalog.check("40:5")  # without the model the layer count is unknown: deferred
+    catalog.attach(model, tok)
+    with pytest.raises(ValueError, match=r"^layer 40 is out of range: this model has 30 layers \(0-29\)$"):
+        catalog.resolve("40:5")
+    with pytest.raises(ValueError, match="index|16"):  # the SAE has 16 features
+        catalog.resolve("3:99")
