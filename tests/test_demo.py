@@ -315,3 +315,31 @@ def test_a_layer_out_of_range_is_refused_before_any_extraction(embedded, sae_pro
         catalog.resolve("40:5")
     with pytest.raises(ValueError, match="index|16"):  # the SAE has 16 features
         catalog.resolve("3:99")
+
+
+def test_long_input_is_cut_and_old_exchanges_go_with_a_notice(embedded, shipped):
+    model, tok = embedded
+    profile, vectors = shipped
+
+    class Out:
+        text = ""
+
+        def write(self, s):
+            Out.text += s
+
+        def flush(self):
+            pass
+
+    settings = demo.Settings(backend="hf", temperature=0.0, max_new_tokens=2, repetition_penalty=1.0,
+                             system="", max_input_tokens=40)
+    catalog = demo.Catalog(profile, vectors)
+    catalog.attach(model, tok)
+    console = demo.Console(model, tok, catalog, settings, out=Out(), info=Out(), interactive=True)
+    long_message = "the quick brown fox jumps over the lazy dog " * 20
+    assert console.ask(long_message) is not None
+    n_tokens = len(tok(long_message, add_special_tokens=False)["input_ids"])
+    assert f"your message is {n_tokens} tokens: cut to the first 40 (max_input_tokens)" in Out.text
+    assert len(tok(console.history[0]["content"], add_special_tokens=False)["input_ids"]) == 40
+    assert console.ask("And now?") is not None  # the first exchange no longer fits with this one
+    assert "forgot the oldest 1 exchange(s)" in Out.text
+    assert [m["content"] for m in console.history if m["role"] == "user"] == ["And now?"]
