@@ -6,6 +6,7 @@ embedded model with the shipped demo.yaml and its vectors file (greedy, a few to
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
+import torch
 from conftest import hooks_on
 
 import demo
@@ -244,7 +246,6 @@ def test_one_shot_compare_prints_both_answers_labelled(embedded, shipped):
     [
         (["--steer", "eifel_tower", "0.5"], "unknown feature 'eifel_tower': use one of"),
         (["--steer", "pirate", "half"], "strength 'half' is not a number"),
-        (["--steer", "pirate", "inf"], "strength inf is out of range"),
         (["--steer", "15:21576", "0.5"], "has no SAE to extract it from"),
         (["--config", "no-such.yaml"], "config file 'no-such.yaml' not found"),
         (["--max-new-tokens", "many"], "argument --max-new-tokens: invalid int value: 'many'"),
@@ -266,7 +267,6 @@ def test_one_shot_bad_input_is_one_line_and_exit_code_2(args, message):
 @pytest.fixture(scope="module")
 def sae_profile(tmp_path_factory, shipped):
     """A demo.yaml whose profile has a local SAELens-layout SAE at layer 3 (16 random features)."""
-    import torch
     import yaml
     from safetensors.torch import save_file
 
@@ -289,20 +289,29 @@ def sae_profile(tmp_path_factory, shipped):
     return path, w_dec
 
 
-def test_one_shot_steers_an_sae_feature_extracted_on_demand(embedded, shipped, sae_profile):
+def test_an_sae_feature_is_extracted_on_demand_with_its_layer_norm(embedded, shipped, sae_profile):
     model, tok = embedded
     _, vectors = shipped
     path, w_dec = sae_profile
+    profile = steering.load_config(path).profile()
+    catalog = demo.Catalog(profile, steering.load_vectors(profile.vectors_path()))
+    catalog.check("3:5")  # not in the vectors file, but the profile has an SAE: fine
+    catalog.attach(model, tok)
     norm = vectors.layer_norms.get(3) or steering.measure_layer_norms(model, tok, [3])[3]
+    feature = catalog.resolve("3:5")
+    assert feature.key == "3:5" and feature.vector.name == "L3F5" and feature.norm == pytest.approx(norm)
+    torch.testing.assert_close(feature.vector.vector, w_dec[5] / w_dec[5].norm())
+
+    settings = demo.Settings(backend="hf", temperature=0.0, max_new_tokens=TOKENS, repetition_penalty=1.1,
+                             system="You are a helpful assistant.", max_input_tokens=2048)
+    console = demo.Console(model, tok, catalog, settings, out=io.StringIO(), info=io.StringIO(), interactive=False)
+    console.steer("3:5", 0.5)
     comp = steering.SteeringComponent(layer=3, vector=w_dec[5], strength=0.5 * norm, op="clamp")
     chat = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": QUESTION}]
     expected = steering.generate_steered_answer_hf(model, tok, chat, [comp], max_new_tokens=TOKENS,
                                                    temperature=0.0, repetition_penalty=1.1)
-    result = run_one_shot("--config", str(path), "--prompt", QUESTION, "--steer", "3:5", "0.5",
-                          "--temperature", "0", "--max-new-tokens", str(TOKENS))
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == expected + "\n"
-
+    assert console.ask(QUESTION) == expected
+    assert console.spec().features == (steering.ActiveFeature("3:5", 0.5, "clamp"),)
 
 
 def test_a_layer_out_of_range_is_refused_before_any_extraction(embedded, sae_profile):
@@ -315,6 +324,12 @@ def test_a_layer_out_of_range_is_refused_before_any_extraction(embedded, sae_pro
         catalog.resolve("40:5")
     with pytest.raises(ValueError, match="index|16"):  # the SAE has 16 features
         catalog.resolve("3:99")
+
+
+@pytest.mark.parametrize("text", ["inf", "nan", "11", "-10.5", "1e9"])
+def test_strengths_out_of_range_are_refused(text):
+    with pytest.raises(ValueError, match=r"^strength .* is out of range: .* use a number from -10 to 10$"):
+        demo.parse_fraction(text)
 
 
 def test_long_input_is_cut_and_old_exchanges_go_with_a_notice(embedded, shipped):
