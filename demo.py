@@ -686,7 +686,8 @@ def build_parser() -> Parser:
     parser.add_argument("--prompt", help="answer this one message, print only the answer and exit")
     parser.add_argument(
         "--steer", nargs=2, action="append", default=[], metavar=("NAME_OR_LAYER:INDEX", "STRENGTH"),
-        help="steer with a feature of the profile (or an SAE feature layer:index) at STRENGTH; repeatable",
+        help="steer with a feature of the profile (or an SAE feature layer:index); STRENGTH is a fraction of "
+             "the layer's typical residual norm (0.5 = half); repeatable",
     )
     parser.add_argument("--backend", choices=BACKENDS, default="hf",
                         help="hf: forward hooks, streams the answer (default); nnsight: prints it when done")
@@ -695,7 +696,7 @@ def build_parser() -> Parser:
     parser.add_argument("--repetition-penalty", type=float, help="1 is off (default: the profile's)")
     parser.add_argument("--system", help="system prompt ('' for none; default: the profile's)")
     parser.add_argument("--compare", action="store_true",
-                        help="print the unsteered answer, then the steered one, each labelled")
+                        help="print the unsteered answer, then the steered one, each labelled (in the chat: every answer)")
     parser.add_argument("--profile", help="model profile in the config (default: its default profile)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="the demo config (default: demo.yaml here)")
     return parser
