@@ -1,0 +1,223 @@
+"""The Space (app.py) on the embedded model: in a real browser, through gradio_client, and its helpers.
+
+The app runs in a subprocess on a free localhost port, once for the module. The browser test
+drives Debian's headless Chromium (/usr/bin/chromium, installed by tests/run.sh) with Playwright.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import warnings
+from pathlib import Path
+
+import pytest
+
+import steering
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """(url, log path) of `python app.py` on the embedded model, started once for this module."""
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("app") / "server.log"
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 150
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"app.py exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"app.py did not answer on {url} within 150 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url, log_path
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _bot_texts(page, chat_id: str) -> list[str]:
+    return page.locator(f"#{chat_id} [data-testid='bot']").all_inner_texts()
+
+
+def _wait_for(predicate, timeout: float, what: str, poll: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def _set_max_new_tokens(page, n: int) -> None:
+    box = page.locator("#max-new-tokens input[type='number']")
+    box.fill(str(n))
+    box.press("Enter")
+    page.wait_for_timeout(300)
+
+
+def test_browser_preset_streaming_compare_stop(server, tmp_path):
+    """Preset on, streamed answer, intensity view, compare mode side by side, Stop ends the generation."""
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium); "
+                    "tests/run.sh does this. Never download a browser through playwright.")
+    from playwright.sync_api import sync_playwright
+
+    url, log_path = server
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 900})
+            page.goto(url)
+            page.wait_for_selector("#msg textarea", timeout=60_000)
+            page.get_by_text("Advanced", exact=True).click()
+            _set_max_new_tokens(page, 24)
+
+            # A preset switches its feature on, and the summary shows its absolute strength.
+            page.locator("#preset").get_by_label("Eiffel Tower").check()
+            _wait_for(lambda: "eiffel_tower" in page.locator("#summary").inner_text(), 10, "the preset's summary")
+            assert page.get_by_label("eiffel_tower").is_checked()
+            assert "×" in page.locator("#summary").inner_text() and "at layer" in page.locator("#summary").inner_text()
+
+            # Send: the answer streams in (several growing partial texts), then the intensity view fills.
+            page.locator("#msg textarea").fill("Tell me about your perfect weekend.")
+            page.locator("#send").click()
+            seen: list[str] = []
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and page.locator("#intensity .tok").count() == 0:
+                texts = _bot_texts(page, "chat-steered")
+                if texts and texts[-1].strip() and (not seen or texts[-1] != seen[-1]):
+                    seen.append(texts[-1])
+                time.sleep(0.03)
+            assert page.locator("#intensity .tok").count() > 0, "the concept-intensity view stayed empty"
+            assert len(seen) >= 2, f"no streaming seen, only {seen!r}"
+            assert all(len(a) <= len(b) for a, b in zip(seen, seen[1:], strict=False)), seen
+            assert "eiffel_tower" in page.locator("#intensity").inner_text()
+
+            # Compare mode: the unsteered answer streams beside the steered one; Stop ends both.
+            page.locator("#compare").get_by_role("checkbox").check()
+            page.locator("#chat-plain").wait_for(state="visible", timeout=10_000)
+            _set_max_new_tokens(page, 400)
+            page.locator("#msg textarea").fill("Write a long story about a dog who goes on a journey.")
+            page.locator("#send").click()
+            # The unsteered chat starts from the chat so far, so both show two answers.
+            _wait_for(lambda: len(_bot_texts(page, "chat-plain")) == 2 and _bot_texts(page, "chat-plain")[-1].strip()
+                      and len(_bot_texts(page, "chat-steered")) == 2 and _bot_texts(page, "chat-steered")[-1].strip(),
+                      60, "both answers to start streaming")
+            page.locator("#stop").click()
+            _wait_for(lambda: "generation threads ended" in log_path.read_text(), 20, "the server to end the generation")
+            stopped = (_bot_texts(page, "chat-steered")[-1], _bot_texts(page, "chat-plain")[-1])
+            page.wait_for_timeout(1500)
+            assert (_bot_texts(page, "chat-steered")[-1], _bot_texts(page, "chat-plain")[-1]) == stopped
+            assert len(stopped[0].split()) < 300, "the answer ran to the end: Stop did not stop it"
+            page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+            assert (tmp_path / "app.png").stat().st_size > 10_000
+        finally:
+            browser.close()
+
+
+def test_gradio_client_chat_endpoint(server, embedded):
+    """/chat answers like the steering module itself, with a preset's steering, and errors are one line."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    url, _ = server
+    client = Client(url, verbose=False)
+    msg = "Tell me about your weekend."
+    settings = dict(temperature=0.0, repetition_penalty=1.1, max_new_tokens=16)
+    steered = client.predict(msg, steering_spec="Eiffel Tower", api_name="/chat", **settings)
+    plain = client.predict(msg, steering_spec="", api_name="/chat", **settings)
+
+    config = steering.load_config(os.environ.get("STEERING_CONFIG") or ROOT / "demo.yaml")
+    profile = config.profile()
+    preset = next(p for p in profile.presets if p.name == "Eiffel Tower")
+    vectors = steering.load_vectors(profile.vectors_path())
+    comps = steering.spec_components(steering.SteeringSpec(steering.model_id_of(embedded[0]), preset.features), vectors)
+    chat = [{"role": "system", "content": profile.generation.system_prompt}, {"role": "user", "content": msg}]
+    model, tok = embedded
+    assert steered == steering.generate_steered_answer_hf(model, tok, chat, comps, **settings)
+    assert plain == steering.generate_steered_answer_hf(model, tok, chat, [], **settings)
+    assert steered != plain
+
+    # Two visitors at once, steered differently: each gets exactly their own answer.
+    jobs = [client.submit(msg, steering_spec=s, api_name="/chat", **settings) for s in ("Eiffel Tower", "")]
+    assert [job.result(timeout=60) for job in jobs] == [steered, plain]
+
+    spec = steering.SteeringSpec(steering.model_id_of(model), preset.features).to_dict()
+    import json
+
+    assert client.predict(msg, steering_spec=json.dumps(spec), api_name="/chat", **settings) == steered
+    with pytest.raises(AppError, match="preset name"):
+        client.predict(msg, steering_spec="no such preset", api_name="/chat", **settings)
+
+
+@pytest.fixture(scope="module")
+def app_module():
+    """app.py imported in this process (loads the embedded model and builds the Blocks)."""
+    import app
+
+    return app
+
+
+def test_long_input_is_cut_with_a_warning(app_module):
+    app = app_module
+    limit = app.GEN.max_input_tokens
+    long_message = "word " * (limit + 50)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chat, message = app.model_chat("You are a helpful assistant.", [], long_message)
+    assert len(app.TOKENIZER(message, add_special_tokens=False)["input_ids"]) <= limit
+    assert any("cut" in str(w.message) for w in caught), [str(w.message) for w in caught]
+    history = [{"role": "user", "content": "hello " * (limit // 2)}, {"role": "assistant", "content": "ok"}] * 3
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        chat, _ = app.model_chat("", history, "Hi")
+    assert len(steering.chat_input_ids(app.TOKENIZER, chat)) <= limit
+    assert chat[-1] == {"role": "user", "content": "Hi"} and len(chat) < len(history) + 1
+    assert any("oldest" in str(w.message) for w in caught)
+
+
+def test_gradio6_message_content_and_steering_parsing(app_module):
+    app = app_module
+    history = [{"role": "user", "content": [{"type": "text", "text": "Hi"}], "metadata": None},
+               {"role": "assistant", "content": "Hello"}]
+    assert app.plain_messages(history) == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert app.parse_steering("").features == ()
+    preset = app.PROFILE.presets[0]
+    assert app.parse_steering(preset.name).features == preset.features
+    with pytest.raises(ValueError, match="preset name"):
+        app.parse_steering("[1, 2]")
+    with pytest.raises(ValueError, match="not a steering spec"):
+        app.parse_steering('{"format": "other"}')
+    other = steering.SteeringSpec("some/other-model", preset.features)
+    with pytest.raises(ValueError, match="this app runs"):
+        app.components_of(other)
