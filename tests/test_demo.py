@@ -104,6 +104,7 @@ def test_a_session_steers_compares_saves_loads_survives_an_error_and_quits(embed
 
     child = spawn("--temperature", "0", "--max-new-tokens", str(TOKENS))
     try:
+        assert "/steer <name|layer:index>" in say(child, "/help")
         out = say(child, "/features")
         for feature in profile.features:
             assert feature.name in out and feature.description in out
@@ -146,6 +147,8 @@ def test_a_session_steers_compares_saves_loads_survives_an_error_and_quits(embed
         out = say(child, QUESTION)
         assert f"steered> {steered}\n" in out
 
+        assert "no longer steering with eiffel_tower" in say(child, "/unsteer eiffel_tower")
+        assert "nothing is steered" in say(child, "/active")
         child.sendline("quit")
         child.expect(pexpect.EOF)
     finally:
