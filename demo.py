@@ -760,6 +760,9 @@ def run(argv: Sequence[str] | None = None, read: Any = input) -> int:
     model, tokenizer = steering.load_model(profile.model_id)
     catalog.attach(model, tokenizer)
     console = Console(model, tokenizer, catalog, settings, out=sys.stdout, info=info, interactive=interactive)
+    if vectors.model_id != steering.model_id_of(model):
+        console.notice(f"note: {profile.vectors_path().name} was made for {vectors.model_id}, "
+                       f"this chat runs {steering.model_id_of(model)}")
     for key, fraction in steers:
         console.steer(key, fraction)
 
