@@ -301,7 +301,7 @@ def ctrl_c_stops() -> Iterator[None]:
 class Console:
     """One chat: the model, the steering in force, the conversation, and how to print.
 
-    >>> console = Console(model, tok, catalog, Settings(...), out=sys.stdout, info=sys.stdout)
+    >>> console = Console(model, tok, catalog, Settings(...), out=sys.stdout, info=sys.stdout, interactive=True)
     >>> console.steer("eiffel_tower", 0.5)
     >>> console.ask("Tell me about Paris")
     """
@@ -743,6 +743,8 @@ def run(argv: Sequence[str] | None = None, read: Any = input) -> int:
     steers = [(key, parse_fraction(value)) for key, value in args.steer]
     if args.prompt is not None and not args.prompt.strip():
         raise UsageError("--prompt is empty: give a message to answer")
+    if args.prompt is not None and args.compare and not steers:
+        raise UsageError("--compare needs at least one --steer NAME STRENGTH to compare with")
     config = steering.load_config(args.config)
     profile = config.profile(args.profile)
     settings = settings_from(args, profile)

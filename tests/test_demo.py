@@ -250,6 +250,7 @@ def test_one_shot_compare_prints_both_answers_labelled(embedded, shipped):
         (["--steer", "pirate", "half"], "strength 'half' is not a number"),
         (["--steer", "15:21576", "0.5"], "has no SAE to extract it from"),
         (["--config", "no-such.yaml"], "config file 'no-such.yaml' not found"),
+        (["--compare"], "--compare needs at least one --steer"),
         (["--max-new-tokens", "many"], "argument --max-new-tokens: invalid int value: 'many'"),
     ],
 )
