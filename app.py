@@ -568,9 +568,9 @@ with gr.Blocks(title=TITLE) as demo:
                 with gr.Row():
                     export_json = gr.Button("Export JSON", size="sm")
                     export_yaml = gr.Button("Export YAML", size="sm")
-                    upload = gr.UploadButton("Import file", file_types=[".json", ".yaml", ".yml"], size="sm")
-                exported = gr.File(label="Exported steering", interactive=False)
-                spec_view = gr.Code(language="json", label="Current steering", interactive=False)
+                    upload = gr.UploadButton("Import file", file_types=[".json", ".yaml", ".yml"], size="sm", elem_id="import")
+                exported = gr.File(label="Exported steering", interactive=False, elem_id="exported")
+                spec_view = gr.Code(language="json", label="Current steering", interactive=False, elem_id="spec-view")
     controls = [*enabled_boxes, *fraction_sliders, *mode_radios]
     gen_inputs = [msg, chatbot, plain_chatbot, system_prompt, temperature, repetition_penalty, max_new_tokens,
                   steer_prompt, compare, *controls]

@@ -6,6 +6,7 @@ drives Debian's headless Chromium (/usr/bin/chromium, installed by tests/run.sh)
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -105,7 +106,7 @@ def test_browser_preset_streaming_compare_stop(server, tmp_path):
             # A preset switches its feature on, and the summary shows its absolute strength.
             page.locator("#preset").get_by_label("Eiffel Tower").check()
             _wait_for(lambda: "eiffel_tower" in page.locator("#summary").inner_text(), 10, "the preset's summary")
-            assert page.get_by_label("eiffel_tower").is_checked()
+            assert page.get_by_role("checkbox", name="eiffel_tower", exact=True).is_checked()
             assert "×" in page.locator("#summary").inner_text() and "at layer" in page.locator("#summary").inner_text()
 
             # Send: the answer streams in (several growing partial texts), then the intensity view fills.
@@ -122,6 +123,25 @@ def test_browser_preset_streaming_compare_stop(server, tmp_path):
             assert len(seen) >= 2, f"no streaming seen, only {seen!r}"
             assert all(len(a) <= len(b) for a, b in zip(seen, seen[1:], strict=False)), seen
             assert "eiffel_tower" in page.locator("#intensity").inner_text()
+
+            # Share: export the steering as JSON, import another spec (a gradio upload).
+            page.get_by_text("Share steering (JSON / YAML)").click()
+            page.get_by_role("button", name="Export JSON").click()
+            link = page.locator("#exported [data-testid='download-link']")
+            link.wait_for(timeout=15_000)
+            assert link.get_attribute("download") == "steering.json"
+            with urllib.request.urlopen(link.get_attribute("href"), timeout=10) as resp:
+                exported = json.loads(resp.read())
+            assert exported["format"] == "llm-steering/spec"
+            assert exported["features"] == [{"key": "eiffel_tower", "fraction": 0.5, "mode": "clamp"}]
+            spec = steering.SteeringSpec(steering.EMBEDDED_MODEL_ID, (steering.ActiveFeature("pirate", 0.4, "add"),))
+            steering.save_steering_spec(spec, tmp_path / "pirate.yaml")
+            with page.expect_file_chooser() as chooser:
+                page.locator("#import").click()
+            chooser.value.set_files(str(tmp_path / "pirate.yaml"))
+            _wait_for(lambda: "pirate · add · 0.40" in page.locator("#summary").inner_text(), 15, "the imported steering")
+            assert page.get_by_role("checkbox", name="pirate", exact=True).is_checked()
+            assert not page.get_by_role("checkbox", name="eiffel_tower", exact=True).is_checked()
 
             # Compare mode: the unsteered answer streams beside the steered one; Stop ends both.
             page.locator("#compare").get_by_role("checkbox").check()
@@ -141,6 +161,9 @@ def test_browser_preset_streaming_compare_stop(server, tmp_path):
             assert len(stopped[0].split()) < 300, "the answer ran to the end: Stop did not stop it"
             page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
             assert (tmp_path / "app.png").stat().st_size > 10_000
+
+            page.locator("#clear").click()
+            _wait_for(lambda: not _bot_texts(page, "chat-steered") and not _bot_texts(page, "chat-plain"), 10, "Clear")
         finally:
             browser.close()
 
@@ -173,8 +196,6 @@ def test_gradio_client_chat_endpoint(server, embedded):
     assert [job.result(timeout=60) for job in jobs] == [steered, plain]
 
     spec = steering.SteeringSpec(steering.model_id_of(model), preset.features).to_dict()
-    import json
-
     assert client.predict(msg, steering_spec=json.dumps(spec), api_name="/chat", **settings) == steered
     with pytest.raises(AppError, match="preset name"):
         client.predict(msg, steering_spec="no such preset", api_name="/chat", **settings)
@@ -204,6 +225,14 @@ def test_long_input_is_cut_with_a_warning(app_module):
     assert len(steering.chat_input_ids(app.TOKENIZER, chat)) <= limit
     assert chat[-1] == {"role": "user", "content": "Hi"} and len(chat) < len(history) + 1
     assert any("oldest" in str(w.message) for w in caught)
+
+
+def test_retry_takes_back_the_last_turn(app_module):
+    history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "A"},
+               {"role": "user", "content": "b"}, {"role": "assistant", "content": "B"}]
+    plain = [*history[:3], {"role": "assistant", "content": "B0"}]
+    message, new_history, new_plain = app_module.pop_last_turn(history, plain)
+    assert (message, new_history, new_plain) == ("b", history[:2], history[:2])
 
 
 def test_gradio6_message_content_and_steering_parsing(app_module):
