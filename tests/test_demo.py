@@ -66,14 +66,16 @@ def clean(text: str) -> str:
     return ANSI.sub("", text)
 
 
-def spawn(*args: str, env: dict | None = None) -> pexpect.spawn:
+def spawn(*args: str, env: dict | None = None, wait: bool = True) -> pexpect.spawn:
+    """Start the chat in a pseudo-terminal; with `wait`, return once it shows its prompt."""
     full_env = {**os.environ, "TERM": "dumb", "COLUMNS": "200"}
     full_env.pop("NO_COLOR", None)
     full_env.update(env or {})
     child = pexpect.spawn(sys.executable, [DEMO, *args], cwd=str(ROOT), env=full_env, encoding="utf-8",
                           timeout=90, dimensions=(50, 200))
     child.logfile_read = io.StringIO()  # everything the program printed
-    child.expect_exact(PROMPT)
+    if wait:
+        child.expect_exact(PROMPT)
     return child
 
 
@@ -84,10 +86,23 @@ def say(child: pexpect.spawn, line: str) -> str:
     return clean(child.before)
 
 
-def run_one_shot(*args: str) -> subprocess.CompletedProcess:
+def start_one_shot(*args: str) -> subprocess.Popen:
+    """Start `demo.py ARGS` with stdout and stderr captured (not a terminal)."""
     env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
-    return subprocess.run([sys.executable, DEMO, *args], cwd=str(ROOT), env=env, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.Popen([sys.executable, DEMO, *args], cwd=str(ROOT), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_one_shot(*args: str) -> subprocess.CompletedProcess:
+    return finish(start_one_shot(*args))
 
 
 # ---------------------------------------------------------------------------
@@ -98,12 +113,12 @@ def run_one_shot(*args: str) -> subprocess.CompletedProcess:
 def test_a_session_steers_compares_saves_loads_survives_an_error_and_quits(embedded, shipped, tmp_path):
     profile, vectors = shipped
     spec_file = tmp_path / "steering.json"
-    unsteered = reference(embedded, profile, vectors, QUESTION, [])
-    steered = reference(embedded, profile, vectors, QUESTION, [("eiffel_tower", 0.5, "clamp")])
-    assert unsteered != steered  # otherwise the comparison below proves nothing
-
-    child = spawn("--temperature", "0", "--max-new-tokens", str(TOKENS))
+    child = spawn("--temperature", "0", "--max-new-tokens", str(TOKENS), wait=False)  # loads meanwhile
     try:
+        unsteered = reference(embedded, profile, vectors, QUESTION, [])
+        steered = reference(embedded, profile, vectors, QUESTION, [("eiffel_tower", 0.5, "clamp")])
+        assert unsteered != steered  # otherwise the comparison below proves nothing
+        child.expect_exact(PROMPT)
         assert "/steer <name|layer:index>" in say(child, "/help")
         out = say(child, "/features")
         for feature in profile.features:
@@ -223,10 +238,11 @@ def test_an_interrupted_answer_ends_its_thread_and_removes_its_hooks(embedded, s
 
 def test_one_shot_prints_only_the_answer(embedded, shipped):
     profile, vectors = shipped
+    proc = start_one_shot("--prompt", "Tell me about Paris", "--steer", "eiffel_tower", "0.5",
+                          "--steer", "pirate", "0.3", "--temperature", "0", "--max-new-tokens", str(TOKENS))
     expected = reference(embedded, profile, vectors, "Tell me about Paris",
                          [("eiffel_tower", 0.5, "clamp"), ("pirate", 0.3, "clamp")])
-    result = run_one_shot("--prompt", "Tell me about Paris", "--steer", "eiffel_tower", "0.5",
-                          "--steer", "pirate", "0.3", "--temperature", "0", "--max-new-tokens", str(TOKENS))
+    result = finish(proc)
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected + "\n"
     assert "Traceback" not in result.stderr
@@ -234,10 +250,11 @@ def test_one_shot_prints_only_the_answer(embedded, shipped):
 
 def test_one_shot_compare_prints_both_answers_labelled(embedded, shipped):
     profile, vectors = shipped
+    proc = start_one_shot("--prompt", QUESTION, "--steer", "eiffel_tower", "0.5", "--compare",
+                          "--temperature", "0", "--max-new-tokens", str(TOKENS))
     unsteered = reference(embedded, profile, vectors, QUESTION, [])
     steered = reference(embedded, profile, vectors, QUESTION, [("eiffel_tower", 0.5, "clamp")])
-    result = run_one_shot("--prompt", QUESTION, "--steer", "eiffel_tower", "0.5", "--compare",
-                          "--temperature", "0", "--max-new-tokens", str(TOKENS))
+    result = finish(proc)
     assert result.returncode == 0, result.stderr
     # not a terminal: no colour codes
     assert result.stdout == f"[unsteered]\n{unsteered}\n[steered]\n{steered}\n"
