@@ -364,7 +364,7 @@ class Console:
         for feature, fraction, mode in self.active.values():
             strength = fraction * feature.norm
             lines.append(
-                f"  {feature.key:<18} {fraction:g} x norm {feature.norm:.1f} = {strength:.1f} at layer "
+                f"  {feature.key:<18} {fraction:.3g} x norm {feature.norm:.1f} = {strength:.1f} at layer "
                 f"{feature.vector.layer}, {mode}"
             )
         if not self.steer_prompt:
@@ -559,7 +559,7 @@ class Console:
             feature = self.steer(args[0], fraction, mode)
             _, fraction, mode = self.active[feature.vector.name]
             self.notice(
-                f"steering with {feature.key} at {fraction:g} x norm ({fraction * feature.norm:.1f} at layer "
+                f"steering with {feature.key} at {fraction:.3g} x norm ({fraction * feature.norm:.1f} at layer "
                 f"{feature.vector.layer}), {mode}"
             )
         elif name == "/unsteer":
