@@ -250,3 +250,38 @@ def test_gradio6_message_content_and_steering_parsing(app_module):
     other = steering.SteeringSpec("some/other-model", preset.features)
     with pytest.raises(ValueError, match="this app runs"):
         app.components_of(other)
+
+
+def test_sae_profile_without_vector_file_extracts_features_at_start_up(app_module, tmp_path):
+    """The Space's path: a profile with an SAE source and no vector file gets its features and norms at start-up."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "sae" / "blocks.9.hook_resid_post"
+    folder.mkdir(parents=True)
+    d_model = steering.hidden_size(app_module.MODEL)
+    w_dec = torch.randn(8, d_model, generator=torch.Generator().manual_seed(0))
+    save_file({"W_dec": w_dec, "W_enc": w_dec.T.contiguous(), "b_enc": torch.zeros(8), "b_dec": torch.zeros(d_model)},
+              str(folder / "sae_weights.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({"d_in": d_model, "d_sae": 8, "hook_name": "blocks.9.hook_resid_post"}))
+    (tmp_path / "demo.yaml").write_text(
+        "profiles:\n"
+        "  sae:\n"
+        "    model_id: null\n"
+        "    vectors_file: not_made_yet.pt\n"
+        f"    sae_source: {tmp_path / 'sae'}\n"
+        "    sae_format: saelens\n"
+        "    reduced_strengths: true\n"
+        "    features:\n"
+        "      - {name: L9F3, description: a random feature, feature: [9, 3, 4.0], mode: add}\n"
+    )
+    profile = steering.load_config(tmp_path / "demo.yaml").profile()
+    vectors = app_module.load_vectors_for(profile, app_module.MODEL, app_module.TOKENIZER)
+    assert not (tmp_path / "not_made_yet.pt").exists()
+    (entry,) = app_module.build_catalog(profile, vectors)
+    assert torch.allclose(entry.vector, w_dec[3] / w_dec[3].norm(), atol=1e-6)
+    norm = steering.measure_layer_norms(app_module.MODEL, app_module.TOKENIZER, [9])[9]
+    assert entry.norm == pytest.approx(norm)
+    assert entry.default_fraction == pytest.approx(4.0 * 9 / norm)
+    comp = entry.component(0.5, "add")
+    assert (comp.layer, comp.op, comp.name) == (9, "add", "L9F3") and comp.strength == pytest.approx(0.5 * norm)
