@@ -1,0 +1,319 @@
+"""Choose a layer, op and strength for each contrastive concept by a sweep; evaluate the chosen ones.
+
+    # 1. sweep on 4 tuning prompts (batched greedy generation, 64 new tokens), results appended to a JSONL file:
+    .venv/bin/python benchmarks/sweep_vectors.py sweep --layers 4 8 12 16 --fractions 0.3 0.5 0.7 0.9 --out /tmp/sweep.jsonl
+    # 2. pick per concept (mention >= 3/4, NLL ratio <= 2.2, rep3 < 0.2 on the tuning prompts):
+    .venv/bin/python benchmarks/sweep_vectors.py pick --out /tmp/sweep.jsonl
+    # 3. evaluate the shipped file + demo.yaml on the 5 held-out prompts (the README table):
+    .venv/bin/python benchmarks/sweep_vectors.py eval --vectors steering_vectors.pt --config demo.yaml
+
+Settings of every run: greedy decoding, 64 new tokens, repetition penalty 1.1 (the product's
+default; `--repetition-penalty` to change), system prompt "You are a helpful assistant.".
+Metrics per concept and setting, over the prompts:
+- mention: answers containing one of the concept's KEYWORDS (whole words, case-insensitive);
+- NLL ratio: mean negative log-likelihood per answer token of the steered answers under the
+  unsteered model, divided by that of the unsteered answers to the same prompts;
+- rep3: fraction of repeated word 3-grams in an answer (1 - unique/total), mean over answers.
+Steering is per batch row (a hook adds or clamps each row's own vector), so a whole grid
+runs in a few batched generations; `eval --check` verifies that it gives the same tokens as
+steering.generate_steered_answer_hf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import extract_steering_vectors as esv  # noqa: E402
+import steering  # noqa: E402
+
+SYSTEM = "You are a helpful assistant."
+TUNING_PROMPTS = [
+    "How do I write a good cover letter?",
+    "What are some tips for saving money?",
+    "Explain what a spreadsheet is used for.",
+    "How should I prepare for a job interview?",
+]
+HELD_OUT_PROMPTS = [
+    "Explain how a bank loan works.",
+    "Give me three tips for keeping a tidy desk.",
+    "What should I check before buying a used bicycle?",
+    "Write a short email asking my manager for a day off.",
+    "How do I boil an egg?",
+]
+KEYWORDS = {
+    "eiffel_tower": ["eiffel", "paris", "tower", "towers", "parisian"],
+    "pirate": ["pirate", "pirates", "ahoy", "matey", "mateys", "arr", "arrr", "treasure", "buccaneer", "plunder", "captain", "jolly roger"],
+    "shakespeare": ["shakespeare", "shakespearean", "thee", "thou", "thy", "thine", "hath", "doth", "hamlet", "romeo", "juliet",
+                    "macbeth", "bard", "sonnet", "sonnets", "verily", "prithee", "methinks", "wherefore", "forsooth"],
+    "cats": ["cat", "cats", "kitten", "kittens", "kitty", "meow", "purr", "purrs", "purring", "feline", "whiskers"],
+    "space": ["planet", "planets", "galaxy", "galaxies", "astronaut", "astronauts", "rocket", "orbit", "universe", "nasa",
+              "cosmos", "cosmic", "spaceship", "spacecraft", "telescope", "outer space", "stars", "mars"],
+    "ocean": ["ocean", "oceans", "sea", "seas", "waves", "beach", "whale", "whales", "dolphin", "dolphins", "coral", "marine", "shark"],
+    "coffee": ["coffee", "espresso", "latte", "cappuccino", "caffeine", "barista", "cafe", "café", "mocha", "brew", "brewing"],
+    "dinosaurs": ["dinosaur", "dinosaurs", "tyrannosaurus", "t. rex", "triceratops", "jurassic", "fossil", "fossils", "velociraptor",
+                  "stegosaurus", "paleontologist", "paleontologists"],
+    "music": ["music", "musical", "song", "songs", "melody", "guitar", "piano", "concert", "singer", "orchestra", "musician", "musicians"],
+    "dragons": ["dragon", "dragons", "knight", "knights", "wizard", "castle", "fire-breathing"],
+}
+
+
+# ---------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------
+
+
+def mentions(text: str, concept: str) -> bool:
+    low = text.lower()
+    return any(re.search(rf"(?<![a-z]){re.escape(k)}(?![a-z])", low) for k in KEYWORDS[concept])
+
+
+def rep3(text: str) -> float:
+    words = re.findall(r"[a-z0-9']+", text.lower())
+    grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+    return 0.0 if not grams else 1.0 - len(set(grams)) / len(grams)
+
+
+# ---------------------------------------------------------------------------
+# Batched generation with a different steering per row
+# ---------------------------------------------------------------------------
+
+
+@contextmanager
+def row_steering(model: Any, rows: list[tuple[int, torch.Tensor, float, str] | None]):
+    """Hooks steering batch row b with rows[b] = (layer, unit vector, strength, op) or None (unsteered)."""
+    _, layers = steering._decoder_layers(model)
+    d = steering.hidden_size(model)
+    by_layer: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    for b, row in enumerate(rows):
+        if row is None:
+            continue
+        layer, vec, strength, op = row
+        if layer not in by_layer:
+            by_layer[layer] = (torch.zeros(len(rows), d), torch.zeros(len(rows)), torch.zeros(len(rows), dtype=torch.bool))
+        V, S, C = by_layer[layer]
+        V[b], S[b], C[b] = vec, strength, op == "clamp"
+
+    def hook_for(V: torch.Tensor, S: torch.Tensor, C: torch.Tensor):
+        def hook(module: Any, args: Any, output: Any) -> Any:
+            hidden = steering._untuple(output)  # [batch, seq, d]
+            n = hidden.shape[0]
+            v, s, c = V[:n, None, :], S[:n, None], C[:n, None]
+            proj = (hidden * v).sum(-1)  # [batch, seq]
+            delta = torch.where(c, s - proj, s.expand_as(proj))
+            edited = hidden + delta.unsqueeze(-1) * v
+            return steering._retuple(output, edited)
+        return hook
+
+    handles = [layers[L].register_forward_hook(hook_for(*t)) for L, t in by_layer.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def prompt_ids(tok: Any, prompt: str) -> list[int]:
+    return steering.chat_input_ids(tok, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}])
+
+
+def generate_rows(model: Any, tok: Any, prompts: list[str], rows: list, max_new: int, rep_pen: float,
+                  batch_size: int) -> list[list[int]]:
+    """Greedy answers (token ids, EOS cut) for prompts[b] steered by rows[b], in left-padded batches."""
+    from transformers import GenerationConfig
+
+    eos = set(steering._eos_ids(model, tok))
+    config = GenerationConfig(max_new_tokens=max_new, do_sample=False, temperature=None, top_p=None, top_k=None,
+                              repetition_penalty=rep_pen, pad_token_id=tok.pad_token_id, eos_token_id=sorted(eos))
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = [prompt_ids(tok, p) for p in prompts[start : start + batch_size]]
+        width = max(map(len, chunk))
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(c)) + c for c in chunk])
+        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk])
+        with row_steering(model, rows[start : start + batch_size]), torch.inference_mode():
+            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        for row in gen[:, width:].tolist():
+            cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+            out.append(row[:cut])
+    return out
+
+
+def answer_nll(model: Any, tok: Any, prompts: list[str], answers: list[list[int]], batch_size: int) -> list[float]:
+    """Mean NLL per answer token under the unsteered model, given the chat prompt (right-padded batches)."""
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        pids = [prompt_ids(tok, p) for p in prompts[start : start + batch_size]]
+        seqs = [p + a for p, a in zip(pids, answers[start : start + batch_size], strict=True)]
+        width = max(map(len, seqs))
+        ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+        with torch.inference_mode():
+            logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)  # [batch, seq, vocab]
+        for b, (p, s) in enumerate(zip(pids, seqs, strict=True)):
+            n = len(s) - len(p)
+            if n == 0:
+                out.append(float("nan"))
+                continue
+            targets = torch.tensor(s[len(p) :])
+            lp = logp[b, len(p) - 1 : len(s) - 1].gather(-1, targets[:, None]).squeeze(-1)
+            out.append(float(-lp.mean()))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------
+
+
+def evaluate(model, tok, settings: list[dict], vectors: dict, prompts: list[str], args) -> list[dict]:
+    """Run every setting {concept, layer, op, fraction, strength} on every prompt; add metrics."""
+    base_ans = generate_rows(model, tok, prompts, [None] * len(prompts), args.max_new_tokens, args.repetition_penalty, args.batch_size)
+    base_nll = answer_nll(model, tok, prompts, base_ans, args.batch_size)
+    base_txt = [tok.decode(a, skip_special_tokens=True) for a in base_ans]
+    all_prompts, rows = [], []
+    for s in settings:
+        vec = vectors[(s["concept"], s["layer"])]
+        for p in prompts:
+            all_prompts.append(p)
+            rows.append((s["layer"], vec, s["strength"], s["op"]))
+    t0 = time.time()
+    answers = generate_rows(model, tok, all_prompts, rows, args.max_new_tokens, args.repetition_penalty, args.batch_size)
+    nlls = answer_nll(model, tok, all_prompts, answers, args.batch_size)
+    print(f"  {len(rows)} generations in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+    results = []
+    n = len(prompts)
+    base_mean = sum(base_nll) / n
+    for i, s in enumerate(settings):
+        texts = [tok.decode(a, skip_special_tokens=True) for a in answers[i * n : (i + 1) * n]]
+        nll = [x for x in nlls[i * n : (i + 1) * n] if x == x]
+        results.append({
+            **{k: s[k] for k in ("concept", "layer", "op", "fraction", "strength")},
+            "mention": sum(mentions(t, s["concept"]) for t in texts), "n": n,
+            "base_mention": sum(mentions(t, s["concept"]) for t in base_txt),
+            "nll_ratio": (sum(nll) / len(nll)) / base_mean if nll else float("inf"),
+            "rep3": sum(map(rep3, texts)) / n, "texts": texts,
+        })
+    return results
+
+
+def cmd_sweep(args) -> None:
+    model, tok = steering.load_model()
+    concepts = esv.load_concepts(args.concepts)
+    if args.only:
+        concepts = {k: v for k, v in concepts.items() if k in args.only}
+    vecs = esv.extract_contrastive(model, tok, concepts, args.layers, args.method)
+    vectors = {(v.concept, v.layer): v.vector for v in vecs}
+    norms = steering.measure_layer_norms(model, tok, args.layers)
+    print(f"norms: { {k: round(v, 1) for k, v in norms.items()} }", file=sys.stderr, flush=True)
+    settings = [
+        {"concept": c, "layer": L, "op": op, "fraction": f, "strength": f * norms[L]}
+        for op in args.ops for L in args.layers for f in args.fractions for c in concepts
+    ]
+    # one layer/op at a time, so partial results land in the file early
+    groups: dict[tuple, list[dict]] = {}
+    for s in settings:
+        groups.setdefault((s["layer"], s["op"]), []).append(s)
+    with open(args.out, "a") as fh:
+        for (L, op), group in groups.items():
+            print(f"layer {L} {op}: {len(group)} settings", file=sys.stderr, flush=True)
+            for r in evaluate(model, tok, group, vectors, TUNING_PROMPTS, args):
+                r["method"] = args.method
+                fh.write(json.dumps(r) + "\n")
+                fh.flush()
+                print(f"  {r['concept']:13s} L{L:<2d} {op:5s} f={r['fraction']:.2f} mention {r['mention']}/{r['n']} "
+                      f"nll x{r['nll_ratio']:.2f} rep3 {r['rep3']:.2f}", file=sys.stderr, flush=True)
+
+
+def cmd_pick(args) -> None:
+    rows = [json.loads(line) for line in open(args.out)]
+    best: dict[str, dict] = {}
+    for r in rows:
+        ok = r["mention"] >= args.min_mention and r["nll_ratio"] <= args.max_ratio and r["rep3"] < 0.2
+        key = (ok, r["mention"], -r["nll_ratio"])
+        if r["concept"] not in best or key > best[r["concept"]]["_key"]:
+            best[r["concept"]] = {**r, "_key": key, "ok": ok}
+    for c, r in best.items():
+        print(f"{c:13s} {'OK ' if r['ok'] else 'no '} L{r['layer']:<2d} {r['op']:5s} f={r['fraction']:.2f} "
+              f"strength {r['strength']:.1f} mention {r['mention']}/{r['n']} nll x{r['nll_ratio']:.2f} rep3 {r['rep3']:.2f}")
+        if args.show:
+            for t in r["texts"]:
+                print("    |", t.replace("\n", " ")[:200])
+
+
+def cmd_eval(args) -> None:
+    model, tok = steering.load_model()
+    vset = steering.load_vectors(args.vectors)
+    prof = steering.load_config(args.config).profile(args.profile)
+    settings, vectors = [], {}
+    for feat in prof.features:
+        if feat.name not in KEYWORDS:
+            continue
+        vec = vset.get(feat.name)
+        vectors[(feat.name, feat.layer)] = vec.vector
+        settings.append({"concept": feat.name, "layer": feat.layer, "op": feat.mode,
+                         "fraction": feat.strength / vset.norm(feat.layer), "strength": feat.strength})
+    results = evaluate(model, tok, settings, vectors, HELD_OUT_PROMPTS, args)
+    print("| concept | layer | op | strength (fraction of norm) | mention steered | mention unsteered | NLL ratio | rep3 | pass |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        ok = r["mention"] >= 3 and r["base_mention"] == 0 and r["nll_ratio"] <= 2.5 and r["rep3"] < 0.2
+        print(f"| `{r['concept']}` | {r['layer']} | {r['op']} | {r['strength']:.1f} ({r['fraction']:.2f}) | {r['mention']}/5 | "
+              f"{r['base_mention']}/5 | {r['nll_ratio']:.2f} | {r['rep3']:.3f} | {'yes' if ok else 'no'} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    if args.check:
+        r0 = settings[0]
+        comp = vset.component(r0["concept"], r0["fraction"], op=r0["op"])
+        chat = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": HELD_OUT_PROMPTS[0]}]
+        lib = steering.generate_steered_answer_hf(model, tok, chat, [comp], max_new_tokens=args.max_new_tokens,
+                                                  temperature=0.0, repetition_penalty=args.repetition_penalty)
+        same = lib.strip() == results[0]["texts"][0].strip()
+        print(f"check: batched == steering.generate_steered_answer_hf for {r0['concept']} on prompt 1: {same}")
+        if not same:
+            print("  library:", lib[:300].replace("\n", " "))
+            print("  batched:", results[0]["texts"][0][:300].replace("\n", " "))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    for name in ("sweep", "pick", "eval"):
+        p = sub.add_parser(name)
+        p.add_argument("--out", default="/tmp/sweep.jsonl", help="JSONL of sweep results")
+        p.add_argument("--max-new-tokens", type=int, default=64)
+        p.add_argument("--repetition-penalty", type=float, default=1.1)
+        p.add_argument("--batch-size", type=int, default=40)
+    sw = sub.choices["sweep"]
+    sw.add_argument("--concepts", default=str(ROOT / "concepts.yaml"))
+    sw.add_argument("--only", nargs="+", help="concepts to sweep (default: all)")
+    sw.add_argument("--layers", nargs="+", type=int, default=[4, 8, 12, 16])
+    sw.add_argument("--ops", nargs="+", default=["add", "clamp"])
+    sw.add_argument("--fractions", nargs="+", type=float, default=[0.3, 0.5, 0.7, 0.9])
+    sw.add_argument("--method", choices=("mean", "pca"), default="mean")
+    pk = sub.choices["pick"]
+    pk.add_argument("--min-mention", type=int, default=3)
+    pk.add_argument("--max-ratio", type=float, default=2.2)
+    pk.add_argument("--show", action="store_true", help="print the chosen settings' answers")
+    ev = sub.choices["eval"]
+    ev.add_argument("--vectors", default=str(ROOT / "steering_vectors.pt"))
+    ev.add_argument("--config", default=str(ROOT / "demo.yaml"))
+    ev.add_argument("--profile", default=None)
+    ev.add_argument("--json", help="write the answers and metrics here")
+    ev.add_argument("--check", action="store_true", help="compare one batched answer with the library's")
+    args = parser.parse_args()
+    {"sweep": cmd_sweep, "pick": cmd_pick, "eval": cmd_eval}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
