@@ -68,7 +68,7 @@ def clean(text: str) -> str:
 
 def spawn(*args: str, env: dict | None = None, wait: bool = True) -> pexpect.spawn:
     """Start the chat in a pseudo-terminal; with `wait`, return once it shows its prompt."""
-    full_env = {**os.environ, "TERM": "dumb", "COLUMNS": "200"}
+    full_env = {**os.environ, "TERM": "dumb", "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
     full_env.pop("NO_COLOR", None)
     full_env.update(env or {})
     child = pexpect.spawn(sys.executable, [DEMO, *args], cwd=str(ROOT), env=full_env, encoding="utf-8",
@@ -89,6 +89,7 @@ def say(child: pexpect.spawn, line: str) -> str:
 def start_one_shot(*args: str) -> subprocess.Popen:
     """Start `demo.py ARGS` with stdout and stderr captured (not a terminal)."""
     env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    env["HF_HUB_OFFLINE"] = "1"
     return subprocess.Popen([sys.executable, DEMO, *args], cwd=str(ROOT), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -378,3 +379,29 @@ def test_long_input_is_cut_and_old_exchanges_go_with_a_notice(embedded, shipped)
     assert console.ask("And now?") is not None  # the first exchange no longer fits with this one
     assert "forgot the oldest 1 exchange(s)" in Out.text
     assert [m["content"] for m in console.history if m["role"] == "user"] == ["And now?"]
+
+
+def test_ctrl_c_with_nnsight_returns_at_once_and_the_next_answer_waits_for_the_run(embedded, shipped):
+    model, tok = embedded
+    profile, vectors = shipped
+    out = io.StringIO()
+    settings = demo.Settings(backend="nnsight", temperature=0.0, max_new_tokens=4, repetition_penalty=1.0,
+                             system="", max_input_tokens=2048)
+    catalog = demo.Catalog(profile, vectors)
+    catalog.attach(model, tok)
+    console = demo.Console(model, tok, catalog, settings, out=out, info=out, interactive=True)
+
+    def press_ctrl_c_once_the_answer_waits():
+        deadline = time.monotonic() + 60
+        while signal.getsignal(signal.SIGINT) is signal.default_int_handler and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=press_ctrl_c_once_the_answer_waits, daemon=True).start()
+    assert console.ask("Tell me a story.") is None
+    assert console.busy()  # NNsight cannot be cut mid-run: it goes on in the background
+    answer = console.ask("Tell me a story.")
+    assert "waiting for the stopped nnsight answer to finish" in out.getvalue()
+    assert answer and not console.busy()
+    assert console.history == [{"role": "user", "content": "Tell me a story."},
+                               {"role": "assistant", "content": answer}]
