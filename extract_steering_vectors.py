@@ -296,43 +296,108 @@ def _saelens_layer(src: _Source, cfg_rel: str) -> int | None:
 
 
 def _read_columns(path: Path, fmt: str, indices: list[int], label: str) -> list[torch.Tensor]:
-    """Decoder directions for `indices` from one SAE file, as float32 [d_model] tensors."""
+    """Decoder directions for `indices` from one SAE file, as float32 [d_model] tensors.
+
+    Only the needed elements are read, with positioned reads (os.pread) at offsets taken
+    from the file's metadata: slicing a memory map instead can map in whole large folios
+    of the file and grow the process's memory by the size of the decoder.
+    """
     if not path.is_file():
         raise ValueError(f"{label} not found")
     if fmt == "andyrdt":
-        try:
-            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"{label} is not a readable SAE checkpoint (torch.load weights_only refused it: {_first_line(exc)})") from None
-        if not isinstance(state, dict):
-            raise ValueError(f"{label} is not a state dict")
-        if "decoder.weight" not in state and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
-        weight = state.get("decoder.weight")
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            names = ", ".join(sorted(map(str, state))[:8])
-            raise ValueError(f"{label} has no 2-D tensor 'decoder.weight' (found: {names})")
-        _check_indices(indices, weight.shape[1], label)
-        return [weight[:, i].float().clone() for i in indices]  # [d_model, d_sae] -> column
-
-    from safetensors import SafetensorError, safe_open
-
+        return _read_pt_columns(path, indices, label)
     name, by_row = ("decoder.weight", False) if fmt == "llamascope" else ("W_dec", True)
+    dtype, shape, offset = _safetensors_entry(path, name, label)
+    _check_indices(indices, shape[0] if by_row else shape[1], label)
+    # W_dec [d_sae, d_in]: row i; decoder.weight [d_model, d_sae]: column i
+    return [_pread_vector(path, offset, dtype, shape, (shape[1], 1), i, by_row) for i in indices]
+
+
+def _read_pt_columns(path: Path, indices: list[int], label: str) -> list[torch.Tensor]:
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            if name not in f.keys():
-                raise ValueError(f"{label} has no tensor {name!r} (found: {', '.join(sorted(f.keys())[:8])})")
-            sl = f.get_slice(name)
-            shape = sl.get_shape()
-            if len(shape) != 2:
-                raise ValueError(f"{label}: {name} must be 2-D, got shape {tuple(shape)}")
-            _check_indices(indices, shape[0] if by_row else shape[1], label)
-            # W_dec [d_sae, d_in]: row i; decoder.weight [d_model, d_sae]: column i
-            return [(sl[i : i + 1, :] if by_row else sl[:, i : i + 1]).reshape(-1).float().clone() for i in indices]
-    except SafetensorError as exc:
-        raise ValueError(f"{label} is not a readable safetensors file: {_first_line(exc)}") from None
-    except (OSError, RuntimeError) as exc:
-        raise ValueError(f"{label} could not be read: {_first_line(exc)}") from None
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{label} is not a readable SAE checkpoint (torch.load weights_only refused it: {_first_line(exc)})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{label} is not a state dict")
+    if "decoder.weight" not in state and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    weight = state.get("decoder.weight")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        names = ", ".join(sorted(map(str, state))[:8])
+        raise ValueError(f"{label} has no 2-D tensor 'decoder.weight' (found: {names})")
+    _check_indices(indices, weight.shape[1], label)
+    offset = _file_offset_of(weight, path)
+    if offset is None:  # not Linux, or torch mapped it some other way: slice the map
+        return [weight[:, i].float().clone() for i in indices]  # [d_model, d_sae] -> column
+    return [_pread_vector(path, offset, weight.dtype, tuple(weight.shape), tuple(weight.stride()), i, False)
+            for i in indices]
+
+
+def _file_offset_of(tensor: torch.Tensor, path: Path) -> int | None:
+    """Where a tensor loaded with torch.load(mmap=True) starts in its file, from /proc/self/maps."""
+    ptr, real = tensor.data_ptr(), os.path.realpath(path)
+    try:
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                parts = line.split(maxsplit=5)
+                if len(parts) == 6 and parts[5].strip() == real:
+                    start, end = (int(x, 16) for x in parts[0].split("-"))
+                    if start <= ptr < end:
+                        return ptr - start + int(parts[2], 16)
+    except OSError:
+        return None
+    return None
+
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _safetensors_entry(path: Path, name: str, label: str) -> tuple[torch.dtype, tuple[int, int], int]:
+    """(dtype, shape, absolute data offset) of tensor `name` in a safetensors file, from its JSON header."""
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            n = int.from_bytes(fh.read(8), "little")
+            if not 2 <= n <= min(size - 8, 100_000_000):
+                raise ValueError("bad header length")
+            header = json.loads(fh.read(n))
+    except (ValueError, OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{label} is not a readable safetensors file ({_first_line(exc)})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{label} is not a readable safetensors file (header is not a mapping)")
+    entry = header.get(name)
+    if not isinstance(entry, dict):
+        found = ", ".join(sorted(k for k in header if k != "__metadata__")[:8])
+        raise ValueError(f"{label} has no tensor {name!r} (found: {found})")
+    shape, dtype, offsets = entry.get("shape"), _ST_DTYPES.get(entry.get("dtype")), entry.get("data_offsets")
+    if dtype is None:
+        raise ValueError(f"{label}: {name} has dtype {entry.get('dtype')!r}; floating point (F32, F16, BF16, F64) is needed")
+    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(x, int) and x > 0 for x in shape)):
+        raise ValueError(f"{label}: {name} must be 2-D, got shape {shape!r}")
+    nbytes = shape[0] * shape[1] * dtype.itemsize
+    if not (isinstance(offsets, list) and len(offsets) == 2 and offsets[1] - offsets[0] == nbytes
+            and 8 + n + offsets[1] <= size):
+        raise ValueError(f"{label} is not a readable safetensors file (offsets of {name} do not fit the file)")
+    return dtype, (shape[0], shape[1]), 8 + n + offsets[0]
+
+
+def _pread_vector(path: Path, offset: int, dtype: torch.dtype, shape: tuple[int, int], stride: tuple[int, int],
+                  i: int, by_row: bool) -> torch.Tensor:
+    """Row i (by_row) or column i of a 2-D tensor stored at `offset`, read element by element: float32 [n]."""
+    item = dtype.itemsize
+    n, step, first = (shape[1], stride[1], i * stride[0]) if by_row else (shape[0], stride[0], i * stride[1])
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if step == 1:
+            buf = os.pread(fd, n * item, offset + first * item)
+        else:
+            buf = b"".join(os.pread(fd, item, offset + (first + r * step) * item) for r in range(n))
+    finally:
+        os.close(fd)
+    if len(buf) != n * item:
+        raise ValueError(f"{path} is truncated")
+    return torch.frombuffer(bytearray(buf), dtype=dtype).float()
 
 
 def _check_indices(indices: list[int], d_sae: int, label: str) -> None:

@@ -1,0 +1,96 @@
+"""Peak memory of extracting a few SAE features from a ~1 GB SAE file, against importing torch alone.
+
+    .venv/bin/python benchmarks/extract_memory.py                       # andyrdt .pt layout, 1 GB, 3 features
+    .venv/bin/python benchmarks/extract_memory.py --layout llamascope   # safetensors layout
+    .venv/bin/python benchmarks/extract_memory.py --keep /tmp/sae_bench # reuse the written SAE next time
+
+It writes a random SAE in the chosen layout (encoder + decoder, d_model 1024, d_sae 131072:
+2 x 512 MiB of float32) into a temporary directory, then runs two fresh processes and
+reads their peak resident memory (VmHWM): one that only imports torch, one that imports
+extract_steering_vectors and extracts the features. It prints both and their ratio
+(target: under 2x), and checks the extracted columns against the written ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+D_MODEL, D_SAE = 1024, 131072
+
+CHILD_TORCH = """
+import torch
+print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])
+"""
+
+CHILD_EXTRACT = """
+import sys
+sys.path.insert(0, {root!r})
+import extract_steering_vectors as esv
+vecs = esv.extract_sae_features({source!r}, {features!r})
+import torch
+ref = torch.load({ref!r}, weights_only=True)
+for v in vecs:
+    want = ref[v.name]
+    assert torch.allclose(v.vector, want / want.norm(), atol=1e-6), v.name
+print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])
+"""
+
+
+def write_sae(root: Path, layout: str, layer: int, features: list[int]) -> None:
+    """Write a ~1 GB SAE for `layer` in `layout`, and the reference columns for `features`."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    enc = torch.randn(D_SAE, D_MODEL, generator=g)
+    dec = torch.randn(D_MODEL, D_SAE, generator=g)  # [d_model, d_sae]
+    torch.save({f"L{layer}F{i}": dec[:, i].clone() for i in features}, root / "reference.pt")
+    if layout == "andyrdt":
+        folder = root / f"resid_post_layer_{layer}" / "trainer_1"
+        folder.mkdir(parents=True)
+        torch.save({"encoder.weight": enc, "encoder.bias": torch.zeros(D_SAE), "decoder.weight": dec,
+                    "b_dec": torch.zeros(D_MODEL), "k": torch.tensor(64)}, folder / "ae.pt")
+    else:
+        from safetensors.torch import save_file
+
+        folder = root / f"Llama3_1-8B-Base-L{layer}R-8x" / "checkpoints"
+        folder.mkdir(parents=True)
+        save_file({"encoder.weight": enc, "encoder.bias": torch.zeros(D_SAE), "decoder.weight": dec,
+                   "decoder.bias": torch.zeros(D_MODEL)}, str(folder / "final.safetensors"))
+        (folder.parent / "hyperparams.json").write_text("{}")
+
+
+def peak_kib(code: str) -> int:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layout", choices=("andyrdt", "llamascope"), default="andyrdt", help="SAE file layout to write")
+    parser.add_argument("--features", type=int, nargs="+", default=[5, 70000, 131071], help="feature indices to extract")
+    parser.add_argument("--keep", help="directory to write the SAE into and keep (default: a temporary one, removed)")
+    args = parser.parse_args()
+
+    layer = 15
+    with tempfile.TemporaryDirectory(prefix="sae_bench_") as tmp:
+        root = Path(args.keep or tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        if not (root / "reference.pt").exists():
+            write_sae(root, args.layout, layer, args.features)
+        size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.name != "reference.pt")
+        torch_only = peak_kib(CHILD_TORCH)
+        extract = peak_kib(CHILD_EXTRACT.format(root=str(ROOT), source=str(root), ref=str(root / "reference.pt"),
+                                                features=[(layer, i) for i in args.features]))
+    print(f"SAE file(s): {size / 2**30:.2f} GiB ({args.layout}), features {args.features}")
+    print(f"peak RSS, import torch only:        {torch_only / 1024:7.1f} MiB")
+    print(f"peak RSS, extract {len(args.features)} features:       {extract / 1024:7.1f} MiB")
+    print(f"ratio: {extract / torch_only:.2f}x (target < 2x)")
+
+
+if __name__ == "__main__":
+    main()
