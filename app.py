@@ -524,8 +524,8 @@ with gr.Blocks(title=TITLE) as demo:
     with gr.Row(equal_height=False):
         with gr.Column(scale=3):
             with gr.Row():
-                chatbot = gr.Chatbot(label="Steered", height=420, elem_id="chat-steered", buttons=["copy"])
-                plain_chatbot = gr.Chatbot(label="Unsteered", height=420, visible=False, elem_id="chat-plain")
+                chatbot = gr.Chatbot(label="Steered", height=400, elem_id="chat-steered", buttons=["copy"])
+                plain_chatbot = gr.Chatbot(label="Unsteered", height=400, visible=False, elem_id="chat-plain")
             with gr.Row():
                 msg = gr.Textbox(
                     label="Message", placeholder="Type a message and press Enter", show_label=False, scale=5, autofocus=True,
@@ -537,12 +537,12 @@ with gr.Blocks(title=TITLE) as demo:
                 retry_btn = gr.Button("Retry", size="sm", elem_id="retry")
                 clear_btn = gr.Button("Clear", size="sm", elem_id="clear")
                 compare = gr.Checkbox(label="Compare with the unsteered model", value=False, elem_id="compare")
+            with gr.Accordion("Concept intensity in the last answer", open=True):
+                intensity = gr.HTML(intensity_html(None), elem_id="intensity")
             gr.Examples(
                 [[text, name] for text, name in zip(EXAMPLES, [*PRESETS, NO_PRESET, NO_PRESET, NO_PRESET], strict=False)],
                 inputs=[msg, preset], label="Examples (message and preset)",
             )
-            with gr.Accordion("Concept intensity in the last answer", open=True):
-                intensity = gr.HTML(intensity_html(None), elem_id="intensity")
         with gr.Column(scale=2):
             preset.render()
             enabled_boxes, fraction_sliders, mode_radios = [], [], []
@@ -561,7 +561,7 @@ with gr.Blocks(title=TITLE) as demo:
             summary = gr.Markdown(elem_id="summary")
             with gr.Accordion("Advanced", open=False):
                 system_prompt = gr.Textbox(GEN.system_prompt, label="System prompt", lines=2)
-                temperature = gr.Slider(0.0, 1.5, value=GEN.temperature, step=0.05, label="Temperature (0 = greedy)")
+                temperature = gr.Slider(0.0, 1.5, value=GEN.temperature, step=0.05, label="Temperature (0 = greedy)", elem_id="temperature")
                 repetition_penalty = gr.Slider(1.0, 2.0, value=GEN.repetition_penalty, step=0.05, label="Repetition penalty")
                 max_new_tokens = gr.Slider(1, max(1024, GEN.max_new_tokens), value=GEN.max_new_tokens, step=1, label="Max new tokens", elem_id="max-new-tokens")
             with gr.Accordion("Share steering (JSON / YAML)", open=False):
