@@ -55,7 +55,8 @@ def _reference(embedded, profile, vectors, prompt, steers, max_new_tokens):
     model, tok = embedded
     gen = profile.generation
     chat = [{"role": "system", "content": gen.system_prompt}, {"role": "user", "content": prompt}]
-    comps = [vectors.component(key, fraction, op=mode) for key, fraction, mode in steers]
+    # mode None: the feature's own mode in demo.yaml, as `--steer NAME STRENGTH` uses
+    comps = [vectors.component(key, fraction, op=mode or profile.feature(key).mode) for key, fraction, mode in steers]
     return steering.generate_steered_answer_hf(
         model, tok, chat, comps, max_new_tokens=max_new_tokens, temperature=0.0,
         repetition_penalty=gen.repetition_penalty,
@@ -242,7 +243,7 @@ def test_one_shot_prints_only_the_answer(embedded, shipped):
     proc = start_one_shot("--prompt", "Tell me about Paris", "--steer", "eiffel_tower", "0.5",
                           "--steer", "pirate", "0.3", "--temperature", "0", "--max-new-tokens", str(TOKENS))
     expected = reference(embedded, profile, vectors, "Tell me about Paris",
-                         [("eiffel_tower", 0.5, "clamp"), ("pirate", 0.3, "clamp")])
+                         [("eiffel_tower", 0.5, None), ("pirate", 0.3, None)])
     result = finish(proc)
     assert result.returncode == 0, result.stderr
     assert result.stdout == expected + "\n"
@@ -254,7 +255,7 @@ def test_one_shot_compare_prints_both_answers_labelled(embedded, shipped):
     proc = start_one_shot("--prompt", QUESTION, "--steer", "eiffel_tower", "0.5", "--compare",
                           "--temperature", "0", "--max-new-tokens", str(TOKENS))
     unsteered = reference(embedded, profile, vectors, QUESTION, [])
-    steered = reference(embedded, profile, vectors, QUESTION, [("eiffel_tower", 0.5, "clamp")])
+    steered = reference(embedded, profile, vectors, QUESTION, [("eiffel_tower", 0.5, None)])
     result = finish(proc)
     assert result.returncode == 0, result.stderr
     # not a terminal: no colour codes
