@@ -16,6 +16,7 @@ at the same time, default 4). Call it from Python (see the README):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import html
 import logging
 import os
@@ -30,6 +31,7 @@ import gradio as gr
 import spaces  # before torch: on a ZeroGPU Space it must come first (a no-op elsewhere)
 import torch
 import yaml
+from spaces.config import Config
 
 import steering
 from steering import ActiveFeature, FeatureSpec, SteeringComponent, SteeringSpec, SteeringTrace
@@ -42,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 CONFIG_PATH = Path(os.environ.get("STEERING_CONFIG") or HERE / "demo.yaml")
 PROFILE_NAME = os.environ.get("STEERING_PROFILE") or None  # None = demo.yaml's default_profile
 CONCURRENCY = int(os.environ.get("STEERING_CONCURRENCY") or 4)
-GPU_SECONDS = 120  # ZeroGPU time asked for one answer (or one compare pair)
+ON_ZERO_GPU = Config.zero_gpu  # a ZeroGPU Space: CUDA only inside the @spaces.GPU function
 FRACTION_RANGE = (-1.0, 2.0)  # slider range, in units of the layer's typical residual norm
 MAX_SPEC_BYTES = 64_000  # an imported steering file is a few hundred bytes
 NO_PRESET = "None"
@@ -135,8 +137,13 @@ def load_everything() -> tuple[steering.ModelProfile, Any, Any, list[CatalogEntr
     """Config, model, tokenizer and catalog; exits with a one-line message when something is wrong."""
     try:
         profile = steering.load_config(CONFIG_PATH).profile(PROFILE_NAME)
-        model, tokenizer = steering.load_model(profile.model_id)
-        catalog = build_catalog(profile, load_vectors_for(profile, model, tokenizer))
+        if ON_ZERO_GPU:  # no CUDA work outside @spaces.GPU: measure on the CPU, then hand the weights over
+            model, tokenizer = steering.load_model(profile.model_id, device="cpu", dtype=torch.bfloat16)
+            catalog = build_catalog(profile, load_vectors_for(profile, model, tokenizer))
+            model.to("cuda")
+        else:
+            model, tokenizer = steering.load_model(profile.model_id)
+            catalog = build_catalog(profile, load_vectors_for(profile, model, tokenizer))
     except ValueError as exc:
         sys.exit(f"app.py: {exc}")
     return profile, model, tokenizer, catalog
@@ -147,6 +154,7 @@ PROFILE, MODEL, TOKENIZER, CATALOG = load_everything()
 MODEL_ID = steering.model_id_of(MODEL)
 GEN = PROFILE.generation
 PRESETS = {p.name: p for p in PROFILE.presets}
+MAX_NEW_TOKENS = max(1024, GEN.max_new_tokens)  # the slider's end, and the API's limit
 N = len(CATALOG)
 
 
@@ -155,7 +163,13 @@ N = len(CATALOG)
 # ---------------------------------------------------------------------------
 
 
-@spaces.GPU(duration=GPU_SECONDS)
+def gpu_seconds(chat: list[dict], components: list, steer_prompt: bool, temperature: float,
+                repetition_penalty: float, max_new_tokens: int, plain_chat: list[dict] | None = None) -> int:
+    """ZeroGPU time to ask for: about 10 tokens/s per answer at worst, two answers in compare mode."""
+    return 20 + (max_new_tokens // 10) * (2 if plain_chat is not None else 1)
+
+
+@spaces.GPU(duration=gpu_seconds)
 def generate(
     chat: list[dict],
     components: list[SteeringComponent],
@@ -379,17 +393,18 @@ def respond(
             if [m["content"] for m in plain if m["role"] == "user"] != [m["content"] for m in history if m["role"] == "user"]:
                 plain = list(history)  # compare just switched on, or the chats diverged: start from this chat
             plain_chat, _ = model_chat(system_prompt or "", plain, message)
+        user = {"role": "user", "content": message}
+        waiting = "<p class='muted'>The shading appears here when the answer is complete.</p>"
+        yield "", history + [user, {"role": "assistant", "content": ""}], gr.skip(), waiting if components else gr.skip()
         stream = generate(
             chat, components, spec.steer_prompt, float(temperature), float(repetition_penalty),
             int(max_new_tokens), plain_chat,
         )
-        user = {"role": "user", "content": message}
-        waiting = "<p class='muted'>The shading appears here when the answer is complete.</p>"
-        yield "", history + [user, {"role": "assistant", "content": ""}], gr.skip(), waiting if components else gr.skip()
-        for steered, unsteered, trace in stream:
-            new = history + [user, {"role": "assistant", "content": steered}]
-            plain_out = plain + [user, {"role": "assistant", "content": unsteered}] if compare else gr.skip()
-            yield gr.skip(), new, plain_out, intensity_html(trace) if trace is not None else gr.skip()
+        with contextlib.closing(stream):  # Stop closes this handler, which closes the stream now
+            for steered, unsteered, trace in stream:
+                new = history + [user, {"role": "assistant", "content": steered}]
+                plain_out = plain + [user, {"role": "assistant", "content": unsteered}] if compare else gr.skip()
+                yield gr.skip(), new, plain_out, intensity_html(trace) if trace is not None else gr.skip()
     except ValueError as exc:  # bad settings: say what is wrong, keep the app up
         raise gr.Error(str(exc), print_exception=False) from None
     except Exception as exc:
@@ -479,17 +494,24 @@ def chat_api(
         if not message:
             raise ValueError("message is empty: give the text to answer")
         spec = parse_steering(steering_spec)
+        max_new_tokens = GEN.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+            raise ValueError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS}, got {max_new_tokens}")
         chat, _ = model_chat(GEN.system_prompt if system_prompt is None else system_prompt, plain_messages(history), message)
         stream = generate(
             chat, components_of(spec), spec.steer_prompt,
             GEN.temperature if temperature is None else float(temperature),
             GEN.repetition_penalty if repetition_penalty is None else float(repetition_penalty),
-            GEN.max_new_tokens if max_new_tokens is None else int(max_new_tokens),
+            max_new_tokens,
         )
-        for steered, _, _ in stream:
-            yield steered
+        with contextlib.closing(stream):
+            for steered, _, _ in stream:
+                yield steered
     except ValueError as exc:
         raise gr.Error(str(exc), print_exception=False) from None
+    except Exception as exc:
+        log.exception("generation failed")
+        raise gr.Error(f"Generation failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -563,7 +585,7 @@ with gr.Blocks(title=TITLE) as demo:
                 system_prompt = gr.Textbox(GEN.system_prompt, label="System prompt", lines=2)
                 temperature = gr.Slider(0.0, 1.5, value=GEN.temperature, step=0.05, label="Temperature (0 = greedy)", elem_id="temperature")
                 repetition_penalty = gr.Slider(1.0, 2.0, value=GEN.repetition_penalty, step=0.05, label="Repetition penalty")
-                max_new_tokens = gr.Slider(1, max(1024, GEN.max_new_tokens), value=GEN.max_new_tokens, step=1, label="Max new tokens", elem_id="max-new-tokens")
+                max_new_tokens = gr.Slider(1, MAX_NEW_TOKENS, value=GEN.max_new_tokens, step=1, label="Max new tokens", elem_id="max-new-tokens")
             with gr.Accordion("Share steering (JSON / YAML)", open=False):
                 with gr.Row():
                     export_json = gr.Button("Export JSON", size="sm")
@@ -586,6 +608,7 @@ with gr.Blocks(title=TITLE) as demo:
     stop_btn.click(None, cancels=running, **hidden)
     clear_btn.click(lambda: ([], [], intensity_html(None), ""), None, [chatbot, plain_chatbot, intensity, msg], cancels=running, queue=False, **hidden)
     compare.change(lambda on: gr.update(visible=on), compare, plain_chatbot, queue=False, **hidden)
+    chatbot.clear(lambda: ([], intensity_html(None)), None, [plain_chatbot, intensity], cancels=running, **hidden)
 
     preset.change(apply_preset, preset, [*controls, steer_prompt], queue=False, **hidden)
     for control in [*controls, steer_prompt]:
