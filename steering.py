@@ -472,6 +472,7 @@ class _Request:
         self.stop = threading.Event()
         self.error: BaseException | None = None
         self.output_ids: list[int] = []
+        self.done = threading.Event()  # waited on instead of Thread.join, which a Ctrl-C can confuse
 
 
 def _make_hook(request: _Request, comps: list[SteeringComponent], vectors: list[torch.Tensor],
@@ -618,6 +619,8 @@ def _stream(model: Any, streamer: Any, kwargs: dict[str, Any], input_ids: torch.
         except BaseException as exc:  # handed to the consumer below
             request.error = exc
             streamer.end()
+        finally:
+            request.done.set()
 
     handles: list[Any] = []
     thread = threading.Thread(target=run, name="steered-generation", daemon=True)
@@ -627,17 +630,19 @@ def _stream(model: Any, streamer: Any, kwargs: dict[str, Any], input_ids: torch.
         for piece in streamer:
             if piece:
                 yield piece
-        thread.join()
+        request.done.wait()
         if request.error is not None and not isinstance(request.error, _Cancelled):
             raise request.error
         if trace is not None:
             trace.token_ids.extend(request.output_ids)
     finally:
         request.stop.set()  # a consumer that stopped reading ends the generation at the next layer
-        if thread.ident is not None:
-            thread.join()
-        for handle in handles:
-            handle.remove()
+        try:
+            if thread.ident is not None:
+                request.done.wait()
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 def generate_steered_answer_hf(model: Any, tokenizer: Any, chat: Sequence[dict],
@@ -685,13 +690,16 @@ def generate_steered_answer(
     repetition_penalty: float = 1.0,
     steer_prompt: bool = True,
     return_trace: bool = False,
+    cancel: threading.Event | None = None,
 ) -> str | tuple[str, SteeringTrace]:
     """The whole steered answer, with the steering applied by NNsight interventions.
 
     Same arguments and meaning as `stream_steered_answer_hf`; under greedy decoding
     both return the same tokens. With `return_trace=True` it returns
     `(answer, SteeringTrace)`: the projection on each component's direction before
-    and after its edit, at every prompt and answer position.
+    and after its edit, at every prompt and answer position. Setting the `cancel`
+    event from another thread ends the generation after the current token; the call
+    then returns the answer so far.
 
         >>> answer, trace = generate_steered_answer(model, tok, chat, [comp], return_trace=True)
         >>> trace.components[0].after[-1]
@@ -720,6 +728,10 @@ def generate_steered_answer(
     device = next(model.parameters()).device
     input_ids = torch.tensor([prompt_ids], device=device)
     kwargs = _generation_kwargs(model, tokenizer, max_new_tokens, temperature, repetition_penalty)
+    if cancel is not None:
+        from transformers import StoppingCriteriaList
+
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnEvent(cancel)])
 
     with lock, warnings.catch_warnings(), torch.inference_mode():
         # An open `tracer.iter[:]` ends by parking on the step after the last one: expected.

@@ -466,3 +466,18 @@ def test_components_are_stored_as_unit_float32():
     assert comp.vector.dtype == torch.float32
     assert math.isclose(float(comp.vector.norm()), 1.0, rel_tol=1e-6)
     assert comp.strength == 1.0 and isinstance(comp.strength, float)
+
+
+def test_nnsight_run_can_be_cancelled_from_another_thread(embedded):
+    model, tok = embedded
+    cancel = threading.Event()
+    timer = threading.Timer(1.0, cancel.set)
+    timer.start()
+    t0 = time.monotonic()
+    answer, trace = steering.generate_steered_answer(
+        model, tok, PROMPT, comps_for("add"), max_new_tokens=400, return_trace=True, cancel=cancel
+    )
+    timer.join()
+    assert time.monotonic() - t0 < 15  # 400 tokens would take far longer
+    n_answer = len(trace.token_ids) - trace.prompt_len
+    assert 0 < n_answer < 400 and answer.strip()
