@@ -142,6 +142,13 @@ def test_browser_preset_streaming_compare_stop(server, tmp_path):
             _wait_for(lambda: "pirate · add · 0.40" in page.locator("#summary").inner_text(), 15, "the imported steering")
             assert page.get_by_role("checkbox", name="pirate", exact=True).is_checked()
             assert not page.get_by_role("checkbox", name="eiffel_tower", exact=True).is_checked()
+            (tmp_path / "broken.json").write_text('{"format": "llm-steering/spec", "version": 1, "features": "x"}')
+            with page.expect_file_chooser() as chooser:
+                page.locator("#import").click()
+            chooser.value.set_files(str(tmp_path / "broken.json"))
+            page.get_by_text("Could not import that file").first.wait_for(timeout=15_000)
+            assert "Traceback" not in page.content()
+            assert page.get_by_role("checkbox", name="pirate", exact=True).is_checked()  # unchanged
 
             # Compare mode: the unsteered answer streams beside the steered one; Stop ends both.
             page.locator("#compare").get_by_role("checkbox").check()
