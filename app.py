@@ -10,7 +10,7 @@ variables: STEERING_CONFIG (the demo.yaml to read), STEERING_CONCURRENCY (answer
 at the same time, default 4). Call it from Python (see the README):
 
     >>> from gradio_client import Client
-    >>> Client("http://127.0.0.1:7860/").predict("Hi!", steering="Eiffel Tower", api_name="/chat")
+    >>> Client("http://127.0.0.1:7860/").predict("Hi!", steering_spec="Eiffel Tower", api_name="/chat")
 """
 
 from __future__ import annotations
@@ -244,11 +244,13 @@ def plain_messages(history: list | None) -> list[dict]:
 def model_chat(system_prompt: str, history: list[dict], message: str) -> tuple[list[dict], str]:
     """The chat the model reads, cut to GEN.max_input_tokens (message first, then oldest turns), with warnings."""
     limit = GEN.max_input_tokens
-    ids = TOKENIZER(message, add_special_tokens=False)["input_ids"]
-    if len(ids) > limit:
-        message = TOKENIZER.decode(ids[:limit], skip_special_tokens=True)
-        gr.Warning(f"Your message was {len(ids)} tokens long; it was cut to its first {limit} tokens.")
     system = [{"role": "system", "content": system_prompt}] if system_prompt.strip() else []
+    budget = max(1, limit - len(steering.chat_input_ids(TOKENIZER, system + [{"role": "user", "content": ""}])))
+    ids = TOKENIZER(message, add_special_tokens=False)["input_ids"]
+    if len(ids) > budget:
+        message = TOKENIZER.decode(ids[:budget], skip_special_tokens=True)
+        gr.Warning(f"Your message was {len(ids)} tokens long; it was cut to its first {budget} tokens "
+                   f"(the model reads at most {limit} here).")
     history = list(history)
     dropped = 0
     while history and len(steering.chat_input_ids(TOKENIZER, system + history + [{"role": "user", "content": message}])) > limit:

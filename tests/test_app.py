@@ -223,7 +223,8 @@ def test_long_input_is_cut_with_a_warning(app_module):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         chat, message = app.model_chat("You are a helpful assistant.", [], long_message)
-    assert len(app.TOKENIZER(message, add_special_tokens=False)["input_ids"]) <= limit
+    assert len(steering.chat_input_ids(app.TOKENIZER, chat)) <= limit
+    assert chat[-1]["content"] == message and long_message.startswith(message.strip())
     assert any("cut" in str(w.message) for w in caught), [str(w.message) for w in caught]
     history = [{"role": "user", "content": "hello " * (limit // 2)}, {"role": "assistant", "content": "ok"}] * 3
     with warnings.catch_warnings(record=True) as caught:
