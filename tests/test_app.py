@@ -6,6 +6,7 @@ drives Debian's headless Chromium (/usr/bin/chromium, installed by tests/run.sh)
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import socket
@@ -293,3 +294,25 @@ def test_sae_profile_without_vector_file_extracts_features_at_start_up(app_modul
     assert entry.default_fraction == pytest.approx(4.0 * 9 / norm)
     comp = entry.component(0.5, "add")
     assert (comp.layer, comp.op, comp.name) == (9, "add", "L9F3") and comp.strength == pytest.approx(0.5 * norm)
+
+
+def test_intensity_view_shades_each_answer_token_by_the_trace(app_module):
+    """One span per answer token, its value the projection at the position that chose the token."""
+    import re
+
+    app = app_module
+    entry = app.CATALOG[0]
+    comp = entry.component(0.5, "clamp")
+    chat = [{"role": "user", "content": "Write <b>HTML</b> & say hi."}]
+    trace = steering.SteeringTrace()
+    answer = "".join(steering.stream_steered_answer_hf(app.MODEL, app.TOKENIZER, chat, [comp], max_new_tokens=8, trace=trace))
+    page = app.intensity_html(trace)
+    titles = [float(t) for t in re.findall(r"title='(-?[\d.]+)'", page)]
+    ids = trace.token_ids[trace.prompt_len :]
+    kept = [j for j, t in enumerate(ids) if t not in set(app.TOKENIZER.all_special_ids)]
+    expected = [trace.components[0].before[trace.prompt_len - 1 + j] for j in kept]
+    assert titles == pytest.approx([round(v, 1) for v in expected], abs=0.051)
+    text = re.sub(r"<[^>]+>", "", page.split("<div class='toks'>", 1)[1])
+    assert html.unescape(text) == answer  # every token shown once, escaped
+    assert entry.feature.name in page
+    assert "Switch a feature on" in app.intensity_html(None)
