@@ -149,7 +149,8 @@ def load_everything() -> tuple[steering.ModelProfile, Any, Any, list[CatalogEntr
     return profile, model, tokenizer, catalog
 
 
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+log.setLevel(logging.INFO)
 PROFILE, MODEL, TOKENIZER, CATALOG = load_everything()
 MODEL_ID = steering.model_id_of(MODEL)
 GEN = PROFILE.generation
@@ -538,7 +539,7 @@ model_line = (
     f"{N} features · API: `/chat`"
 )
 
-with gr.Blocks(title=TITLE) as demo:
+with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
     preset = gr.Radio(
         [NO_PRESET, *PRESETS], value=NO_PRESET, label="Presets", render=False, elem_id="preset",
         info=" · ".join(f"{p.name}: {p.description}" for p in PROFILE.presets) or None,
