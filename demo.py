@@ -500,12 +500,12 @@ class Console:
     def _whole_nnsight(self, chat: list[dict], comps: list) -> str:
         """The nnsight answer, computed in a worker thread so that Ctrl-C returns at once."""
         result: dict[str, Any] = {}
-        done = threading.Event()
+        done, cancel = threading.Event(), threading.Event()
 
         def work() -> None:
             try:
                 result["answer"] = steering.generate_steered_answer(
-                    self.model, self.tokenizer, chat, comps, **self._generation_kwargs()
+                    self.model, self.tokenizer, chat, comps, cancel=cancel, **self._generation_kwargs()
                 )
             except BaseException as exc:  # handed to the main thread below
                 result["error"] = exc
@@ -520,7 +520,8 @@ class Console:
                 while not done.wait(0.1):
                     pass
         except KeyboardInterrupt:
-            self._background = done  # NNsight cannot be stopped mid-run: it finishes on its own
+            cancel.set()  # the run ends after its current token
+            self._background = done
             raise Stopped from None
         if "error" in result:
             raise result["error"]
