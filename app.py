@@ -601,11 +601,12 @@ with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
                   steer_prompt, compare, *controls]
     gen_outputs = [msg, chatbot, plain_chatbot, intensity]
     hidden = {"api_visibility": "private"}
+    generating = {"concurrency_id": "generate", "concurrency_limit": CONCURRENCY}  # one limit for UI and API
 
-    send_evt = send_btn.click(respond, gen_inputs, gen_outputs, **hidden)
-    submit_evt = msg.submit(respond, gen_inputs, gen_outputs, **hidden)
+    send_evt = send_btn.click(respond, gen_inputs, gen_outputs, **hidden, **generating)
+    submit_evt = msg.submit(respond, gen_inputs, gen_outputs, **hidden, **generating)
     retry_evt = retry_btn.click(pop_last_turn, [chatbot, plain_chatbot], [msg, chatbot, plain_chatbot], queue=False, **hidden).then(
-        respond, gen_inputs, gen_outputs, **hidden
+        respond, gen_inputs, gen_outputs, **hidden, **generating
     )
     running = [send_evt, submit_evt, retry_evt]
     stop_btn.click(None, cancels=running, **hidden)
@@ -622,7 +623,7 @@ with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
     export_yaml.click(lambda *a: export_spec("yaml", *a), [steer_prompt, *controls], exported, **hidden)
     upload.upload(import_spec, upload, [*controls, steer_prompt, exported], **hidden)
 
-    gr.api(chat_api, api_name="chat")
+    gr.api(chat_api, api_name="chat", **generating)
 
 
 def main() -> None:
