@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import html
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -86,6 +87,15 @@ class CatalogEntry:
     @property
     def default_fraction(self) -> float:
         return self.feature.strength / self.norm
+
+    @property
+    def fraction_range(self) -> tuple[float, float]:
+        """The slider's range: FRACTION_RANGE, widened to hold the default and every preset's value."""
+        values = [self.default_fraction] + [
+            f.fraction for p in PROFILE.presets for f in p.features if entry_for(f.key) is self
+        ]
+        lo, hi = FRACTION_RANGE
+        return min(lo, math.floor(min(values) * 2) / 2), max(hi, math.ceil(max(values) * 2) / 2)
 
     def component(self, fraction: float, mode: str) -> SteeringComponent:
         return SteeringComponent(
@@ -470,6 +480,10 @@ def import_spec(upload: str | None) -> list:
         spec = steering.load_steering_spec(upload)
         components_of(spec)  # every key must be in the catalog, for this model
         active = {entry_for(f.key).feature.name: f for f in spec.features}
+        for f in spec.features:
+            lo, hi = entry_for(f.key).fraction_range
+            if not lo <= f.fraction <= hi:
+                raise ValueError(f"feature {f.key!r}: fraction {f.fraction} is outside the app's range [{lo}, {hi}]")
     except ValueError as exc:
         gr.Warning(f"Could not import that file: {str(exc).replace(str(upload), 'the file')}")
         return [gr.skip()] * (3 * N + 2)
@@ -579,7 +593,7 @@ with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
                             enabled_boxes.append(gr.Checkbox(label=feat.name, info=feat.description, value=False, scale=3, min_width=140))
                             mode_radios.append(gr.Radio(["clamp", "add"], value=feat.mode, show_label=False, scale=2, min_width=120))
                         fraction_sliders.append(gr.Slider(
-                            *FRACTION_RANGE, value=round(entry.default_fraction, 2), step=0.01,
+                            *entry.fraction_range, value=round(entry.default_fraction, 2), step=0.01,
                             label=f"strength (× norm {entry.norm:.0f} at layer {feat.layer})",
                         ))
             steer_prompt = gr.Checkbox(label="Steer the prompt too (not only the answer)", value=True)

@@ -324,3 +324,23 @@ def test_intensity_view_shades_each_answer_token_by_the_trace(app_module):
     assert html.unescape(text) == answer  # every token shown once, escaped
     assert entry.feature.name in page
     assert "Switch a feature on" in app.intensity_html(None)
+
+
+def test_import_refuses_files_the_controls_cannot_show(app_module, tmp_path):
+    app = app_module
+    name = app.CATALOG[0].feature.name
+    good = steering.SteeringSpec(app.MODEL_ID, (steering.ActiveFeature(name, 0.25, "add"),), steer_prompt=False)
+    steering.save_steering_spec(good, tmp_path / "good.json")
+    updates = app.import_spec(str(tmp_path / "good.json"))
+    n = app.N
+    assert updates[:n] == [e.feature.name == name for e in app.CATALOG]
+    assert updates[n] == 0.25 and updates[2 * n] == "add" and updates[3 * n] is False
+    for spec in (steering.SteeringSpec(app.MODEL_ID, (steering.ActiveFeature(name, 5.0),)),
+                 steering.SteeringSpec("other/model", (steering.ActiveFeature(name, 0.5),)),
+                 steering.SteeringSpec(app.MODEL_ID, (steering.ActiveFeature("no_such_feature", 0.5),))):
+        steering.save_steering_spec(spec, tmp_path / "bad.yaml")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            updates = app.import_spec(str(tmp_path / "bad.yaml"))
+        assert all(isinstance(u, type(app.gr.skip())) for u in updates), updates
+        assert any("Could not import" in str(w.message) for w in caught)
