@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import html
+import json
 import logging
 import math
 import os
@@ -454,8 +455,6 @@ def controls_update(active: dict[str, ActiveFeature], steer_prompt: bool) -> lis
 
 def describe(steer_prompt: bool, *controls: Any) -> tuple[str, str]:
     """The summary under the catalog and the spec shown in the Share box."""
-    import json
-
     spec = spec_from_controls(steer_prompt, *controls)
     return summary_markdown(spec), json.dumps(spec.to_dict(), indent=2)
 
