@@ -563,7 +563,7 @@ with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         with gr.Column(scale=3):
             with gr.Row():
                 chatbot = gr.Chatbot(label="Steered", height=400, elem_id="chat-steered", buttons=["copy"])
-                plain_chatbot = gr.Chatbot(label="Unsteered", height=400, visible=False, elem_id="chat-plain")
+                plain_chatbot = gr.Chatbot(label="Unsteered", height=400, visible=False, elem_id="chat-plain", buttons=["copy"])
             with gr.Row():
                 msg = gr.Textbox(
                     label="Message", placeholder="Type a message and press Enter", show_label=False, scale=5, autofocus=True,
