@@ -125,6 +125,13 @@ def test_browser_preset_streaming_compare_stop(server, tmp_path):
             assert len(seen[0]) < len(seen[-1]), seen  # (markdown may redraw a partial text shorter for a moment)
             assert "eiffel_tower" in page.locator("#intensity").inner_text()
 
+            # Retry asks the same message again, in place of the last turn.
+            page.locator("#retry").click()
+            _wait_for(lambda: page.locator("#intensity .tok").count() == 0, 20, "Retry to start a new answer")
+            _wait_for(lambda: page.locator("#intensity .tok").count() > 0, 60, "the retried answer")
+            assert page.locator("#chat-steered [data-testid='user']").all_inner_texts() == ["Tell me about your perfect weekend."]
+            assert len(_bot_texts(page, "chat-steered")) == 1 and _bot_texts(page, "chat-steered")[0].strip()
+
             # Share: export the steering as JSON, import another spec (a gradio upload).
             page.get_by_text("Share steering (JSON / YAML)").click()
             page.get_by_role("button", name="Export JSON").click()
