@@ -179,6 +179,23 @@ def load_concepts(path: str | os.PathLike) -> dict[str, dict]:
     return concepts
 
 
+def with_negatives(concepts: dict[str, dict], mode: str = "given") -> dict[str, dict]:
+    """Concepts with their negatives replaced: "given" (as in the YAML), "others" (the other
+    concepts' positives: one-vs-rest, which cancels what all concepts share) or "both"."""
+    if mode == "given":
+        return concepts
+    if mode not in ("others", "both"):
+        raise ValueError(f"unknown negatives {mode!r}: use given, others or both")
+    out = {}
+    for name, concept in concepts.items():
+        others = [t for other, c in concepts.items() if other != name for t in c["positive"]]
+        if not others:
+            raise ValueError("--negatives others needs at least two concepts")
+        negative = others if mode == "others" else list(concept["negative"]) + others
+        out[name] = {**concept, "negative": negative}
+    return out
+
+
 def detect_format(src: _Source) -> str:
     """The SAE layout of a source, from its file names."""
     found = [fmt for fmt, rx in (("andyrdt", _ANDYRDT_RE), ("llamascope", _LLAMASCOPE_RE), ("saelens", _SAELENS_RE))
@@ -481,6 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sae-format", choices=SAE_FORMATS, help="force the SAE layout instead of detecting it")
     parser.add_argument("--layers", nargs="+", type=int, help="layers for contrastive vectors (default: each concept's 'layer')")
     parser.add_argument("--method", choices=("mean", "pca"), default="mean", help="contrastive: diff of means or PCA of pairs")
+    parser.add_argument("--negatives", choices=("given", "others", "both"), default="given",
+                        help="contrastive negatives: the YAML's, the other concepts' positives, or both")
     parser.add_argument("--model", default=None, help="model the vectors are for (hub id or dir; default: the embedded model)")
     parser.add_argument("--output", required=True, help="steering vector file to write or merge into")
     parser.add_argument("--overwrite", action="store_true", help="replace the output file instead of merging into it")
@@ -496,7 +515,7 @@ def run(args: argparse.Namespace) -> SteeringVectorSet:
         existing = SteeringVectorSet.load(output)  # an unreadable file stops us here, untouched
     model = tok = None
     if args.contrastive:
-        concepts = load_concepts(args.contrastive)
+        concepts = with_negatives(load_concepts(args.contrastive), args.negatives)
         model, tok = steering.load_model(args.model)
         vectors = extract_contrastive(model, tok, concepts, args.layers, args.method, source=str(args.contrastive))
         model_id, d_model = steering.model_id_of(model), steering.hidden_size(model)

@@ -90,8 +90,10 @@ def rep3(text: str) -> float:
 
 
 @contextmanager
-def row_steering(model: Any, rows: list[tuple[int, torch.Tensor, float, str] | None]):
-    """Hooks steering batch row b with rows[b] = (layer, unit vector, strength, op) or None (unsteered)."""
+def row_steering(model: Any, rows: list[tuple[int, torch.Tensor, float, str] | None], answer_only: bool = False):
+    """Hooks steering batch row b with rows[b] = (layer, unit vector, strength, op) or None (unsteered).
+
+    `answer_only` leaves the prompt pass alone (as steer_prompt=False does)."""
     _, layers = steering._decoder_layers(model)
     d = steering.hidden_size(model)
     by_layer: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -107,6 +109,8 @@ def row_steering(model: Any, rows: list[tuple[int, torch.Tensor, float, str] | N
     def hook_for(V: torch.Tensor, S: torch.Tensor, C: torch.Tensor):
         def hook(module: Any, args: Any, output: Any) -> Any:
             hidden = steering._untuple(output)  # [batch, seq, d]
+            if answer_only and hidden.shape[1] > 1:
+                return None  # the prompt pass (left-padded prompts all end at the same position)
             n = hidden.shape[0]
             v, s, c = V[:n, None, :], S[:n, None], C[:n, None]
             proj = (hidden * v).sum(-1)  # [batch, seq]
@@ -128,7 +132,7 @@ def prompt_ids(tok: Any, prompt: str) -> list[int]:
 
 
 def generate_rows(model: Any, tok: Any, prompts: list[str], rows: list, max_new: int, rep_pen: float,
-                  batch_size: int) -> list[list[int]]:
+                  batch_size: int, answer_only: bool = False) -> list[list[int]]:
     """Greedy answers (token ids, EOS cut) for prompts[b] steered by rows[b], in left-padded batches."""
     from transformers import GenerationConfig
 
@@ -141,7 +145,7 @@ def generate_rows(model: Any, tok: Any, prompts: list[str], rows: list, max_new:
         width = max(map(len, chunk))
         ids = torch.tensor([[tok.pad_token_id] * (width - len(c)) + c for c in chunk])
         mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk])
-        with row_steering(model, rows[start : start + batch_size]), torch.inference_mode():
+        with row_steering(model, rows[start : start + batch_size], answer_only), torch.inference_mode():
             gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         for row in gen[:, width:].tolist():
             cut = next((i for i, t in enumerate(row) if t in eos), len(row))
@@ -188,7 +192,8 @@ def evaluate(model, tok, settings: list[dict], vectors: dict, prompts: list[str]
             all_prompts.append(p)
             rows.append((s["layer"], vec, s["strength"], s["op"]))
     t0 = time.time()
-    answers = generate_rows(model, tok, all_prompts, rows, args.max_new_tokens, args.repetition_penalty, args.batch_size)
+    answers = generate_rows(model, tok, all_prompts, rows, args.max_new_tokens, args.repetition_penalty, args.batch_size,
+                            getattr(args, "answer_only", False))
     nlls = answer_nll(model, tok, all_prompts, answers, args.batch_size)
     print(f"  {len(rows)} generations in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     results = []
@@ -209,7 +214,7 @@ def evaluate(model, tok, settings: list[dict], vectors: dict, prompts: list[str]
 
 def cmd_sweep(args) -> None:
     model, tok = steering.load_model()
-    concepts = esv.load_concepts(args.concepts)
+    concepts = esv.with_negatives(esv.load_concepts(args.concepts), args.negatives)
     if args.only:
         concepts = {k: v for k, v in concepts.items() if k in args.only}
     vecs = esv.extract_contrastive(model, tok, concepts, args.layers, args.method)
@@ -228,7 +233,7 @@ def cmd_sweep(args) -> None:
         for (L, op), group in groups.items():
             print(f"layer {L} {op}: {len(group)} settings", file=sys.stderr, flush=True)
             for r in evaluate(model, tok, group, vectors, TUNING_PROMPTS, args):
-                r["method"] = args.method
+                r.update(method=args.method, negatives=args.negatives, answer_only=args.answer_only, concepts=args.concepts)
                 fh.write(json.dumps(r) + "\n")
                 fh.flush()
                 print(f"  {r['concept']:13s} L{L:<2d} {op:5s} f={r['fraction']:.2f} mention {r['mention']}/{r['n']} "
@@ -245,6 +250,7 @@ def cmd_pick(args) -> None:
             best[r["concept"]] = {**r, "_key": key, "ok": ok}
     for c, r in best.items():
         print(f"{c:13s} {'OK ' if r['ok'] else 'no '} L{r['layer']:<2d} {r['op']:5s} f={r['fraction']:.2f} "
+              f"{r.get('negatives', 'given')}{' answer-only' if r.get('answer_only') else ''} "
               f"strength {r['strength']:.1f} mention {r['mention']}/{r['n']} nll x{r['nll_ratio']:.2f} rep3 {r['rep3']:.2f}")
         if args.show:
             for t in r["texts"]:
@@ -277,7 +283,8 @@ def cmd_eval(args) -> None:
         comp = vset.component(r0["concept"], r0["fraction"], op=r0["op"])
         chat = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": HELD_OUT_PROMPTS[0]}]
         lib = steering.generate_steered_answer_hf(model, tok, chat, [comp], max_new_tokens=args.max_new_tokens,
-                                                  temperature=0.0, repetition_penalty=args.repetition_penalty)
+                                                  temperature=0.0, repetition_penalty=args.repetition_penalty,
+                                                  steer_prompt=not args.answer_only)
         same = lib.strip() == results[0]["texts"][0].strip()
         print(f"check: batched == steering.generate_steered_answer_hf for {r0['concept']} on prompt 1: {same}")
         if not same:
@@ -301,6 +308,8 @@ def main() -> None:
     sw.add_argument("--ops", nargs="+", default=["add", "clamp"])
     sw.add_argument("--fractions", nargs="+", type=float, default=[0.3, 0.5, 0.7, 0.9])
     sw.add_argument("--method", choices=("mean", "pca"), default="mean")
+    sw.add_argument("--negatives", choices=("given", "others", "both"), default="given")
+    sw.add_argument("--answer-only", action="store_true", help="steer only the answer, not the prompt")
     pk = sub.choices["pick"]
     pk.add_argument("--min-mention", type=int, default=3)
     pk.add_argument("--max-ratio", type=float, default=2.2)
@@ -311,6 +320,7 @@ def main() -> None:
     ev.add_argument("--profile", default=None)
     ev.add_argument("--json", help="write the answers and metrics here")
     ev.add_argument("--check", action="store_true", help="compare one batched answer with the library's")
+    ev.add_argument("--answer-only", action="store_true", help="steer only the answer (steer_prompt=False)")
     args = parser.parse_args()
     {"sweep": cmd_sweep, "pick": cmd_pick, "eval": cmd_eval}[args.cmd](args)
 

@@ -361,3 +361,14 @@ def test_shipped_concepts_yaml_is_valid():
     concepts = esv.load_concepts(ROOT / "concepts.yaml")
     assert {"eiffel_tower", "pirate", "shakespeare"} <= set(concepts) and len(concepts) >= 8
     assert all(len(c["positive"]) >= 10 for c in concepts.values())
+
+
+def test_negatives_others_is_one_vs_rest():
+    concepts = {k: dict(v) for k, v in CONCEPTS["concepts"].items()}
+    others = esv.with_negatives(concepts, "others")
+    assert others["pirate"]["negative"] == concepts["eiffel_tower"]["positive"]
+    both = esv.with_negatives(concepts, "both")
+    assert both["eiffel_tower"]["negative"] == concepts["eiffel_tower"]["negative"] + concepts["pirate"]["positive"]
+    assert esv.with_negatives(concepts, "given") is concepts
+    with pytest.raises(ValueError, match="at least two concepts"):
+        esv.with_negatives({"pirate": concepts["pirate"]}, "others")
