@@ -640,6 +640,7 @@ def _stream(model: Any, streamer: Any, kwargs: dict[str, Any], input_ids: torch.
         try:
             if thread.ident is not None:
                 request.done.wait()
+                thread.join()  # returns at once now; a thread still unwinding at exit can abort the process
         finally:
             for handle in handles:
                 handle.remove()
