@@ -29,14 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# isort: off
 import gradio as gr
 import spaces  # before torch: on a ZeroGPU Space it must come first (a no-op elsewhere)
+import steering  # before torch too: it sets PyTorch's OpenMP threads to wait passively
+from steering import ActiveFeature, FeatureSpec, SteeringComponent, SteeringSpec, SteeringTrace
 import torch
 import yaml
 from spaces.config import Config
-
-import steering
-from steering import ActiveFeature, FeatureSpec, SteeringComponent, SteeringSpec, SteeringTrace
+# isort: on
 
 # ---------------------------------------------------------------------------
 # Constants and text

@@ -4,8 +4,8 @@
     .venv/bin/python benchmarks/bench_steering.py --tokens 128 --rounds 5
     .venv/bin/python benchmarks/bench_steering.py --model /path/to/llama --layers 11 15 19
 
-Each round runs the three configurations one after another (so machine noise hits all
-of them alike); the figure per configuration is the median over rounds of tokens/s.
+Each round runs the three configurations one after another, in a rotating order (so
+machine noise hits all of them alike); the figure per configuration is the median over rounds of tokens/s.
 Steering: a clamp on each of --layers. Targets: hooks cost at most 3% against
 unsteered, NNsight at most 15% against hooks.
 """
@@ -18,10 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import steering  # noqa: E402
+# isort: off
+import steering  # noqa: E402  (before torch: it sets PyTorch's OpenMP wait policy)
+import torch  # noqa: E402
+# isort: on
 
 CHAT = [{"role": "user", "content": "Write a long, detailed essay about the history of bridges in Europe."}]
 
@@ -31,6 +32,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="hub id or local dir (default: the embedded model)")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per answer")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the three configurations")
+    parser.add_argument("--verbose", action="store_true", help="print each run's token count and time")
     parser.add_argument("--layers", type=int, nargs="+", default=[8, 14, 20], help="layers to clamp")
     args = parser.parse_args()
 
@@ -56,14 +58,18 @@ def main() -> None:
     for fn in configs.values():  # warm-up: first calls pay for allocation and NNsight's wrapping
         fn()
     rates: dict[str, list[float]] = {name: [] for name in configs}
+    names = list(configs)
     for r in range(args.rounds):
-        for name, fn in configs.items():
+        for name in names[r % 3:] + names[: r % 3]:  # rotate the order, so no configuration always goes first
+            fn = configs[name]
             t0 = time.perf_counter()
             text = fn()
             dt = time.perf_counter() - t0
             n = len(tok.encode(text, add_special_tokens=False))
             rates[name].append(n / dt)
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{v[-1]:.2f}" for v in rates.values()), flush=True)
+            if args.verbose:
+                print(f"  {name}: {n} tokens in {dt:.2f} s", flush=True)
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{rates[n][-1]:.2f}" for n in names), flush=True)
 
     device = next(model.parameters()).device
     print(f"\nmodel {steering.model_id_of(model)} on {device}, {torch.get_num_threads()} threads, "

@@ -6,12 +6,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import steering  # noqa: E402
+# isort: off
+import steering  # noqa: E402  (before torch: it sets PyTorch's OpenMP wait policy)
+import torch  # noqa: E402
+# isort: on
 
 
 def build_tiny_llama(num_layers: int = 4, hidden: int = 32, seed: int = 0):

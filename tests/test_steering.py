@@ -481,3 +481,19 @@ def test_nnsight_run_can_be_cancelled_from_another_thread(embedded):
     assert time.monotonic() - t0 < 15  # 400 tokens would take far longer
     n_answer = len(trace.token_ids) - trace.prompt_len
     assert 0 < n_answer < 400 and answer.strip()
+
+
+def test_importing_steering_first_makes_openmp_threads_wait_passively():
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, steering; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=steering.Path(steering.__file__).parent,
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"  # an explicit setting wins
+    out = subprocess.run([sys.executable, "-c", code], cwd=steering.Path(steering.__file__).parent,
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ACTIVE"
