@@ -503,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None, help="model the vectors are for (hub id or dir; default: the embedded model)")
     parser.add_argument("--output", required=True, help="steering vector file to write or merge into")
     parser.add_argument("--overwrite", action="store_true", help="replace the output file instead of merging into it")
-    parser.add_argument("--skip-norms", action="store_true", help="SAE only: do not load the model to measure layer norms")
+    parser.add_argument("--skip-norms", action="store_true",
+                        help="SAE only: do not load --model to measure layer norms (the file then has none)")
     return parser
 
 
@@ -522,10 +523,12 @@ def run(args: argparse.Namespace) -> SteeringVectorSet:
     else:
         if not args.features:
             raise ValueError("--sae-source needs --features layer:index ...")
+        if args.skip_norms and not args.model:
+            raise ValueError("--skip-norms needs --model: the id of the model these SAEs belong to, to record in the file")
         vectors = extract_sae_features(args.sae_source, args.features, args.sae_format)
         d_model = vectors[0].vector.numel()
         if args.skip_norms:
-            model_id = args.model or steering.EMBEDDED_MODEL_ID
+            model_id = args.model
         else:
             model, tok = steering.load_model(args.model)
             model_id = steering.model_id_of(model)

@@ -1,11 +1,12 @@
 """Choose a layer, op and strength for each contrastive concept by a sweep; evaluate the chosen ones.
 
     # 1. sweep on 4 tuning prompts (batched greedy generation, 64 new tokens), results appended to a JSONL file:
-    .venv/bin/python benchmarks/sweep_vectors.py sweep --layers 4 8 12 16 --fractions 0.3 0.5 0.7 0.9 --out /tmp/sweep.jsonl
-    # 2. pick per concept (mention >= 3/4, NLL ratio <= 2.2, rep3 < 0.2 on the tuning prompts):
-    .venv/bin/python benchmarks/sweep_vectors.py pick --out /tmp/sweep.jsonl
-    # 3. evaluate the shipped file + demo.yaml on the 5 held-out prompts (the README table):
-    .venv/bin/python benchmarks/sweep_vectors.py eval --vectors steering_vectors.pt --config demo.yaml
+    .venv/bin/python benchmarks/sweep_vectors.py sweep --layers 12 15 9 --ops clamp --fractions 0.1 0.15 0.2 0.25 --out /tmp/s.jsonl
+    .venv/bin/python benchmarks/sweep_vectors.py sweep --layers 15 --ops add --fractions 0.3 0.35 --only eiffel_tower cats --out /tmp/s.jsonl
+    # 2. best setting per concept (mention >= 3/4, NLL ratio <= 2.5, rep3 < 0.2 on the tuning prompts):
+    .venv/bin/python benchmarks/sweep_vectors.py pick --max-ratio 2.5 --out /tmp/s.jsonl
+    # 3. evaluate the shipped file + demo.yaml's smollm2 features on the 5 held-out prompts (the README table):
+    .venv/bin/python benchmarks/sweep_vectors.py eval --check --json benchmarks/eval_default_set.json
 
 Settings of every run: greedy decoding, 64 new tokens, repetition penalty 1.1 (the product's
 default; `--repetition-penalty` to change), system prompt "You are a helpful assistant.".
@@ -312,7 +313,7 @@ def main() -> None:
     sw.add_argument("--answer-only", action="store_true", help="steer only the answer, not the prompt")
     pk = sub.choices["pick"]
     pk.add_argument("--min-mention", type=int, default=3)
-    pk.add_argument("--max-ratio", type=float, default=2.2)
+    pk.add_argument("--max-ratio", type=float, default=2.5)
     pk.add_argument("--show", action="store_true", help="print the chosen settings' answers")
     ev = sub.choices["eval"]
     ev.add_argument("--vectors", default=str(ROOT / "steering_vectors.pt"))

@@ -245,9 +245,12 @@ def test_cli_errors_exit_2_without_output(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "v.pt"
     cases = [
         (["--sae-source", str(sae), "--features", "3:1", "--model", tiny_model_dir], "hidden size is 32"),
-        (["--sae-source", str(sae), "--features", "3:1", "--sae-format", "llamascope", "--skip-norms"], "no llamascope SAE"),
-        (["--sae-source", str(tmp_path / "nowhere" / "x"), "--features", "3:1", "--skip-norms"], "neither a local directory"),
+        (["--sae-source", str(sae), "--features", "3:1", "--sae-format", "llamascope", "--skip-norms", "--model", "o/m"],
+         "no llamascope SAE"),
+        (["--sae-source", str(tmp_path / "nowhere" / "x"), "--features", "3:1", "--skip-norms", "--model", "o/m"],
+         "neither a local directory"),
         (["--sae-source", str(sae), "--skip-norms"], "needs --features"),
+        (["--sae-source", str(sae), "--features", "3:1", "--skip-norms"], "--skip-norms needs --model"),
     ]
     for argv, pattern in cases:
         code, err = run_cli(capsys, *argv, "--output", str(out))
@@ -264,14 +267,16 @@ def test_cli_errors_exit_2_without_output(tmp_path, tiny_model_dir, capsys):
     # an unreadable existing output is not overwritten
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"junk")
-    code, err = run_cli(capsys, "--sae-source", str(sae32), "--features", "3:1", "--skip-norms", "--output", str(junk))
+    code, err = run_cli(capsys, "--sae-source", str(sae32), "--features", "3:1", "--skip-norms", "--model", "o/m",
+                        "--output", str(junk))
     assert code == 2 and "not a readable" in err and junk.read_bytes() == b"junk"
 
 
 def test_cli_exit_code_in_a_real_process(tmp_path):
     out = tmp_path / "v.pt"
     proc = subprocess.run([sys.executable, str(ROOT / "extract_steering_vectors.py"), "--sae-source", str(tmp_path),
-                           "--features", "3:1", "--skip-norms", "--output", str(out)], capture_output=True, text=True, timeout=120)
+                           "--features", "3:1", "--skip-norms", "--model", "o/m", "--output", str(out)],
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and not out.exists()
     assert proc.stderr.strip().count("\n") == 0 and "cannot tell the SAE format" in proc.stderr
     bad = subprocess.run([sys.executable, str(ROOT / "extract_steering_vectors.py"), "--sae-source", "x", "--features", "15",
@@ -372,3 +377,17 @@ def test_negatives_others_is_one_vs_rest():
     assert esv.with_negatives(concepts, "given") is concepts
     with pytest.raises(ValueError, match="at least two concepts"):
         esv.with_negatives({"pirate": concepts["pirate"]}, "others")
+
+
+def test_cli_skip_norms_records_the_given_model(tmp_path, capsys):
+    sae = tmp_path / "sae"
+    dec = write_saelens(sae)
+    out = tmp_path / "v.pt"
+    code, err = run_cli(capsys, "--sae-source", str(sae), "--features", "7:3", "--skip-norms", "--model", "org/model",
+                        "--output", str(out))
+    assert code == 0, err
+    vs = steering.load_vectors(out)
+    assert vs.model_id == "org/model" and vs.layer_norms == {} and vs.get("L7F3").index == 3
+    torch.testing.assert_close(vs.get("7:3").vector, unitcol(dec[7], 3, rows=True), rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="no residual norm for layer 7"):
+        vs.component("L7F3", 0.5)
