@@ -141,7 +141,9 @@ def test_browser_preset_streaming_compare_stop(server, tmp_path):
             with urllib.request.urlopen(link.get_attribute("href"), timeout=10) as resp:
                 exported = json.loads(resp.read())
             assert exported["format"] == "llm-steering/spec"
-            assert exported["features"] == [{"key": "eiffel_tower", "fraction": 0.5, "mode": "clamp"}]
+            preset = next(p for p in steering.load_config(ROOT / "demo.yaml").profile().presets if p.name == "Eiffel Tower")
+            assert exported["features"] == [{"key": f.key, "fraction": f.fraction, "mode": f.mode} for f in preset.features]
+            assert [f["key"] for f in exported["features"]] == ["eiffel_tower"]
             spec = steering.SteeringSpec(steering.EMBEDDED_MODEL_ID, (steering.ActiveFeature("pirate", 0.4, "add"),))
             steering.save_steering_spec(spec, tmp_path / "pirate.yaml")
             with page.expect_file_chooser() as chooser:
