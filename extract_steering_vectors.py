@@ -148,15 +148,8 @@ def extract_contrastive(model: Any, tokenizer: Any, concepts: dict[str, dict], l
 
 def load_concepts(path: str | os.PathLike) -> dict[str, dict]:
     """Read a contrastive YAML: {"concepts": {name: {positive: [...], negative: [...], description?, layer?}}}."""
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"concept file {str(path)!r} not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: malformed YAML: {str(exc).splitlines()[0]}") from None
+    data = steering.read_yaml_file(path, "concept file")
     if not isinstance(data, dict) or not isinstance(data.get("concepts"), dict) or not data["concepts"]:
         raise ValueError(f"{path}: expected a top-level 'concepts:' mapping of concept names to positive/negative texts")
     concepts = {}

@@ -1221,6 +1221,25 @@ _PRESET_KEYS = {"name", "description", "features", "steer_prompt"}
 _SAE_FORMATS = ("andyrdt", "llamascope", "saelens")
 
 
+def read_yaml_file(path: str | os.PathLike, what: str, missing_hint: str = "") -> Any:
+    """Parse a YAML (or JSON) file; a missing or malformed file is a one-line ValueError.
+
+        >>> data = read_yaml_file("demo.yaml", "config file", ": give the path of demo.yaml")
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} {str(path)!r} not found{missing_hint}")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).strip() or type(exc).__name__
+        raise ValueError(f"{path}: malformed YAML{at}: {problem}".splitlines()[0]) from None
+
+
 def load_config(path: str | os.PathLike = "demo.yaml") -> DemoConfig:
     """Read demo.yaml into a DemoConfig; a one-line ValueError says what is wrong and where.
 
@@ -1228,17 +1247,8 @@ def load_config(path: str | os.PathLike = "demo.yaml") -> DemoConfig:
         >>> prof = cfg.profile()                 # the default profile
         >>> prof.feature("eiffel_tower").layer, prof.generation.temperature
     """
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config file {str(path)!r} not found: give the path of demo.yaml")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        where = getattr(exc, "problem_mark", None)
-        at = f" at line {where.line + 1}" if where is not None else ""
-        raise ValueError(f"{path}: malformed YAML{at}: {getattr(exc, 'problem', None) or exc}".splitlines()[0]) from None
+    data = read_yaml_file(path, "config file", ": give the path of demo.yaml")
     try:
         return _parse_config(path, data)
     except ValueError as exc:
@@ -1457,16 +1467,8 @@ def load_steering_spec(path: str | os.PathLike) -> SteeringSpec:
 
         >>> spec = load_steering_spec("my_steering.json")
     """
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"steering spec {str(path)!r} not found")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML too
-    except (yaml.YAMLError, UnicodeDecodeError, OSError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ValueError(f"{path} is not a readable steering spec (malformed JSON/YAML: {first})") from None
+    data = read_yaml_file(path, "steering spec")  # JSON is YAML too
     try:
         return SteeringSpec.from_dict(data)
     except ValueError as exc:
