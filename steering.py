@@ -128,6 +128,21 @@ class ComponentTrace:
     op: str
     before: list[float] = field(default_factory=list)
     after: list[float] = field(default_factory=list)
+    # Chunks recorded during generation, kept where the model runs (no device sync per
+    # layer and token); `flush` moves them to `before`/`after` in one transfer.
+    pending: list[torch.Tensor] = field(default_factory=list, repr=False, compare=False)
+
+    def record(self, before: torch.Tensor, after: torch.Tensor) -> None:
+        """Keep one chunk of projections ([seq] each) until `flush`."""
+        self.pending.append(torch.stack([before.detach(), after.detach()]))
+
+    def flush(self) -> None:
+        """Move the recorded chunks to the CPU lists `before` and `after`."""
+        if self.pending:
+            both = torch.cat(self.pending, dim=1).float().cpu()  # [2, positions]
+            self.pending = []
+            self.before.extend(both[0].tolist())
+            self.after.extend(both[1].tolist())
 
 
 @dataclass
@@ -142,6 +157,11 @@ class SteeringTrace:
     prompt_len: int = 0
     token_ids: list[int] = field(default_factory=list)
     components: list[ComponentTrace] = field(default_factory=list)
+
+    def flush(self) -> None:
+        """Move every component's recorded projections to the CPU (the backends call this)."""
+        for comp in self.components:
+            comp.flush()
 
 
 # ---------------------------------------------------------------------------
@@ -322,20 +342,19 @@ def steer_hidden(
     `vectors` are the components' directions already on hidden's device and dtype.
     Positions are numbered from `start_pos`; those before `steer_from` are left as they
     are. When `record` is given, the projections before and after each edit (batch
-    row 0) are appended to it, one ComponentTrace per component.
+    row 0) are recorded in it, one ComponentTrace per component (call `flush` after).
     """
     seq = hidden.shape[1]
     first = max(0, steer_from - start_pos)  # first position of this chunk that is steered
     for i, (comp, v) in enumerate(zip(components, vectors, strict=True)):
+        v = v.to(device=hidden.device, dtype=hidden.dtype)  # no-op unless layers sit on other devices
         before = hidden @ v  # [batch, seq]
         if first < seq:
             delta = _delta(comp, before[:, first:])  # [batch, seq - first]
             edited = hidden[:, first:] + delta.unsqueeze(-1) * v
             hidden = edited if first == 0 else torch.cat([hidden[:, :first], edited], dim=1)
         if record is not None:
-            after = hidden @ v
-            record[i].before.extend(before[0].float().tolist())
-            record[i].after.extend(after[0].float().tolist())
+            record[i].record(before[0], hidden[0] @ v)
     return hidden
 
 
@@ -472,23 +491,48 @@ class _Cancelled(Exception):
 
 
 class _Request:
-    """One generation's state: its thread, its stop flag, its error, its output ids."""
+    """One generation's state: its stop flag, its error, its output ids, its hooks."""
 
     def __init__(self) -> None:
-        self.thread_id: int | None = None
         self.stop = threading.Event()
         self.error: BaseException | None = None
         self.output_ids: list[int] = []
+        self.handles: list[Any] = []
         self.done = threading.Event()  # waited on instead of Thread.join, which a Ctrl-C can confuse
+
+    def remove_hooks(self) -> None:
+        handles, self.handles = self.handles, []
+        for handle in handles:
+            handle.remove()
+
+
+# The requests whose steering acts in the current thread. A thread-local dies with its
+# thread, and a new thread starts with an empty one even when the OS hands it a finished
+# thread's id; so a hook can act only in the forward passes of the thread that entered
+# its request, whatever the timing of other threads and consumers.
+_ACTIVE = threading.local()
+
+
+@contextmanager
+def _acting(request: _Request) -> Iterator[None]:
+    """Let `request`'s hooks act in this thread inside the block."""
+    active = getattr(_ACTIVE, "requests", None)
+    if active is None:
+        active = _ACTIVE.requests = set()
+    active.add(request)
+    try:
+        yield
+    finally:
+        active.discard(request)
 
 
 def _make_hook(request: _Request, comps: list[SteeringComponent], vectors: list[torch.Tensor],
                steer_from: int, record: list[ComponentTrace] | None):
-    """A forward hook for one layer, acting only in `request`'s generation thread."""
+    """A forward hook for one layer, acting only in the thread that runs `request`."""
     offset = [0]  # positions this layer has already seen in this request
 
     def hook(module: Any, args: Any, output: Any) -> Any:
-        if threading.get_ident() != request.thread_id:
+        if request not in getattr(_ACTIVE, "requests", ()):
             return None  # another request's forward pass on the same model
         if request.stop.is_set():
             raise _Cancelled()
@@ -513,11 +557,10 @@ class _StopOnEvent:
 
 
 def _install_hooks(model: Any, comps: list[SteeringComponent], request: _Request, steer_from: int,
-                   record: list[ComponentTrace] | None) -> list[Any]:
-    """Register one forward hook per steered layer; return the handles to remove."""
+                   record: list[ComponentTrace] | None) -> None:
+    """Register one forward hook per steered layer into `request.handles`."""
     _, layers = _decoder_layers(model)
     vectors = _device_vectors(model, comps)
-    handles = []
     try:
         for layer, idx in _by_layer(comps).items():
             hook = _make_hook(
@@ -527,12 +570,10 @@ def _install_hooks(model: Any, comps: list[SteeringComponent], request: _Request
                 steer_from,
                 None if record is None else [record[i] for i in idx],
             )
-            handles.append(layers[layer].register_forward_hook(hook))
+            request.handles.append(layers[layer].register_forward_hook(hook))
     except BaseException:
-        for handle in handles:
-            handle.remove()
+        request.remove_hooks()
         raise
-    return handles
 
 
 @contextmanager
@@ -549,13 +590,12 @@ def steer(model: Any, components: Sequence[SteeringComponent], steer_from: int =
     comps = list(components)
     validate_components(model, comps)
     request = _Request()
-    request.thread_id = threading.get_ident()
-    handles = _install_hooks(model, comps, request, steer_from, None)
+    _install_hooks(model, comps, request, steer_from, None)
     try:
-        yield
+        with _acting(request):
+            yield
     finally:
-        for handle in handles:
-            handle.remove()
+        request.remove_hooks()
 
 
 def stream_steered_answer_hf(
@@ -612,9 +652,8 @@ def _stream(model: Any, streamer: Any, kwargs: dict[str, Any], input_ids: torch.
     n_prompt = input_ids.shape[1]
 
     def run() -> None:
-        request.thread_id = threading.get_ident()
         try:
-            with torch.inference_mode():
+            with _acting(request), torch.inference_mode():
                 out = model.generate(
                     input_ids=input_ids,
                     attention_mask=torch.ones_like(input_ids),
@@ -627,12 +666,14 @@ def _stream(model: Any, streamer: Any, kwargs: dict[str, Any], input_ids: torch.
             request.error = exc
             streamer.end()
         finally:
+            request.remove_hooks()  # as soon as generation ends, not when the consumer comes back
+            if trace is not None:
+                trace.flush()
             request.done.set()
 
-    handles: list[Any] = []
     thread = threading.Thread(target=run, name="steered-generation", daemon=True)
     try:
-        handles = _install_hooks(model, comps, request, steer_from, record)
+        _install_hooks(model, comps, request, steer_from, record)
         thread.start()
         for piece in streamer:
             if piece:
@@ -649,8 +690,7 @@ def _stream(model: Any, streamer: Any, kwargs: dict[str, Any], input_ids: torch.
                 request.done.wait()
                 thread.join()  # returns at once now; a thread still unwinding at exit can abort the process
         finally:
-            for handle in handles:
-                handle.remove()
+            request.remove_hooks()  # when the thread never started
 
 
 def generate_steered_answer_hf(model: Any, tokenizer: Any, chat: Sequence[dict],
@@ -762,6 +802,7 @@ def generate_steered_answer(
                         hidden[:] = edited
             with tracer.invoke():
                 output_ids = tracer.result.save()
+    trace.flush()
     answer_ids = output_ids[0, n_prompt:].tolist()
     eos = set(_eos_ids(model, tokenizer))
     answer = tokenizer.decode([t for t in answer_ids if t not in eos], skip_special_tokens=True)

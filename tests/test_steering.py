@@ -497,3 +497,28 @@ def test_importing_steering_first_makes_openmp_threads_wait_passively():
     out = subprocess.run([sys.executable, "-c", code], cwd=steering.Path(steering.__file__).parent,
                          env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ACTIVE"
+
+
+def test_vectors_follow_the_hidden_states_dtype_and_device(tiny_llama):
+    """A bfloat16 model steered with float32 vectors: the edit happens in the hidden state's dtype."""
+    model = tiny_llama.to(torch.bfloat16)
+    v = unit(32, 3)
+    h = torch.randn(1, 5, 32, dtype=torch.bfloat16)
+    out = steering.steer_hidden(h, [SteeringComponent(layer=1, vector=v, strength=2.0, op="clamp")], [v])
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose((out.float() @ v), torch.full((1, 5), 2.0), atol=0.05)
+    with steering.steer(model, [SteeringComponent(layer=1, vector=v, strength=3.0)]):
+        steered = model(IDS).logits
+    assert steered.dtype == torch.bfloat16 and not torch.equal(steered, model(IDS).logits)
+
+
+def test_trace_projections_stay_on_the_device_until_flushed():
+    v = unit(32, 4)
+    comp = SteeringComponent(layer=0, vector=v, strength=1.0, op="clamp")
+    trace = steering.SteeringTrace(components=[steering.ComponentTrace(layer=0, name="", op="clamp")])
+    for _ in range(3):  # three forwards: no list grows (no .tolist() per layer and token)
+        steering.steer_hidden(torch.randn(1, 4, 32), [comp], [v], record=trace.components)
+    assert trace.components[0].before == [] and len(trace.components[0].pending) == 3
+    trace.flush()
+    assert len(trace.components[0].before) == 12 and trace.components[0].pending == []
+    assert all(abs(x - 1.0) < 1e-5 for x in trace.components[0].after)
