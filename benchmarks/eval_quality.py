@@ -1,0 +1,315 @@
+"""Steering quality on a tuning set (choices are made here) and a held-out set (only reported), per concept.
+
+    # 1. answers + metrics for a grid (each line of the JSONL is one answer; rows of a batch carry different steering):
+    nice -n 10 .venv/bin/python benchmarks/eval_quality.py run --set tuning --variants clamp cap \
+        --fractions 0.1 0.2 0.3 0.4 --out benchmarks/results/tuning.jsonl
+    # variants: clamp | cap (one-sided: raise the component to at least s) | add, each optionally
+    #   +centred (vector minus the mean of the ten concepts' vectors at that layer),
+    #   +2layer (the same op at layer L-3 and L, each at the fraction x its layer's norm x 0.6),
+    #   +answer (steer only the answer positions, steer_prompt=False); --per-concept FILE takes each
+    #   concept's variant from a JSON {concept: variant}
+    # 2. tables (per concept, variant, fraction), the pick per concept, and "auto" (calibrate.py's rule,
+    #    replayed on the same rows):
+    .venv/bin/python benchmarks/eval_quality.py report benchmarks/results/tuning.jsonl
+    # 3. check once that a batched answer is the library's single answer:
+    nice -n 10 .venv/bin/python benchmarks/eval_quality.py check
+
+Settings: system prompt "You are a helpful assistant.", greedy, 48 new tokens, repetition
+penalty 1.1, steering on the prompt too (unless +answer). Per answer:
+- mention: one of the concept's KEYWORDS (benchmarks/sweep_vectors.py) as a whole word;
+- probe: the mean projection of the answer's hidden states, under the unsteered model, on the
+  concept's probe direction (benchmarks/probe_vectors.pt, frozen: the shipped vectors of the
+  first default set, at layer 15) is above the highest value of any unsteered TUNING answer
+  (so the unsteered tuning rate is 0 by construction; held-out shows whether that holds);
+- nll: mean NLL per token under the unsteered model; NLL ratio = mean steered / mean unsteered;
+- rep3: fraction of repeated word 3-grams;
+- on-topic: the answer contains a content word of the prompt (first 5 letters), i.e. it still
+  addresses the question; overlap: share of the unsteered answer's content words it keeps.
+Pass (issue 10): mention >= 62.5% (5 of 8), unsteered mention <= 12.5%, NLL ratio <= 2.0, rep3 < 0.2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from sweep_vectors import KEYWORDS, mentions  # noqa: E402
+
+import calibrate  # noqa: E402
+import extract_steering_vectors as esv  # noqa: E402
+import steering  # noqa: E402
+from steering import SteeringComponent  # noqa: E402
+
+SYSTEM = "You are a helpful assistant."
+MAX_NEW_TOKENS = 48
+REPETITION_PENALTY = 1.1
+PROBE_LAYER = 15
+PROBE_FILE = ROOT / "benchmarks" / "probe_vectors.pt"
+SETS = {"tuning": ROOT / "benchmarks" / "prompts_tuning.txt", "heldout": ROOT / "benchmarks" / "prompts_heldout.txt"}
+STOP = set("""a an the and or but if then so of to in on at by for with from about into over under as is are was were be
+been being do does did how what when where which who whom why can could should would will shall may might must i me my
+you your we our they their it its this that these those there here some any few more most other such no not only own same
+than too very just also give make write tell explain short simple good best way ways tips three things need want like""".split())
+
+
+def load_prompts(name: str) -> list[str]:
+    path = SETS.get(name, Path(name))
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    return prompts
+
+
+def chat(prompt: str) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
+
+
+def stems(text: str) -> set[str]:
+    return {w[:5] for w in re.findall(r"[a-z]+", text.lower()) if len(w) >= 4 and w not in STOP}
+
+
+# ---------------------------------------------------------------------------
+# Steering variants
+# ---------------------------------------------------------------------------
+
+
+def variant_components(variant: str, concept: str, fraction: float, vecs: dict, norms: dict[int, float],
+                       layer_of: dict[str, int]) -> list[SteeringComponent]:
+    """The components of `variant` ("cap", "clamp+centred", "cap+2layer", ...) at `fraction` of the norm."""
+    op, *flags = variant.split("+")
+    kind = "centred" if "centred" in flags else "plain"
+    L = layer_of[concept]
+    layers = [L - 3, L] if "2layer" in flags else [L]
+    scale = 0.6 if "2layer" in flags else 1.0
+    comps = []
+    for layer in layers:
+        s = fraction * norms[layer] * scale
+        v = vecs[(kind, concept, layer)]
+        if op == "cap":
+            comps.append(SteeringComponent(layer, v, op="cap", cap_min=s, cap_max=None, name=concept))
+        else:
+            comps.append(SteeringComponent(layer, v, strength=s, op=op, name=concept))
+    return comps
+
+
+def build_vectors(model, tok, vset, concepts_file: Path, variants: list[str]) -> tuple[dict, dict[int, float], dict[str, int]]:
+    """Vectors {(plain|centred, concept, layer): tensor} for every layer the variants need."""
+    layer_of = {name: vset.get(name).layer for name in KEYWORDS}
+    layers = set(layer_of.values())
+    if any("2layer" in v for v in variants):
+        layers |= {L - 3 for L in layer_of.values()}
+    vecs = {("plain", c, L): vset.get(c).vector for c, L in layer_of.items()}
+    missing = sorted(layers - set(layer_of.values()))
+    if missing:
+        concepts = esv.load_concepts(concepts_file)
+        for sv in esv.extract_contrastive(model, tok, concepts, missing):
+            vecs[("plain", sv.concept, sv.layer)] = sv.vector
+    if any("centred" in v for v in variants):
+        concepts = esv.load_concepts(concepts_file)
+        for L in sorted(layers):
+            have = {c: vecs.get(("plain", c, L)) for c in KEYWORDS}
+            if any(v is None for v in have.values()):
+                for sv in esv.extract_contrastive(model, tok, concepts, [L]):
+                    have[sv.concept] = sv.vector
+            mean = torch.stack([v / v.norm() for v in have.values()]).mean(0)
+            for c, v in have.items():
+                vecs[("plain", c, L)] = v
+                vecs[("centred", c, L)] = v / v.norm() - mean
+    norms = {int(L): float(n) for L, n in vset.layer_norms.items()}
+    need = sorted(L for L in layers if L not in norms)
+    if need:
+        norms.update(steering.measure_layer_norms(model, tok, need))
+    return vecs, norms, layer_of
+
+
+# ---------------------------------------------------------------------------
+# Commands
+# ---------------------------------------------------------------------------
+
+
+def cmd_run(args) -> None:
+    model, tok = steering.load_model()
+    vset = steering.load_vectors(args.vectors)
+    prompts = load_prompts(args.set)
+    if args.every > 1:
+        prompts = prompts[:: args.every]
+    concepts = args.concepts or list(KEYWORDS)
+    per_concept = json.loads(Path(args.per_concept).read_text()) if args.per_concept else {}
+    variants = sorted(set(args.variants) | set(per_concept.values()))
+    vecs, norms, layer_of = build_vectors(model, tok, vset, Path(args.concepts_file), variants)
+    probe_set = steering.load_vectors(PROBE_FILE)
+    probe_vecs = {c: probe_set.get(c).vector for c in KEYWORDS}
+
+    jobs = [(None, None, 0.0, p) for p in prompts]  # unsteered rows first
+    for c in concepts:
+        for variant in ([per_concept[c]] if c in per_concept else args.variants):
+            for f in args.fractions:
+                jobs += [(c, variant, f, p) for p in prompts]
+    rows, answer_only = [], []
+    for c, variant, f, _ in jobs:
+        rows.append([] if c is None else variant_components(variant, c, f, vecs, norms, layer_of))
+        answer_only.append(c is not None and "answer" in variant.split("+"))
+    print(f"{len(jobs)} answers, {len(prompts)} prompts, set {args.set}", file=sys.stderr, flush=True)
+
+    out = open(args.out, "a")
+    t0 = time.time()
+    for flag in (False, True):  # answer-only rows in their own batches
+        idx = [i for i, a in enumerate(answer_only) if a == flag]
+        for start in range(0, len(idx), args.batch_size):
+            part = idx[start : start + args.batch_size]
+            chats = [chat(jobs[i][3]) for i in part]
+            ans = calibrate.generate_rows(model, tok, chats, [rows[i] for i in part], MAX_NEW_TOKENS, REPETITION_PENALTY,
+                                          steer_prompt=not flag, batch_size=args.batch_size)
+            stacked = torch.stack([probe_vecs[c] for c in KEYWORDS])  # [concepts, d]
+            nlls, projs = calibrate.answer_nll(model, tok, chats, ans, args.batch_size, probe={PROBE_LAYER: stacked.T})
+            for i, a, nll, pr in zip(part, ans, nlls, projs, strict=True):
+                c, variant, f, p = jobs[i]
+                text = tok.decode(a, skip_special_tokens=True)
+                proj = dict(zip(KEYWORDS, pr[PROBE_LAYER], strict=True)) if isinstance(pr[PROBE_LAYER], list) else {}
+                out.write(json.dumps({"set": args.set, "concept": c, "variant": variant, "fraction": f, "prompt": p,
+                                      "layer": None if c is None else layer_of[c], "text": text, "n_tokens": len(a),
+                                      "nll": nll, "probe": proj}) + "\n")
+            out.flush()
+            done = start + len(part)
+            print(f"  {done}/{len(idx)} ({'answer-only' if flag else 'prompt+answer'}) {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+
+
+def load_rows(paths: list[str]) -> list[dict]:
+    return [json.loads(line) for p in paths for line in open(p)]
+
+
+def summarise(rows: list[dict], thresholds: dict[str, float]) -> tuple[dict, dict]:
+    """Per (set, concept, variant, fraction) metrics; and the unsteered rows per (set, prompt)."""
+    base = {(r["set"], r["prompt"]): r for r in rows if r["concept"] is None}
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["concept"] is not None:
+            groups[(r["set"], r["concept"], r["variant"], r["fraction"])].append(r)
+    table = {}
+    for key, rs in groups.items():
+        st, c = key[0], key[1]
+        table[key] = metrics(rs, [base[(st, r["prompt"])] for r in rs], c, thresholds)
+    return table, base
+
+
+def metrics(rs: list[dict], bs: list[dict], c: str, thresholds: dict[str, float]) -> dict:
+    n = len(rs)
+    nll = [r["nll"] for r in rs if r["nll"] == r["nll"]]
+    bnll = [b["nll"] for b in bs if b["nll"] == b["nll"]]
+    on_topic = [bool(stems(r["prompt"]) & stems(r["text"])) for r in rs]
+    overlap = [len(stems(r["text"]) & stems(b["text"])) / max(1, len(stems(b["text"]))) for r, b in zip(rs, bs, strict=True)]
+    return {
+        "n": n,
+        "mention": sum(mentions(r["text"], c) for r in rs) / n,
+        "base_mention": sum(mentions(b["text"], c) for b in bs) / n,
+        "probe": sum(r["probe"][c] > thresholds[c] for r in rs) / n,
+        "base_probe": sum(b["probe"][c] > thresholds[c] for b in bs) / n,
+        "nll_ratio": (sum(nll) / len(nll)) / (sum(bnll) / len(bnll)) if nll else float("inf"),
+        "rep3": sum(calibrate.rep3(r["text"]) for r in rs) / n,
+        "on_topic": sum(on_topic) / n,
+        "overlap": sum(overlap) / n,
+    }
+
+
+def passes(m: dict) -> bool:
+    return m["mention"] >= 0.625 and m["base_mention"] <= 0.125 and m["nll_ratio"] <= 2.0 and m["rep3"] < 0.2
+
+
+def auto_rows(rows: list[dict], base: dict, st: str, c: str, variant: str, bound: float, fractions: list[float] | None = None) -> list[dict]:
+    """calibrate.py's choice per prompt, replayed on the grid's rows: the strongest fraction whose
+    answer has NLL ratio <= bound against the unsteered answer to the same prompt and rep3 < 0.2."""
+    by_prompt: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["set"] == st and r["concept"] == c and r["variant"] == variant and (fractions is None or r["fraction"] in fractions):
+            by_prompt[r["prompt"]].append(r)
+    chosen = []
+    for p, rs in by_prompt.items():
+        b = base[(st, p)]
+        ok = [r for r in rs if r["nll"] / b["nll"] <= bound and calibrate.rep3(r["text"]) < 0.2]
+        chosen.append(max(ok, key=lambda r: r["fraction"]) if ok else b)
+    return chosen
+
+
+def cmd_report(args) -> None:
+    rows = load_rows(args.files)
+    tun_base = [r for r in rows if r["concept"] is None and r["set"] == "tuning"]
+    if not tun_base:
+        sys.exit("no unsteered tuning rows: the probe thresholds come from them (run --set tuning first)")
+    # one unsteered answer per prompt (several runs repeat them: identical greedy answers)
+    thresholds = {c: max(r["probe"][c] for r in tun_base) for c in KEYWORDS}
+    table, base = summarise(rows, thresholds)
+    print("| set | concept | variant | fraction | mention | probe | unsteered mention/probe | NLL ratio | rep3 | on-topic | overlap | pass |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for key in sorted(table):
+        m = table[key]
+        st, c, variant, f = key
+        print(f"| {st} | {c} | {variant} | {f:.2f} | {m['mention']:.0%} | {m['probe']:.0%} | {m['base_mention']:.0%}/{m['base_probe']:.0%} | "
+              f"{m['nll_ratio']:.2f} | {m['rep3']:.3f} | {m['on_topic']:.0%} | {m['overlap']:.2f} | {'yes' if passes(m) else 'no'} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"thresholds": thresholds,
+                                               "table": [dict(zip(("set", "concept", "variant", "fraction"), k, strict=True)) | m
+                                                         for k, m in sorted(table.items())]}, indent=1))
+    if args.bound:
+        print(f"\nauto (calibrate.py rule replayed on the grid: strongest fraction with per-prompt NLL ratio <= {args.bound}, rep3 < 0.2)")
+        print("| set | concept | variant | mention | probe | NLL ratio | rep3 | on-topic | mean fraction | pass |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for st, c, variant in sorted({k[:3] for k in table}):
+            chosen = auto_rows(rows, base, st, c, variant, args.bound)
+            m = metrics(chosen, [base[(st, r["prompt"])] for r in chosen], c, thresholds)
+            mf = sum(r["fraction"] for r in chosen) / len(chosen)
+            print(f"| {st} | {c} | {variant} | {m['mention']:.0%} | {m['probe']:.0%} | {m['nll_ratio']:.2f} | {m['rep3']:.3f} | "
+                  f"{m['on_topic']:.0%} | {mf:.2f} | {'yes' if passes(m) else 'no'} |")
+
+
+def cmd_check(args) -> None:
+    """A batched answer (several rows, different steering and prompts) equals the library's single answer."""
+    model, tok = steering.load_model()
+    vset = steering.load_vectors(args.vectors)
+    prompts = load_prompts("heldout")[:4]
+    comps = [[vset.component("pirate", 0.2, op="clamp")], [], [vset.component("ocean", 0.15, op="add")],
+             [SteeringComponent(vset.get("music").layer, vset.get("music").vector, op="cap", cap_min=0.2 * vset.norm(15))]]
+    ans = calibrate.generate_rows(model, tok, [chat(p) for p in prompts], comps, MAX_NEW_TOKENS, REPETITION_PENALTY)
+    same = 0
+    for p, c, a in zip(prompts, comps, ans, strict=True):
+        lib = steering.generate_steered_answer_hf(model, tok, chat(p), c, max_new_tokens=MAX_NEW_TOKENS, temperature=0.0,
+                                                  repetition_penalty=REPETITION_PENALTY)
+        ok = lib.strip() == tok.decode(a, skip_special_tokens=True).strip()
+        same += ok
+        print(f"{'same' if ok else 'DIFFERENT'}: {[x.op for x in c] or 'unsteered'} on {p!r}")
+    print(f"check: {same}/{len(prompts)} batched answers equal steering.generate_steered_answer_hf")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="generate and score a grid")
+    run.add_argument("--set", default="tuning", help="tuning, heldout, or a prompts file")
+    run.add_argument("--every", type=int, default=1, help="take every n-th prompt (a quicker subset)")
+    run.add_argument("--variants", nargs="+", default=["clamp"], help="clamp, cap, add, with +centred, +2layer, +answer")
+    run.add_argument("--per-concept", help="JSON {concept: variant} overriding --variants per concept")
+    run.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.2, 0.3])
+    run.add_argument("--concepts", nargs="+", help="default: all ten")
+    run.add_argument("--vectors", default=str(ROOT / "steering_vectors.pt"))
+    run.add_argument("--concepts-file", default=str(ROOT / "concepts.yaml"))
+    run.add_argument("--batch-size", type=int, default=64)
+    run.add_argument("--out", required=True, help="JSONL to append the answers to")
+    rep = sub.add_parser("report", help="tables from one or more JSONL files")
+    rep.add_argument("files", nargs="+")
+    rep.add_argument("--bound", type=float, default=1.8, help="NLL bound of the replayed auto calibration (0: skip)")
+    rep.add_argument("--json", help="write the per-setting table here")
+    chk = sub.add_parser("check", help="batched answers == steering.generate_steered_answer_hf")
+    chk.add_argument("--vectors", default=str(ROOT / "steering_vectors.pt"))
+    args = parser.parse_args()
+    {"run": cmd_run, "report": cmd_report, "check": cmd_check}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
