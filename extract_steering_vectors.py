@@ -1,35 +1,36 @@
-"""Extract steering vectors into a `steering_vectors.pt` file: SAE decoder columns or contrastive prompts.
+"""Extract steering vectors into a `steering_vectors.pt` file: SAE decoder directions or contrastive prompts.
 
     # SAE features (hub repo id or a local directory with the same layout), for Llama-3.1-8B-Instruct:
     python extract_steering_vectors.py --sae-source andyrdt/saes-llama-3.1-8b-instruct \\
         --features 15:21576 19:93 --model meta-llama/Llama-3.1-8B-Instruct --output steering_vectors_llama31_8b.pt
+    # Find the features that fire most on a text (printed; with --output, also written as vectors):
+    python extract_steering_vectors.py --sae-source andyrdt/saes-llama-3.1-8b-instruct --layers 15 \\
+        --find "The Eiffel Tower in Paris" --top-k 10 --model meta-llama/Llama-3.1-8B-Instruct
     # Contrastive concepts (YAML of positive/negative texts) for the embedded model, at each concept's layer:
     python extract_steering_vectors.py --contrastive concepts.yaml --output steering_vectors.pt
     # ... or at given layers (one layer: named after the concept; several: "{concept}_L{layer}"):
     python extract_steering_vectors.py --contrastive concepts.yaml --layers 6 9 12 --output sweep_vectors.pt
 
-SAE layouts (detected from the files; `--sae-format` forces one): `andyrdt`
-(resid_post_layer_{L}/trainer_{N}/ae.pt, decoder.weight [d_model, d_sae]), `llamascope`
-(*-L{L}R-*/checkpoints/final.safetensors, decoder.weight [d_model, d_sae]) and `saelens`
-(a folder with cfg.json + sae_weights.safetensors, W_dec [d_sae, d_in]). Only the needed
-columns are read (mmap / safetensors slices). Vectors are scaled to unit length.
+SAE layouts (detected from the files; `--sae-format` forces one; details in saes.py): andyrdt
+(dictionary_learning), llamascope, saelens (every version's cfg.json), sparsify (EleutherAI) and
+goodfire. A layer is the residual stream after that decoder layer: an SAE on resid_post L is
+layer L, one on resid_pre L is layer L-1; SAEs on other hook points are used only when
+`--hook-point` names them. Only the needed elements are read. Vectors are scaled to unit
+length; each SAE vector records its source, file, format and hook point in its metadata.
 
 The output records the model's typical residual norm after every layer it has vectors for
 (measured on a neutral text; `--skip-norms` to leave it out). An existing output file is
-kept and merged into (same name: replaced) unless `--overwrite`. Errors: one line on
-stderr, exit code 2, and the output file is left as it was.
+kept and merged into (same name: replaced) unless `--overwrite`. Errors (OS errors too):
+one line on stderr, exit code 2, and the output file is left as it was.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
 import os
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,62 +38,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import steering  # noqa: E402
+from sae_find import find_features  # noqa: E402
+from saes import SAE_FORMATS, extract_sae_features, first_line, neuronpedia_url, read_features  # noqa: E402, F401
 from steering import SteeringVector, SteeringVectorSet  # noqa: E402
 
-SAE_FORMATS = ("andyrdt", "llamascope", "saelens")
-_ANDYRDT_RE = re.compile(r"(?:^|/)resid_post_layer_(\d+)/trainer_(\d+)/ae\.pt$")
-_LLAMASCOPE_RE = re.compile(r"(?:^|/)([^/]*?L(\d+)R[^/]*)/checkpoints/final\.safetensors$")
-_SAELENS_RE = re.compile(r"(?:^|/)sae_weights\.safetensors$")
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
 # ---------------------------------------------------------------------------
-# Public API
+# Public API (SAE features: saes.extract_sae_features, re-exported here)
 # ---------------------------------------------------------------------------
-
-
-def extract_sae_features(
-    source: str, features: list[tuple[int, int]], sae_format: str | None = None
-) -> list[SteeringVector]:
-    """Unit decoder columns of SAE features, named "L{layer}F{index}", read without loading whole files.
-
-    `source` is a hub repo id (downloaded once, cached by huggingface_hub) or a local
-    directory laid out like one; `sae_format` is one of andyrdt, llamascope, saelens, or
-    None to detect it from the files.
-
-        >>> vecs = extract_sae_features("andyrdt/saes-llama-3.1-8b-instruct", [(15, 21576), (19, 93)])
-        >>> vecs[0].name, vecs[0].vector.shape
-        ('L15F21576', torch.Size([4096]))
-    """
-    if not features:
-        raise ValueError("no features given: name them as layer:index, e.g. 15:21576")
-    src = _Source.open(source)
-    fmt = sae_format or detect_format(src)
-    if fmt not in SAE_FORMATS:
-        raise ValueError(f"unknown SAE format {fmt!r}: use one of {', '.join(SAE_FORMATS)}")
-    by_layer: dict[int, list[int]] = {}
-    for layer, index in features:
-        if layer < 0 or index < 0:
-            raise ValueError(f"feature {layer}:{index}: layer and index must be non-negative")
-        by_layer.setdefault(int(layer), []).append(int(index))
-    columns: dict[tuple[int, int], torch.Tensor] = {}
-    d_model = None
-    for layer, indices in by_layer.items():
-        rel = _locate(src, fmt, layer)
-        cols = _read_columns(src.fetch(rel), fmt, indices, f"{src.name}/{rel}")
-        for index, col in zip(indices, cols, strict=True):
-            if d_model is not None and col.numel() != d_model:
-                raise ValueError(f"SAEs in {src.name} disagree on d_model ({d_model} vs {col.numel()})")
-            d_model = col.numel()
-            columns[(layer, index)] = col
-    out = []
-    for layer, index in features:
-        name = f"L{layer}F{index}"
-        if any(v.name == name for v in out):
-            continue
-        out.append(SteeringVector(name=name, layer=layer, vector=columns[(layer, index)], index=index,
-                                  source=source, description=f"SAE feature {index} at layer {layer} ({fmt})"))
-    return out
 
 
 def extract_contrastive(model: Any, tokenizer: Any, concepts: dict[str, dict], layers: Sequence[int] | None,
@@ -189,233 +141,6 @@ def with_negatives(concepts: dict[str, dict], mode: str = "given") -> dict[str, 
     return out
 
 
-def detect_format(src: _Source) -> str:
-    """The SAE layout of a source, from its file names."""
-    found = [fmt for fmt, rx in (("andyrdt", _ANDYRDT_RE), ("llamascope", _LLAMASCOPE_RE), ("saelens", _SAELENS_RE))
-             if any(rx.search(f) for f in src.files)]
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise ValueError(
-            f"cannot tell the SAE format of {src.name}: no resid_post_layer_L/trainer_N/ae.pt (andyrdt), "
-            "*L{L}R*/checkpoints/final.safetensors (llamascope) or sae_weights.safetensors (saelens) in it"
-        )
-    raise ValueError(f"{src.name} holds several SAE layouts ({', '.join(found)}): choose one with --sae-format")
-
-
-# ---------------------------------------------------------------------------
-# Sources: a local directory or a hub repository
-# ---------------------------------------------------------------------------
-
-
-@dataclass
-class _Source:
-    name: str
-    files: list[str]
-    local: Path | None = None
-
-    @classmethod
-    def open(cls, source: str) -> _Source:
-        path = Path(source).expanduser()
-        if path.exists():
-            if not path.is_dir():
-                raise ValueError(f"SAE source {source!r} is a file: give the directory (or hub repo) that holds the SAEs")
-            files = []
-            for root, dirs, names in os.walk(path):
-                dirs[:] = [d for d in dirs if not d.startswith(".")]
-                rel = Path(root).relative_to(path)
-                files += [(rel / n).as_posix() for n in names]
-            return cls(name=str(path), files=sorted(files), local=path)
-        if not _HUB_ID_RE.match(source):
-            raise ValueError(f"SAE source {source!r} is neither a local directory nor a hub repo id (owner/name)")
-        if importlib.util.find_spec("hf_transfer") is not None:
-            os.environ.setdefault("HF_HUB_ENABLE_HF_TRANSFER", "1")
-        from huggingface_hub import HfApi
-
-        try:
-            files = HfApi().list_repo_files(source)
-        except Exception as exc:  # offline, missing or gated repo
-            raise ValueError(f"cannot list hub repo {source!r}: {_first_line(exc)}") from None
-        return cls(name=source, files=sorted(files))
-
-    def fetch(self, rel: str) -> Path:
-        if self.local is not None:
-            return self.local / rel
-        from huggingface_hub import hf_hub_download
-
-        try:
-            return Path(hf_hub_download(self.name, rel))
-        except Exception as exc:
-            raise ValueError(f"cannot download {rel} from {self.name}: {_first_line(exc)}") from None
-
-    def read_text(self, rel: str) -> str:
-        return self.fetch(rel).read_text(encoding="utf-8")
-
-
-def _locate(src: _Source, fmt: str, layer: int) -> str:
-    """The file (relative to the source) holding the SAE of `layer`."""
-    if fmt == "andyrdt":
-        hits = [(int(m.group(2)) != 1, int(m.group(2)), f) for f in src.files
-                if (m := _ANDYRDT_RE.search(f)) and int(m.group(1)) == layer]
-        have = sorted({int(m.group(1)) for f in src.files if (m := _ANDYRDT_RE.search(f))})
-    elif fmt == "llamascope":
-        hits = [(0, len(f), f) for f in src.files
-                if (m := _LLAMASCOPE_RE.search(f)) and int(m.group(2)) == layer
-                and re.search(rf"(?:^|[^0-9A-Za-z])L{layer}R(?:[^A-Za-z]|$)", m.group(1))]
-        have = sorted({int(m.group(2)) for f in src.files if (m := _LLAMASCOPE_RE.search(f))})
-    else:
-        hits, have = [], []
-        for f in src.files:
-            if not _SAELENS_RE.search(f):
-                continue
-            folder = f.rsplit("/", 1)[0] if "/" in f else ""
-            cfg_rel = f"{folder}/cfg.json" if folder else "cfg.json"
-            if cfg_rel not in src.files:
-                continue
-            numbers = [int(n) for n in re.findall(r"\d+", folder)]
-            if numbers and layer not in numbers and src.local is None:
-                continue  # on the hub, skip downloading cfg.json of other layers' folders
-            found = _saelens_layer(src, cfg_rel)
-            if found is not None:
-                have.append(found)
-                if found == layer:
-                    hits.append((0, len(f), f))
-    if not hits:
-        listed = ", ".join(map(str, sorted(set(have)))) or "none found"
-        raise ValueError(f"layer {layer} has no {fmt} SAE in {src.name} (layers available: {listed})")
-    return sorted(hits)[0][2]
-
-
-def _saelens_layer(src: _Source, cfg_rel: str) -> int | None:
-    try:
-        cfg = json.loads(src.read_text(cfg_rel))
-    except (OSError, ValueError, UnicodeDecodeError):
-        raise ValueError(f"{src.name}/{cfg_rel} is not valid JSON") from None
-    if not isinstance(cfg, dict):
-        return None
-    if isinstance(cfg.get("hook_layer"), int):
-        return cfg["hook_layer"]
-    hook = str(cfg.get("hook_name") or cfg.get("hook_point") or "")
-    match = re.search(r"blocks\.(\d+)\.", hook) or re.search(r"layers?[._](\d+)", hook)
-    return int(match.group(1)) if match else None
-
-
-# ---------------------------------------------------------------------------
-# Reading decoder columns
-# ---------------------------------------------------------------------------
-
-
-def _read_columns(path: Path, fmt: str, indices: list[int], label: str) -> list[torch.Tensor]:
-    """Decoder directions for `indices` from one SAE file, as float32 [d_model] tensors.
-
-    Only the needed elements are read, with positioned reads (os.pread) at offsets taken
-    from the file's metadata: slicing a memory map instead can map in whole large folios
-    of the file and grow the process's memory by the size of the decoder.
-    """
-    if not path.is_file():
-        raise ValueError(f"{label} not found")
-    if fmt == "andyrdt":
-        return _read_pt_columns(path, indices, label)
-    name, by_row = ("decoder.weight", False) if fmt == "llamascope" else ("W_dec", True)
-    dtype, shape, offset = _safetensors_entry(path, name, label)
-    _check_indices(indices, shape[0] if by_row else shape[1], label)
-    # W_dec [d_sae, d_in]: row i; decoder.weight [d_model, d_sae]: column i
-    return [_pread_vector(path, offset, dtype, shape, (shape[1], 1), i, by_row) for i in indices]
-
-
-def _read_pt_columns(path: Path, indices: list[int], label: str) -> list[torch.Tensor]:
-    try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{label} is not a readable SAE checkpoint (torch.load weights_only refused it: {_first_line(exc)})") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{label} is not a state dict")
-    if "decoder.weight" not in state and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    weight = state.get("decoder.weight")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        names = ", ".join(sorted(map(str, state))[:8])
-        raise ValueError(f"{label} has no 2-D tensor 'decoder.weight' (found: {names})")
-    _check_indices(indices, weight.shape[1], label)
-    offset = _file_offset_of(weight, path)
-    if offset is None:  # not Linux, or torch mapped it some other way: slice the map
-        return [weight[:, i].float().clone() for i in indices]  # [d_model, d_sae] -> column
-    return [_pread_vector(path, offset, weight.dtype, tuple(weight.shape), tuple(weight.stride()), i, False)
-            for i in indices]
-
-
-def _file_offset_of(tensor: torch.Tensor, path: Path) -> int | None:
-    """Where a tensor loaded with torch.load(mmap=True) starts in its file, from /proc/self/maps."""
-    ptr, real = tensor.data_ptr(), os.path.realpath(path)
-    try:
-        with open("/proc/self/maps") as fh:
-            for line in fh:
-                parts = line.split(maxsplit=5)
-                if len(parts) == 6 and parts[5].strip() == real:
-                    start, end = (int(x, 16) for x in parts[0].split("-"))
-                    if start <= ptr < end:
-                        return ptr - start + int(parts[2], 16)
-    except OSError:
-        return None
-    return None
-
-
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
-
-
-def _safetensors_entry(path: Path, name: str, label: str) -> tuple[torch.dtype, tuple[int, int], int]:
-    """(dtype, shape, absolute data offset) of tensor `name` in a safetensors file, from its JSON header."""
-    try:
-        with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            n = int.from_bytes(fh.read(8), "little")
-            if not 2 <= n <= min(size - 8, 100_000_000):
-                raise ValueError("bad header length")
-            header = json.loads(fh.read(n))
-    except (ValueError, OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{label} is not a readable safetensors file ({_first_line(exc)})") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{label} is not a readable safetensors file (header is not a mapping)")
-    entry = header.get(name)
-    if not isinstance(entry, dict):
-        found = ", ".join(sorted(k for k in header if k != "__metadata__")[:8])
-        raise ValueError(f"{label} has no tensor {name!r} (found: {found})")
-    shape, dtype, offsets = entry.get("shape"), _ST_DTYPES.get(entry.get("dtype")), entry.get("data_offsets")
-    if dtype is None:
-        raise ValueError(f"{label}: {name} has dtype {entry.get('dtype')!r}; floating point (F32, F16, BF16, F64) is needed")
-    if not (isinstance(shape, list) and len(shape) == 2 and all(isinstance(x, int) and x > 0 for x in shape)):
-        raise ValueError(f"{label}: {name} must be 2-D, got shape {shape!r}")
-    nbytes = shape[0] * shape[1] * dtype.itemsize
-    if not (isinstance(offsets, list) and len(offsets) == 2 and offsets[1] - offsets[0] == nbytes
-            and 8 + n + offsets[1] <= size):
-        raise ValueError(f"{label} is not a readable safetensors file (offsets of {name} do not fit the file)")
-    return dtype, (shape[0], shape[1]), 8 + n + offsets[0]
-
-
-def _pread_vector(path: Path, offset: int, dtype: torch.dtype, shape: tuple[int, int], stride: tuple[int, int],
-                  i: int, by_row: bool) -> torch.Tensor:
-    """Row i (by_row) or column i of a 2-D tensor stored at `offset`, read element by element: float32 [n]."""
-    item = dtype.itemsize
-    n, step, first = (shape[1], stride[1], i * stride[0]) if by_row else (shape[0], stride[0], i * stride[1])
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if step == 1:
-            buf = os.pread(fd, n * item, offset + first * item)
-        else:
-            buf = b"".join(os.pread(fd, item, offset + (first + r * step) * item) for r in range(n))
-    finally:
-        os.close(fd)
-    if len(buf) != n * item:
-        raise ValueError(f"{path} is truncated")
-    return torch.frombuffer(bytearray(buf), dtype=dtype).float()
-
-
-def _check_indices(indices: list[int], d_sae: int, label: str) -> None:
-    for i in indices:
-        if not 0 <= i < d_sae:
-            raise ValueError(f"feature index {i} is out of range: {label} has {d_sae} features (0-{d_sae - 1})")
-
-
 # ---------------------------------------------------------------------------
 # Contrastive helpers
 # ---------------------------------------------------------------------------
@@ -429,7 +154,7 @@ def _text_means(model: Any, tokenizer: Any, texts: list[str], layers: list[int],
     not change it); results are cached by text.
     """
     todo = [t for t in dict.fromkeys(texts) if t not in cache]
-    _, layer_list = steering._decoder_layers(model)
+    _, layer_list = steering.decoder_layers(model)
     device = next(model.parameters()).device
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
@@ -448,7 +173,7 @@ def _text_means(model: Any, tokenizer: Any, texts: list[str], layers: list[int],
 
         def hook_for(layer: int, got: dict = got, keep: torch.Tensor = keep):
             def hook(module: Any, args: Any, output: Any) -> None:
-                hidden = steering._untuple(output).float()  # [batch, seq, d_model]
+                hidden = steering.layer_hidden(output).float()  # [batch, seq, d_model]
                 got[layer] = ((hidden * keep).sum(1) / keep.sum(1)).cpu()  # [batch, d_model]
             return hook
 
@@ -462,11 +187,6 @@ def _text_means(model: Any, tokenizer: Any, texts: list[str], layers: list[int],
         for b, text in enumerate(chunk):
             cache[text] = torch.stack([got[layer][b] for layer in layers])  # [layers, d_model]
     return torch.stack([cache[t] for t in texts])
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return (lines[0] if lines else type(exc).__name__)[:200]
 
 
 def _parse_feature(text: str) -> tuple[int, int]:
@@ -488,24 +208,34 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--sae-source", help="hub repo id or local directory of SAEs")
     what.add_argument("--contrastive", metavar="FILE", help="YAML of concepts with positive and negative texts")
     parser.add_argument("--features", nargs="+", type=_parse_feature, default=[], help="SAE features as layer:index")
+    parser.add_argument("--find", metavar="TEXT", help="SAE: list the features that fire most on TEXT at each of --layers")
+    parser.add_argument("--top-k", type=int, default=10, help="--find: how many features per layer (default 10)")
     parser.add_argument("--sae-format", choices=SAE_FORMATS, help="force the SAE layout instead of detecting it")
-    parser.add_argument("--layers", nargs="+", type=int, help="layers for contrastive vectors (default: each concept's 'layer')")
+    parser.add_argument("--hook-point", help="use the SAE at this hook point (e.g. blocks.5.hook_mlp_out) even if it "
+                        "is not the residual stream; its decoder directions are then added after that block")
+    parser.add_argument("--trainer", type=int, help="andyrdt (dictionary_learning): use trainer_N (default: trainer_1)")
+    parser.add_argument("--layers", nargs="+", type=int,
+                        help="contrastive: layers for the vectors (default: each concept's 'layer'); --find: SAE layers to look in")
     parser.add_argument("--method", choices=("mean", "pca"), default="mean", help="contrastive: diff of means or PCA of pairs")
     parser.add_argument("--negatives", choices=("given", "others", "both"), default="given",
                         help="contrastive negatives: the YAML's, the other concepts' positives, or both")
     parser.add_argument("--model", default=None, help="model the vectors are for (hub id or dir; default: the embedded model)")
-    parser.add_argument("--output", required=True, help="steering vector file to write or merge into")
+    parser.add_argument("--output", help="steering vector file to write or merge into (optional with --find)")
     parser.add_argument("--overwrite", action="store_true", help="replace the output file instead of merging into it")
     parser.add_argument("--skip-norms", action="store_true",
                         help="SAE only: do not load --model to measure layer norms (the file then has none)")
     return parser
 
 
-def run(args: argparse.Namespace) -> SteeringVectorSet:
-    """Do what the command line asks; return the set that was written."""
-    output = Path(args.output)
+def run(args: argparse.Namespace) -> SteeringVectorSet | None:
+    """Do what the command line asks; return the set that was written (None: --find printed only)."""
+    if args.find is not None and not args.sae_source:
+        raise ValueError("--find needs --sae-source: the SAEs to look in")
+    if args.output is None and args.find is None:
+        raise ValueError("--output is needed: the steering vector file to write or merge into")
+    output = Path(args.output) if args.output else None
     existing = None
-    if output.exists() and not args.overwrite:
+    if output is not None and output.exists() and not args.overwrite:
         existing = SteeringVectorSet.load(output)  # an unreadable file stops us here, untouched
     model = tok = None
     if args.contrastive:
@@ -514,16 +244,34 @@ def run(args: argparse.Namespace) -> SteeringVectorSet:
         vectors = extract_contrastive(model, tok, concepts, args.layers, args.method, source=str(args.contrastive))
         model_id, d_model = steering.model_id_of(model), steering.hidden_size(model)
     else:
-        if not args.features:
-            raise ValueError("--sae-source needs --features layer:index ...")
+        features = list(args.features)
+        if args.find is not None:
+            if features:
+                raise ValueError("give --find or --features, not both")
+            if not args.layers:
+                raise ValueError("--find needs --layers: the SAE layer(s) to look in, e.g. --layers 15")
+            model, tok = steering.load_model(args.model)
+            for layer in args.layers:
+                found = find_features(args.sae_source, layer, args.find, model, tok, args.top_k, args.sae_format,
+                                      args.hook_point, args.trainer)
+                _print_found(args.sae_source, layer, found)
+                features += [(f.layer, f.index) for f in found]
+            if output is None:
+                return None
+            if not features:
+                raise ValueError("no feature fires on the text: nothing to write")
+        elif not features:
+            raise ValueError("--sae-source needs --features layer:index ... (or --find TEXT --layers L)")
         if args.skip_norms and not args.model:
             raise ValueError("--skip-norms needs --model: the id of the model these SAEs belong to, to record in the file")
-        vectors = extract_sae_features(args.sae_source, args.features, args.sae_format)
+        vectors = extract_sae_features(args.sae_source, features, args.sae_format, args.hook_point, args.trainer)
         d_model = vectors[0].vector.numel()
         if args.skip_norms:
+            model = None
             model_id = args.model
         else:
-            model, tok = steering.load_model(args.model)
+            if model is None:
+                model, tok = steering.load_model(args.model)
             model_id = steering.model_id_of(model)
             if steering.hidden_size(model) != d_model:
                 raise ValueError(
@@ -541,15 +289,26 @@ def run(args: argparse.Namespace) -> SteeringVectorSet:
     return result
 
 
+def _print_found(source: str, layer: int, found: list) -> None:
+    if not found:
+        print(f"layer {layer}: no feature fires on the text")
+    for f in found:
+        url = neuronpedia_url(f.layer, f.index, source)
+        print(f"{f.key:>12}  mean {f.mean:9.4f}  max {f.max:9.4f}" + (f"  {url}" if url else ""))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = run(args)
-    except ValueError as exc:
-        print(f"error: {_first_line(exc)}", file=sys.stderr)
+    except (ValueError, OSError) as exc:  # OSError: an unreadable file, a full disk, a read-only directory
+        print(f"error: {first_line(exc)}", file=sys.stderr)
         return 2
-    names = ", ".join(v.name for v in result.vectors)
-    print(f"wrote {args.output}: {len(result.vectors)} vectors for {result.model_id} ({names})")
+    if result is not None:
+        names = ", ".join(v.name for v in result.vectors)
+        print(f"wrote {args.output}: {len(result.vectors)} vectors for {result.model_id} ({names})")
+    elif args.find is not None:
+        print("steer with: --features LAYER:INDEX ... --output FILE (or add --output FILE to --find to write them all)")
     return 0
 
 

@@ -1,4 +1,7 @@
-"""extract_steering_vectors.py: the three SAE layouts, the hub path, contrastive vectors, merging, errors."""
+"""extract_steering_vectors.py: the command line (SAE features, norms, merging, errors, OS errors) and contrastive vectors.
+
+The SAE readers themselves are tested in test_saes.py (files written as their libraries write them).
+"""
 
 from __future__ import annotations
 
@@ -74,117 +77,6 @@ def write_saelens(root: Path, layers=(3, 7)) -> dict[int, torch.Tensor]:
         (folder / "cfg.json").write_text(json.dumps({"d_in": D, "d_sae": N, "hook_name": f"blocks.{L}.hook_resid_post"}))
         dec[L] = w
     return dec
-
-
-# ---------------------------------------------------------------------------
-# SAE layouts
-# ---------------------------------------------------------------------------
-
-
-def test_andyrdt_layout_reads_trainer_1_columns(tmp_path):
-    dec = write_andyrdt(tmp_path)
-    vecs = esv.extract_sae_features(str(tmp_path), [(7, 5), (3, 63), (7, 0)])
-    assert [v.name for v in vecs] == ["L7F5", "L3F63", "L7F0"]
-    for v in vecs:
-        assert v.index == int(v.name.split("F")[1]) and v.source == str(tmp_path) and v.concept is None
-        torch.testing.assert_close(v.vector, unitcol(dec[v.layer], v.index), rtol=0, atol=1e-6)
-    assert esv.detect_format(esv._Source.open(str(tmp_path))) == "andyrdt"
-
-
-def test_llamascope_layout_reads_the_residual_sae(tmp_path):
-    dec = write_llamascope(tmp_path)
-    (v,) = esv.extract_sae_features(str(tmp_path), [(7, 12)])
-    torch.testing.assert_close(v.vector, unitcol(dec[7], 12), rtol=0, atol=1e-6)
-    assert v.vector.dtype == torch.float32
-
-
-def test_saelens_layout_reads_rows_of_w_dec(tmp_path):
-    dec = write_saelens(tmp_path)
-    vecs = esv.extract_sae_features(str(tmp_path), [(3, 1), (7, 40)], sae_format="saelens")
-    torch.testing.assert_close(vecs[0].vector, unitcol(dec[3], 1, rows=True), rtol=0, atol=1e-6)
-    torch.testing.assert_close(vecs[1].vector, unitcol(dec[7], 40, rows=True), rtol=0, atol=1e-6)
-
-
-def test_mixed_layouts_need_sae_format(tmp_path):
-    write_andyrdt(tmp_path, layers=(3,))
-    dec = write_saelens(tmp_path, layers=(3,))
-    with pytest.raises(ValueError, match="several SAE layouts .* --sae-format"):
-        esv.extract_sae_features(str(tmp_path), [(3, 1)])
-    (v,) = esv.extract_sae_features(str(tmp_path), [(3, 1)], sae_format="saelens")
-    torch.testing.assert_close(v.vector, unitcol(dec[3], 1, rows=True), rtol=0, atol=1e-6)
-
-
-def test_hub_repo_downloads_only_the_needed_file(tmp_path, monkeypatch):
-    """A hub id goes through huggingface_hub (mocked here: no network in tests), one file per layer."""
-    import huggingface_hub
-
-    repo = tmp_path / "repo"
-    dec = write_andyrdt(repo, layers=(3, 7, 11))
-    files = sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file())
-    downloads = []
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id, **k: files)
-
-    def fake_download(repo_id, filename, **k):
-        downloads.append((repo_id, filename))
-        return str(repo / filename)
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    (v,) = esv.extract_sae_features("andyrdt/saes-llama-3.1-8b-instruct", [(11, 9)])
-    assert downloads == [("andyrdt/saes-llama-3.1-8b-instruct", "resid_post_layer_11/trainer_1/ae.pt")]
-    torch.testing.assert_close(v.vector, unitcol(dec[11], 9), rtol=0, atol=1e-6)
-    assert v.source == "andyrdt/saes-llama-3.1-8b-instruct"
-
-
-@pytest.mark.parametrize(
-    "setup, features, fmt, pattern",
-    [
-        (write_andyrdt, [(3, 64)], None, "index 64 is out of range: .* has 64 features"),
-        (write_andyrdt, [(5, 1)], None, r"layer 5 has no andyrdt SAE .*\(layers available: 3, 7\)"),
-        (write_llamascope, [(3, 999)], None, "out of range"),
-        (write_saelens, [(9, 1)], None, "layer 9 has no saelens SAE"),
-        (write_andyrdt, [(3, 1)], "saelens", "layer 3 has no saelens SAE .*none found"),
-        (lambda root: root.joinpath("README.md").write_text("hi"), [(3, 1)], None, "cannot tell the SAE format"),
-    ],
-)
-def test_sae_errors(tmp_path, setup, features, fmt, pattern):
-    setup(tmp_path)
-    with pytest.raises(ValueError, match=pattern) as info:
-        esv.extract_sae_features(str(tmp_path), features, fmt)
-    assert "\n" not in str(info.value)
-
-
-class Boom:
-    def __reduce__(self):
-        return (os.system, ("touch pwned_marker",))
-
-
-def test_hostile_corrupt_and_incomplete_sae_files(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    evil = tmp_path / "evil" / "resid_post_layer_3" / "trainer_1"
-    evil.mkdir(parents=True)
-    torch.save({"decoder.weight": torch.ones(4, 4), "x": Boom()}, evil / "ae.pt")
-    with pytest.raises(ValueError, match="weights_only"):
-        esv.extract_sae_features(str(tmp_path / "evil"), [(3, 1)])
-    assert not (tmp_path / "pwned_marker").exists()
-
-    nodec = tmp_path / "nodec" / "resid_post_layer_3" / "trainer_1"
-    nodec.mkdir(parents=True)
-    torch.save({"encoder.weight": torch.ones(4, 4)}, nodec / "ae.pt")
-    with pytest.raises(ValueError, match="no 2-D tensor 'decoder.weight' .*found: encoder.weight"):
-        esv.extract_sae_features(str(tmp_path / "nodec"), [(3, 1)])
-
-    bad = tmp_path / "bad"
-    write_saelens(bad, layers=(3,))
-    (bad / "blocks.3.hook_resid_post" / "sae_weights.safetensors").write_bytes(b"\x10\x00garbage")
-    with pytest.raises(ValueError, match="not a readable safetensors"):
-        esv.extract_sae_features(str(bad), [(3, 1)])
-
-    missing = tmp_path / "missing"
-    (missing / "blocks.3.hook_resid_post").mkdir(parents=True)
-    save_file({"W_enc": torch.ones(4, 4)}, str(missing / "blocks.3.hook_resid_post" / "sae_weights.safetensors"))
-    (missing / "blocks.3.hook_resid_post" / "cfg.json").write_text('{"hook_name": "blocks.3.hook_resid_post"}')
-    with pytest.raises(ValueError, match="no tensor 'W_dec'"):
-        esv.extract_sae_features(str(missing), [(3, 1)])
 
 
 # ---------------------------------------------------------------------------
@@ -391,3 +283,44 @@ def test_cli_skip_norms_records_the_given_model(tmp_path, capsys):
     torch.testing.assert_close(vs.get("7:3").vector, unitcol(dec[7], 3, rows=True), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="no residual norm for layer 7"):
         vs.component("L7F3", 0.5)
+
+
+# ---------------------------------------------------------------------------
+# OS errors: one line, exit code 2, nothing written
+# ---------------------------------------------------------------------------
+
+
+def test_cli_os_errors_are_one_line_exit_2(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    import errno
+
+    sae = tmp_path / "sae"
+    write_saelens(sae)
+    out = tmp_path / "v.pt"
+    # an unreadable input: the concept file is a directory (IsADirectoryError, an OSError)
+    (tmp_path / "concepts_dir.yaml").mkdir()
+    code, err = run_cli(capsys, "--contrastive", str(tmp_path / "concepts_dir.yaml"), "--model", tiny_model_dir, "--output", str(out))
+    assert code == 2 and err.startswith("error: ") and "\n" not in err and not out.exists(), err
+    # an SAE file that cannot be opened
+    real_open = os.open
+
+    def deny(path, *a, **k):
+        if str(path).endswith("sae_weights.safetensors"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(os, "open", deny)
+    code, err = run_cli(capsys, "--sae-source", str(sae), "--features", "3:1", "--skip-norms", "--model", "o/m", "--output", str(out))
+    assert code == 2 and "Permission denied" in err and not out.exists(), err
+    monkeypatch.setattr(os, "open", real_open)
+    # a full disk while writing: the old file stays as it was, no temp file is left
+    code, _ = run_cli(capsys, "--sae-source", str(sae), "--features", "3:1", "--skip-norms", "--model", "o/m", "--output", str(out))
+    assert code == 0
+    before = out.read_bytes()
+
+    def full(obj, f, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    code, err = run_cli(capsys, "--sae-source", str(sae), "--features", "3:2", "--skip-norms", "--model", "o/m", "--output", str(out))
+    assert code == 2 and err == "error: [Errno 28] No space left on device", err
+    assert out.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["concepts_dir.yaml", "sae", "v.pt"]
