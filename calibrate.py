@@ -36,8 +36,14 @@ import torch
 from steering import SteeringComponent
 # isort: on
 
-DEFAULT_FRACTIONS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5)
+DEFAULT_FRACTIONS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
+DEFAULT_MULTIPLIERS = (0.6, 0.85, 1.1)  # of a feature's default fraction: the grid evaluated in benchmarks/eval_quality.py
 DEFAULT_NLL_BOUND = 1.8
+
+
+def candidate_fractions(default_fraction: float, multipliers: Sequence[float] = DEFAULT_MULTIPLIERS) -> list[float]:
+    """The strengths "auto" tries for a feature whose default is `default_fraction` (fractions of the norm)."""
+    return [round(m * default_fraction, 4) for m in multipliers]
 
 
 @dataclass(frozen=True)

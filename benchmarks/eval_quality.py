@@ -7,12 +7,14 @@
     #   +centred (vector minus the mean of the ten concepts' vectors at that layer),
     #   +2layer (the same op at layer L-3 and L, each at the fraction x its layer's norm x 0.6),
     #   +answer (steer only the answer positions, steer_prompt=False); --per-concept FILE takes each
-    #   concept's variant from a JSON {concept: variant}
+    #   concept's variant and base fraction from a JSON {concept: {"variant": v, "fraction": f0}} and
+    #   --fractions become multiples of f0 (benchmarks/base_settings.json: the first default set)
     # 2. tables (per concept, variant, fraction), the pick per concept, and "auto" (calibrate.py's rule,
     #    replayed on the same rows):
     .venv/bin/python benchmarks/eval_quality.py report benchmarks/results/tuning.jsonl
-    # 3. check once that a batched answer is the library's single answer:
+    # 3. check once that a batched answer is the library's single answer; time calibration against one answer:
     nice -n 10 .venv/bin/python benchmarks/eval_quality.py check
+    nice -n 10 .venv/bin/python benchmarks/eval_quality.py cost --concept pirate --op clamp
 
 Settings: system prompt "You are a helpful assistant.", greedy, 48 new tokens, repetition
 penalty 1.1, steering on the prompt too (unless +answer). Per answer:
@@ -142,15 +144,20 @@ def cmd_run(args) -> None:
     if args.every > 1:
         prompts = prompts[:: args.every]
     concepts = args.concepts or list(KEYWORDS)
+    # {concept: {"variant": ..., "fraction": f0}}: that concept's variant, and --fractions as multiples of f0
     per_concept = json.loads(Path(args.per_concept).read_text()) if args.per_concept else {}
-    variants = sorted(set(args.variants) | set(per_concept.values()))
+    variants = sorted(set(args.variants) | {v["variant"] for v in per_concept.values()})
     vecs, norms, layer_of = build_vectors(model, tok, vset, Path(args.concepts_file), variants)
     probe_set = steering.load_vectors(PROBE_FILE)
     probe_vecs = {c: probe_set.get(c).vector for c in KEYWORDS}
 
     jobs = [(None, None, 0.0, p) for p in prompts]  # unsteered rows first
     for c in concepts:
-        for variant in ([per_concept[c]] if c in per_concept else args.variants):
+        if c in per_concept:
+            for m in args.fractions:
+                jobs += [(c, per_concept[c]["variant"], round(m * per_concept[c]["fraction"], 4), p) for p in prompts]
+            continue
+        for variant in args.variants:
             for f in args.fractions:
                 jobs += [(c, variant, f, p) for p in prompts]
     rows, answer_only = [], []
@@ -257,7 +264,10 @@ def cmd_report(args) -> None:
         Path(args.json).write_text(json.dumps({"thresholds": thresholds,
                                                "table": [dict(zip(("set", "concept", "variant", "fraction"), k, strict=True)) | m
                                                          for k, m in sorted(table.items())]}, indent=1))
-    if args.bound:
+    if args.picks:
+        picks = side_by_side(rows, table, base, thresholds, args.bound)
+        Path(args.picks).write_text(json.dumps(picks, indent=1) + "\n")
+    if args.bound and args.all_auto:
         print(f"\nauto (calibrate.py rule replayed on the grid: strongest fraction with per-prompt NLL ratio <= {args.bound}, rep3 < 0.2)")
         print("| set | concept | variant | mention | probe | NLL ratio | rep3 | on-topic | mean fraction | pass |")
         print("|---|---|---|---|---|---|---|---|---|---|")
@@ -267,6 +277,53 @@ def cmd_report(args) -> None:
             mf = sum(r["fraction"] for r in chosen) / len(chosen)
             print(f"| {st} | {c} | {variant} | {m['mention']:.0%} | {m['probe']:.0%} | {m['nll_ratio']:.2f} | {m['rep3']:.3f} | "
                   f"{m['on_topic']:.0%} | {mf:.2f} | {'yes' if passes(m) else 'no'} |")
+
+
+def pick(table: dict, concept: str) -> tuple:
+    """The default for a concept, from the TUNING rows only: among the settings that pass, the one
+    with the largest margin on both bars (mention above 62.5%, NLL ratio below 2.0); when none
+    passes, the most mentions at NLL ratio <= 2.0; else the lowest NLL ratio."""
+    cands = [(k, m) for k, m in table.items() if k[0] == "tuning" and k[1] == concept]
+    ok = [(k, m) for k, m in cands if passes(m)]
+    if ok:
+        return max(ok, key=lambda km: min((km[1]["mention"] - 0.625) / 0.375, 2.0 - km[1]["nll_ratio"]))[0]
+    fluent = [(k, m) for k, m in cands if m["nll_ratio"] <= 2.0]
+    if fluent:
+        return max(fluent, key=lambda km: (km[1]["mention"], -km[1]["nll_ratio"]))[0]
+    return min(cands, key=lambda km: km[1]["nll_ratio"])[0]
+
+
+def side_by_side(rows: list[dict], table: dict, base: dict, thresholds: dict, bound: float) -> dict:
+    """Print the README table: per concept, the default picked on tuning, tuning and held-out figures
+    side by side, then the same with auto calibration; return the picks."""
+    picks = {}
+    fmt = "{mention:.0%} / {probe:.0%} / {base_mention:.0%} / {nll_ratio:.2f} / {rep3:.2f} / {on_topic:.0%}"
+    print("\n| concept | op | fraction | tuning: mention / probe / unsteered / NLL ratio / rep3 / on-topic | held-out: same | held-out pass | auto tuning | auto held-out | auto pass |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    n_pass = n_strong = n_auto = 0
+    for c in KEYWORDS:
+        if not any(k[1] == c for k in table):
+            continue
+        k = pick(table, c)
+        picks[c] = {"variant": k[2], "fraction": k[3]}
+        tun = table[k]
+        held = table.get(("heldout", *k[1:]))
+        autos = {}
+        for st in ("tuning", "heldout"):
+            chosen = auto_rows(rows, base, st, c, k[2], bound)
+            if chosen:
+                autos[st] = metrics(chosen, [base[(st, r["prompt"])] for r in chosen], c, thresholds)
+        ok = held is not None and passes(held)
+        n_pass += ok
+        n_strong += held is not None and held["mention"] >= 0.75 and held["nll_ratio"] <= 1.5
+        aok = "heldout" in autos and passes(autos["heldout"])
+        n_auto += aok
+        a = {st: "{mention:.0%} @ {nll_ratio:.2f}".format(**m) for st, m in autos.items()}
+        print(f"| `{c}` | {k[2]} | {k[3]:.3f} | {fmt.format(**tun)} | {fmt.format(**held) if held else '-'} | {'yes' if ok else 'no'} | "
+              f"{a.get('tuning', '-')} | {a.get('heldout', '-')} | {'yes' if aok else 'no'} |")
+    print(f"\nheld-out: {n_pass} of {len(picks)} pass at their defaults; {n_strong} reach mention >= 75% at NLL ratio <= 1.5; "
+          f"auto (bound {bound}): {n_auto} pass")
+    return picks
 
 
 def cmd_check(args) -> None:
@@ -287,6 +344,30 @@ def cmd_check(args) -> None:
     print(f"check: {same}/{len(prompts)} batched answers equal steering.generate_steered_answer_hf")
 
 
+def cmd_cost(args) -> None:
+    """Wall time of calibrate_strength (one batch of len(fractions) + 1 rows, then one scoring pass) vs one answer."""
+    model, tok = steering.load_model()
+    vset = steering.load_vectors(args.vectors)
+    prompts = load_prompts("heldout")[: args.prompts]
+    key, op = args.concept, args.op
+    layer = vset.get(key).layer
+    steering.generate_steered_answer_hf(model, tok, chat(prompts[0]), [], max_new_tokens=4)  # warm-up
+    single, calib = [], []
+    for p in prompts:
+        t = time.perf_counter()
+        steering.generate_steered_answer_hf(model, tok, chat(p), [vset.component(key, args.fractions[0], op=op)],
+                                            max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, repetition_penalty=REPETITION_PENALTY)
+        single.append(time.perf_counter() - t)
+        cal = calibrate.calibrate_strength(model, tok, chat(p), vset.component(key, 1.0, op=op), fractions=args.fractions,
+                                           norm=vset.norm(layer), nll_bound=args.bound, max_new_tokens=MAX_NEW_TOKENS,
+                                           repetition_penalty=REPETITION_PENALTY)
+        calib.append(cal.seconds)
+        print(f"{p[:40]!r}: one answer {single[-1]:.1f} s, calibration ({len(cal.table)} rows) {cal.seconds:.1f} s, "
+              f"chose {cal.fraction} ({', '.join(f'{r.fraction}:{r.nll_ratio:.2f}' for r in cal.table)})", flush=True)
+    print(f"mean: one answer {sum(single) / len(single):.1f} s, calibration {sum(calib) / len(calib):.1f} s "
+          f"({sum(calib) / sum(single):.1f}x) with {len(args.fractions)} strengths + the unsteered row")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -294,7 +375,7 @@ def main() -> None:
     run.add_argument("--set", default="tuning", help="tuning, heldout, or a prompts file")
     run.add_argument("--every", type=int, default=1, help="take every n-th prompt (a quicker subset)")
     run.add_argument("--variants", nargs="+", default=["clamp"], help="clamp, cap, add, with +centred, +2layer, +answer")
-    run.add_argument("--per-concept", help="JSON {concept: variant} overriding --variants per concept")
+    run.add_argument("--per-concept", help='JSON {concept: {"variant": v, "fraction": f0}}: per concept, --fractions are multiples of f0')
     run.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.2, 0.3])
     run.add_argument("--concepts", nargs="+", help="default: all ten")
     run.add_argument("--vectors", default=str(ROOT / "steering_vectors.pt"))
@@ -305,10 +386,20 @@ def main() -> None:
     rep.add_argument("files", nargs="+")
     rep.add_argument("--bound", type=float, default=1.8, help="NLL bound of the replayed auto calibration (0: skip)")
     rep.add_argument("--json", help="write the per-setting table here")
+    rep.add_argument("--picks", help="pick each concept's default on the tuning rows, print tuning and held-out side by side, "
+                                     "write the picks (JSON) here")
+    rep.add_argument("--all-auto", action="store_true", help="print the replayed auto calibration for every variant")
     chk = sub.add_parser("check", help="batched answers == steering.generate_steered_answer_hf")
     chk.add_argument("--vectors", default=str(ROOT / "steering_vectors.pt"))
+    cost = sub.add_parser("cost", help="time of calibrate_strength vs one answer")
+    cost.add_argument("--vectors", default=str(ROOT / "steering_vectors.pt"))
+    cost.add_argument("--concept", default="pirate")
+    cost.add_argument("--op", default="clamp")
+    cost.add_argument("--fractions", nargs="+", type=float, default=list(calibrate.DEFAULT_FRACTIONS))
+    cost.add_argument("--bound", type=float, default=calibrate.DEFAULT_NLL_BOUND)
+    cost.add_argument("--prompts", type=int, default=3)
     args = parser.parse_args()
-    {"run": cmd_run, "report": cmd_report, "check": cmd_check}[args.cmd](args)
+    {"run": cmd_run, "report": cmd_report, "check": cmd_check, "cost": cmd_cost}[args.cmd](args)
 
 
 if __name__ == "__main__":

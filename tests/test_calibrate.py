@@ -177,3 +177,8 @@ def steering_vectors_path():
     from conftest import ROOT
 
     return ROOT / "steering_vectors.pt"
+
+
+def test_candidate_fractions_scale_the_default():
+    assert calibrate.candidate_fractions(0.2) == [0.12, 0.17, 0.22]
+    assert calibrate.candidate_fractions(0.1, (1.0, 2.0)) == [0.1, 0.2]
