@@ -422,15 +422,18 @@ class TensorRef:
         item = self.dtype.itemsize
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            if step == 1:
-                buf = os.pread(fd, n * item, self.offset + first * item)
+            if step == 1:  # straight into the buffer the tensor will use: no second copy of a large chunk
+                buf, got = bytearray(n * item), 0
+                while got < len(buf) and (r := os.preadv(fd, [memoryview(buf)[got:]], self.offset + first * item + got)):
+                    got += r
             else:
-                buf = b"".join(os.pread(fd, item, self.offset + (first + i * step) * item) for i in range(n))
+                buf = bytearray(b"".join(os.pread(fd, item, self.offset + (first + i * step) * item) for i in range(n)))
+                got = len(buf)
         finally:
             os.close(fd)
-        if len(buf) != n * item:
+        if got != n * item:
             raise ValueError(f"{self.path} is truncated")
-        return torch.frombuffer(bytearray(buf), dtype=self.dtype).float()
+        return torch.frombuffer(buf, dtype=self.dtype).float() if n else torch.empty(0)
 
 
 def tensor_index(path: Path, label: str) -> dict[str, TensorRef]:
