@@ -1,0 +1,252 @@
+"""steering_vllm.py: token-exact against the hooks backend, per-request isolation in one batch, TP=2, errors.
+
+Skipped when vLLM is not installed (see requirements-vllm.txt); CI installs it. One float32 engine
+on the embedded model serves most tests (engine start: 20-40 s). It runs with a small token budget
+per step (`max_num_batched_tokens=16`), so every prompt is prefilled in several chunks, mixed with
+other requests' decode rows: the exactness tests cover chunked prefill as well.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (pip install -r requirements-vllm.txt)")
+
+# isort: off
+import steering  # noqa: E402
+import steering_vllm  # noqa: E402
+import torch  # noqa: E402
+from conftest import build_tiny_llama, unit  # noqa: E402
+from steering import SteeringComponent, SteeringTrace  # noqa: E402
+# isort: on
+
+PROMPT = [{"role": "user", "content": "Tell me a short story about a dog."}]
+N_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = steering_vllm.VLLMEngine(dtype="float32", max_num_batched_tokens=16, max_num_seqs=16, max_model_len=1024)
+    yield eng
+    eng.shutdown()
+
+
+def comps_for(case: str) -> list[SteeringComponent]:
+    v, w = unit(576, 100), unit(576, 101)
+    return {
+        "add": [SteeringComponent(layer=10, vector=v, strength=40.0, name="v")],
+        "clamp": [SteeringComponent(layer=12, vector=v, strength=60.0, op="clamp")],
+        "cap": [SteeringComponent(layer=14, vector=w, op="cap", cap_min=-2.0, cap_max=2.0)],
+        "ablate": [SteeringComponent(layer=8, vector=w, op="ablate", scale=0.0)],
+        "multi": [
+            SteeringComponent(layer=3, vector=v, strength=6.0, op="clamp"),
+            SteeringComponent(layer=10, vector=w, strength=30.0),
+            SteeringComponent(layer=10, vector=v, op="cap", cap_min=0.0, cap_max=20.0),
+            SteeringComponent(layer=20, vector=w, op="ablate", scale=0.5),
+        ],
+    }[case]
+
+
+def hf_answer(model, tok, comps, chat=PROMPT, **kw) -> tuple[str, SteeringTrace]:
+    trace = SteeringTrace()
+    text = "".join(steering.stream_steered_answer_hf(model, tok, chat, comps, max_new_tokens=N_TOKENS, trace=trace, **kw))
+    return text, trace
+
+
+def vllm_answer(engine, comps, chat=PROMPT, **kw) -> tuple[str, SteeringTrace]:
+    trace = SteeringTrace()
+    text = "".join(engine.stream(chat, comps, max_new_tokens=N_TOKENS, trace=trace, **kw))
+    return text, trace
+
+
+def assert_same(hf: tuple[str, SteeringTrace], vl: tuple[str, SteeringTrace]) -> None:
+    (text_hf, trace_hf), (text_vl, trace_vl) = hf, vl
+    assert trace_vl.token_ids == trace_hf.token_ids
+    assert text_vl == text_hf
+    assert trace_vl.prompt_len == trace_hf.prompt_len
+    n_positions = len(trace_hf.token_ids) - 1
+    for a, b in zip(trace_hf.components, trace_vl.components, strict=True):
+        assert (a.layer, a.op) == (b.layer, b.op)
+        assert len(a.before) == len(b.before) == len(b.after) == n_positions
+        torch.testing.assert_close(torch.tensor(b.before), torch.tensor(a.before), atol=2e-3, rtol=1e-4)
+        torch.testing.assert_close(torch.tensor(b.after), torch.tensor(a.after), atol=2e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["add", "clamp", "cap", "ablate", "multi"])
+def test_same_tokens_and_traces_as_the_hooks_backend(embedded, engine, case):
+    model, tok = embedded
+    comps = comps_for(case)
+    hf = hf_answer(model, tok, comps)
+    assert_same(hf, vllm_answer(engine, comps))
+    if case in ("add", "clamp", "multi"):
+        assert hf[1].token_ids != hf_answer(model, tok, [])[1].token_ids  # the steering did something
+
+
+@pytest.mark.parametrize("case", ["clamp", "multi"])
+def test_steer_prompt_false_matches_the_hooks_backend(embedded, engine, case):
+    model, tok = embedded
+    comps = comps_for(case)
+    hf = hf_answer(model, tok, comps, steer_prompt=False)
+    vl = vllm_answer(engine, comps, steer_prompt=False)
+    assert_same(hf, vl)
+    n = vl[1].prompt_len
+    for comp in vl[1].components:  # prompt positions untouched, answer positions edited
+        assert comp.before[:n] == comp.after[:n]
+    clamp = vl[1].components[0]
+    assert clamp.op == "clamp" and all(abs(a - clamp_strength(comps)) < 1e-3 for a in clamp.after[n:])
+
+
+def clamp_strength(comps: list[SteeringComponent]) -> float:
+    return next(c.strength for c in comps if c.op == "clamp")
+
+
+def sixteen_steerings() -> list[list[SteeringComponent]]:
+    ops = ["add", "clamp", "cap", "ablate"]
+    out = []
+    for i in range(16):
+        v = unit(576, 200 + i)
+        op = ops[i % 4]
+        kw = {"add": {"strength": 20.0 + 5 * i}, "clamp": {"strength": 30.0 + 4 * i},
+              "cap": {"cap_min": -1.0, "cap_max": 1.0}, "ablate": {"scale": 0.0}}[op]
+        comps = [SteeringComponent(layer=(3 * i) % 30, vector=v, op=op, **kw)]
+        if i % 3 == 0:  # several layers for some of them
+            comps.append(SteeringComponent(layer=29 - i, vector=unit(576, 300 + i), strength=10.0))
+        out.append(comps)
+    return out
+
+
+CHATS = [[{"role": "user", "content": text}] for text in (
+    "Tell me a short story about a dog.", "How do I boil an egg?", "Explain how a bank loan works.",
+    "Give me three tips for keeping a tidy desk.")]
+
+
+def run_concurrently(engine, jobs: list[tuple[list, list]], **kw) -> list[list[int]]:
+    """Run (chat, components) jobs at once, each in its own thread; return their answer token ids."""
+    results: list = [None] * len(jobs)
+    start = threading.Barrier(len(jobs))
+
+    def work(i: int) -> None:
+        start.wait()
+        results[i] = vllm_answer(engine, jobs[i][1], chat=jobs[i][0], **kw)[1].token_ids
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert all(r is not None for r in results)
+    return results
+
+
+def test_sixteen_concurrent_steerings_each_equal_their_solo_answer(engine):
+    jobs = [(CHATS[i % 4], comps) for i, comps in enumerate(sixteen_steerings())]
+    together = run_concurrently(engine, jobs)
+    alone = [vllm_answer(engine, comps, chat=chat)[1].token_ids for chat, comps in jobs]
+    assert together == alone
+    assert len({tuple(ids) for ids in alone}) >= 12  # the steerings really differ
+
+
+def test_unsteered_requests_equal_plain_vllm_even_beside_steered_ones(engine):
+    from vllm import LLM, SamplingParams
+
+    plain = LLM(model=str(steering_vllm.embedded_model_dir()), dtype="float32", gpu_memory_utilization=0.3,
+                max_model_len=1024, seed=0)
+    try:
+        ids = [steering.chat_input_ids(engine.tokenizer, chat) for chat in CHATS]
+        params = SamplingParams(max_tokens=N_TOKENS, temperature=0.0, stop_token_ids=engine._eos)
+        expected = [list(o.outputs[0].token_ids) for o in plain.generate([{"prompt_token_ids": p} for p in ids], params)]
+    finally:
+        plain.llm_engine.engine_core.shutdown()
+        del plain
+    steered = [(CHATS[i], comps_for(case)) for i, case in enumerate(["add", "clamp", "multi", "cap"])]
+    got = run_concurrently(engine, [(chat, []) for chat in CHATS] + steered)
+    assert [g[len(p):] for g, p in zip(got[:4], ids, strict=True)] == expected
+
+
+def test_closing_the_stream_aborts_the_request(engine):
+    stream = engine.stream(PROMPT, comps_for("add"), max_new_tokens=200, trace=SteeringTrace())
+    next(stream)
+    assert engine.engine.get_num_unfinished_requests() == 1
+    stream.close()
+    deadline = time.time() + 10
+    while engine.engine.get_num_unfinished_requests() and time.time() < deadline:
+        time.sleep(0.05)
+    assert engine.engine.get_num_unfinished_requests() == 0
+    assert vllm_answer(engine, comps_for("add"))[1].token_ids  # the engine still serves
+
+
+def test_errors_are_the_same_one_liners_as_the_hooks_backend(embedded, engine):
+    model, tok = embedded
+    v = unit(576, 1)
+    bad_calls = [
+        ([SteeringComponent(layer=30, vector=v, strength=1.0)], PROMPT, {}),
+        ([SteeringComponent(layer=3, vector=torch.ones(7), strength=1.0)], PROMPT, {}),
+        ([], [], {}),
+        ([], [{"role": "user", "content": "  "}], {}),
+        ([], PROMPT, {"temperature": -1.0}),
+        ([], PROMPT, {"max_new_tokens": 0}),
+    ]
+    for comps, chat, kw in bad_calls:
+        with pytest.raises(ValueError) as hf_err:
+            steering.stream_steered_answer_hf(model, tok, chat, comps, **kw)
+        with pytest.raises(ValueError) as vl_err:
+            engine.stream(chat, comps, **kw)  # raised at call time, before iterating
+        assert str(vl_err.value) == str(hf_err.value)
+        assert "\n" not in str(vl_err.value)
+    with pytest.raises(ValueError, match=r"the prompt is \d+ tokens, but this model reads at most 1024"):
+        engine.stream([{"role": "user", "content": "word " * 1200}], [])
+    assert engine.engine.get_num_unfinished_requests() == 0
+
+
+def test_an_engine_that_cannot_start_says_what_to_do(monkeypatch):
+    with pytest.raises(ValueError, match=r"^tensor_parallel_size 2 does not divide this model's 9 attention heads"):
+        steering_vllm.VLLMEngine(tensor_parallel_size=2)
+    monkeypatch.setitem(__import__("sys").modules, "vllm", None)
+    with pytest.raises(ValueError, match=r"^vLLM is not installed: see requirements-vllm.txt"):
+        steering_vllm.VLLMEngine()
+
+
+# ---------------------------------------------------------------------------
+# Tensor parallel: a tiny random Llama with 4 heads on two workers
+# ---------------------------------------------------------------------------
+
+
+def save_tiny_llama(path) -> tuple:
+    """build_tiny_llama plus a 128-word tokenizer with a chat template, saved to `path`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model = build_tiny_llama(num_layers=4, hidden=256, seed=3)  # head_dim 64: the CPU attention kernels need it
+    words = ["<unk>", "<s>", "</s>", "user", "assistant", ":"] + [f"w{i}" for i in range(122)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tok.chat_template = "<s> {% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}assistant :"
+    model.generation_config.eos_token_id = 2
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model, tok
+
+
+def test_tensor_parallel_2_matches_the_hooks_backend(tmp_path, monkeypatch):
+    model, tok = save_tiny_llama(tmp_path)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    chat = [{"role": "user", "content": "w5 w17 w99 w3 w42"}]
+    cases = [
+        [],
+        [SteeringComponent(layer=1, vector=unit(256, 7), strength=3.0)],
+        [SteeringComponent(layer=0, vector=unit(256, 8), strength=2.0, op="clamp"),
+         SteeringComponent(layer=2, vector=unit(256, 9), op="ablate", scale=0.0),
+         SteeringComponent(layer=3, vector=unit(256, 8), op="cap", cap_min=-0.5, cap_max=0.5)],
+    ]
+    expected = [hf_answer(model, tok, comps, chat=chat) for comps in cases]
+    assert len({tuple(e[1].token_ids) for e in expected}) == 3  # each steering changes the answer
+    eng = steering_vllm.VLLMEngine(str(tmp_path), dtype="float32", tensor_parallel_size=2, max_model_len=256)
+    try:
+        for comps, hf in zip(cases, expected, strict=True):
+            assert vllm_answer(eng, comps, chat=chat)[1].token_ids == hf[1].token_ids
+    finally:
+        eng.shutdown()
