@@ -6,9 +6,11 @@
     python demo.py --profile llama31_8b --steer 15:21576 0.5    # an SAE feature, extracted on demand
 
 A strength is a fraction of the layer's typical residual norm (0.5 = half of it), the
-unit of the app's slider. In the chat, type /help for the commands; exit, quit or
-Ctrl-D end it, Ctrl-C stops an answer. With --prompt it prints only the answer and
-exits (0, or 2 for bad input, with one line saying why).
+unit of the app's slider; each feature uses its own op (add or clamp) unless told. In the
+chat, type /help for the commands; exit, quit or Ctrl-D end it, Ctrl-C stops an answer.
+With --prompt it prints only the answer and exits (0, or 2 for bad input, with one line
+saying why). What a key, a strength or a long message means is decided by `catalog.py`,
+the same for the app and the console.
 """
 
 from __future__ import annotations
@@ -16,39 +18,25 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-import steering
+# isort: off
+import steering  # first: sets the OpenMP wait policy before torch loads
+from catalog import Catalog, Feature, fit_chat
+from config import FEATURE_OPS, load_config, load_steering_spec, save_steering_spec
+from vectors import SteeringVectorSet
+# isort: on
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "demo.yaml"
 BACKENDS = ("hf", "nnsight")
-MODES = ("add", "clamp")
-MAX_FRACTION = 10.0  # |strength| above this is almost surely a typo (50 meant as 50 %)
-LAYER_INDEX = re.compile(r"(\d+):(\d+)|L(\d+)F(\d+)")
 EXIT_WORDS = ("exit", "quit", "/exit", "/quit")
-
-HELP = """\
-Commands (strengths are fractions of the layer's typical residual norm: 0.5 = half):
-  /steer <name|layer:index> [strength] [add|clamp]   steer with a feature (default strength and mode from /features)
-  /unsteer <name|layer:index>                        stop steering with one feature
-  /clear                                             stop all steering
-  /features                                          the features of this profile, with descriptions
-  /active                                            what is steered now
-  /compare [message]                                 answer the next message twice: unsteered, then steered
-  /backend [hf|nnsight]                              show or switch the backend (hf streams, nnsight prints when done)
-  /reset                                             forget the conversation (steering stays)
-  /save FILE                                         save the steering (.json, .yaml or .yml), as the app exports it
-  /load FILE                                         load steering saved here or exported from the app
-  /help                                              this list
-exit, quit or Ctrl-D end the chat; Ctrl-C stops an answer."""
 
 
 # ---------------------------------------------------------------------------
@@ -96,206 +84,31 @@ class Painter:
 
 
 # ---------------------------------------------------------------------------
-# Features: names and layer:index keys resolved to vectors and norms
+# Input words
 # ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Feature:
-    """A steerable direction with what is needed to turn a fraction into a strength."""
-
-    key: str  # as saved in a steering spec: a name, or "L:I" for a raw SAE feature
-    vector: Any  # steering.SteeringVector
-    norm: float  # typical residual norm after vector.layer
-    default_fraction: float
-    default_mode: str
-    description: str
-
-    def component(self, fraction: float, mode: str) -> steering.SteeringComponent:
-        return steering.SteeringComponent(
-            layer=self.vector.layer,
-            vector=self.vector.vector,
-            strength=fraction * self.norm,
-            op=mode,
-            name=self.vector.name,
-        )
-
-
-def parse_layer_index(key: str) -> tuple[int, int] | None:
-    """(layer, index) for "15:21576" or "L15F21576", else None."""
-    match = LAYER_INDEX.fullmatch(key)
-    if not match:
-        return None
-    groups = [g for g in match.groups() if g is not None]
-    return int(groups[0]), int(groups[1])
-
-
 def parse_fraction(text: str) -> float:
-    """A strength typed by the user: a finite fraction of the layer's typical norm."""
+    """A strength typed by the user: a finite number (the catalog checks the feature's range)."""
     try:
         value = float(text)
     except ValueError:
-        raise ValueError(
-            f"strength {text!r} is not a number: give a fraction of the layer's typical norm, e.g. 0.5"
-        ) from None
-    if not math.isfinite(value) or abs(value) > MAX_FRACTION:
-        raise ValueError(
-            f"strength {text} is out of range: it is a fraction of the layer's typical norm "
-            f"(0.5 = half); use a number from {-MAX_FRACTION:g} to {MAX_FRACTION:g}"
-        )
+        raise ValueError(f"strength {text!r} is not a number: give a fraction of the layer's typical norm, e.g. 0.5") from None
+    if not math.isfinite(value):
+        raise ValueError(f"strength {text} is not a finite number: give a fraction of the layer's typical norm, e.g. 0.5")
     return value
 
 
-def parse_mode(text: str) -> str:
-    mode = text.lower()
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {text!r}: use add or clamp")
-    return mode
-
-
-class Catalog:
-    """The features a profile can steer with: its vectors file, plus SAE features extracted on demand.
-
-    >>> catalog = Catalog(profile, vectors); catalog.attach(model, tok)
-    >>> catalog.resolve("eiffel_tower").component(0.5, "clamp")
-    """
-
-    def __init__(self, profile: Any, vectors: Any) -> None:
-        self.profile = profile
-        self.vectors = vectors
-        self.model: Any = None
-        self.tokenizer: Any = None
-        self._extracted: dict[tuple[int, int], Any] = {}
-        self._norms: dict[int, float] = {}
-
-    def attach(self, model: Any, tokenizer: Any) -> None:
-        """Give the catalog the model (for layer checks and for measuring norms)."""
-        if steering.hidden_size(model) != self.vectors.hidden_size:
-            raise ValueError(
-                f"{self.profile.vectors_path()} holds vectors of size {self.vectors.hidden_size}, but "
-                f"{steering.model_id_of(model)} has hidden size {steering.hidden_size(model)}: "
-                "rebuild the vectors file for this model"
-            )
-        self.model, self.tokenizer = model, tokenizer
-
-    def check(self, key: str) -> None:
-        """Raise ValueError now for a key that cannot resolve, without the model if possible."""
-        if self._in_file(key) is None:
-            self._refuse_or_defer(key)
-
-    def resolve(self, key: str) -> Feature:
-        """The feature a name or layer:index names; ValueError in one line if there is none."""
-        key = key.strip()
-        vector = self._in_file(key)
-        layer_index = parse_layer_index(key)
-        if vector is None:
-            layer_index = self._refuse_or_defer(key)
-            vector = self._extract(*layer_index)
-        spec = self._spec_for(vector)
-        norm = self._norm(vector.layer)
-        if spec is not None:
-            default_fraction, mode, description = spec.strength / norm, spec.mode, spec.description
-        else:
-            default_fraction, mode, description = 0.5, "clamp", vector.description
-        canonical = f"{layer_index[0]}:{layer_index[1]}" if layer_index else vector.name
-        return Feature(canonical, vector, norm, default_fraction, mode, description)
-
-    def listing(self) -> list[str]:
-        """One line per feature of the profile, for /features."""
-        lines = []
-        for spec in self.profile.features:
-            try:
-                fraction = f"{spec.strength / self._norm(spec.layer):.2f}"
-            except ValueError:
-                fraction = "?"
-            where = f"layer {spec.layer}" + (f", SAE feature {spec.index}" if spec.index is not None else "")
-            lines.append(f"  {spec.name:<18} {where}; default {fraction} {spec.mode}. {spec.description}")
-        if self.profile.sae_source:
-            lines.append(f"  layer:index (e.g. 15:21576) steers any feature of the SAEs in {self.profile.sae_source}")
-        return lines
-
-    # -- helpers ---------------------------------------------------------------
-
-    def _in_file(self, key: str) -> Any:
-        try:
-            return self.vectors.get(key)
-        except ValueError:
-            return None
-
-    def _refuse_or_defer(self, key: str) -> tuple[int, int]:
-        layer_index = parse_layer_index(key)
-        names = ", ".join(v.name for v in self.vectors.vectors) or "none"
-        if layer_index is None:
-            raise ValueError(f"unknown feature {key!r}: use one of {names}")
-        if not self.profile.sae_source:
-            raise ValueError(
-                f"feature {key} is not in {self.profile.vectors_path().name} and profile {self.profile.name!r} "
-                f"has no SAE to extract it from: use one of {names}"
-            )
-        if self.model is not None:
-            n_layers = steering.num_layers(self.model)
-            if layer_index[0] >= n_layers:
-                raise ValueError(
-                    f"layer {layer_index[0]} is out of range: this model has {n_layers} layers (0-{n_layers - 1})"
-                )
-        return layer_index
-
-    def _extract(self, layer: int, index: int) -> Any:
-        if (layer, index) not in self._extracted:
-            from extract_steering_vectors import extract_sae_features
-
-            found = extract_sae_features(self.profile.sae_source, [(layer, index)], self.profile.sae_format)
-            self._extracted[(layer, index)] = found[0]
-        return self._extracted[(layer, index)]
-
-    def _spec_for(self, vector: Any) -> Any:
-        for spec in self.profile.features:
-            if spec.name == vector.name or (
-                vector.index is not None and spec.index == vector.index and spec.layer == vector.layer
-            ):
-                return spec
-        return None
-
-    def _norm(self, layer: int) -> float:
-        if layer in self._norms:
-            return self._norms[layer]
-        try:
-            return self.vectors.norm(layer)
-        except ValueError:
-            if self.model is None:
-                raise
-        self._norms.update(steering.measure_layer_norms(self.model, self.tokenizer, [layer]))
-        return self._norms[layer]
+def parse_op(text: str) -> str:
+    op = text.lower()
+    if op not in FEATURE_OPS:
+        raise ValueError(f"unknown op {text!r}: use add or clamp")
+    return op
 
 
 # ---------------------------------------------------------------------------
 # The chat
 # ---------------------------------------------------------------------------
-
-
-class Stopped(Exception):
-    """The user pressed Ctrl-C during an answer."""
-
-
-@contextmanager
-def ctrl_c_stops() -> Iterator[None]:
-    """Inside the block the first Ctrl-C raises KeyboardInterrupt; later ones are ignored
-    so that the clean-up (closing the generator, removing hooks) is never cut short."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pressed = [False]
-
-    def handler(signum: int, frame: Any) -> None:
-        if not pressed[0]:
-            pressed[0] = True
-            raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 class Console:
@@ -312,7 +125,7 @@ class Console:
         self.out, self.info, self.interactive = out, info, interactive
         self.paint = Painter(colour_enabled(out))
         self.paint_info = Painter(colour_enabled(info))
-        self.active: dict[str, tuple[Feature, float, str]] = {}  # vector name -> (feature, fraction, mode)
+        self.active: dict[str, tuple[Feature, float, str]] = {}  # feature key -> (feature, fraction, op)
         self.steer_prompt = True
         self.history: list[dict[str, str]] = []
         self.compare_next = False
@@ -330,73 +143,49 @@ class Console:
 
     # -- steering --------------------------------------------------------------
 
-    def steer(self, key: str, fraction: float | None = None, mode: str | None = None) -> Feature:
+    def steer(self, key: str, fraction: float | None = None, op: str | None = None) -> Feature:
         """Steer with a feature at a fraction of its layer's norm (None: the feature's default)."""
         feature = self.catalog.resolve(key)
-        fraction = feature.default_fraction if fraction is None else fraction
-        mode = feature.default_mode if mode is None else mode
-        comp = feature.component(fraction, mode)
-        steering.validate_components(self.model, [comp])
-        self.active[feature.vector.name] = (feature, fraction, mode)
+        fraction = self.catalog.check_fraction(feature, feature.default_fraction if fraction is None else fraction)
+        op = op or feature.default_op
+        steering.validate_components(self.model, [feature.component(fraction, op)])
+        self.active[feature.key] = (feature, fraction, op)
         return feature
 
     def unsteer(self, key: str) -> str:
-        for name, (feature, _, _) in self.active.items():
-            if key in (name, feature.key):
-                del self.active[name]
-                return feature.key
-        try:
-            name = self.catalog.resolve(key).vector.name
-        except ValueError:
-            name = None
-        if name in self.active:
-            return self.active.pop(name)[0].key
-        listed = ", ".join(f.key for f, _, _ in self.active.values()) or "nothing is steered"
+        if key not in self.active:
+            try:
+                key = self.catalog.resolve(key).key
+            except ValueError:
+                pass
+        if key in self.active:
+            return self.active.pop(key)[0].key
+        listed = ", ".join(self.active) or "nothing is steered"
         raise ValueError(f"{key!r} is not steered now ({listed})")
 
     def components(self) -> list[steering.SteeringComponent]:
-        return [feature.component(fraction, mode) for feature, fraction, mode in self.active.values()]
+        return [feature.component(fraction, op) for feature, fraction, op in self.active.values()]
 
     def describe_active(self) -> list[str]:
         if not self.active:
             return ["nothing is steered"]
-        lines = []
-        for feature, fraction, mode in self.active.values():
-            strength = fraction * feature.norm
-            lines.append(
-                f"  {feature.key:<18} {fraction:.3g} x norm {feature.norm:.1f} = {strength:.1f} at layer "
-                f"{feature.vector.layer}, {mode}"
-            )
+        lines = [
+            f"  {feature.key:<18} {fraction:.3g} x norm {feature.norm:.1f} = {fraction * feature.norm:.1f} at layer "
+            f"{feature.layer}, {op}"
+            for feature, fraction, op in self.active.values()
+        ]
         if not self.steer_prompt:
             lines.append("  (the prompt is not steered, only the answer)")
         return lines
 
     def spec(self) -> Any:
-        features = tuple(
-            steering.ActiveFeature(key=feature.key, fraction=fraction, mode=mode)
-            for feature, fraction, mode in self.active.values()
-        )
-        return steering.SteeringSpec(
-            model_id=steering.model_id_of(self.model), features=features, steer_prompt=self.steer_prompt
-        )
-
-    def save(self, path: str) -> None:
-        steering.save_steering_spec(self.spec(), path)
+        return self.catalog.spec({k: (f, op) for k, (_, f, op) in self.active.items()}, self.steer_prompt)
 
     def load(self, path: str) -> None:
         """Replace the steering with a spec file's; nothing changes if any part of it is bad."""
-        spec = steering.load_steering_spec(path)
-        model_id = steering.model_id_of(self.model)
-        if spec.model_id != model_id:
-            raise ValueError(
-                f"{path} is steering for {spec.model_id}, but this chat runs {model_id}: "
-                "choose the profile for that model with --profile"
-            )
-        active: dict[str, tuple[Feature, float, str]] = {}
-        for item in spec.features:
-            feature = self.catalog.resolve(item.key)
-            steering.validate_components(self.model, [feature.component(item.fraction, item.mode)])
-            active[feature.vector.name] = (feature, item.fraction, item.mode)
+        spec = load_steering_spec(path)
+        active = self.catalog.active(spec)
+        steering.validate_components(self.model, [f.component(frac, op) for f, frac, op in active.values()])
         self.active, self.steer_prompt = active, spec.steer_prompt
 
     # -- answering -------------------------------------------------------------
@@ -406,42 +195,21 @@ class Console:
 
         Returns the answer, or None when the user stopped it with Ctrl-C.
         """
-        text = self._cut(text)
-        chat = self._chat(text)
+        fitted = fit_chat(self.tokenizer, self.settings.system, self.history, text, self.settings.max_input_tokens)
+        for line in fitted.notices:
+            self.notice(line)
+        if fitted.dropped_messages:
+            self.history = self.history[fitted.dropped_messages:]
         comps = self.components()
         if compare and not comps:
             self.notice("nothing is steered: one answer only (use /steer first)")
             compare = False
-        if compare:
-            if self._answer(chat, [], "unsteered", labelled=True) is None:
-                return None
-        answer = self._answer(chat, comps, "steered" if comps else "unsteered", labelled=compare)
+        if compare and self._answer(fitted.chat, [], "unsteered", labelled=True) is None:
+            return None
+        answer = self._answer(fitted.chat, comps, "steered" if comps else "unsteered", labelled=compare)
         if answer is not None:
-            self.history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+            self.history += [{"role": "user", "content": fitted.message}, {"role": "assistant", "content": answer}]
         return answer
-
-    def _cut(self, text: str) -> str:
-        """The message, cut to max_input_tokens tokens (with a notice)."""
-        limit = self.settings.max_input_tokens
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) <= limit:
-            return text
-        self.notice(f"your message is {len(ids)} tokens: cut to the first {limit} (max_input_tokens)")
-        return self.tokenizer.decode(ids[:limit])
-
-    def _chat(self, text: str) -> list[dict[str, str]]:
-        """System prompt, history and the new message; the oldest exchanges go if it is too long."""
-        system = [{"role": "system", "content": self.settings.system}] if self.settings.system else []
-        message = [{"role": "user", "content": text}]
-        dropped = 0
-        while self.history and len(
-            steering.chat_input_ids(self.tokenizer, system + self.history + message)
-        ) > self.settings.max_input_tokens:
-            self.history = self.history[2:]
-            dropped += 1
-        if dropped:
-            self.notice(f"the conversation is too long: forgot the oldest {dropped} exchange(s)")
-        return system + self.history + message
 
     def _answer(self, chat: list[dict], comps: list, kind: str, labelled: bool = False) -> str | None:
         """Print one answer in `kind`'s colour; its text, or None if the user stopped it."""
@@ -451,14 +219,11 @@ class Console:
             except Stopped:
                 self.notice("(stopped)")
                 return None
-        labelled = labelled or self.interactive
-        if labelled:
-            label = f"{kind}> " if self.interactive else f"[{kind}]\n"
-            self.out.write(self.paint(kind, label))
+        if labelled or self.interactive:
+            self.out.write(self.paint(kind, f"{kind}> " if self.interactive else f"[{kind}]\n"))
         self.out.write(self.paint.start(kind))
         self.out.flush()
         pieces: list[str] = []
-        stopped = False
         try:
             if self.settings.backend == "hf":
                 self._stream_hf(chat, comps, pieces)
@@ -466,23 +231,17 @@ class Console:
                 pieces.append(self._whole_nnsight(chat, comps))
                 self.out.write(pieces[-1])
         except Stopped:
-            stopped = True
-        finally:
             self.out.write(self.paint.reset() + "\n")
-            self.out.flush()
-        if stopped:
             self.notice("(stopped: this exchange is not kept in the conversation)")
             return None
+        self.out.write(self.paint.reset() + "\n")
+        self.out.flush()
         return "".join(pieces)
 
     def _generation_kwargs(self) -> dict[str, Any]:
         s = self.settings
-        return {
-            "max_new_tokens": s.max_new_tokens,
-            "temperature": s.temperature,
-            "repetition_penalty": s.repetition_penalty,
-            "steer_prompt": self.steer_prompt,
-        }
+        return {"max_new_tokens": s.max_new_tokens, "temperature": s.temperature,
+                "repetition_penalty": s.repetition_penalty, "steer_prompt": self.steer_prompt}
 
     def _stream_hf(self, chat: list[dict], comps: list, pieces: list[str]) -> None:
         stream = steering.stream_steered_answer_hf(self.model, self.tokenizer, chat, comps, **self._generation_kwargs())
@@ -546,62 +305,13 @@ class Console:
 
     def command(self, line: str) -> bool:
         """Run one slash command; False when the chat should end."""
-        parts = line.split()
-        name, args = parts[0].lower(), parts[1:]
+        name, _, rest = line.strip().partition(" ")
+        name = name.lower()
         if name in ("/exit", "/quit"):
             return False
-        if name == "/help":
-            self.notice(HELP)
-        elif name == "/steer":
-            if not 1 <= len(args) <= 3:
-                raise ValueError("usage: /steer <name|layer:index> [strength] [add|clamp]")
-            fraction = parse_fraction(args[1]) if len(args) >= 2 else None
-            mode = parse_mode(args[2]) if len(args) == 3 else None
-            feature = self.steer(args[0], fraction, mode)
-            _, fraction, mode = self.active[feature.vector.name]
-            self.notice(
-                f"steering with {feature.key} at {fraction:.3g} x norm ({fraction * feature.norm:.1f} at layer "
-                f"{feature.vector.layer}), {mode}"
-            )
-        elif name == "/unsteer":
-            if len(args) != 1:
-                raise ValueError("usage: /unsteer <name|layer:index> (see /active)")
-            self.notice(f"no longer steering with {self.unsteer(args[0])}")
-        elif name == "/clear":
-            self.active.clear()
-            self.notice("steering cleared: answers are unsteered")
-        elif name == "/features":
-            self.notice(f"features of profile {self.catalog.profile.name!r} (default strength, mode):")
-            self.notice("\n".join(self.catalog.listing()))
-        elif name == "/active":
-            self.notice("\n".join(self.describe_active()))
-        elif name == "/compare":
-            if args:
-                self.ask(line.split(None, 1)[1], compare=True)
-            else:
-                self.compare_next = True
-                self.notice("the next answer comes twice: unsteered, then steered")
-        elif name == "/backend":
-            if args:
-                if len(args) != 1 or args[0] not in BACKENDS:
-                    raise ValueError(f"usage: /backend {'|'.join(BACKENDS)}")
-                self.settings.backend = args[0]
-            self.notice(f"backend: {self.settings.backend}")
-        elif name == "/reset":
-            self.history.clear()
-            self.notice("conversation forgotten (steering stays; /clear removes it)")
-        elif name in ("/save", "/load"):
-            if len(args) != 1:
-                raise ValueError(f"usage: {name} FILE (.json, .yaml or .yml)")
-            if name == "/save":
-                self.save(args[0])
-                self.notice(f"saved the steering to {args[0]}")
-            else:
-                self.load(args[0])
-                self.notice(f"loaded the steering from {args[0]}:")
-                self.notice("\n".join(self.describe_active()))
-        else:
+        if name not in COMMANDS:
             raise ValueError(f"unknown command {name}: type /help for the list")
+        COMMANDS[name].run(self, rest.strip())
         return True
 
     def loop(self, read: Any = input) -> None:
@@ -644,6 +354,153 @@ class Console:
             return "you> "
         # \001 and \002 tell readline that the colour codes take no room on the screen
         return f"\001{COLOURS['user']}\002you> \001{RESET}{COLOURS['user']}\002"
+
+
+# ---------------------------------------------------------------------------
+# Slash commands: one table, /help is made from it
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Command:
+    """A slash command: its arguments (for usage lines), what it does, and its handler."""
+
+    args: str
+    help: str
+    handler: Callable[[Console, list[str], str], None]
+    nargs: tuple[int, int] = (0, 0)
+
+    def run(self, console: Console, rest: str) -> None:
+        args = rest.split()
+        if not self.nargs[0] <= len(args) <= self.nargs[1]:
+            raise ValueError(f"usage: {self.usage_of(console)}")
+        self.handler(console, args, rest)
+
+    def usage_of(self, console: Console | None = None) -> str:
+        name = next(k for k, v in COMMANDS.items() if v is self)
+        return f"{name} {self.args}".strip()
+
+
+def _steer(c: Console, args: list[str], rest: str) -> None:
+    fraction = parse_fraction(args[1]) if len(args) >= 2 else None
+    op = parse_op(args[2]) if len(args) == 3 else None
+    feature = c.steer(args[0], fraction, op)
+    _, fraction, op = c.active[feature.key]
+    c.notice(f"steering with {feature.key} at {fraction:.3g} x norm ({fraction * feature.norm:.1f} at layer "
+             f"{feature.layer}), {op}")
+
+
+def _unsteer(c: Console, args: list[str], rest: str) -> None:
+    c.notice(f"no longer steering with {c.unsteer(args[0])}")
+
+
+def _clear(c: Console, args: list[str], rest: str) -> None:
+    c.active.clear()
+    c.notice("steering cleared: answers are unsteered")
+
+
+def _features(c: Console, args: list[str], rest: str) -> None:
+    c.notice(f"features of profile {c.catalog.profile.name!r} (default strength, op):")
+    lines = [f"  {f.key:<18} layer {f.layer}; default {f.default_fraction:.2f} {f.default_op}. {f.description}"
+             for f in c.catalog.features]
+    if c.catalog.profile.sae_source:
+        lines.append(f"  layer:index (e.g. 15:21576) steers any feature of the SAEs in {c.catalog.profile.sae_source}")
+    c.notice("\n".join(lines))
+
+
+def _active(c: Console, args: list[str], rest: str) -> None:
+    c.notice("\n".join(c.describe_active()))
+
+
+def _compare(c: Console, args: list[str], rest: str) -> None:
+    if rest:
+        c.ask(rest, compare=True)
+    else:
+        c.compare_next = True
+        c.notice("the next answer comes twice: unsteered, then steered")
+
+
+def _backend(c: Console, args: list[str], rest: str) -> None:
+    if args:
+        if args[0] not in BACKENDS:
+            raise ValueError(f"usage: /backend {'|'.join(BACKENDS)}")
+        c.settings.backend = args[0]
+    c.notice(f"backend: {c.settings.backend}")
+
+
+def _reset(c: Console, args: list[str], rest: str) -> None:
+    c.history.clear()
+    c.notice("conversation forgotten (steering stays; /clear removes it)")
+
+
+def _save(c: Console, args: list[str], rest: str) -> None:
+    save_steering_spec(c.spec(), args[0])
+    c.notice(f"saved the steering to {args[0]}")
+
+
+def _load(c: Console, args: list[str], rest: str) -> None:
+    c.load(args[0])
+    c.notice(f"loaded the steering from {args[0]}:")
+    c.notice("\n".join(c.describe_active()))
+
+
+def _help(c: Console, args: list[str], rest: str) -> None:
+    c.notice(help_text())
+
+
+COMMANDS: dict[str, Command] = {
+    "/steer": Command("<name|layer:index> [strength] [add|clamp]",
+                      "steer with a feature (default strength and op from /features)", _steer, (1, 3)),
+    "/unsteer": Command("<name|layer:index>", "stop steering with one feature", _unsteer, (1, 1)),
+    "/clear": Command("", "stop all steering", _clear),
+    "/features": Command("", "the features of this profile, with descriptions", _features),
+    "/active": Command("", "what is steered now", _active),
+    "/compare": Command("[message]", "answer the next message twice: unsteered, then steered", _compare, (0, 10**6)),
+    "/backend": Command("[hf|nnsight]", "show or switch the backend (hf streams, nnsight prints when done)", _backend, (0, 1)),
+    "/reset": Command("", "forget the conversation (steering stays)", _reset),
+    "/save": Command("FILE", "save the steering (.json, .yaml or .yml), as the app exports it", _save, (1, 1)),
+    "/load": Command("FILE", "load steering saved here or exported from the app", _load, (1, 1)),
+    "/help": Command("", "this list", _help),
+}
+
+
+def help_text() -> str:
+    """/help, made from COMMANDS."""
+    width = max(len(f"{name} {cmd.args}") for name, cmd in COMMANDS.items())
+    lines = ["Commands (strengths are fractions of the layer's typical residual norm: 0.5 = half):"]
+    lines += [f"  {f'{name} {cmd.args}':<{width}}   {cmd.help}" for name, cmd in COMMANDS.items()]
+    lines.append("exit, quit or Ctrl-D end the chat; Ctrl-C stops an answer.")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Ctrl-C
+# ---------------------------------------------------------------------------
+
+
+class Stopped(Exception):
+    """The user pressed Ctrl-C during an answer."""
+
+
+@contextmanager
+def ctrl_c_stops() -> Iterator[None]:
+    """Inside the block the first Ctrl-C raises KeyboardInterrupt; later ones are ignored
+    so that the clean-up (closing the generator, removing hooks) is never cut short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed = [False]
+
+    def handler(signum: int, frame: Any) -> None:
+        if not pressed[0]:
+            pressed[0] = True
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @dataclass
@@ -746,13 +603,12 @@ def run(argv: Sequence[str] | None = None, read: Any = input) -> int:
         raise UsageError("--prompt is empty: give a message to answer")
     if args.prompt is not None and args.compare and not steers:
         raise UsageError("--compare needs at least one --steer NAME STRENGTH to compare with")
-    config = steering.load_config(args.config)
-    profile = config.profile(args.profile)
+    profile = load_config(args.config).profile(args.profile)
     settings = settings_from(args, profile)
-    vectors = steering.SteeringVectorSet.load(profile.vectors_path())
-    catalog = Catalog(profile, vectors)
-    for key, _ in steers:
-        catalog.check(key)  # unknown names fail before the model loads
+    if profile.vectors_path().is_file():  # unknown names fail before the model loads
+        precheck = Catalog(profile, SteeringVectorSet.load(profile.vectors_path()))
+        for key, _ in steers:
+            precheck.check(key)
 
     interactive = args.prompt is None
     info = sys.stdout if interactive else sys.stderr
@@ -761,11 +617,8 @@ def run(argv: Sequence[str] | None = None, read: Any = input) -> int:
               file=info, flush=True)
     quiet_libraries()
     model, tokenizer = steering.load_model(profile.model_id)
-    catalog.attach(model, tokenizer)
+    catalog = Catalog.open(profile, model, tokenizer)  # a missing SAE profile file: its features extracted now
     console = Console(model, tokenizer, catalog, settings, out=sys.stdout, info=info, interactive=interactive)
-    if vectors.model_id != steering.model_id_of(model):
-        console.notice(f"note: {profile.vectors_path().name} was made for {vectors.model_id}, "
-                       f"this chat runs {steering.model_id_of(model)}")
     for key, fraction in steers:
         console.steer(key, fraction)
 

@@ -142,7 +142,7 @@ def test_browser_preset_streaming_compare_stop(server, tmp_path):
                 exported = json.loads(resp.read())
             assert exported["format"] == "llm-steering/spec"
             preset = next(p for p in steering.load_config(ROOT / "demo.yaml").profile().presets if p.name == "Eiffel Tower")
-            assert exported["features"] == [{"key": f.key, "fraction": f.fraction, "mode": f.mode} for f in preset.features]
+            assert exported["features"] == [{"key": f.key, "fraction": f.fraction, "op": f.op} for f in preset.features]
             assert [f["key"] for f in exported["features"]] == ["eiffel_tower"]
             spec = steering.SteeringSpec(steering.EMBEDDED_MODEL_ID, (steering.ActiveFeature("pirate", 0.4, "add"),))
             steering.save_steering_spec(spec, tmp_path / "pirate.yaml")
@@ -228,27 +228,28 @@ def test_gradio_client_chat_endpoint(server, embedded):
 
 @pytest.fixture(scope="module")
 def app_module():
-    """app.py imported in this process (loads the embedded model and builds the Blocks)."""
+    """app.py imported in this process, with its App loaded (the embedded model and the catalog)."""
     import app
 
+    app.LOADED = app.LOADED or app.load_app()
     return app
 
 
 def test_long_input_is_cut_with_a_warning(app_module):
-    app = app_module
-    limit = app.GEN.max_input_tokens
-    long_message = "word " * (limit + 50)
+    app, loaded = app_module, app_module.LOADED
+    limit = loaded.profile.generation.max_input_tokens
+    long_message = "word " * (limit + 50) + "What is this about?"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        chat, message = app.model_chat("You are a helpful assistant.", [], long_message)
-    assert len(steering.chat_input_ids(app.TOKENIZER, chat)) <= limit
-    assert chat[-1]["content"] == message and long_message.startswith(message.strip())
-    assert any("cut" in str(w.message) for w in caught), [str(w.message) for w in caught]
+        chat, message = app.model_chat(loaded, "You are a helpful assistant.", [], long_message)
+    assert len(steering.chat_input_ids(loaded.tokenizer, chat)) <= limit
+    assert chat[-1]["content"] == message and message.startswith("word") and message.endswith("What is this about?")
+    assert any("middle were left out" in str(w.message) for w in caught), [str(w.message) for w in caught]
     history = [{"role": "user", "content": "hello " * (limit // 2)}, {"role": "assistant", "content": "ok"}] * 3
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        chat, _ = app.model_chat("", history, "Hi")
-    assert len(steering.chat_input_ids(app.TOKENIZER, chat)) <= limit
+        chat, _ = app.model_chat(loaded, "", history, "Hi")
+    assert len(steering.chat_input_ids(loaded.tokenizer, chat)) <= limit
     assert chat[-1] == {"role": "user", "content": "Hi"} and len(chat) < len(history) + 1
     assert any("oldest" in str(w.message) for w in caught)
 
@@ -256,26 +257,26 @@ def test_long_input_is_cut_with_a_warning(app_module):
 def test_retry_takes_back_the_last_turn(app_module):
     history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "A"},
                {"role": "user", "content": "b"}, {"role": "assistant", "content": "B"}]
-    plain = [*history[:3], {"role": "assistant", "content": "B0"}]
-    message, new_history, new_plain = app_module.pop_last_turn(history, plain)
-    assert (message, new_history, new_plain) == ("b", history[:2], history[:2])
+    unsteered = [*history[:3], {"role": "assistant", "content": "B0"}]
+    message, new_history, new_unsteered = app_module.pop_last_turn(history, unsteered)
+    assert (message, new_history, new_unsteered) == ("b", history[:2], history[:2])
 
 
 def test_gradio6_message_content_and_steering_parsing(app_module):
-    app = app_module
+    app, catalog = app_module, app_module.LOADED.catalog
     history = [{"role": "user", "content": [{"type": "text", "text": "Hi"}], "metadata": None},
                {"role": "assistant", "content": "Hello"}]
-    assert app.plain_messages(history) == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    assert app.parse_steering("").features == ()
-    preset = app.PROFILE.presets[0]
-    assert app.parse_steering(preset.name).features == preset.features
+    assert app.chat_messages(history) == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert catalog.parse_steering("").features == ()
+    preset = app.LOADED.profile.presets[0]
+    assert catalog.parse_steering(preset.name).features == preset.features
     with pytest.raises(ValueError, match="preset name"):
-        app.parse_steering("[1, 2]")
+        catalog.parse_steering("[1, 2]")
     with pytest.raises(ValueError, match="not a steering spec"):
-        app.parse_steering('{"format": "other"}')
+        catalog.parse_steering('{"format": "other"}')
     other = steering.SteeringSpec("some/other-model", preset.features)
-    with pytest.raises(ValueError, match="this app runs"):
-        app.components_of(other)
+    with pytest.raises(ValueError, match="this chat runs"):
+        catalog.components(other)
 
 
 def test_sae_profile_without_vector_file_extracts_features_at_start_up(app_module, tmp_path):
@@ -283,9 +284,12 @@ def test_sae_profile_without_vector_file_extracts_features_at_start_up(app_modul
     import torch
     from safetensors.torch import save_file
 
+    from catalog import Catalog
+
+    model, tok = app_module.LOADED.model, app_module.LOADED.tokenizer
     folder = tmp_path / "sae" / "blocks.9.hook_resid_post"
     folder.mkdir(parents=True)
-    d_model = steering.hidden_size(app_module.MODEL)
+    d_model = steering.hidden_size(model)
     w_dec = torch.randn(8, d_model, generator=torch.Generator().manual_seed(0))
     save_file({"W_dec": w_dec, "W_enc": w_dec.T.contiguous(), "b_enc": torch.zeros(8), "b_dec": torch.zeros(d_model)},
               str(folder / "sae_weights.safetensors"))
@@ -299,14 +303,13 @@ def test_sae_profile_without_vector_file_extracts_features_at_start_up(app_modul
         "    sae_format: saelens\n"
         "    reduced_strengths: true\n"
         "    features:\n"
-        "      - {name: L9F3, description: a random feature, feature: [9, 3, 4.0], mode: add}\n"
+        "      - {name: L9F3, description: a random feature, feature: [9, 3, 4.0], op: add}\n"
     )
     profile = steering.load_config(tmp_path / "demo.yaml").profile()
-    vectors = app_module.load_vectors_for(profile, app_module.MODEL, app_module.TOKENIZER)
+    (entry,) = Catalog.open(profile, model, tok).features
     assert not (tmp_path / "not_made_yet.pt").exists()
-    (entry,) = app_module.build_catalog(profile, vectors)
-    assert torch.allclose(entry.vector, w_dec[3] / w_dec[3].norm(), atol=1e-6)
-    norm = steering.measure_layer_norms(app_module.MODEL, app_module.TOKENIZER, [9])[9]
+    assert torch.allclose(entry.vector.vector, w_dec[3] / w_dec[3].norm(), atol=1e-6)
+    norm = steering.measure_layer_norms(model, tok, [9])[9]
     assert entry.norm == pytest.approx(norm)
     assert entry.default_fraction == pytest.approx(4.0 * 9 / norm)
     comp = entry.component(0.5, "add")
@@ -317,39 +320,40 @@ def test_intensity_view_shades_each_answer_token_by_the_trace(app_module):
     """One span per answer token, its value the projection at the position that chose the token."""
     import re
 
-    app = app_module
-    entry = app.CATALOG[0]
+    app, loaded = app_module, app_module.LOADED
+    entry = loaded.features[0]
     comp = entry.component(0.5, "clamp")
     chat = [{"role": "user", "content": "Write <b>HTML</b> & say hi."}]
     trace = steering.SteeringTrace()
-    answer = "".join(steering.stream_steered_answer_hf(app.MODEL, app.TOKENIZER, chat, [comp], max_new_tokens=8, trace=trace))
-    page = app.intensity_html(trace)
+    answer = "".join(steering.stream_steered_answer_hf(loaded.model, loaded.tokenizer, chat, [comp], max_new_tokens=8,
+                                                       trace=trace))
+    page = app.intensity_html(loaded.tokenizer, trace)
     titles = [float(t) for t in re.findall(r"title='(-?[\d.]+)'", page)]
     ids = trace.token_ids[trace.prompt_len :]
-    kept = [j for j, t in enumerate(ids) if t not in set(app.TOKENIZER.all_special_ids)]
+    kept = [j for j, t in enumerate(ids) if t not in set(loaded.tokenizer.all_special_ids)]
     expected = [trace.components[0].before[trace.prompt_len - 1 + j] for j in kept]
     assert titles == pytest.approx([round(v, 1) for v in expected], abs=0.051)
     text = re.sub(r"<[^>]+>", "", page.split("<div class='toks'>", 1)[1])
     assert html.unescape(text) == answer  # every token shown once, escaped
-    assert entry.feature.name in page
-    assert "Switch a feature on" in app.intensity_html(None)
+    assert entry.name in page
+    assert "Switch a feature on" in app.intensity_html(loaded.tokenizer, None)
 
 
 def test_import_refuses_files_the_controls_cannot_show(app_module, tmp_path):
-    app = app_module
-    name = app.CATALOG[0].feature.name
-    good = steering.SteeringSpec(app.MODEL_ID, (steering.ActiveFeature(name, 0.25, "add"),), steer_prompt=False)
+    app, loaded = app_module, app_module.LOADED
+    name = loaded.features[0].key
+    good = steering.SteeringSpec(loaded.model_id, (steering.ActiveFeature(name, 0.25, "add"),), steer_prompt=False)
     steering.save_steering_spec(good, tmp_path / "good.json")
-    updates = app.import_spec(str(tmp_path / "good.json"))
-    n = app.N
-    assert updates[:n] == [e.feature.name == name for e in app.CATALOG]
+    updates = app.import_spec(loaded, str(tmp_path / "good.json"))
+    n = len(loaded.features)
+    assert updates[:n] == [e.key == name for e in loaded.features]
     assert updates[n] == 0.25 and updates[2 * n] == "add" and updates[3 * n] is False
-    for spec in (steering.SteeringSpec(app.MODEL_ID, (steering.ActiveFeature(name, 5.0),)),
+    for spec in (steering.SteeringSpec(loaded.model_id, (steering.ActiveFeature(name, 5.0),)),
                  steering.SteeringSpec("other/model", (steering.ActiveFeature(name, 0.5),)),
-                 steering.SteeringSpec(app.MODEL_ID, (steering.ActiveFeature("no_such_feature", 0.5),))):
+                 steering.SteeringSpec(loaded.model_id, (steering.ActiveFeature("no_such_feature", 0.5),))):
         steering.save_steering_spec(spec, tmp_path / "bad.yaml")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            updates = app.import_spec(str(tmp_path / "bad.yaml"))
+            updates = app.import_spec(loaded, str(tmp_path / "bad.yaml"))
         assert all(isinstance(u, type(app.gr.skip())) for u in updates), updates
         assert any("Could not import" in str(w.message) for w in caught)

