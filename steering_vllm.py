@@ -117,6 +117,9 @@ class VLLMEngine:
         self._eos = _as_list(gen.eos_token_id)
         if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in self._eos:
             self._eos.append(self.tokenizer.eos_token_id)
+        # The steering reads the V1 model runner's batch layout; with Triton (GPUs) vLLM 0.32 would
+        # pick Model Runner V2, whose layout differs.
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
         if current_platform.is_cpu():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
             if gpu_memory_utilization is None:
@@ -309,6 +312,9 @@ class _WorkerSteering:
     """Per-step row layout of the batch and one forward hook per decoder layer."""
 
     def __init__(self, runner: Any) -> None:
+        if not hasattr(runner, "_prepare_inputs") or not hasattr(runner, "query_start_loc"):
+            raise ValueError(f"steering needs vLLM 0.32's V1 model runner, not {type(runner).__name__}: "
+                             "set VLLM_USE_V2_MODEL_RUNNER=0")
         self.runner = runner
         self.layers = _vllm_decoder_layers(runner.model)
         self.dtype = next(runner.model.parameters()).dtype
