@@ -1,0 +1,136 @@
+"""The app's GPU function behind a process boundary built like ZeroGPU's (spaces 0.51.3).
+
+On a ZeroGPU Space, `@spaces.GPU` forks a worker process, sends it the arguments through a
+queue, iterates the generator there (`thread_wrapper` / `iterate` in spaces/zero/wrappers.py)
+and sends every yield back pickled. The worker checks its own stop event only after the
+generator's next yield, and that event is set only when the main process closes the
+handler, which Gradio's cancel does not promise. Stop must reach the worker anyway: the
+Stop button's flag (app.StopFlags) is watched by a thread inside the worker.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import pickle
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import steering
+
+FORK = multiprocessing.get_context("fork")  # what spaces uses
+
+
+def spaces_worker(task, arg_queue, res_queue, stop_event) -> None:
+    """spaces 0.51.3's thread_wrapper + iterate, reduced to what touches the generator."""
+    (args, kwargs) = arg_queue.get()
+
+    def iterate() -> None:
+        gen = task(*args, **kwargs)
+        while True:
+            try:
+                res = next(gen)
+            except StopIteration:
+                break
+            except Exception as exc:  # noqa: BLE001
+                res_queue.put(("error", repr(exc)))
+                break
+            if stop_event.is_set():
+                gen.close()
+                break
+            res_queue.put(("ok", res))  # pickled across the process boundary
+
+    with ThreadPoolExecutor() as executor:
+        executor.submit(iterate)
+    res_queue.put(("end", time.time()))
+
+
+@pytest.fixture(scope="module")
+def app_module():
+    import app
+
+    app.LOADED = app.LOADED or app.load_app()
+    return app
+
+
+def run_behind_boundary(app, chat, comps, max_new_tokens, stop_key):
+    arg_queue, res_queue, stop_event = FORK.Queue(), FORK.Queue(), FORK.Event()
+    args = (chat, comps, True, 0.0, 1.0, max_new_tokens, None, stop_key, time.time())
+    proc = FORK.Process(target=spaces_worker, args=(app.generate, arg_queue, res_queue, stop_event), daemon=True)
+    proc.start()
+    arg_queue.put((args, {}))
+    return proc, res_queue, stop_event
+
+
+def test_stop_ends_the_workers_generation_within_a_second(app_module):
+    app = app_module
+    feature = app.LOADED.features[0]
+    comps = [feature.component(feature.default_fraction)]
+    chat = [{"role": "user", "content": "Write a very long story about a dog who travels the world."}]
+    key = uuid.uuid4().hex
+    proc, res_queue, stop_event = run_behind_boundary(app, chat, comps, 400, key)
+    try:
+        seen = []
+        while len(seen) < 3:  # the answer is streaming in the worker
+            kind, value = res_queue.get(timeout=120)
+            assert kind == "ok", value
+            seen.append(value)
+        app.request_stop(key)  # what the Stop button does; the handler is NOT closed (stop_event stays clear)
+        t_stop = time.time()
+        results = []
+        while True:
+            kind, value = res_queue.get(timeout=30)
+            if kind == "end":
+                t_end = value
+                break
+            assert kind == "ok", value
+            results.append(value)
+        assert not stop_event.is_set()
+        assert t_end - t_stop < 1.0, f"the worker generated for {t_end - t_stop:.2f} s after Stop"
+        steered, unsteered, trace, stopped = results[-1]
+        assert stopped and unsteered is None and isinstance(trace, steering.SteeringTrace)
+        assert len(trace.token_ids) - trace.prompt_len < 200  # far from the 400 asked for
+        assert trace.components[0].before and trace.components[0].pending == []  # flushed before pickling
+    finally:
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
+    assert proc.exitcode == 0
+
+
+def test_a_stop_from_before_the_answer_started_is_ignored(app_module):
+    """A flag left by an earlier Stop in the same session must not cut the next answer short."""
+    app = app_module
+    key = uuid.uuid4().hex
+    app.request_stop(key)
+    time.sleep(0.05)
+    chat = [{"role": "user", "content": "Say hi."}]
+    proc, res_queue, _ = run_behind_boundary(app, chat, [], 6, key)
+    try:
+        results = []
+        while True:
+            kind, value = res_queue.get(timeout=120)
+            if kind == "end":
+                break
+            results.append(value)
+        assert results and results[-1][3] is False and results[-1][0].strip()
+    finally:
+        proc.join(10)
+
+
+def test_what_crosses_the_boundary_survives_pickling(app_module):
+    """Arguments (components, chats) and every kind of yield round-trip through pickle."""
+    app = app_module
+    feature = app.LOADED.features[0]
+    comp = feature.component(0.3, "clamp")
+    back = pickle.loads(pickle.dumps(comp))
+    assert (back.layer, back.op, back.strength, back.name) == (comp.layer, comp.op, comp.strength, comp.name)
+    assert back.vector.equal(comp.vector)
+    chat = [{"role": "user", "content": "Hi"}]
+    pieces = list(app.generate(chat, [comp], True, 0.0, 1.0, 4, chat, "", 0.0))
+    for piece in pieces:
+        assert pickle.loads(pickle.dumps(piece)) == piece
+    trace = pieces[-1][2]
+    assert pickle.loads(pickle.dumps(trace)) == trace and trace.components[0].after
