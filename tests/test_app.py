@@ -357,3 +357,77 @@ def test_import_refuses_files_the_controls_cannot_show(app_module, tmp_path):
             updates = app.import_spec(loaded, str(tmp_path / "bad.yaml"))
         assert all(isinstance(u, type(app.gr.skip())) for u in updates), updates
         assert any("Could not import" in str(w.message) for w in caught)
+
+
+def alias_bomb(levels: int = 8) -> str:
+    """About 340 bytes of YAML whose aliases expand 9x per level (9^8 strings at 8 levels)."""
+    lines = ['a0: &a0 ["xxxxxxxx","xxxxxxxx","xxxxxxxx","xxxxxxxx","xxxxxxxx","xxxxxxxx","xxxxxxxx","xxxxxxxx","xxxxxxxx"]']
+    for i in range(1, levels + 1):
+        lines.append(f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]")
+    return "\n".join(lines) + "\nformat: llm-steering/spec\n"
+
+
+def test_hostile_requests_get_short_errors_fast_and_the_app_keeps_serving(server):
+    """Each visitor-controlled input is bounded before it is parsed or tokenized."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    url, _ = server
+    client = Client(url, verbose=False)
+    small = dict(temperature=0.0, max_new_tokens=4)
+    spec_json = json.dumps({"format": "llm-steering/spec", "version": 1, "model_id": steering.EMBEDDED_MODEL_ID,
+                            "features": [{"key": "pirate", "fraction": 0.2}] * 3, "pad": "x" * 70_000})
+    hostile = {
+        "alias bomb": dict(message="Hi", steering_spec=alias_bomb()),
+        "2 MB message": dict(message="a" * 2_000_000),
+        "spec over 64 kB": dict(message="Hi", steering_spec=spec_json),
+        "NaN strength": dict(message="Hi", steering_spec=json.dumps(
+            {"format": "llm-steering/spec", "version": 1, "model_id": steering.EMBEDDED_MODEL_ID,
+             "features": [{"key": "pirate", "fraction": float("nan")}]})),
+        "unknown feature": dict(message="Hi", steering_spec=json.dumps(
+            {"format": "llm-steering/spec", "version": 1, "model_id": steering.EMBEDDED_MODEL_ID,
+             "features": [{"key": "x" * 5000, "fraction": 0.2}]})),
+    }
+    assert len(alias_bomb().encode()) < 400
+    for what, kwargs in hostile.items():
+        t0 = time.monotonic()
+        with pytest.raises(AppError) as info:
+            client.predict(api_name="/chat", **small, **kwargs)
+        took = time.monotonic() - t0
+        message = str(info.value)
+        assert took < 5, f"{what}: {took:.1f} s"
+        assert len(message) < 300 and "\n" not in message.strip(), f"{what}: {message[:400]!r}"
+    # A 20,000-message history is cut to its newest messages (documented) and answered.
+    history = [{"role": "user", "content": f"message {i}"} if i % 2 == 0 else
+               {"role": "assistant", "content": "ok"} for i in range(20_000)]
+    t0 = time.monotonic()
+    answer = client.predict("Say hi.", history=history, api_name="/chat", **small)
+    assert answer.strip() and time.monotonic() - t0 < 10
+    # ... and the app still answers normally.
+    assert client.predict("Say hi.", api_name="/chat", **small).strip()
+
+
+def test_a_typed_out_of_range_strength_is_a_readable_warning(server):
+    from playwright.sync_api import sync_playwright
+
+    url, log_path = server
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 900})
+            page.goto(url)
+            page.wait_for_selector("#msg textarea", timeout=60_000)
+            page.get_by_role("checkbox", name="pirate", exact=True).check()
+            box = page.locator("#catalog input[type='number']").nth(1)  # pirate is the second feature
+            box.fill("7")
+            box.press("Enter")
+            page.get_by_text("out of range").first.wait_for(timeout=15_000)
+            assert "from -1 to 2" in page.locator("#summary").inner_text()
+            assert page.get_by_text("Error", exact=True).count() == 0  # no bare error toast
+            page.locator("#msg textarea").fill("Hi")
+            page.locator("#send").click()
+            page.get_by_text("is out of range").nth(1).wait_for(timeout=15_000)  # Send refuses it, readably
+            assert not _bot_texts(page, "chat-steered")  # nothing was generated with a clipped value
+        finally:
+            browser.close()
+    assert "Traceback" not in log_path.read_text()

@@ -1,0 +1,180 @@
+"""catalog.py: the app and the console read every input the same way, by construction.
+
+The same steering specs and the same long inputs go through the app's handlers and the
+console's chat; both must build the same components and send the model the same input.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import catalog as catalog_module
+import demo
+import steering
+from catalog import Catalog, fit_chat
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def loaded(embedded):
+    import app
+
+    app.LOADED = app.LOADED or app.load_app()
+    return app, app.LOADED
+
+
+def console_for(loaded_app, system: str = "You are a helpful assistant.") -> demo.Console:
+    model, tok = loaded_app.model, loaded_app.tokenizer
+    gen = loaded_app.profile.generation
+    settings = demo.Settings(backend="hf", temperature=0.0, max_new_tokens=2, repetition_penalty=1.0, system=system,
+                             max_input_tokens=gen.max_input_tokens)
+    return demo.Console(model, tok, loaded_app.catalog, settings, out=io.StringIO(), info=io.StringIO(), interactive=False)
+
+
+def comp_tuple(c: steering.SteeringComponent) -> tuple:
+    return c.layer, c.op, round(c.strength, 4), c.name, tuple(c.vector.tolist())
+
+
+SPECS = [
+    # no op given: each feature's own op (eiffel_tower adds, pirate clamps) in both front ends
+    [{"key": "eiffel_tower", "fraction": 0.3}, {"key": "pirate", "fraction": 0.2}],
+    [{"key": "eiffel_tower", "fraction": 0.3, "op": "clamp"}],
+    [{"key": "shakespeare", "fraction": -1.0, "op": "add"}, {"key": "music", "fraction": 2.0}],
+    [{"key": "ocean", "fraction": 0.1, "mode": "add"}],  # a file written before op was called op
+]
+
+
+@pytest.mark.parametrize("features", SPECS)
+def test_app_and_console_build_the_same_components(loaded, tmp_path, features):
+    app, la = loaded
+    spec_dict = {"format": "llm-steering/spec", "version": 1, "model_id": la.model_id, "features": features}
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec_dict))
+    console = console_for(la)
+    console.load(str(path))
+    from_console = [comp_tuple(c) for c in console.components()]
+    updates = app.import_spec(la, str(path))  # the app's controls, as the visitor would then send them
+    n = len(la.features)
+    controls = tuple(u if not isinstance(u, type(app.gr.skip())) else default
+                     for u, default in zip(updates[: 3 * n], [False] * n + [f.default_fraction for f in la.features]
+                                           + [f.default_op for f in la.features], strict=True))
+    from_app = [comp_tuple(c) for c in la.catalog.components(app.spec_from_controls(la, True, controls))]
+    assert from_app == from_console and from_app
+
+
+@pytest.mark.parametrize("fraction", [2.5, -1.5, 11.0])
+def test_both_refuse_the_same_out_of_range_strengths(loaded, tmp_path, fraction):
+    app, la = loaded
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps({"format": "llm-steering/spec", "version": 1, "model_id": la.model_id,
+                                "features": [{"key": "pirate", "fraction": fraction}]}))
+    with pytest.raises(ValueError, match="out of range") as from_console:
+        console_for(la).load(str(path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        updates = app.import_spec(la, str(path))
+    assert all(isinstance(u, type(app.gr.skip())) for u in updates)
+    assert any("out of range" in str(w.message) for w in caught)
+    with pytest.raises(ValueError, match="out of range") as from_api:
+        la.catalog.components(la.catalog.parse_steering(path.read_text()))
+    assert str(from_api.value) == str(from_console.value)
+
+
+@pytest.mark.parametrize("n_words, n_turns", [(50, 0), (3000, 0), (400, 12)])
+def test_app_and_console_send_the_model_the_same_input(loaded, monkeypatch, n_words, n_turns):
+    app, la = loaded
+    system = la.profile.generation.system_prompt
+    history = []
+    for i in range(n_turns):
+        history += [{"role": "user", "content": f"question {i} " + "lorem ipsum " * 60},
+                    {"role": "assistant", "content": f"answer {i} " + "dolor sit " * 60}]
+    message = " ".join(f"w{i}" for i in range(n_words)) + " Summarize the above in one sentence."
+    app_chat, app_message = app.model_chat(la, system, history, message)
+
+    seen = []
+
+    def record(model, tok, chat, comps, **kwargs):
+        seen.append(chat)
+        yield "ok"
+
+    monkeypatch.setattr(steering, "stream_steered_answer_hf", record)
+    console = console_for(la, system)
+    console.history = list(history)
+    console.ask(message)
+    assert seen == [app_chat]
+    assert console.history[-2]["content"] == app_message
+    assert len(steering.chat_input_ids(la.tokenizer, app_chat)) <= la.profile.generation.max_input_tokens
+    assert app_message.endswith("Summarize the above in one sentence.")  # the question survives a cut
+
+
+def test_fit_chat_is_bounded_for_hostile_sizes(embedded):
+    _, tok = embedded
+    with pytest.raises(ValueError, match=r"^the message is 2,000,000 characters; the limit is 200,000"):
+        fit_chat(tok, "", [], "a" * 2_000_000, 2048)
+    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}] * 10_000
+    fitted = fit_chat(tok, "", history, "Hello?", 2048)
+    assert fitted.dropped_messages >= 20_000 - catalog_module.MAX_HISTORY_MESSAGES
+    assert len(fitted.chat) <= catalog_module.MAX_HISTORY_MESSAGES + 1
+
+
+def test_a_preset_the_catalog_cannot_resolve_fails_at_start_up(embedded, tmp_path):
+    model, tok = embedded
+    profile = steering.load_config(ROOT / "demo.yaml").profile()
+    (tmp_path / "demo.yaml").write_text(
+        "profiles:\n  p:\n    model_id: null\n"
+        f"    vectors_file: {profile.vectors_path()}\n"
+        "    features:\n      - {name: pirate, feature: [15, null, 34.4], op: clamp}\n"
+        "    presets:\n      - {name: Raw, features: [{key: '3:7', fraction: 0.2}]}\n"
+    )
+    with pytest.raises(ValueError, match=r"^preset 'Raw' in 'p': feature 3:7 is not in .* has no SAE") as info:
+        Catalog.open(steering.load_config(tmp_path / "demo.yaml").profile(), model, tok)
+    assert "\n" not in str(info.value)
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "app.py"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "STEERING_CONFIG": str(tmp_path / "demo.yaml")})
+    assert out.returncode == 1 and out.stderr.strip().splitlines()[-1].startswith("app.py: preset 'Raw'")
+
+
+def test_missing_vectors_file_names_the_right_command(tmp_path):
+    cfg = steering.load_config(ROOT / "demo.yaml")
+    sae = cfg.profile("llama31_8b")
+    hint = catalog_module.vectors_hint(sae)
+    assert hint.startswith("python extract_steering_vectors.py --sae-source andyrdt/saes-llama-3.1-8b-instruct")
+    assert "--features 15:21576 19:93" in hint and "--model meta-llama/Llama-3.1-8B-Instruct" in hint
+    assert "--contrastive concepts.yaml" in catalog_module.vectors_hint(cfg.profile("smollm2"))
+
+
+def test_console_extracts_a_profiles_sae_features_when_its_vectors_file_is_missing(embedded, tmp_path):
+    """`demo.py --profile <SAE profile>` without a vectors file works, as the app does."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    model, _ = embedded
+    d = steering.hidden_size(model)
+    folder = tmp_path / "saes" / "blocks.5.hook_resid_post"
+    folder.mkdir(parents=True)
+    w_dec = torch.randn(8, d, generator=torch.Generator().manual_seed(1))
+    save_file({"W_dec": w_dec, "W_enc": w_dec.T.contiguous(), "b_enc": torch.zeros(8), "b_dec": torch.zeros(d)},
+              str(folder / "sae_weights.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({"d_in": d, "d_sae": 8, "hook_name": "blocks.5.hook_resid_post"}))
+    (tmp_path / "demo.yaml").write_text(
+        "profiles:\n  sae:\n    model_id: null\n    vectors_file: not_made.pt\n"
+        f"    sae_source: {tmp_path / 'saes'}\n    sae_format: saelens\n"
+        "    features:\n      - {name: L5F2, feature: [5, 2, 30.0], op: clamp}\n"
+    )
+    out = subprocess.run([sys.executable, "demo.py", "--config", str(tmp_path / "demo.yaml"), "--prompt", "Hi",
+                          "--steer", "L5F2", "0.3", "--max-new-tokens", "4", "--temperature", "0"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert out.stdout.strip() and not (tmp_path / "not_made.pt").exists()
