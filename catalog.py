@@ -74,6 +74,18 @@ class Feature:
         )
 
 
+@dataclass(frozen=True)
+class FoundFeatureLink:
+    """A feature found from text: its key (one /steer or one click away), activations, dashboard link."""
+
+    key: str
+    layer: int
+    index: int
+    mean: float
+    max: float
+    url: str | None
+
+
 @dataclass
 class Catalog:
     """A profile's features, resolved against its vectors file, its SAE source and the model.
@@ -246,6 +258,26 @@ class Catalog:
             raise ValueError(f"steering must be a preset name ({names}), a steering spec as JSON, or empty")
         return SteeringSpec.from_text(text)
 
+    def find(self, text: str, layers: Sequence[int] | None = None, k: int = 10) -> list[FoundFeatureLink]:
+        """The SAE features that fire most on `text` (best first, by mean activation), each with
+        its Neuronpedia link where one exists; `layers` default to the profile's SAE feature layers."""
+        from sae_find import find_features
+        from saes import neuronpedia_url
+
+        source = self.profile.sae_source
+        if not source:
+            raise ValueError(f"profile {self.profile.name!r} has no SAE to search: finding features needs an sae_source")
+        if self.model is None:
+            raise ValueError("finding features needs the model: load it first")
+        layers = sorted(set(layers or [f.layer for f in self.profile.features if f.index is not None]))
+        if not layers:
+            raise ValueError("give a layer to search, e.g. /find 15 <text>")
+        found = [f for layer in layers
+                 for f in find_features(source, layer, text, self.model, self.tokenizer, k=k, sae_format=self.profile.sae_format)]
+        found.sort(key=lambda f: (-f.mean, -f.max))
+        return [FoundFeatureLink(f.key, f.layer, f.index, f.mean, f.max, neuronpedia_url(f.layer, f.index, source))
+                for f in found[:k]]
+
     # -- helpers ---------------------------------------------------------------
 
     def _same(self, key: str, feature: Feature) -> bool:
@@ -278,7 +310,7 @@ class Catalog:
     def _extract(self, layer: int, index: int) -> SteeringVector:
         if (layer, index) not in self.extracted:
             self._sae_key(f"{layer}:{index}")
-            from extract_steering_vectors import extract_sae_features
+            from saes import extract_sae_features
 
             found = extract_sae_features(self.profile.sae_source, [(layer, index)], self.profile.sae_format)
             if self.model is not None and found[0].vector.numel() != models.hidden_size(self.model):
@@ -310,7 +342,7 @@ def load_profile_vectors(profile: ModelProfile, model: Any, tokenizer: Any) -> S
     path = profile.vectors_path()
     if path.is_file() or not profile.sae_source:
         return SteeringVectorSet.load(path, create_hint=vectors_hint(profile))
-    from extract_steering_vectors import extract_sae_features
+    from saes import extract_sae_features
 
     wanted = [(f.layer, f.index) for f in profile.features if f.index is not None]
     found = extract_sae_features(profile.sae_source, wanted, profile.sae_format)

@@ -444,6 +444,17 @@ def _load(c: Console, args: list[str], rest: str) -> None:
     c.notice("\n".join(c.describe_active()))
 
 
+def _find(c: Console, args: list[str], rest: str) -> None:
+    layers = [int(args[0])] if args[0].isdigit() and len(args) > 1 else None
+    text = rest.split(None, 1)[1] if layers else rest
+    found = c.catalog.find(text, layers)
+    if not found:
+        c.notice("no feature fires on that text")
+        return
+    c.notice(f"features that fire most on that text (steer one with /steer {found[0].key}):")
+    c.notice("\n".join(f"  {f.key:<12} mean {f.mean:8.3f}  max {f.max:8.3f}  {f.url or ''}".rstrip() for f in found))
+
+
 def _help(c: Console, args: list[str], rest: str) -> None:
     c.notice(help_text())
 
@@ -460,6 +471,8 @@ COMMANDS: dict[str, Command] = {
     "/reset": Command("", "forget the conversation (steering stays)", _reset),
     "/save": Command("FILE", "save the steering (.json, .yaml or .yml), as the app exports it", _save, (1, 1)),
     "/load": Command("FILE", "load steering saved here or exported from the app", _load, (1, 1)),
+    "/find": Command("[layer] <text>", "the SAE features that fire most on a text (profiles with an SAE)", _find,
+                     (1, 10**6)),
     "/help": Command("", "this list", _help),
 }
 

@@ -361,10 +361,11 @@ def test_import_refuses_files_the_controls_cannot_show(app_module, tmp_path):
 
 def alias_bomb(levels: int = 8) -> str:
     """About 340 bytes of YAML whose aliases expand 9x per level (9^8 strings at 8 levels)."""
-    lines = ['a0: &a0 ["xxxxxxxx","xxxxxxxx","xxxxxxxx","xxxxxxxx","xxxxxxxx","xxxxxxxx","xxxxxxxx","xxxxxxxx","xxxxxxxx"]']
+    names = "abcdefghij"
+    lines = ["format: llm-steering/spec", "a: &a [x,x,x,x,x,x,x,x,x]"]
     for i in range(1, levels + 1):
-        lines.append(f"a{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]")
-    return "\n".join(lines) + "\nformat: llm-steering/spec\n"
+        lines.append(f"{names[i]}: &{names[i]} [" + ",".join([f"*{names[i - 1]}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
 
 
 def test_hostile_requests_get_short_errors_fast_and_the_app_keeps_serving(server):
@@ -421,13 +422,11 @@ def test_a_typed_out_of_range_strength_is_a_readable_warning(server):
             box = page.locator("#catalog input[type='number']").nth(1)  # pirate is the second feature
             box.fill("7")
             box.press("Enter")
-            page.get_by_text("out of range").first.wait_for(timeout=15_000)
-            assert "from -1 to 2" in page.locator("#summary").inner_text()
+            page.get_by_text("for pirate is out of range: use a fraction").first.wait_for(timeout=15_000)
             assert page.get_by_text("Error", exact=True).count() == 0  # no bare error toast
-            page.locator("#msg textarea").fill("Hi")
-            page.locator("#send").click()
-            page.get_by_text("is out of range").nth(1).wait_for(timeout=15_000)  # Send refuses it, readably
-            assert not _bot_texts(page, "chat-steered")  # nothing was generated with a clipped value
+            # Leaving the box puts it back at the slider's end; the summary says what will be used.
+            page.locator("#msg textarea").click()
+            _wait_for(lambda: "pirate · clamp · 2.00" in page.locator("#summary").inner_text(), 15, "the summary")
         finally:
             browser.close()
     assert "Traceback" not in log_path.read_text()

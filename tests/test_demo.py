@@ -427,3 +427,30 @@ def test_ctrl_c_with_nnsight_returns_at_once_and_cancels_the_run(embedded, shipp
     assert answer and not console.busy()
     assert console.history == [{"role": "user", "content": "Tell me a story."},
                                {"role": "assistant", "content": answer}]
+
+
+def test_find_lists_the_features_that_fire_and_one_steers_them(embedded, sae_profile):
+    import sae_find
+
+    model, tok = embedded
+    path, _ = sae_profile
+    profile = steering.load_config(path).profile()
+    catalog = demo.Catalog(profile, steering.load_vectors(profile.vectors_path()))
+    catalog.attach(model, tok)
+    out = io.StringIO()
+    settings = demo.Settings(backend="hf", temperature=0.0, max_new_tokens=2, repetition_penalty=1.0, system="",
+                             max_input_tokens=2048)
+    console = demo.Console(model, tok, catalog, settings, out=out, info=out, interactive=True)
+    text = "The Eiffel Tower in Paris is tall."
+    assert console.command(f"/find 3 {text}")
+    expected = sae_find.find_features(profile.sae_source, 3, text, model, tok, k=10, sae_format="saelens")
+    assert expected
+    listed = re.findall(r"^\s+(\d+:\d+)\s+mean\s+(\S+)", clean(out.getvalue()), re.M)
+    assert [k for k, _ in listed] == [f.key for f in expected]
+    assert [float(m) for _, m in listed] == pytest.approx([round(f.mean, 3) for f in expected], abs=1e-3)
+    console.command(f"/steer {expected[0].key} 0.3")  # one command from being steered
+    assert list(console.active) == [expected[0].key]
+    with pytest.raises(ValueError, match="no SAE to search"):
+        shipped_profile = steering.load_config(ROOT / "demo.yaml").profile()
+        demo.Catalog(shipped_profile, steering.load_vectors(shipped_profile.vectors_path())).find("hi")
+    assert "/find [layer] <text>" in demo.help_text()
