@@ -623,8 +623,3 @@ def __getattr__(name: str) -> Any:
             return getattr(importlib.import_module(module), name)
     raise AttributeError(f"module 'steering' has no attribute {name!r}")
 
-
-# Old private names, kept only until extract_steering_vectors.py and benchmarks/sweep_vectors.py
-# (being changed elsewhere right now) move to the public ones.
-_decoder_layers, _untuple, _retuple, _eos_ids = decoder_layers, layer_hidden, with_hidden, eos_ids
-_embedded_model_dir = embedded_model_dir

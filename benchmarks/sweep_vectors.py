@@ -95,7 +95,7 @@ def row_steering(model: Any, rows: list[tuple[int, torch.Tensor, float, str] | N
     """Hooks steering batch row b with rows[b] = (layer, unit vector, strength, op) or None (unsteered).
 
     `answer_only` leaves the prompt pass alone (as steer_prompt=False does)."""
-    _, layers = steering._decoder_layers(model)
+    _, layers = steering.decoder_layers(model)
     d = steering.hidden_size(model)
     by_layer: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for b, row in enumerate(rows):
@@ -109,7 +109,7 @@ def row_steering(model: Any, rows: list[tuple[int, torch.Tensor, float, str] | N
 
     def hook_for(V: torch.Tensor, S: torch.Tensor, C: torch.Tensor):
         def hook(module: Any, args: Any, output: Any) -> Any:
-            hidden = steering._untuple(output)  # [batch, seq, d]
+            hidden = steering.layer_hidden(output)  # [batch, seq, d]
             if answer_only and hidden.shape[1] > 1:
                 return None  # the prompt pass (left-padded prompts all end at the same position)
             n = hidden.shape[0]
@@ -117,7 +117,7 @@ def row_steering(model: Any, rows: list[tuple[int, torch.Tensor, float, str] | N
             proj = (hidden * v).sum(-1)  # [batch, seq]
             delta = torch.where(c, s - proj, s.expand_as(proj))
             edited = hidden + delta.unsqueeze(-1) * v
-            return steering._retuple(output, edited)
+            return steering.with_hidden(output, edited)
         return hook
 
     handles = [layers[L].register_forward_hook(hook_for(*t)) for L, t in by_layer.items()]
@@ -137,7 +137,7 @@ def generate_rows(model: Any, tok: Any, prompts: list[str], rows: list, max_new:
     """Greedy answers (token ids, EOS cut) for prompts[b] steered by rows[b], in left-padded batches."""
     from transformers import GenerationConfig
 
-    eos = set(steering._eos_ids(model, tok))
+    eos = set(steering.eos_ids(model, tok))
     config = GenerationConfig(max_new_tokens=max_new, do_sample=False, temperature=None, top_p=None, top_k=None,
                               repetition_penalty=rep_pen, pad_token_id=tok.pad_token_id, eos_token_id=sorted(eos))
     out: list[list[int]] = []

@@ -22,6 +22,7 @@ import pytest
 import torch
 from conftest import hooks_on
 
+import console_commands
 import demo
 import steering
 
@@ -453,4 +454,4 @@ def test_find_lists_the_features_that_fire_and_one_steers_them(embedded, sae_pro
     with pytest.raises(ValueError, match="no SAE to search"):
         shipped_profile = steering.load_config(ROOT / "demo.yaml").profile()
         demo.Catalog(shipped_profile, steering.load_vectors(shipped_profile.vectors_path())).find("hi")
-    assert "/find [layer] <text>" in demo.help_text()
+    assert "/find [layer] <text>" in console_commands.help_text()

@@ -90,7 +90,7 @@ def tiny_model_dir(tmp_path_factory):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     folder = tmp_path_factory.mktemp("tiny_model")
-    tok = AutoTokenizer.from_pretrained(steering._embedded_model_dir())
+    tok = AutoTokenizer.from_pretrained(steering.embedded_model_dir())
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=D, intermediate_size=64, num_hidden_layers=8,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True)
@@ -194,8 +194,8 @@ CONCEPTS = {
 
 def single_text_mean(model, tok, text, layer):
     got = {}
-    _, layers = steering._decoder_layers(model)
-    h = layers[layer].register_forward_hook(lambda m, a, o: got.update(h=steering._untuple(o)[0, 1:].mean(0)))
+    _, layers = steering.decoder_layers(model)
+    h = layers[layer].register_forward_hook(lambda m, a, o: got.update(h=steering.layer_hidden(o)[0, 1:].mean(0)))
     try:
         with torch.inference_mode():
             model(input_ids=tok(text, return_tensors="pt")["input_ids"])

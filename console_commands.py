@@ -1,0 +1,173 @@
+"""The console chat's slash commands: one table (name -> usage, help, handler); /help is made from it.
+
+A handler gets the running `demo.Console`, the command's words and the rest of the line.
+
+    >>> COMMANDS["/steer"].run(console, "pirate 0.2 clamp")
+    >>> print(help_text())
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from config import FEATURE_OPS, save_steering_spec
+
+BACKENDS = ("hf", "nnsight")
+
+
+# ---------------------------------------------------------------------------
+# Input words
+# ---------------------------------------------------------------------------
+
+
+def parse_fraction(text: str) -> float:
+    """A strength typed by the user: a finite number (the catalog checks the feature's range)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"strength {text!r} is not a number: give a fraction of the layer's typical norm, e.g. 0.5") from None
+    if not math.isfinite(value):
+        raise ValueError(f"strength {text} is not a finite number: give a fraction of the layer's typical norm, e.g. 0.5")
+    return value
+
+
+def parse_op(text: str) -> str:
+    op = text.lower()
+    if op not in FEATURE_OPS:
+        raise ValueError(f"unknown op {text!r}: use add or clamp")
+    return op
+
+
+# ---------------------------------------------------------------------------
+# Slash commands: one table, /help is made from it
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Command:
+    """A slash command: its arguments (for usage lines), what it does, and its handler."""
+
+    args: str
+    help: str
+    handler: Callable[[Any, list[str], str], None]
+    nargs: tuple[int, int] = (0, 0)
+
+    def run(self, console: Any, rest: str) -> None:
+        args = rest.split()
+        if not self.nargs[0] <= len(args) <= self.nargs[1]:
+            raise ValueError(f"usage: {self.usage_of()}")
+        self.handler(console, args, rest)
+
+    def usage_of(self) -> str:
+        name = next(k for k, v in COMMANDS.items() if v is self)
+        return f"{name} {self.args}".strip()
+
+
+def _steer(c: Any, args: list[str], rest: str) -> None:
+    fraction = parse_fraction(args[1]) if len(args) >= 2 else None
+    op = parse_op(args[2]) if len(args) == 3 else None
+    feature = c.steer(args[0], fraction, op)
+    _, fraction, op = c.active[feature.key]
+    c.notice(f"steering with {feature.key} at {fraction:.3g} x norm ({fraction * feature.norm:.1f} at layer "
+             f"{feature.layer}), {op}")
+
+
+def _unsteer(c: Any, args: list[str], rest: str) -> None:
+    c.notice(f"no longer steering with {c.unsteer(args[0])}")
+
+
+def _clear(c: Any, args: list[str], rest: str) -> None:
+    c.active.clear()
+    c.notice("steering cleared: answers are unsteered")
+
+
+def _features(c: Any, args: list[str], rest: str) -> None:
+    c.notice(f"features of profile {c.catalog.profile.name!r} (default strength, op):")
+    lines = [f"  {f.key:<18} layer {f.layer}; default {f.default_fraction:.2f} {f.default_op}. {f.description}"
+             for f in c.catalog.features]
+    if c.catalog.profile.sae_source:
+        lines.append(f"  layer:index (e.g. 15:21576) steers any feature of the SAEs in {c.catalog.profile.sae_source}")
+    c.notice("\n".join(lines))
+
+
+def _active(c: Any, args: list[str], rest: str) -> None:
+    c.notice("\n".join(c.describe_active()))
+
+
+def _compare(c: Any, args: list[str], rest: str) -> None:
+    if rest:
+        c.ask(rest, compare=True)
+    else:
+        c.compare_next = True
+        c.notice("the next answer comes twice: unsteered, then steered")
+
+
+def _backend(c: Any, args: list[str], rest: str) -> None:
+    if args:
+        if args[0] not in BACKENDS:
+            raise ValueError(f"usage: /backend {'|'.join(BACKENDS)}")
+        c.settings.backend = args[0]
+    c.notice(f"backend: {c.settings.backend}")
+
+
+def _reset(c: Any, args: list[str], rest: str) -> None:
+    c.history.clear()
+    c.notice("conversation forgotten (steering stays; /clear removes it)")
+
+
+def _save(c: Any, args: list[str], rest: str) -> None:
+    save_steering_spec(c.spec(), args[0])
+    c.notice(f"saved the steering to {args[0]}")
+
+
+def _load(c: Any, args: list[str], rest: str) -> None:
+    c.load(args[0])
+    c.notice(f"loaded the steering from {args[0]}:")
+    c.notice("\n".join(c.describe_active()))
+
+
+def _find(c: Any, args: list[str], rest: str) -> None:
+    layers = [int(args[0])] if args[0].isdigit() and len(args) > 1 else None
+    text = rest.split(None, 1)[1] if layers else rest
+    found = c.catalog.find(text, layers)
+    if not found:
+        c.notice("no feature fires on that text")
+        return
+    c.notice(f"features that fire most on that text (steer one with /steer {found[0].key}):")
+    c.notice("\n".join(f"  {f.key:<12} mean {f.mean:8.3f}  max {f.max:8.3f}  {f.url or ''}".rstrip() for f in found))
+
+
+def _help(c: Any, args: list[str], rest: str) -> None:
+    c.notice(help_text())
+
+
+COMMANDS: dict[str, Command] = {
+    "/steer": Command("<name|layer:index> [strength] [add|clamp]",
+                      "steer with a feature (default strength and op from /features)", _steer, (1, 3)),
+    "/unsteer": Command("<name|layer:index>", "stop steering with one feature", _unsteer, (1, 1)),
+    "/clear": Command("", "stop all steering", _clear),
+    "/features": Command("", "the features of this profile, with descriptions", _features),
+    "/active": Command("", "what is steered now", _active),
+    "/compare": Command("[message]", "answer the next message twice: unsteered, then steered", _compare, (0, 10**6)),
+    "/backend": Command("[hf|nnsight]", "show or switch the backend (hf streams, nnsight prints when done)", _backend, (0, 1)),
+    "/reset": Command("", "forget the conversation (steering stays)", _reset),
+    "/save": Command("FILE", "save the steering (.json, .yaml or .yml), as the app exports it", _save, (1, 1)),
+    "/load": Command("FILE", "load steering saved here or exported from the app", _load, (1, 1)),
+    "/find": Command("[layer] <text>", "the SAE features that fire most on a text (profiles with an SAE)", _find,
+                     (1, 10**6)),
+    "/help": Command("", "this list", _help),
+}
+
+
+def help_text() -> str:
+    """/help, made from COMMANDS."""
+    width = max(len(f"{name} {cmd.args}") for name, cmd in COMMANDS.items())
+    lines = ["Commands (strengths are fractions of the layer's typical residual norm: 0.5 = half):"]
+    lines += [f"  {f'{name} {cmd.args}':<{width}}   {cmd.help}" for name, cmd in COMMANDS.items()]
+    lines.append("exit, quit or Ctrl-D end the chat; Ctrl-C stops an answer.")
+    return "\n".join(lines)
+
+
