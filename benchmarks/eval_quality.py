@@ -267,6 +267,8 @@ def cmd_report(args) -> None:
     if args.picks:
         picks = side_by_side(rows, table, base, thresholds, args.bound)
         Path(args.picks).write_text(json.dumps(picks, indent=1) + "\n")
+        if args.defaults_yaml:
+            write_defaults(picks, args.vectors, args.defaults_yaml)
     if args.bound and args.all_auto:
         print(f"\nauto (calibrate.py rule replayed on the grid: strongest fraction with per-prompt NLL ratio <= {args.bound}, rep3 < 0.2)")
         print("| set | concept | variant | mention | probe | NLL ratio | rep3 | on-topic | mean fraction | pass |")
@@ -282,15 +284,14 @@ def cmd_report(args) -> None:
 def pick(table: dict, concept: str) -> tuple:
     """The default for a concept, from the TUNING rows only: among the settings that pass, the one
     with the largest margin on both bars (mention above 62.5%, NLL ratio below 2.0); when none
-    passes, the most mentions at NLL ratio <= 2.0; else the lowest NLL ratio."""
+    passes, the one closest to passing (smallest shortfall: (0.625 - mention) / 0.375 + (NLL ratio - 2.0),
+    each counted when positive), so a default still shows its concept."""
     cands = [(k, m) for k, m in table.items() if k[0] == "tuning" and k[1] == concept]
     ok = [(k, m) for k, m in cands if passes(m)]
     if ok:
         return max(ok, key=lambda km: min((km[1]["mention"] - 0.625) / 0.375, 2.0 - km[1]["nll_ratio"]))[0]
-    fluent = [(k, m) for k, m in cands if m["nll_ratio"] <= 2.0]
-    if fluent:
-        return max(fluent, key=lambda km: (km[1]["mention"], -km[1]["nll_ratio"]))[0]
-    return min(cands, key=lambda km: km[1]["nll_ratio"])[0]
+    return min(cands, key=lambda km: max(0.0, 0.625 - km[1]["mention"]) / 0.375 + max(0.0, km[1]["nll_ratio"] - 2.0)
+               + (km[1]["rep3"] >= 0.2))[0]
 
 
 def side_by_side(rows: list[dict], table: dict, base: dict, thresholds: dict, bound: float) -> dict:
@@ -324,6 +325,25 @@ def side_by_side(rows: list[dict], table: dict, base: dict, thresholds: dict, bo
     print(f"\nheld-out: {n_pass} of {len(picks)} pass at their defaults; {n_strong} reach mention >= 75% at NLL ratio <= 1.5; "
           f"auto (bound {bound}): {n_auto} pass")
     return picks
+
+
+def write_defaults(picks: dict, vectors_path: str, out: str) -> None:
+    """demo.yaml-style settings for the picks: feature [layer, null, absolute strength], mode, fraction; presets."""
+    vset = steering.load_vectors(vectors_path)
+    lines = ["# Per-concept defaults picked on the tuning prompts by benchmarks/eval_quality.py (issue 10).",
+             "# feature: [layer, null (contrastive), absolute strength = fraction x the layer's norm]; mode as in demo.yaml.",
+             "features:"]
+    for c, p in picks.items():
+        L = vset.get(c).layer
+        op = p["variant"].split("+")[0]
+        lines += [f"  - name: {c}", f"    feature: [{L}, null, {p['fraction'] * vset.norm(L):.1f}]   # {p['fraction']:.3f} x norm {vset.norm(L):.1f}",
+                  f"    mode: {op}", f"    fraction: {p['fraction']:.3f}"]
+    lines.append("presets:")
+    for name, key in (("Eiffel Tower", "eiffel_tower"), ("Pirate", "pirate"), ("Shakespeare", "shakespeare")):
+        if key in picks:
+            lines += [f"  - name: {name}", "    features:",
+                      f"      - {{key: {key}, fraction: {picks[key]['fraction']:.3f}, mode: {picks[key]['variant'].split('+')[0]}}}"]
+    Path(out).write_text("\n".join(lines) + "\n")
 
 
 def cmd_check(args) -> None:
@@ -384,10 +404,12 @@ def main() -> None:
     run.add_argument("--out", required=True, help="JSONL to append the answers to")
     rep = sub.add_parser("report", help="tables from one or more JSONL files")
     rep.add_argument("files", nargs="+")
-    rep.add_argument("--bound", type=float, default=1.8, help="NLL bound of the replayed auto calibration (0: skip)")
+    rep.add_argument("--bound", type=float, default=calibrate.DEFAULT_NLL_BOUND, help="NLL bound of the replayed auto calibration (0: skip)")
     rep.add_argument("--json", help="write the per-setting table here")
     rep.add_argument("--picks", help="pick each concept's default on the tuning rows, print tuning and held-out side by side, "
                                      "write the picks (JSON) here")
+    rep.add_argument("--defaults-yaml", help="with --picks: write the picks as demo.yaml-style settings here")
+    rep.add_argument("--vectors", default=str(ROOT / "steering_vectors.pt"), help="for the norms in --defaults-yaml")
     rep.add_argument("--all-auto", action="store_true", help="print the replayed auto calibration for every variant")
     chk = sub.add_parser("check", help="batched answers == steering.generate_steered_answer_hf")
     chk.add_argument("--vectors", default=str(ROOT / "steering_vectors.pt"))
