@@ -207,22 +207,25 @@ def steer_hidden(
 ) -> torch.Tensor:
     """Apply `components` in order to `hidden` [batch, seq, d_model]; return the edited tensor.
 
-    `vectors` are the components' directions already on hidden's device and dtype.
+    `vectors` are the components' directions already on hidden's device (float32 at least).
     Positions are numbered from `start_pos`; those before `steer_from` are left as they
     are. When `record` is given, the projections before and after each edit (batch
     row 0) are recorded in it, one ComponentTrace per component (call `flush` after).
+    A 16-bit hidden state is steered in float32 and rounded once: in bfloat16, projecting
+    on a rounded v put a clamp off by up to 2% of its strength at hidden size 4096.
     """
     seq = hidden.shape[1]
     first = max(0, steer_from - start_pos)  # first position of this chunk that is steered
     for i, (comp, v) in enumerate(zip(components, vectors, strict=True)):
-        v = v.to(device=hidden.device, dtype=hidden.dtype)  # no-op unless layers sit on other devices
-        before = hidden @ v  # [batch, seq]
+        v = v.to(device=hidden.device, dtype=torch.promote_types(hidden.dtype, torch.float32))
+        h = hidden.to(v.dtype)  # no copy for float32 states
+        before = h @ v  # [batch, seq]
         if first < seq:
             delta = _delta(comp, before[:, first:])  # [batch, seq - first]
-            edited = hidden[:, first:] + delta.unsqueeze(-1) * v
+            edited = (h[:, first:] + delta.unsqueeze(-1) * v).to(hidden.dtype)
             hidden = edited if first == 0 else torch.cat([hidden[:, :first], edited], dim=1)
         if record is not None:
-            record[i].record(before[0], hidden[0] @ v)
+            record[i].record(before[0], hidden[0].to(v.dtype) @ v)
     return hidden
 
 
@@ -261,8 +264,8 @@ def _new_trace(components: Sequence[SteeringComponent], prompt_ids: list[int]) -
 
 
 def _device_vectors(model: Any, components: Sequence[SteeringComponent]) -> list[torch.Tensor]:
-    param = next(model.parameters())
-    return [c.vector.to(device=param.device, dtype=param.dtype) for c in components]
+    param = next(model.parameters())  # float32 even for a 16-bit model: steer_hidden computes in it
+    return [c.vector.to(device=param.device, dtype=torch.promote_types(param.dtype, torch.float32)) for c in components]
 
 
 # ---------------------------------------------------------------------------

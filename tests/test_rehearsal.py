@@ -82,3 +82,36 @@ def test_cpu_load_keeps_bfloat16_when_float32_would_not_fit(rehearsal_dirs, monk
     assert models.cpu_dtype(str(model_dir)) == torch.bfloat16
     monkeypatch.setattr(models, "available_memory", lambda: 2 * 4 * n_params)
     assert models.cpu_dtype(str(model_dir)) == torch.float32
+
+
+def test_bfloat16_clamp_lands_on_its_strength():
+    """Full size: with bf16 weights, the float32 unit vector was rounded to bf16 and the projection
+    taken in bf16, so a clamp missed its strength by up to 2% (0.16 of 8.55 at hidden 4096).
+    Steering a 16-bit state in float32 and rounding once puts it within bf16's last bit of the state."""
+    from conftest import build_tiny_llama
+
+    model = build_tiny_llama(num_layers=2, hidden=1024).to(torch.bfloat16)
+    ids = torch.tensor([[1, 5, 9, 17, 33, 65, 100]])
+    _, layers = models.decoder_layers(model)
+    seen = {}
+
+    def watch():
+        return layers[0].register_forward_hook(lambda m, a, out: seen.__setitem__("h", models.layer_hidden(out).float()))
+
+    handle = watch()
+    model(input_ids=ids)
+    handle.remove()
+    h = seen["h"][0]  # [seq, d_model]
+    g = torch.Generator().manual_seed(3)
+    v = h[-1] / h[-1].norm() + 0.3 * torch.randn(h.shape[1], generator=g) / h.shape[1] ** 0.5
+    v = v / v.norm()  # a direction the state has a large component along, as an active feature does
+    strength = 0.1 * float((h @ v).abs().max())
+    comp = steering.SteeringComponent(layer=0, vector=v, strength=strength, op="clamp")
+    with steering.steer(model, [comp]):
+        handle = watch()  # registered after the steering hook: sees the steered state
+        try:
+            model(input_ids=ids)
+        finally:
+            handle.remove()
+    after = seen["h"][0] @ comp.vector  # [seq]: the hook above runs after the steering hook
+    assert float((after - strength).abs().max()) < 2e-3 * strength, (after, strength)
