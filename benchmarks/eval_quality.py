@@ -141,8 +141,8 @@ def cmd_run(args) -> None:
     model, tok = steering.load_model()
     vset = steering.load_vectors(args.vectors)
     prompts = load_prompts(args.set)
-    if args.every > 1:
-        prompts = prompts[:: args.every]
+    if args.every > 1 or args.offset:
+        prompts = prompts[args.offset :: args.every]
     concepts = args.concepts or list(KEYWORDS)
     # {concept: {"variant": ..., "fraction": f0}}: that concept's variant, and --fractions as multiples of f0
     per_concept = json.loads(Path(args.per_concept).read_text()) if args.per_concept else {}
@@ -160,6 +160,9 @@ def cmd_run(args) -> None:
         for variant in args.variants:
             for f in args.fractions:
                 jobs += [(c, variant, f, p) for p in prompts]
+    # prompt-major: a run stopped early leaves every setting on the same prompts (report keeps complete prompts)
+    order = {p: i for i, p in enumerate(prompts)}
+    jobs.sort(key=lambda j: order[j[3]])
     rows, answer_only = [], []
     for c, variant, f, _ in jobs:
         rows.append([] if c is None else variant_components(variant, c, f, vecs, norms, layer_of))
@@ -190,7 +193,20 @@ def cmd_run(args) -> None:
 
 
 def load_rows(paths: list[str]) -> list[dict]:
-    return [json.loads(line) for p in paths for line in open(p)]
+    """All answers of the files, keeping only the prompts that have the unsteered answer and one answer
+    for every setting of their set (a run stopped early leaves some prompts incomplete)."""
+    rows = [json.loads(line) for p in paths for line in open(p)]
+    settings: dict[str, set] = defaultdict(set)
+    have: dict[tuple, set] = defaultdict(set)
+    for r in rows:
+        key = (r["concept"], r["variant"], r["fraction"])
+        settings[r["set"]].add(key)
+        have[(r["set"], r["prompt"])].add(key)
+    complete = {sp for sp, keys in have.items() if keys == settings[sp[0]]}
+    dropped = len({sp for sp in have} - complete)
+    if dropped:
+        print(f"(left out {dropped} prompts without an answer for every setting)", file=sys.stderr)
+    return [r for r in rows if (r["set"], r["prompt"]) in complete]
 
 
 def summarise(rows: list[dict], thresholds: dict[str, float]) -> tuple[dict, dict]:
@@ -253,9 +269,10 @@ def cmd_report(args) -> None:
     # one unsteered answer per prompt (several runs repeat them: identical greedy answers)
     thresholds = {c: max(r["probe"][c] for r in tun_base) for c in KEYWORDS}
     table, base = summarise(rows, thresholds)
-    print("| set | concept | variant | fraction | mention | probe | unsteered mention/probe | NLL ratio | rep3 | on-topic | overlap | pass |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for key in sorted(table):
+    if not args.quiet:
+        print("| set | concept | variant | fraction | mention | probe | unsteered mention/probe | NLL ratio | rep3 | on-topic | overlap | pass |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for key in sorted(table) if not args.quiet else []:
         m = table[key]
         st, c, variant, f = key
         print(f"| {st} | {c} | {variant} | {f:.2f} | {m['mention']:.0%} | {m['probe']:.0%} | {m['base_mention']:.0%}/{m['base_probe']:.0%} | "
@@ -264,6 +281,8 @@ def cmd_report(args) -> None:
         Path(args.json).write_text(json.dumps({"thresholds": thresholds,
                                                "table": [dict(zip(("set", "concept", "variant", "fraction"), k, strict=True)) | m
                                                          for k, m in sorted(table.items())]}, indent=1))
+    if args.curves:
+        curves(table)
     if args.picks:
         picks = side_by_side(rows, table, base, thresholds, args.bound)
         Path(args.picks).write_text(json.dumps(picks, indent=1) + "\n")
@@ -346,6 +365,18 @@ def write_defaults(picks: dict, vectors_path: str, out: str) -> None:
     Path(out).write_text("\n".join(lines) + "\n")
 
 
+def curves(table: dict) -> None:
+    """Strength vs mention (keywords / probe) vs NLL ratio, tuning and held-out side by side."""
+    print("\n| concept | op | fraction | tuning: mention / probe / NLL ratio / on-topic | held-out: mention / probe / NLL ratio / on-topic |")
+    print("|---|---|---|---|---|")
+    for c, variant, f in sorted({k[1:] for k in table}, key=lambda k: (list(KEYWORDS).index(k[0]), k[1], k[2])):
+        cells = []
+        for st in ("tuning", "heldout"):
+            m = table.get((st, c, variant, f))
+            cells.append("-" if m is None else f"{m['mention']:.0%} / {m['probe']:.0%} / {m['nll_ratio']:.2f} / {m['on_topic']:.0%}")
+        print(f"| `{c}` | {variant} | {f:.3f} | {cells[0]} | {cells[1]} |")
+
+
 def cmd_check(args) -> None:
     """A batched answer (several rows, different steering and prompts) equals the library's single answer."""
     model, tok = steering.load_model()
@@ -394,6 +425,7 @@ def main() -> None:
     run = sub.add_parser("run", help="generate and score a grid")
     run.add_argument("--set", default="tuning", help="tuning, heldout, or a prompts file")
     run.add_argument("--every", type=int, default=1, help="take every n-th prompt (a quicker subset)")
+    run.add_argument("--offset", type=int, default=0, help="with --every: start at this prompt (0-based)")
     run.add_argument("--variants", nargs="+", default=["clamp"], help="clamp, cap, add, with +centred, +2layer, +answer")
     run.add_argument("--per-concept", help='JSON {concept: {"variant": v, "fraction": f0}}: per concept, --fractions are multiples of f0')
     run.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.2, 0.3])
@@ -410,6 +442,8 @@ def main() -> None:
                                      "write the picks (JSON) here")
     rep.add_argument("--defaults-yaml", help="with --picks: write the picks as demo.yaml-style settings here")
     rep.add_argument("--vectors", default=str(ROOT / "steering_vectors.pt"), help="for the norms in --defaults-yaml")
+    rep.add_argument("--quiet", action="store_true", help="leave out the full per-setting table")
+    rep.add_argument("--curves", action="store_true", help="print the trade-off curves, tuning and held-out side by side")
     rep.add_argument("--all-auto", action="store_true", help="print the replayed auto calibration for every variant")
     chk = sub.add_parser("check", help="batched answers == steering.generate_steered_answer_hf")
     chk.add_argument("--vectors", default=str(ROOT / "steering_vectors.pt"))
