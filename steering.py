@@ -337,6 +337,16 @@ def _make_hook(request: _Request, comps: list[SteeringComponent], vectors: list[
     return hook
 
 
+def _make_stop_hook(request: _Request):
+    """A forward hook that only ends `request`'s generation (in its own thread) once it is stopped."""
+
+    def hook(module: Any, args: Any, output: Any) -> None:
+        if request in getattr(_ACTIVE, "requests", ()) and request.stopped():
+            raise _Cancelled()
+
+    return hook
+
+
 class _StopOnEvent:
     """StoppingCriteria that ends generation once any of its events is set."""
 
@@ -468,6 +478,8 @@ def _stream(model: Any, streamer: Any, kwargs: dict[str, Any], input_ids: torch.
     thread = threading.Thread(target=run, name="steered-generation", daemon=True)
     try:
         _install_hooks(model, comps, request, steer_from, record)
+        if not comps:  # no steering hook to stop at: one per layer, or a stop waits for the whole token
+            request.handles += [layer.register_forward_hook(_make_stop_hook(request)) for layer in decoder_layers(model)[1]]
         thread.start()
         for piece in streamer:
             if piece:

@@ -115,3 +115,37 @@ def test_bfloat16_clamp_lands_on_its_strength():
             handle.remove()
     after = seen["h"][0] @ comp.vector  # [seq]: the hook above runs after the steering hook
     assert float((after - strength).abs().max()) < 2e-3 * strength, (after, strength)
+
+
+def test_unsteered_stream_stops_at_the_next_layer(rehearsal_dirs, monkeypatch):
+    """Full size: in compare mode, Stop took 8.8 s to end the generations: the unsteered answer had no
+    hook, so it ran to the end of its token (32 layers and a 128256-word head, ~2.5 s a token on 2
+    cores). An unsteered stream now stops at the next layer, like a steered one."""
+    import threading
+
+    _, model_dir, _ = rehearsal_dirs
+    monkeypatch.setattr(models, "available_memory", lambda: 1 << 40)
+    model, tok = steering.load_model(str(model_dir))
+    _, layers = models.decoder_layers(model)
+    cancel, calls, last = threading.Event(), {"after": 0}, len(layers) - 1
+    forwards = {i: layer.forward for i, layer in enumerate(layers)}
+
+    def counting(i):
+        def forward(*args, **kwargs):
+            out = forwards[i](*args, **kwargs)
+            if i == 2 and calls.get("tokens", 0) >= 3:
+                cancel.set()  # Stop arrives while layer 2 of the 4th forward pass runs
+            if i == last:
+                calls["tokens"] = calls.get("tokens", 0) + 1
+                calls["after"] += cancel.is_set()
+            return out
+        return forward
+
+    for i, layer in enumerate(layers):
+        monkeypatch.setattr(layer, "forward", counting(i))
+    chat = [{"role": "user", "content": "Hi"}]
+    answer = "".join(steering.stream_steered_answer_hf(model, tok, chat, [], max_new_tokens=50, temperature=0.0,
+                                                       cancel=cancel))
+    assert cancel.is_set() and calls["tokens"] == 3, calls  # the 4th pass never reached the last layer
+    assert calls["after"] == 0 and len(answer.split()) <= 3
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0  # the stop hooks are gone too
