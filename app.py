@@ -39,6 +39,7 @@ import spaces  # before torch: on a ZeroGPU Space it must come first (a no-op el
 import steering  # before torch too: it sets PyTorch's OpenMP threads to wait passively
 from catalog import Catalog, Feature, fit_chat, message_text
 from config import ModelProfile, SteeringSpec, load_config, load_steering_spec, save_steering_spec
+from app_views import CSS, intensity_html, summary_markdown
 from steering import SteeringComponent, SteeringTrace
 import torch
 from spaces.config import Config
@@ -52,6 +53,7 @@ HERE = Path(__file__).resolve().parent
 CONFIG_PATH = Path(os.environ.get("STEERING_CONFIG") or HERE / "demo.yaml")
 PROFILE_NAME = os.environ.get("STEERING_PROFILE") or None  # None = demo.yaml's default_profile
 CONCURRENCY = int(os.environ.get("STEERING_CONCURRENCY") or 4)
+BACKEND = os.environ.get("STEERING_BACKEND") or "hf"  # hf: forward hooks on the model; vllm: the vLLM engine
 ON_ZERO_GPU = Config.zero_gpu  # a ZeroGPU Space: CUDA only inside the @spaces.GPU function
 MAX_UPLOAD = "64kb"  # an imported steering file is a few hundred bytes
 MAX_NEW_TOKENS = 1024  # the slider's end, and the API's limit
@@ -91,6 +93,16 @@ class App:
     model: Any
     tokenizer: Any
     catalog: Catalog
+    engine: Any = None  # a steering_vllm.VLLMEngine when STEERING_BACKEND=vllm
+
+    def stream(self, chat: list[dict], components: list[SteeringComponent], cancel: threading.Event,
+               **kwargs: Any) -> Iterator[str]:
+        """One answer's text pieces from the configured backend (same meaning, same arguments)."""
+        if self.engine is not None:
+            import steering_vllm
+
+            return steering_vllm.stream_steered_answer_vllm(self.engine, chat, components, **kwargs)
+        return steering.stream_steered_answer_hf(self.model, self.tokenizer, chat, components, cancel=cancel, **kwargs)
 
     @property
     def model_id(self) -> str:
@@ -115,7 +127,14 @@ def load_app(config_path: str | os.PathLike = CONFIG_PATH, profile_name: str | N
     else:
         model, tokenizer = steering.load_model(profile.model_id)
         catalog = Catalog.open(profile, model, tokenizer)
-    return App(profile, model, tokenizer, catalog)
+    if BACKEND not in ("hf", "vllm"):
+        raise ValueError(f"STEERING_BACKEND={BACKEND!r} is unknown: use hf (forward hooks) or vllm")
+    engine = None
+    if BACKEND == "vllm":  # the catalog still measures norms on the transformers model
+        import steering_vllm
+
+        engine = steering_vllm.VLLMEngine(profile.model_id)
+    return App(profile, model, tokenizer, catalog, engine)
 
 
 LOADED: App | None = None  # set once by main() (or a test); the GPU function reads the model from here
@@ -189,19 +208,18 @@ def generate(
     for `stop_key` after `since` (StopFlags) or closing this generator ends both generations at
     their next layer. Everything yielded is picklable: on ZeroGPU it crosses a process boundary.
     """
-    model, tokenizer = LOADED.model, LOADED.tokenizer
     kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, repetition_penalty=repetition_penalty)
     cancel, done = threading.Event(), threading.Event()
     threading.Thread(target=STOPS.watch, args=(stop_key, since, cancel, done), daemon=True).start()
     trace = SteeringTrace()
-    streams = [steering.stream_steered_answer_hf(model, tokenizer, chat, components, steer_prompt=steer_prompt,
-                                                 trace=trace, cancel=cancel, **kwargs)]
+    streams = [LOADED.stream(chat, components, cancel, steer_prompt=steer_prompt, trace=trace, **kwargs)]
     if unsteered_chat is not None:
-        streams.append(steering.stream_steered_answer_hf(model, tokenizer, unsteered_chat, [], cancel=cancel, **kwargs))
+        streams.append(LOADED.stream(unsteered_chat, [], cancel, **kwargs))
     texts = [""] * len(streams)
     running = list(range(len(streams)))
+    finished = False
     try:
-        while running:
+        while running and not cancel.is_set():
             for i in list(running):  # both generate in their own threads; take turns reading them
                 piece = next(streams[i], None)
                 if piece is None:
@@ -209,13 +227,14 @@ def generate(
                 else:
                     texts[i] += piece
             yield texts[0], texts[1] if unsteered_chat is not None else None, None, False
-    finally:
+        finished = not cancel.is_set()
+    finally:  # also when Stop closes this generator (then nothing more is yielded)
         done.set()
         for stream in streams:
             stream.close()  # ends the generation thread at its next layer and removes its hooks
-        if cancel.is_set():
+        if not finished:
             log.info("generation stopped after %d characters; generation threads ended", len(texts[0]))
-    yield texts[0], texts[1] if unsteered_chat is not None else None, trace, cancel.is_set()
+    yield texts[0], texts[1] if unsteered_chat is not None else None, trace, not finished
 
 
 # ---------------------------------------------------------------------------
@@ -264,70 +283,18 @@ def model_chat(app: App, system_prompt: str, history: list[dict], message: str) 
 
 
 def spec_from_controls(app: App, steer_prompt: bool, controls: tuple) -> SteeringSpec:
-    """The switched-on features (N checkboxes, N sliders, N op radios), each strength checked."""
+    """The switched-on features (N checkboxes, N sliders, N op radios; then, for SAE profiles, the
+    custom feature's checkbox, key, slider and op), each strength checked."""
     n = len(app.features)
     enabled, fractions, ops = controls[:n], controls[n : 2 * n], controls[2 * n : 3 * n]
     active = {
         f.key: (app.catalog.check_fraction(f, frac), op)
         for f, on, frac, op in zip(app.features, enabled, fractions, ops, strict=True) if on
     }
+    if len(controls) > 3 * n and controls[3 * n] and str(controls[3 * n + 1]).strip():
+        feature = app.catalog.resolve(str(controls[3 * n + 1]).strip())
+        active[feature.key] = (app.catalog.check_fraction(feature, controls[3 * n + 2]), controls[3 * n + 3])
     return app.catalog.spec(active, steer_prompt)
-
-
-def summary_markdown(app: App, spec: SteeringSpec) -> str:
-    """What the next answer will be steered with, absolute strengths included."""
-    if not spec.features:
-        return "**Steering for the next answer:** none (the plain model)."
-    lines = ["**Steering for the next answer:**"]
-    for feature, fraction, op in app.catalog.active(spec).values():
-        lines.append(
-            f"- `{feature.key}` · {op} · {fraction:.2f} × norm {feature.norm:.0f} = "
-            f"**{fraction * feature.norm:.1f}** at layer {feature.layer}"
-        )
-    if not spec.steer_prompt:
-        lines.append("- answer tokens only (the prompt is not steered)")
-    return "\n".join(lines)
-
-
-def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:
-    """Each token's text, decoded incrementally so multi-byte characters come out whole."""
-    out, prev = [], ""
-    for j in range(len(ids)):
-        cur = tokenizer.decode(ids[: j + 1], skip_special_tokens=True)
-        out.append(cur[len(prev) :] if cur.startswith(prev) else tokenizer.decode([ids[j]], skip_special_tokens=True))
-        prev = cur
-    return out
-
-
-def intensity_html(tokenizer: Any, trace: SteeringTrace | None) -> str:
-    """The answer's tokens, shaded by the projection on each steered direction.
-
-    A token is shaded by the state that chose it: the hidden state after the steered layer,
-    before the edit, at the position just before the token. Hover a token for its value.
-    """
-    if trace is None or not trace.components or len(trace.token_ids) <= trace.prompt_len:
-        return ("<p class='muted'>Switch a feature on and send a message: the answer's tokens will be shaded here "
-                "by how strongly each steered direction is present.</p>")
-    ids = trace.token_ids[trace.prompt_len :]
-    special = set(tokenizer.all_special_ids)
-    texts = token_texts(tokenizer, ids)
-    blocks = []
-    for comp in trace.components:
-        values = comp.before[trace.prompt_len - 1 : trace.prompt_len - 1 + len(ids)]
-        scale = max((abs(v) for v in values), default=0.0) or 1.0
-        spans = []
-        for tid, text, value in zip(ids, texts, values, strict=False):
-            if tid in special or not text:
-                continue
-            alpha = min(abs(value) / scale, 1.0) * 0.85
-            color = f"rgba(234,88,12,{alpha:.2f})" if value >= 0 else f"rgba(37,99,235,{alpha:.2f})"
-            spans.append(f"<span class='tok' style='background:{color}' title='{value:.1f}'>{html.escape(text)}</span>")
-        blocks.append(
-            f"<div class='intensity'><div class='muted'><b>{html.escape(comp.name)}</b> · layer {comp.layer} · {comp.op} · "
-            f"projection before the edit, max |{scale:.1f}| (orange: along the direction, blue: against)</div>"
-            f"<div class='toks'>{''.join(spans)}</div></div>"
-        )
-    return "".join(blocks)
 
 
 # ---------------------------------------------------------------------------
@@ -384,20 +351,49 @@ def pop_last_turn(history: list | None, unsteered_history: list | None) -> tuple
 
 
 def controls_update(app: App, spec: SteeringSpec) -> list:
-    """Every catalog control (and steer-prompt) set to show `spec`."""
+    """Every catalog control (the custom feature's too, on SAE profiles; then steer-prompt) set to show `spec`."""
     active = {f.key: (frac, op) for f, frac, op in app.catalog.active(spec).values()}
-    return [
+    keys = {f.key for f in app.features}
+    custom = [k for k in active if k not in keys]
+    if len(custom) > (1 if app.profile.sae_source else 0):
+        raise ValueError(f"feature {custom[-1]!r} has no control in this app; available: {', '.join(sorted(keys))}")
+    updates = [
         *[f.key in active for f in app.features],
         *[active[f.key][0] if f.key in active else gr.skip() for f in app.features],
         *[active[f.key][1] if f.key in active else gr.skip() for f in app.features],
-        spec.steer_prompt,
     ]
+    if app.profile.sae_source:
+        updates += [True, custom[0], *active[custom[0]]] if custom else [False, gr.skip(), gr.skip(), gr.skip()]
+    return [*updates, spec.steer_prompt]
+
+
+def find_features(app: App, text: str, layer: Any) -> tuple[Any, str]:
+    """The "Find features" panel: the features that fire most on `text`, each one click from being steered."""
+    with user_errors("Finding features failed"):
+        if not (text or "").strip():
+            raise ValueError("type a text to find the features that fire on it")
+        found = app.catalog.find(text[:2000], [int(layer)])
+    if not found:
+        return gr.update(choices=[], value=None), "No feature fires on that text."
+    choices = [(f"{f.key} · mean {f.mean:.2f} · max {f.max:.2f}", f.key) for f in found]
+    links = " · ".join(f"[{f.key}]({f.url})" for f in found if f.url)
+    note = "Click a feature to steer it (it goes into the custom feature row)."
+    return gr.update(choices=choices, value=None), f"{note}\n\nDashboards: {links}" if links else note
+
+
+def steer_found(app: App, key: str | None) -> list:
+    """A found feature into the custom row, switched on at the default strength of raw SAE features."""
+    if not key:
+        return [gr.skip()] * 4
+    with user_errors("Steering that feature failed"):
+        feature = app.catalog.resolve(key)
+    return [True, feature.key, round(feature.default_fraction, 2), feature.default_op]
 
 
 def apply_preset(app: App, name: str | None) -> list:
     """Set every catalog control from a preset; "None" switches everything off."""
     if name is None or (name != NO_PRESET and name not in app.presets):
-        return [gr.skip()] * (3 * len(app.features) + 1)
+        return [gr.skip()] * (3 * len(app.features) + (4 if app.profile.sae_source else 0) + 1)
     spec = SteeringSpec(app.model_id, ()) if name == NO_PRESET else app.catalog.preset_spec(name)
     return controls_update(app, spec)
 
@@ -409,7 +405,7 @@ def describe(app: App, steer_prompt: bool, *controls: Any) -> tuple[str, str]:
     except ValueError as exc:
         gr.Warning(one_line(exc))
         return f"**Steering for the next answer:** ⚠ {html.escape(one_line(exc))}", gr.skip()
-    return summary_markdown(app, spec), json.dumps(spec.to_dict(), indent=2)
+    return summary_markdown(app.catalog, spec), json.dumps(spec.to_dict(), indent=2)
 
 
 def export_spec(app: App, fmt: str, steer_prompt: bool, *controls: Any) -> str:
@@ -425,20 +421,17 @@ def export_spec(app: App, fmt: str, steer_prompt: bool, *controls: Any) -> str:
 
 def import_spec(app: App, upload: str | None) -> list:
     """Set the controls from an uploaded steering file (only gradio's upload, never a typed path)."""
-    skip = [gr.skip()] * (3 * len(app.features) + 2)
+    skip = [gr.skip()] * (3 * len(app.features) + (4 if app.profile.sae_source else 0) + 2)
     if not upload:
         return skip
     try:
         spec = load_steering_spec(upload)
-        keys = {f.key for f in app.features}
-        for feature, _, _ in app.catalog.active(spec).values():
-            if feature.key not in keys:
-                raise ValueError(f"feature {feature.key!r} has no control in this app; available: {', '.join(sorted(keys))}")
+        updates = controls_update(app, spec)
     except ValueError as exc:
         gr.Warning(f"Could not import that file: {one_line(exc).replace(Path(upload).name + ': ', '')}")
         return skip
     gr.Info(f"Imported steering: {', '.join(f.key for f in spec.features) or 'none'}.")
-    return [*controls_update(app, spec), None]
+    return [*updates, None]
 
 
 def chat_api(app: App, message: str, history: list[dict] | None = None, steering_spec: str = "",
@@ -482,18 +475,6 @@ class FractionSlider(gr.Slider):
 
     def preprocess(self, payload: float) -> float:
         return float(payload)
-CSS = """
-.gradio-container { max-width: 1400px !important; }
-#header h1 { margin-bottom: 0.2em; }
-#header p { font-size: 0.92em; margin: 0.2em 0; }
-#catalog { max-height: 430px; overflow-y: auto; flex-wrap: nowrap; }
-#catalog > * { flex-shrink: 0; }
-.feature-row { align-items: center; gap: 6px; }
-.muted { color: var(--body-text-color-subdued); font-size: 0.85em; }
-.intensity { margin-bottom: 0.6em; }
-.toks { line-height: 1.9; white-space: pre-wrap; }
-.tok { border-radius: 3px; padding: 1px 0; }
-"""
 
 
 def build_demo(app: App) -> gr.Blocks:
@@ -547,6 +528,25 @@ def build_demo(app: App) -> gr.Blocks:
                             *app.catalog.fraction_range(feature), value=round(feature.default_fraction, 2), step=0.01,
                             label=f"strength (× norm {feature.norm:.0f} at layer {feature.layer})",
                         ))
+                custom: list[Any] = []
+                if app.profile.sae_source:  # any feature of the profile's SAEs, by layer:index
+                    with gr.Group(), gr.Row(elem_classes="feature-row"):
+                        custom += [gr.Checkbox(label="custom", value=False, scale=1, min_width=90, elem_id="custom-on"),
+                                   gr.Textbox(placeholder="layer:index, e.g. 15:21576", show_label=False, scale=2,
+                                              elem_id="custom-key")]
+                        custom_op = gr.Radio(["clamp", "add"], value="clamp", show_label=False, scale=2, min_width=120)
+                    custom += [FractionSlider(-1.0, 2.0, value=0.5, step=0.01, label="strength (× the layer's norm)"),
+                               custom_op]
+                    with gr.Accordion("Find features from text", open=False, elem_id="find"):
+                        sae_layers = sorted({f.layer for f in app.profile.features if f.index is not None}) or [0]
+                        with gr.Row():
+                            find_text = gr.Textbox(placeholder="The Eiffel Tower in Paris", show_label=False, scale=4,
+                                                   elem_id="find-text")
+                            find_layer = gr.Dropdown(sae_layers, value=sae_layers[0], label="layer", scale=1,
+                                                     allow_custom_value=True)
+                            find_btn = gr.Button("Find", size="sm", scale=1, elem_id="find-btn")
+                        found = gr.Radio([], label="Features that fire most", elem_id="found")
+                        found_links = gr.Markdown()
                 steer_prompt = gr.Checkbox(label="Steer the prompt too (not only the answer)", value=True)
                 summary = gr.Markdown(elem_id="summary")
                 with gr.Accordion("Advanced", open=False):
@@ -565,7 +565,7 @@ def build_demo(app: App) -> gr.Blocks:
                                                  elem_id="import")
                     exported = gr.File(label="Exported steering", interactive=False, elem_id="exported")
                     spec_view = gr.Code(language="json", label="Current steering", interactive=False, elem_id="spec-view")
-        controls = [*enabled_boxes, *fraction_sliders, *op_radios]
+        controls = [*enabled_boxes, *fraction_sliders, *op_radios, *custom]
         gen_inputs = [msg, chatbot, unsteered_chatbot, system_prompt, temperature, repetition_penalty, max_new_tokens,
                       steer_prompt, compare, session_key, *controls]
         gen_outputs = [msg, chatbot, unsteered_chatbot, intensity]
@@ -594,6 +594,9 @@ def build_demo(app: App) -> gr.Blocks:
         export_json.click(bind(export_spec, app, "json"), [steer_prompt, *controls], exported, **hidden)
         export_yaml.click(bind(export_spec, app, "yaml"), [steer_prompt, *controls], exported, **hidden)
         upload.upload(bind(import_spec, app), upload, [*controls, steer_prompt, exported], **hidden)
+        if custom:
+            find_btn.click(bind(find_features, app), [find_text, find_layer], [found, found_links], **hidden)
+            found.input(bind(steer_found, app), found, custom, **hidden)
 
         def chat(message: str, history: list[dict] | None = None, steering_spec: str = "",
                  system_prompt: str | None = None, temperature: float | None = None,

@@ -17,6 +17,7 @@ One place decides, for the app and the console alike:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ class Feature:
     """A steerable direction of the catalog: its vector, its layer's norm and its defaults.
 
     `key` is what a spec stores: the name, or "layer:index" for an SAE feature the
-    profile does not list. `label` is for people ("Eiffel Tower").
+    profile does not list.
     """
 
     key: str
@@ -59,12 +60,6 @@ class Feature:
     @property
     def layer(self) -> int:
         return self.vector.layer
-
-    @property
-    def label(self) -> str:
-        if self.vector.index is not None and self.key == f"{self.layer}:{self.vector.index}":
-            return f"SAE feature {self.layer}:{self.vector.index}"
-        return self.name.replace("_", " ").title() if self.name.islower() else self.name.replace("_", " ")
 
     def component(self, fraction: float, op: str | None = None) -> SteeringComponent:
         """strength = fraction x the layer's typical norm; op None: the feature's own."""
@@ -132,9 +127,9 @@ class Catalog:
 
     # -- keys ------------------------------------------------------------------
 
-    @property
+    @functools.cached_property
     def features(self) -> list[Feature]:
-        """The profile's features, in demo.yaml's order."""
+        """The profile's features, in demo.yaml's order (resolved once)."""
         return [self.resolve(f.name if self.in_file(f.name) else feat_key(f)) for f in self.profile.features]
 
     def in_file(self, key: str) -> SteeringVector | None:

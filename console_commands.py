@@ -15,7 +15,7 @@ from typing import Any
 
 from config import FEATURE_OPS, save_steering_spec
 
-BACKENDS = ("hf", "nnsight")
+BACKENDS = ("hf", "nnsight", "vllm")
 
 
 # ---------------------------------------------------------------------------
@@ -152,7 +152,7 @@ COMMANDS: dict[str, Command] = {
     "/features": Command("", "the features of this profile, with descriptions", _features),
     "/active": Command("", "what is steered now", _active),
     "/compare": Command("[message]", "answer the next message twice: unsteered, then steered", _compare, (0, 10**6)),
-    "/backend": Command("[hf|nnsight]", "show or switch the backend (hf streams, nnsight prints when done)", _backend, (0, 1)),
+    "/backend": Command("[hf|nnsight|vllm]", "show or switch the backend (hf and vllm stream, nnsight prints when done)", _backend, (0, 1)),
     "/reset": Command("", "forget the conversation (steering stays)", _reset),
     "/save": Command("FILE", "save the steering (.json, .yaml or .yml), as the app exports it", _save, (1, 1)),
     "/load": Command("FILE", "load steering saved here or exported from the app", _load, (1, 1)),

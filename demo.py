@@ -29,6 +29,7 @@ from typing import Any, TextIO
 
 # isort: off
 import steering  # first: sets the OpenMP wait policy before torch loads
+import steering_vllm
 from catalog import Catalog, Feature, fit_chat
 from config import load_config, load_steering_spec
 from console_commands import BACKENDS, COMMANDS, parse_fraction
@@ -107,6 +108,7 @@ class Console:
         self.history: list[dict[str, str]] = []
         self.compare_next = False
         self._background: threading.Event | None = None  # set when a stopped nnsight answer ends
+        self._engine: Any = None  # the vLLM engine, for --backend vllm
 
     # -- printing --------------------------------------------------------------
 
@@ -202,8 +204,8 @@ class Console:
         self.out.flush()
         pieces: list[str] = []
         try:
-            if self.settings.backend == "hf":
-                self._stream_hf(chat, comps, pieces)
+            if self.settings.backend in ("hf", "vllm"):
+                self._stream(chat, comps, pieces)
             else:
                 pieces.append(self._whole_nnsight(chat, comps))
                 self.out.write(pieces[-1])
@@ -220,8 +222,11 @@ class Console:
         return {"max_new_tokens": s.max_new_tokens, "temperature": s.temperature,
                 "repetition_penalty": s.repetition_penalty, "steer_prompt": self.steer_prompt}
 
-    def _stream_hf(self, chat: list[dict], comps: list, pieces: list[str]) -> None:
-        stream = steering.stream_steered_answer_hf(self.model, self.tokenizer, chat, comps, **self._generation_kwargs())
+    def _stream(self, chat: list[dict], comps: list, pieces: list[str]) -> None:
+        if self.settings.backend == "vllm":
+            stream = steering_vllm.stream_steered_answer_vllm(self.vllm_engine(), chat, comps, **self._generation_kwargs())
+        else:
+            stream = steering.stream_steered_answer_hf(self.model, self.tokenizer, chat, comps, **self._generation_kwargs())
         with ctrl_c_stops():
             try:
                 for piece in stream:
@@ -232,6 +237,13 @@ class Console:
                 raise Stopped from None
             finally:
                 stream.close()  # stops the generation thread and removes the hooks
+
+    def vllm_engine(self) -> Any:
+        """The vLLM engine, started on first use (the catalog keeps using the transformers model)."""
+        if self._engine is None:
+            self.notice("starting the vLLM engine (about 30 s on a CPU)...")
+            self._engine = steering_vllm.VLLMEngine(self.catalog.profile.model_id)
+        return self._engine
 
     def _whole_nnsight(self, chat: list[dict], comps: list) -> str:
         """The nnsight answer, computed in a worker thread so that Ctrl-C returns at once."""
@@ -408,7 +420,8 @@ def build_parser() -> Parser:
              "the layer's typical residual norm (0.5 = half); repeatable",
     )
     parser.add_argument("--backend", choices=BACKENDS, default="hf",
-                        help="hf: forward hooks, streams the answer (default); nnsight: prints it when done")
+                        help="hf: forward hooks, streams the answer (default); nnsight: prints it when done; "
+                             "vllm: the vLLM engine (requirements-vllm.txt), streams")
     parser.add_argument("--temperature", type=float, help="0 is greedy (default: the profile's)")
     parser.add_argument("--max-new-tokens", type=int, help="longest answer in tokens (default: the profile's)")
     parser.add_argument("--repetition-penalty", type=float, help="1 is off (default: the profile's)")
@@ -495,6 +508,8 @@ def run(argv: Sequence[str] | None = None, read: Any = input) -> int:
             pass
         console.loop(read)
         code = 0
+    if console._engine is not None:
+        console._engine.shutdown()
     if console.busy():  # a stopped nnsight run: do not wait for it, and do not crash at shutdown
         sys.stdout.flush()
         sys.stderr.flush()

@@ -176,7 +176,8 @@ def validate_components(model: Any, components: Sequence[SteeringComponent]) -> 
             )
 
 
-def _validate_generation(chat: Sequence[dict], max_new_tokens: int, temperature: float, repetition_penalty: float) -> None:
+def validate_generation(chat: Sequence[dict], max_new_tokens: int, temperature: float, repetition_penalty: float) -> None:
+    """Raise a one-line ValueError for a chat or settings no backend can run."""
     if not chat:
         raise ValueError("the chat is empty: give at least one {'role': 'user', 'content': ...} message")
     for msg in chat:
@@ -240,7 +241,8 @@ def _delta(comp: SteeringComponent, proj: torch.Tensor) -> torch.Tensor:
     return (comp.scale - 1.0) * proj  # ablate
 
 
-def _resolve(components: Sequence[SteeringComponent], clamp_intensity: bool) -> list[SteeringComponent]:
+def resolve_components(components: Sequence[SteeringComponent], clamp_intensity: bool) -> list[SteeringComponent]:
+    """The components as a backend applies them: with `clamp_intensity`, every add becomes a clamp."""
     comps = list(components)
     if clamp_intensity:
         comps = [c.with_op("clamp") if c.op == "add" else c for c in comps]
@@ -427,9 +429,9 @@ def stream_steered_answer_hf(
     """
     from transformers import TextIteratorStreamer
 
-    comps = _resolve(components, clamp_intensity)
+    comps = resolve_components(components, clamp_intensity)
     validate_components(model, comps)
-    _validate_generation(chat, max_new_tokens, temperature, repetition_penalty)
+    validate_generation(chat, max_new_tokens, temperature, repetition_penalty)
     prompt_ids = chat_input_ids(tokenizer, chat)
     check_length(model, len(prompt_ids))
 
@@ -560,9 +562,9 @@ def generate_steered_answer(
     """
     import warnings
 
-    comps = _resolve(components, clamp_intensity)
+    comps = resolve_components(components, clamp_intensity)
     validate_components(model, comps)
-    _validate_generation(chat, max_new_tokens, temperature, repetition_penalty)
+    validate_generation(chat, max_new_tokens, temperature, repetition_penalty)
     prompt_ids = chat_input_ids(tokenizer, chat)
     check_length(model, len(prompt_ids))
 

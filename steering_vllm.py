@@ -35,7 +35,6 @@ import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import steering  # before torch: it sets PyTorch's OpenMP wait policy
@@ -97,7 +96,7 @@ class VLLMEngine:
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
         from vllm.platforms import current_platform
 
-        path = str(model) if model is not None else str(embedded_model_dir())
+        path = str(model) if model is not None else str(steering.embedded_model_dir())
         self.model_id = steering.EMBEDDED_MODEL_ID if model is None else str(model)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         config = AutoConfig.from_pretrained(path)
@@ -181,9 +180,9 @@ class VLLMEngine:
         seed: int | None = None,
     ) -> AsyncIterator[str]:
         """`stream` as an async iterator, to be iterated on this engine's loop (`self.loop`)."""
-        comps = [c.with_op("clamp") if c.op == "add" else c for c in components] if clamp_intensity else list(components)
+        comps = steering.resolve_components(components, clamp_intensity)
         steering.validate_components(self._shape, comps)
-        validate_generation(chat, max_new_tokens, temperature, repetition_penalty)
+        steering.validate_generation(chat, max_new_tokens, temperature, repetition_penalty)
         prompt_ids = steering.chat_input_ids(self.tokenizer, chat)
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(
@@ -404,38 +403,6 @@ class _WorkerSteering:
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
-
-
-def embedded_model_dir() -> Path:
-    """The embedded model's converted directory (converted once by `steering.load_model()`)."""
-    gguf = steering.embedded_gguf_path()
-    stat = gguf.stat()
-    key = hashlib.sha1(f"{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:10]
-    target = steering.cache_dir() / f"smollm2-135m-instruct-{key}"
-    if not (target / "config.json").is_file():
-        steering.load_model()  # converts and caches it
-    return target
-
-
-def validate_generation(chat: Sequence[dict], max_new_tokens: int, temperature: float, repetition_penalty: float) -> None:
-    """The generation checks of the other backends, with their one-line messages."""
-    if not chat:
-        raise ValueError("the chat is empty: give at least one {'role': 'user', 'content': ...} message")
-    for msg in chat:
-        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
-            raise ValueError("each chat message must be a dict with 'role' and 'content'")
-    if not any(str(m.get("content", "")).strip() for m in chat if m["role"] == "user"):
-        raise ValueError("the chat has no user message with text: type a message first")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if not _finite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
-    if not _finite(repetition_penalty) or repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be a finite number > 0 (1 is off), got {repetition_penalty!r}")
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf")
 
 
 def _vllm_decoder_layers(model: Any) -> torch.nn.ModuleList:

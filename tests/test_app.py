@@ -6,6 +6,7 @@ drives Debian's headless Chromium (/usr/bin/chromium, installed by tests/run.sh)
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import os
@@ -33,12 +34,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """(url, log path) of `python app.py` on the embedded model, started once for this module."""
+@contextlib.contextmanager
+def running_app(log_path: Path, **env: str):
+    """`python app.py` on a free localhost port; yields its URL once it answers."""
     port = _free_port()
-    log_path = tmp_path_factory.mktemp("app") / "server.log"
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **env}
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
                                 stdout=log, stderr=subprocess.STDOUT)
@@ -57,13 +57,21 @@ def server(tmp_path_factory):
             if time.monotonic() > deadline:
                 pytest.fail(f"app.py did not answer on {url} within 150 s:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.5)
-        yield url, log_path
+        yield url
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """(url, log path) of `python app.py` on the embedded model, started once for this module."""
+    log_path = tmp_path_factory.mktemp("app") / "server.log"
+    with running_app(log_path) as url:
+        yield url, log_path
 
 
 def _bot_texts(page, chat_id: str) -> list[str]:
@@ -430,3 +438,50 @@ def test_a_typed_out_of_range_strength_is_a_readable_warning(server):
         finally:
             browser.close()
     assert "Traceback" not in log_path.read_text()
+
+
+def test_browser_find_features_from_text_and_steer_one(tmp_path, embedded):
+    """A profile with an SAE: the app lists the features a plain encoder ranks highest; a click steers one."""
+    import torch
+    from playwright.sync_api import sync_playwright
+    from safetensors.torch import save_file
+
+    import sae_find
+
+    model, tok = embedded
+    d = steering.hidden_size(model)
+    folder = tmp_path / "saes" / "blocks.3.hook_resid_post"
+    folder.mkdir(parents=True)
+    w = torch.randn(32, d, generator=torch.Generator().manual_seed(7))
+    save_file({"W_dec": w, "W_enc": w.T.contiguous(), "b_enc": torch.zeros(32), "b_dec": torch.zeros(d)},
+              str(folder / "sae_weights.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({"d_in": d, "d_sae": 32, "hook_name": "blocks.3.hook_resid_post"}))
+    shipped = steering.load_config(ROOT / "demo.yaml").profile()
+    (tmp_path / "demo.yaml").write_text(
+        f"profiles:\n  sae:\n    model_id: null\n    vectors_file: {shipped.vectors_path()}\n"
+        f"    sae_source: {tmp_path / 'saes'}\n    sae_format: saelens\n"
+        "    features:\n      - {name: pirate, feature: [15, null, 34.4], op: clamp}\n"
+        "      - {name: L3F5, feature: [3, 5, 20.0], op: clamp}\n"
+    )
+    text = "The Eiffel Tower in Paris"
+    expected = sae_find.find_features(str(tmp_path / "saes"), 3, text, model, tok, k=10, sae_format="saelens")
+    assert expected
+    with running_app(tmp_path / "server.log", STEERING_CONFIG=str(tmp_path / "demo.yaml")) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 900})
+            page.goto(url)
+            page.wait_for_selector("#msg textarea", timeout=60_000)
+            page.get_by_text("Find features from text").click()
+            page.locator("#find-text textarea").fill(text)
+            page.locator("#find-btn").click()
+            options = page.locator("#found label")
+            _wait_for(lambda: options.count() == len(expected), 30, "the found features")
+            assert [t.split(" · ")[0] for t in options.all_inner_texts()] == [f.key for f in expected]
+            options.first.click()
+            _wait_for(lambda: page.locator("#custom-key textarea, #custom-key input").first.input_value() == expected[0].key,
+                      15, "the custom row to take the feature")
+            _wait_for(lambda: f"`{expected[0].key}`" in page.locator("#summary").inner_html()
+                      or expected[0].key in page.locator("#summary").inner_text(), 15, "the summary")
+        finally:
+            browser.close()

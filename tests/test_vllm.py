@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -152,7 +153,7 @@ def test_sixteen_concurrent_steerings_each_equal_their_solo_answer(engine):
 def test_unsteered_requests_equal_plain_vllm_even_beside_steered_ones(engine):
     from vllm import LLM, SamplingParams
 
-    plain = LLM(model=str(steering_vllm.embedded_model_dir()), dtype="float32", gpu_memory_utilization=0.3,
+    plain = LLM(model=str(steering.embedded_model_dir()), dtype="float32", gpu_memory_utilization=0.3,
                 max_model_len=1024, seed=0)
     try:
         ids = [steering.chat_input_ids(engine.tokenizer, chat) for chat in CHATS]
@@ -264,7 +265,7 @@ def test_server_streams_a_steered_answer_and_refuses_bad_specs_with_a_400(engine
 
     import serve
 
-    vectors = steering.load_vectors(steering_vllm.Path(__file__).resolve().parent.parent / "steering_vectors.pt")
+    vectors = steering.load_vectors(Path(__file__).resolve().parent.parent / "steering_vectors.pt")
     client = TestClient(serve.build_app(engine, vectors, "default"))
     spec = steering.SteeringSpec(engine.model_id, (steering.ActiveFeature("pirate", 0.2, "clamp"),)).to_dict()
     body = {"model": "default", "messages": PROMPT, "max_tokens": N_TOKENS, "temperature": 0, "stream": True, "steering": spec}
@@ -285,3 +286,35 @@ def test_server_streams_a_steered_answer_and_refuses_bad_specs_with_a_400(engine
     assert "".join(pieces) == "".join(engine.stream(PROMPT, comps, max_new_tokens=N_TOKENS))
     assert "".join(pieces) != "".join(engine.stream(PROMPT, [], max_new_tokens=N_TOKENS))
     assert engine.engine.get_num_unfinished_requests() == 0
+
+
+def test_the_app_and_the_console_stream_from_the_engine(embedded, engine):
+    """STEERING_BACKEND=vllm / --backend vllm: the front ends' answers are the engine's, and the hooks'."""
+    import io
+
+    import app
+    import demo
+    from catalog import Catalog
+
+    model, tok = embedded
+    profile = steering.load_config(Path(__file__).resolve().parent.parent / "demo.yaml").profile()
+    catalog = Catalog.open(profile, model, tok)
+    feature = catalog.resolve("pirate")
+    comps = [feature.component(0.2)]
+    chat = [{"role": "user", "content": "Tell me about your weekend."}]
+    expected = hf_answer(model, tok, comps, chat=chat)[0]
+
+    previous = app.LOADED
+    app.LOADED = app.App(profile, model, tok, catalog, engine)
+    try:
+        *_, last = app.generate(chat, comps, True, 0.0, 1.0, N_TOKENS)
+    finally:
+        app.LOADED = previous
+    assert last[0] == expected and last[3] is False
+
+    settings = demo.Settings(backend="vllm", temperature=0.0, max_new_tokens=N_TOKENS, repetition_penalty=1.0, system="",
+                             max_input_tokens=2048)
+    console = demo.Console(model, tok, catalog, settings, out=io.StringIO(), info=io.StringIO(), interactive=False)
+    console._engine = engine
+    console.steer("pirate", 0.2)
+    assert console.ask("Tell me about your weekend.") == expected
