@@ -287,7 +287,8 @@ def cmd_report(args) -> None:
         picks = side_by_side(rows, table, base, thresholds, args.bound)
         Path(args.picks).write_text(json.dumps(picks, indent=1) + "\n")
         if args.defaults_yaml:
-            write_defaults(picks, args.vectors, args.defaults_yaml)
+            grids = {c: sorted({k[3] for k in table if k[:3] == ("tuning", c, p["variant"])}) for c, p in picks.items()}
+            write_defaults(picks, args.vectors, args.defaults_yaml, grids, args.bound)
     if args.bound and args.all_auto:
         print(f"\nauto (calibrate.py rule replayed on the grid: strongest fraction with per-prompt NLL ratio <= {args.bound}, rep3 < 0.2)")
         print("| set | concept | variant | mention | probe | NLL ratio | rep3 | on-topic | mean fraction | pass |")
@@ -346,8 +347,9 @@ def side_by_side(rows: list[dict], table: dict, base: dict, thresholds: dict, bo
     return picks
 
 
-def write_defaults(picks: dict, vectors_path: str, out: str) -> None:
-    """demo.yaml-style settings for the picks: feature [layer, null, absolute strength], mode, fraction; presets."""
+def write_defaults(picks: dict, vectors_path: str, out: str, grids: dict[str, list[float]], bound: float) -> None:
+    """demo.yaml-style settings for the picks: feature [layer, null, absolute strength], mode, fraction,
+    the fractions "auto" was evaluated with (`grids`) and its bound; presets."""
     vset = steering.load_vectors(vectors_path)
     lines = ["# Per-concept defaults picked on the tuning prompts by benchmarks/eval_quality.py (issue 10).",
              "# feature: [layer, null (contrastive), absolute strength = fraction x the layer's norm]; mode as in demo.yaml.",
@@ -356,7 +358,8 @@ def write_defaults(picks: dict, vectors_path: str, out: str) -> None:
         L = vset.get(c).layer
         op = p["variant"].split("+")[0]
         lines += [f"  - name: {c}", f"    feature: [{L}, null, {p['fraction'] * vset.norm(L):.1f}]   # {p['fraction']:.3f} x norm {vset.norm(L):.1f}",
-                  f"    mode: {op}", f"    fraction: {p['fraction']:.3f}"]
+                  f"    mode: {op}", f"    fraction: {p['fraction']:.3f}",
+                  f"    auto_fractions: [{', '.join(f'{f:g}' for f in grids[c])}]   # calibrate_strength(..., fractions=these, nll_bound={bound:g})"]
     lines.append("presets:")
     for name, key in (("Eiffel Tower", "eiffel_tower"), ("Pirate", "pirate"), ("Shakespeare", "shakespeare")):
         if key in picks:
