@@ -192,10 +192,12 @@ def cmd_run(args) -> None:
             print(f"  {done}/{len(idx)} ({'answer-only' if flag else 'prompt+answer'}) {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
 
 
-def load_rows(paths: list[str]) -> list[dict]:
+def load_rows(paths: list[str], keep_incomplete: bool = False) -> list[dict]:
     """All answers of the files, keeping only the prompts that have the unsteered answer and one answer
     for every setting of their set (a run stopped early leaves some prompts incomplete)."""
     rows = [json.loads(line) for p in paths for line in open(p)]
+    if keep_incomplete:
+        return rows
     settings: dict[str, set] = defaultdict(set)
     have: dict[tuple, set] = defaultdict(set)
     for r in rows:
@@ -262,7 +264,7 @@ def auto_rows(rows: list[dict], base: dict, st: str, c: str, variant: str, bound
 
 
 def cmd_report(args) -> None:
-    rows = load_rows(args.files)
+    rows = load_rows(args.files, args.keep_incomplete)
     tun_base = [r for r in rows if r["concept"] is None and r["set"] == "tuning"]
     if not tun_base:
         sys.exit("no unsteered tuning rows: the probe thresholds come from them (run --set tuning first)")
@@ -445,6 +447,7 @@ def main() -> None:
                                      "write the picks (JSON) here")
     rep.add_argument("--defaults-yaml", help="with --picks: write the picks as demo.yaml-style settings here")
     rep.add_argument("--vectors", default=str(ROOT / "steering_vectors.pt"), help="for the norms in --defaults-yaml")
+    rep.add_argument("--keep-incomplete", action="store_true", help="keep prompts that lack some settings (concept-major runs)")
     rep.add_argument("--quiet", action="store_true", help="leave out the full per-setting table")
     rep.add_argument("--curves", action="store_true", help="print the trade-off curves, tuning and held-out side by side")
     rep.add_argument("--all-auto", action="store_true", help="print the replayed auto calibration for every variant")
