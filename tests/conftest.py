@@ -54,3 +54,20 @@ def unit(d: int, seed: int) -> torch.Tensor:
 def hooks_on(model) -> int:
     """How many forward hooks are registered anywhere on the model."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def write_small_saelens_sae(root, layer: int, d_model: int, d_sae: int, seed: int = 0) -> torch.Tensor:
+    """A SAELens-layout SAE on blocks.{layer}.hook_resid_post under `root` (cfg.json in the 5.x form,
+    tied random weights); returns W_dec [d_sae, d_model]. For tests of the on-demand paths; the
+    layout tests themselves (tests/test_saes.py) use files written by sae_lens."""
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = root / f"blocks.{layer}.hook_resid_post"
+    folder.mkdir(parents=True)
+    w_dec = torch.randn(d_sae, d_model, generator=torch.Generator().manual_seed(seed))
+    save_file({"W_dec": w_dec, "W_enc": w_dec.T.contiguous(), "b_enc": torch.zeros(d_sae), "b_dec": torch.zeros(d_model)},
+              str(folder / "sae_weights.safetensors"))
+    (folder / "cfg.json").write_text(json.dumps({"d_in": d_model, "d_sae": d_sae, "hook_name": f"blocks.{layer}.hook_resid_post"}))
+    return w_dec

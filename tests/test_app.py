@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from conftest import write_small_saelens_sae
 
 import steering
 
@@ -290,18 +291,12 @@ def test_gradio6_message_content_and_steering_parsing(app_module):
 def test_sae_profile_without_vector_file_extracts_features_at_start_up(app_module, tmp_path):
     """The Space's path: a profile with an SAE source and no vector file gets its features and norms at start-up."""
     import torch
-    from safetensors.torch import save_file
 
     from catalog import Catalog
 
     model, tok = app_module.LOADED.model, app_module.LOADED.tokenizer
-    folder = tmp_path / "sae" / "blocks.9.hook_resid_post"
-    folder.mkdir(parents=True)
     d_model = steering.hidden_size(model)
-    w_dec = torch.randn(8, d_model, generator=torch.Generator().manual_seed(0))
-    save_file({"W_dec": w_dec, "W_enc": w_dec.T.contiguous(), "b_enc": torch.zeros(8), "b_dec": torch.zeros(d_model)},
-              str(folder / "sae_weights.safetensors"))
-    (folder / "cfg.json").write_text(json.dumps({"d_in": d_model, "d_sae": 8, "hook_name": "blocks.9.hook_resid_post"}))
+    w_dec = write_small_saelens_sae(tmp_path / "sae", 9, d_model, 8)
     (tmp_path / "demo.yaml").write_text(
         "profiles:\n"
         "  sae:\n"
@@ -442,20 +437,13 @@ def test_a_typed_out_of_range_strength_is_a_readable_warning(server):
 
 def test_browser_find_features_from_text_and_steer_one(tmp_path, embedded):
     """A profile with an SAE: the app lists the features a plain encoder ranks highest; a click steers one."""
-    import torch
     from playwright.sync_api import sync_playwright
-    from safetensors.torch import save_file
 
     import sae_find
 
     model, tok = embedded
     d = steering.hidden_size(model)
-    folder = tmp_path / "saes" / "blocks.3.hook_resid_post"
-    folder.mkdir(parents=True)
-    w = torch.randn(32, d, generator=torch.Generator().manual_seed(7))
-    save_file({"W_dec": w, "W_enc": w.T.contiguous(), "b_enc": torch.zeros(32), "b_dec": torch.zeros(d)},
-              str(folder / "sae_weights.safetensors"))
-    (folder / "cfg.json").write_text(json.dumps({"d_in": d, "d_sae": 32, "hook_name": "blocks.3.hook_resid_post"}))
+    write_small_saelens_sae(tmp_path / "saes", 3, d, 32, seed=7)
     shipped = steering.load_config(ROOT / "demo.yaml").profile()
     (tmp_path / "demo.yaml").write_text(
         f"profiles:\n  sae:\n    model_id: null\n    vectors_file: {shipped.vectors_path()}\n"

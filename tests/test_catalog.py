@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import write_small_saelens_sae
 
 import catalog as catalog_module
 import demo
@@ -158,16 +158,9 @@ def test_console_extracts_a_profiles_sae_features_when_its_vectors_file_is_missi
     import subprocess
     import sys
 
-    from safetensors.torch import save_file
-
     model, _ = embedded
     d = steering.hidden_size(model)
-    folder = tmp_path / "saes" / "blocks.5.hook_resid_post"
-    folder.mkdir(parents=True)
-    w_dec = torch.randn(8, d, generator=torch.Generator().manual_seed(1))
-    save_file({"W_dec": w_dec, "W_enc": w_dec.T.contiguous(), "b_enc": torch.zeros(8), "b_dec": torch.zeros(d)},
-              str(folder / "sae_weights.safetensors"))
-    (folder / "cfg.json").write_text(json.dumps({"d_in": d, "d_sae": 8, "hook_name": "blocks.5.hook_resid_post"}))
+    write_small_saelens_sae(tmp_path / "saes", 5, d, 8, seed=1)
     (tmp_path / "demo.yaml").write_text(
         "profiles:\n  sae:\n    model_id: null\n    vectors_file: not_made.pt\n"
         f"    sae_source: {tmp_path / 'saes'}\n    sae_format: saelens\n"
