@@ -310,6 +310,13 @@ def run_child(cmd: list[str], env: dict, log_path: Path, timeout: float) -> tupl
     return code, time.time() - t0, sampler, log_path.read_text(errors="replace")
 
 
+class LoadRows(list):
+    """Table rows, each with the machine's 1-minute load average when it was added (the machine is shared)."""
+
+    def append(self, row: tuple) -> None:
+        super().append((*row, f"{os.getloadavg()[0]:.1f}"))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -363,31 +370,21 @@ def run_app(model_dir: Path, env: dict, logs: Path, rows: list, log, max_new_tok
                 raise SystemExit("app.py did not start within 30 min")
         startup = time.time() - t0
         peak_start = sampler.peak_rss
-        rows.append(("app.py start-up (load model, open catalog, serve)", f"{startup:.1f} s", gib(peak_start),
+        rows.append(("app.py start-up (weights mapped, paged in by the first answer)", f"{startup:.1f} s", gib(peak_start),
                      gib(sampler.peak_anon), ""))
         log(f"  app up after {startup:.1f} s, peak RSS {gib(peak_start)}")
 
         from gradio_client import Client
 
         client = Client(url, verbose=False)
-        t1 = time.time()
-        job = client.submit(PROMPT, steering_spec="Eiffel Tower", max_new_tokens=max_new_tokens, api_name="/chat")
-        first = None
-        last = ""
-        for partial in job:
-            if first is None and partial:
-                first = time.time() - t1
-            last = partial
-        total = time.time() - t1
-        sys.path.insert(0, str(ROOT))
-        from transformers import AutoTokenizer
-
-        n_tok = len(AutoTokenizer.from_pretrained(model_dir)(last, add_special_tokens=False)["input_ids"])
-        rate = (n_tok - 1) / (total - first) if first is not None and n_tok > 1 and total > first else float("nan")
-        log(f"  /chat: {n_tok} tokens, first after {first:.1f} s, all after {total:.1f} s: {last[:80]!r}")
-        rows.append((f"app /chat, preset 'Eiffel Tower', {max_new_tokens} new tokens",
-                     f"first {first:.1f} s, all {total:.1f} s", gib(sampler.peak_rss), gib(sampler.peak_anon),
-                     f"{rate:.2f}"))
+        for spec, label in (("Eiffel Tower", "preset 'Eiffel Tower' (clamp at layer 15)"), ("", "unsteered")):
+            first, total, last = stream_chat(client, spec, max_new_tokens)
+            # Random weights almost never pick one of the 3 end-of-answer ids among 128256, so an
+            # answer runs to the limit: max_new_tokens tokens, the first one at `first`.
+            rate = (max_new_tokens - 1) / (total - first)
+            log(f"  /chat {label}: first text after {first:.1f} s, {max_new_tokens} tokens after {total:.1f} s: {last[:60]!r}")
+            rows.append((f"app /chat, {label}, {max_new_tokens} new tokens", f"first {first:.1f} s, all {total:.1f} s",
+                         gib(sampler.peak_rss), gib(sampler.peak_anon), f"{rate:.2f}"))
         compare_and_stop(url, log_path, rows, log, sampler, stop_tokens)
     finally:
         proc.terminate()
@@ -397,6 +394,18 @@ def run_app(model_dir: Path, env: dict, logs: Path, rows: list, log, max_new_tok
             proc.kill()
         sampler.stop.set()
         out.close()
+
+
+def stream_chat(client, spec: str, max_new_tokens: int) -> tuple[float, float, str]:
+    """(seconds to the first text, seconds to the whole answer, the answer) of one streamed /chat call."""
+    t0 = time.time()
+    job = client.submit(PROMPT, steering_spec=spec, max_new_tokens=max_new_tokens, api_name="/chat")
+    first, last = None, ""
+    for partial in job:
+        if first is None and partial:
+            first = time.time() - t0
+        last = partial
+    return first if first is not None else float("nan"), time.time() - t0, last
 
 
 def compare_and_stop(url: str, log_path: Path, rows: list, log, sampler: Sampler, stop_tokens: int) -> None:
@@ -452,16 +461,16 @@ def compare_and_stop(url: str, log_path: Path, rows: list, log, sampler: Sampler
             browser.close()
 
 
-def run_console(env: dict, logs: Path, rows: list, log, max_new_tokens: int) -> None:
+def run_console(env: dict, logs: Path, rows: list, log, max_new_tokens: int, backend: str) -> None:
     cmd = [sys.executable, "demo.py", "--profile", "llama31_8b", "--prompt", PROMPT, "--steer", "15:21576", "0.5",
-           "--max-new-tokens", str(max_new_tokens)]
+           "--max-new-tokens", str(max_new_tokens), "--backend", backend]
     log("$ " + " ".join(cmd))
-    code, secs, s, out = run_child(cmd, env, logs / "demo.log", 3600)
+    code, secs, s, out = run_child(cmd, env, logs / f"demo-{backend}.log", 3600)
     if code != 0:
         raise SystemExit(f"demo.py failed ({code}):\n{out[-3000:]}")
     log("  " + " | ".join(out.strip().splitlines()[-3:])[:300])
-    rows.append((f"demo.py one-shot, --steer 15:21576 0.5, {max_new_tokens} new tokens", f"{secs:.1f} s",
-                 gib(s.peak_rss), gib(s.peak_anon), ""))
+    rows.append((f"demo.py one-shot --backend {backend}, --steer 15:21576 0.5, {max_new_tokens} new tokens (load included)",
+                 f"{secs:.1f} s", gib(s.peak_rss), gib(s.peak_anon), ""))
 
 
 # ---------------------------------------------------------------------------
@@ -491,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     logs = root / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     min_gb = 0.0 if args.small else args.min_free_gb
-    rows: list[tuple] = []
+    rows = LoadRows()
     log(f"Building in {root} (kept between runs) ...")
     t0 = time.time()
     cfg = model_config(args.small)
@@ -513,14 +522,15 @@ def main(argv: list[str] | None = None) -> int:
     if "app" not in args.skip:
         log(f"  {wait_for_memory(min_gb, args.wait_minutes, log):.1f} GiB available")
         run_app(model_dir, env, logs, rows, log, args.max_new_tokens, args.stop_tokens)
-    if "console" not in args.skip:
-        log(f"  {wait_for_memory(min_gb, args.wait_minutes, log):.1f} GiB available")
-        run_console(env, logs, rows, log, args.max_new_tokens)
+    for backend in ("hf", "nnsight"):
+        if "console" not in args.skip:
+            log(f"  {wait_for_memory(min_gb, args.wait_minutes, log):.1f} GiB available")
+            run_console(env, logs, rows, log, args.max_new_tokens, backend)
 
     log(f"\nRehearsal ({size}): {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, vocabulary "
         f"{cfg['vocab_size']}, bf16; SAEs d_sae {D_SAE[size]} float32; {psutil.cpu_count()} CPUs, "
         f"{psutil.virtual_memory().total / 2**30:.0f} GiB memory")
-    header = ("step", "time", "peak RSS", "peak anon RSS", "tokens/s")
+    header = ("step", "time", "peak RSS", "peak anon RSS", "tokens/s", "load avg")
     log("| " + " | ".join(header) + " |")
     log("|" + "---|" * len(header))
     for row in rows:
