@@ -40,6 +40,7 @@ import steering  # before torch too: it sets PyTorch's OpenMP threads to wait pa
 from catalog import Catalog, Feature, fit_chat, message_text
 from config import ModelProfile, SteeringSpec, load_config, load_steering_spec, save_steering_spec
 from app_views import CSS, intensity_html, summary_markdown
+from stop_flags import StopFlags
 from steering import SteeringComponent, SteeringTrace
 import torch
 from spaces.config import Config
@@ -140,42 +141,7 @@ def load_app(config_path: str | os.PathLike = CONFIG_PATH, profile_name: str | N
 LOADED: App | None = None  # set once by main() (or a test); the GPU function reads the model from here
 
 
-# ---------------------------------------------------------------------------
-# Stop that crosses ZeroGPU's process boundary
-# ---------------------------------------------------------------------------
-
-
-class StopFlags:
-    """Stop requests, as files in a folder made before any GPU worker is forked.
-
-    On ZeroGPU, `@spaces.GPU` runs the generator in a forked worker and checks its own stop
-    event only after the generator's next yield, and only when the handler is closed. The
-    Stop button instead touches `<folder>/<session key>`; a thread in the worker watches
-    for it and ends the generation at the next layer, whatever the handler does.
-    """
-
-    def __init__(self) -> None:
-        self.folder = Path(tempfile.mkdtemp(prefix="steering-stop-"))
-
-    def request(self, key: str) -> None:
-        if key and key.isalnum() and len(key) <= 64:
-            (self.folder / key).touch()
-
-    def is_set(self, key: str, since: float) -> bool:
-        try:
-            return bool(key) and (self.folder / key).stat().st_mtime >= since
-        except OSError:
-            return False
-
-    def watch(self, key: str, since: float, cancel: threading.Event, done: threading.Event) -> None:
-        """Set `cancel` once a stop for `key` newer than `since` appears (until `done`)."""
-        while not done.wait(0.05):
-            if self.is_set(key, since):
-                cancel.set()
-                return
-
-
-STOPS = StopFlags()
+STOPS = StopFlags()  # made at import, before ZeroGPU forks a worker: both sides see its folder
 
 
 # ---------------------------------------------------------------------------

@@ -298,3 +298,18 @@ def eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return ids
 
 
+def validate_generation(chat: Sequence[dict], max_new_tokens: int, temperature: float, repetition_penalty: float) -> None:
+    """Raise a one-line ValueError for a chat or settings no backend can run."""
+    if not chat:
+        raise ValueError("the chat is empty: give at least one {'role': 'user', 'content': ...} message")
+    for msg in chat:
+        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+            raise ValueError("each chat message must be a dict with 'role' and 'content'")
+    if not any(str(m.get("content", "")).strip() for m in chat if m["role"] == "user"):
+        raise ValueError("the chat has no user message with text: type a message first")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not is_finite_number(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
+    if not is_finite_number(repetition_penalty) or repetition_penalty <= 0:
+        raise ValueError(f"repetition_penalty must be a finite number > 0 (1 is off), got {repetition_penalty!r}")

@@ -33,8 +33,9 @@ from typing import Any
 
 # isort: off
 from models import (  # noqa: F401  (first: it sets the OpenMP wait policy; re-exported for users)
-    CACHE_ENV, EMBEDDED_GGUF, EMBEDDED_MODEL_ID, EMBEDDED_PACKAGE, cache_dir, embedded_model_dir, short_repr, chat_input_ids, check_length, decoder_layers, embedded_gguf_path, eos_ids,
-    generation_kwargs, hidden_size, is_finite_number, layer_hidden, load_model, model_id_of, num_layers, with_hidden,
+    CACHE_ENV, EMBEDDED_GGUF, EMBEDDED_MODEL_ID, EMBEDDED_PACKAGE, cache_dir, chat_input_ids, check_length,
+    decoder_layers, embedded_gguf_path, embedded_model_dir, eos_ids, generation_kwargs, hidden_size,
+    is_finite_number, layer_hidden, load_model, model_id_of, num_layers, short_repr, validate_generation, with_hidden,
 )
 import torch
 # isort: on
@@ -176,23 +177,6 @@ def validate_components(model: Any, components: Sequence[SteeringComponent]) -> 
             )
 
 
-def validate_generation(chat: Sequence[dict], max_new_tokens: int, temperature: float, repetition_penalty: float) -> None:
-    """Raise a one-line ValueError for a chat or settings no backend can run."""
-    if not chat:
-        raise ValueError("the chat is empty: give at least one {'role': 'user', 'content': ...} message")
-    for msg in chat:
-        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
-            raise ValueError("each chat message must be a dict with 'role' and 'content'")
-    if not any(str(m.get("content", "")).strip() for m in chat if m["role"] == "user"):
-        raise ValueError("the chat has no user message with text: type a message first")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if not is_finite_number(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}")
-    if not is_finite_number(repetition_penalty) or repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be a finite number > 0 (1 is off), got {repetition_penalty!r}")
-
-
 # ---------------------------------------------------------------------------
 # The steering math, shared by both backends
 # ---------------------------------------------------------------------------
@@ -329,22 +313,14 @@ def _make_hook(request: _Request, comps: list[SteeringComponent], vectors: list[
             return None  # another request's forward pass on the same model
         if request.stopped():
             raise _Cancelled()
+        if not comps:
+            return None  # a stop-only hook (an unsteered stream stops at the next layer too)
         hidden = layer_hidden(output)  # [batch, seq, d_model]
         start = offset[0]
         offset[0] += hidden.shape[1]
         if start + hidden.shape[1] <= steer_from and record is None:
             return None
         return with_hidden(output, steer_hidden(hidden, comps, vectors, steer_from, start, record))
-
-    return hook
-
-
-def _make_stop_hook(request: _Request):
-    """A forward hook that only ends `request`'s generation (in its own thread) once it is stopped."""
-
-    def hook(module: Any, args: Any, output: Any) -> None:
-        if request in getattr(_ACTIVE, "requests", ()) and request.stopped():
-            raise _Cancelled()
 
     return hook
 
@@ -480,8 +456,9 @@ def _stream(model: Any, streamer: Any, kwargs: dict[str, Any], input_ids: torch.
     thread = threading.Thread(target=run, name="steered-generation", daemon=True)
     try:
         _install_hooks(model, comps, request, steer_from, record)
-        if not comps:  # no steering hook to stop at: one per layer, or a stop waits for the whole token
-            request.handles += [layer.register_forward_hook(_make_stop_hook(request)) for layer in decoder_layers(model)[1]]
+        if not comps:  # no steering hook to stop at: a stop-only hook per layer, or a stop waits for the whole token
+            request.handles += [layer.register_forward_hook(_make_hook(request, [], [], 0, None))
+                                for layer in decoder_layers(model)[1]]
         thread.start()
         for piece in streamer:
             if piece:
@@ -526,6 +503,8 @@ def _nnsight_model(model: Any, tokenizer: Any) -> tuple[Any, threading.Lock]:
         if model not in _NNSIGHT:
             from nnsight import TransformersModel
 
+            _unmount_nnsight_save()
+
             shared = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
             clone = copy.deepcopy(model, memo=shared)
             for module in clone.modules():  # hooks of requests in flight must not come along
@@ -533,6 +512,21 @@ def _nnsight_model(model: Any, tokenizer: Any) -> tuple[Any, threading.Lock]:
                 module._forward_pre_hooks.clear()
             _NNSIGHT[model] = (TransformersModel(clone, tokenizer=tokenizer), threading.Lock())
         return _NNSIGHT[model]
+
+
+def _unmount_nnsight_save() -> None:
+    """Take back the `.save` NNsight 0.8 mounts on every object at import.
+
+    With it in place, any class anyio checks that is defined later (gradio's MCP server, for
+    one) fails with "Attribute 'save' is missing its type annotation": importing gradio after
+    an NNsight answer broke. This backend calls `nnsight.save(...)` instead.
+    """
+    try:
+        from nnsight._c import unmount
+    except ImportError:
+        return
+    if unmount is not None and "save" in object.__dict__:
+        unmount("save")
 
 
 def generate_steered_answer(
@@ -561,6 +555,8 @@ def generate_steered_answer(
         >>> trace.components[0].after[-1]
     """
     import warnings
+
+    import nnsight
 
     comps = resolve_components(components, clamp_intensity)
     validate_components(model, comps)
@@ -609,7 +605,7 @@ def generate_steered_answer(
                         )
                         hidden[:] = edited
             with tracer.invoke():
-                output_ids = tracer.result.save()
+                output_ids = nnsight.save(tracer.result)
     trace.flush()
     answer_ids = output_ids[0, n_prompt:].tolist()
     eos = set(eos_ids(model, tokenizer))

@@ -522,3 +522,18 @@ def test_trace_projections_stay_on_the_device_until_flushed():
     trace.flush()
     assert len(trace.components[0].before) == 12 and trace.components[0].pending == []
     assert all(abs(x - 1.0) < 1e-5 for x in trace.components[0].after)
+
+
+def test_an_nnsight_answer_leaves_no_save_on_every_object(embedded):
+    """NNsight 0.8 mounts `.save` on `object`; anyio classes defined afterwards (gradio's MCP
+    server) then refuse to exist, so importing gradio after an NNsight answer failed."""
+    import subprocess
+    import sys
+
+    code = ("import steering, torch; m, t = steering.load_model(); "
+            "steering.generate_steered_answer(m, t, [{'role': 'user', 'content': 'hi'}], "
+            "[steering.SteeringComponent(layer=3, vector=torch.ones(576), strength=1.0)], max_new_tokens=2); "
+            "assert not hasattr(object, 'save'); import gradio; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=__import__("pathlib").Path(steering.__file__).parent,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-600:]
