@@ -25,7 +25,7 @@ from typing import Any
 
 # isort: off
 import models  # first: sets the OpenMP wait policy before torch loads
-from config import ActiveFeature, FeatureConfig, ModelProfile, SteeringSpec
+from config import MAX_SPEC_BYTES, ActiveFeature, FeatureConfig, ModelProfile, SteeringSpec, parse_yaml_text
 from models import is_finite_number, short_repr
 from steering import SteeringComponent
 from vectors import SAE_HINT, SteeringVector, SteeringVectorSet, measure_layer_norms, parse_layer_index
@@ -248,10 +248,11 @@ class Catalog:
             return SteeringSpec(self.vectors.model_id, ())
         if any(p.name == text for p in self.profile.presets):
             return self.preset_spec(text)
-        if not text.lstrip().startswith(("{", "format", "---")):
+        data = parse_yaml_text(text, "the steering spec", MAX_SPEC_BYTES)  # bounded, no aliases
+        if not isinstance(data, dict):
             names = ", ".join(p.name for p in self.profile.presets)
             raise ValueError(f"steering must be a preset name ({names}), a steering spec as JSON, or empty")
-        return SteeringSpec.from_text(text)
+        return SteeringSpec.from_dict(data)
 
     def find(self, text: str, layers: Sequence[int] | None = None, k: int = 10) -> list[FoundFeatureLink]:
         """The SAE features that fire most on `text` (best first, by mean activation), each with

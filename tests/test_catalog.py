@@ -171,3 +171,15 @@ def test_console_extracts_a_profiles_sae_features_when_its_vectors_file_is_missi
                          cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-500:]
     assert out.stdout.strip() and not (tmp_path / "not_made.pt").exists()
+
+
+def test_a_yaml_spec_in_any_key_order_is_read_as_a_spec(loaded):
+    import yaml
+
+    _, la = loaded
+    spec = {"version": 1, "model_id": la.model_id, "format": "llm-steering/spec",
+            "features": [{"key": "pirate", "fraction": 0.2}]}
+    assert la.catalog.parse_steering(yaml.safe_dump(spec, sort_keys=True)).features == (
+        steering.ActiveFeature("pirate", 0.2),)
+    with pytest.raises(ValueError, match="preset name"):
+        la.catalog.parse_steering("no such preset")
