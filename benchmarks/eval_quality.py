@@ -320,8 +320,8 @@ def side_by_side(rows: list[dict], table: dict, base: dict, thresholds: dict, bo
     """Print the README table: per concept, the default picked on tuning, tuning and held-out figures
     side by side, then the same with auto calibration; return the picks."""
     picks = {}
-    fmt = "{mention:.0%} / {probe:.0%} / {base_mention:.0%} / {nll_ratio:.2f} / {rep3:.2f} / {on_topic:.0%}"
-    print("\n| concept | op | fraction | tuning: mention / probe / unsteered / NLL ratio / rep3 / on-topic | held-out: same | held-out pass | auto tuning | auto held-out | auto pass |")
+    fmt = "{mention:.0%} / {probe:.0%} / {base_mention:.0%}, {base_probe:.0%} / {nll_ratio:.2f} / {rep3:.2f} / {on_topic:.0%}"
+    print("\n| concept | op | fraction | tuning: mention / probe / unsteered mention, probe / NLL ratio / rep3 / on-topic | held-out: same | held-out pass | auto tuning | auto held-out | auto pass |")
     print("|---|---|---|---|---|---|---|---|---|")
     n_pass = n_strong = n_auto = 0
     for c in KEYWORDS:
