@@ -1,20 +1,26 @@
 """Steering quality on a tuning set (choices are made here) and a held-out set (only reported), per concept.
 
-    # 1. answers + metrics for a grid (each line of the JSONL is one answer; rows of a batch carry different steering):
-    nice -n 10 .venv/bin/python benchmarks/eval_quality.py run --set tuning --variants clamp cap \
-        --fractions 0.1 0.2 0.3 0.4 --out benchmarks/results/tuning.jsonl
+    # the runs behind the README's quality table (raw answers in benchmarks/results/):
+    nice -n 10 .venv/bin/python benchmarks/eval_quality.py run --set tuning --every 3 --per-concept benchmarks/base_settings.json \
+        --fractions 0.6 0.85 1.1 --out benchmarks/results/grid_tuning_every3.jsonl
+    nice -n 10 .venv/bin/python benchmarks/eval_quality.py run --set heldout --per-concept benchmarks/base_settings.json \
+        --fractions 0.6 0.85 1.1 --out benchmarks/results/grid_heldout.jsonl
+    # defaults picked on the tuning rows, tuning and held-out side by side, curves, replayed "auto":
+    .venv/bin/python benchmarks/eval_quality.py report benchmarks/results/grid_tuning_every3.jsonl \
+        benchmarks/results/grid_heldout.jsonl --quiet --curves --picks benchmarks/results/picks.json --defaults-yaml defaults.yaml
+    # the variant comparison (stopped after eiffel_tower and part of pirate for lack of CPU):
+    nice -n 10 .venv/bin/python benchmarks/eval_quality.py run --set tuning --every 4 \
+        --variants clamp cap add cap+centred cap+2layer --fractions 0.15 0.3 --out benchmarks/results/variants_tuning_every4.jsonl
+    .venv/bin/python benchmarks/eval_quality.py report benchmarks/results/variants_tuning_every4.jsonl --keep-incomplete --bound 0
     # variants: clamp | cap (one-sided: raise the component to at least s) | add, each optionally
     #   +centred (vector minus the mean of the ten concepts' vectors at that layer),
     #   +2layer (the same op at layer L-3 and L, each at the fraction x its layer's norm x 0.6),
     #   +answer (steer only the answer positions, steer_prompt=False); --per-concept FILE takes each
     #   concept's variant and base fraction from a JSON {concept: {"variant": v, "fraction": f0}} and
     #   --fractions become multiples of f0 (benchmarks/base_settings.json: the first default set)
-    # 2. tables (per concept, variant, fraction), the pick per concept, and "auto" (calibrate.py's rule,
-    #    replayed on the same rows):
-    .venv/bin/python benchmarks/eval_quality.py report benchmarks/results/tuning.jsonl
-    # 3. check once that a batched answer is the library's single answer; time calibration against one answer:
+    # check once that batched answers are the library's single answers; time calibration against one answer:
     nice -n 10 .venv/bin/python benchmarks/eval_quality.py check
-    nice -n 10 .venv/bin/python benchmarks/eval_quality.py cost --concept pirate --op clamp
+    nice -n 10 .venv/bin/python benchmarks/eval_quality.py cost --concept pirate --op clamp --fractions 0.12 0.17 0.22
 
 Settings: system prompt "You are a helpful assistant.", greedy, 48 new tokens, repetition
 penalty 1.1, steering on the prompt too (unless +answer). Per answer:
