@@ -528,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
             run_console(env, logs, rows, log, args.max_new_tokens, backend)
 
     log(f"\nRehearsal ({size}): {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, vocabulary "
-        f"{cfg['vocab_size']}, bf16; SAEs d_sae {D_SAE[size]} float32; {psutil.cpu_count()} CPUs, "
+        f"{cfg['vocab_size']}, bfloat16 on disk; SAEs d_sae {D_SAE[size]} float32; {psutil.cpu_count()} CPUs, "
         f"{psutil.virtual_memory().total / 2**30:.0f} GiB memory")
     header = ("step", "time", "peak RSS", "peak anon RSS", "tokens/s", "load avg")
     log("| " + " | ".join(header) + " |")
