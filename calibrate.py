@@ -106,14 +106,15 @@ def calibrate_strength(
         raise ValueError("fractions is empty: give at least one strength to try, e.g. (0.1, 0.2, 0.3)")
     if not (nll_bound >= 1.0):
         raise ValueError(f"nll_bound must be at least 1.0 (the unsteered answer's ratio), got {nll_bound!r}")
-    if norm <= 0:
+    if any(not (f >= 0) for f in fractions):
+        raise ValueError(f"fractions must be positive (strengths along the feature), got {list(fractions)!r}")
+    if not (norm > 0):
         raise ValueError(f"norm must be positive, got {norm!r}")
     t0 = time.perf_counter()
     fracs = [0.0] + sorted({float(f) for f in fractions if f != 0})
     others = list(other_components)
     rows = [others + ([] if f == 0 else [with_strength(component, f * norm)]) for f in fracs]
-    for comps in rows:
-        steering.validate_components(model, comps)
+    check_components(model, [*others, component])
     answers = generate_rows(model, tokenizer, [chat] * len(rows), rows, max_new_tokens=max_new_tokens,
                             repetition_penalty=repetition_penalty, steer_prompt=steer_prompt)
     nlls = answer_nll(model, tokenizer, [chat] * len(rows), answers)
@@ -136,6 +137,17 @@ def with_strength(component: SteeringComponent, strength: float) -> SteeringComp
     if component.op == "ablate":
         raise ValueError("an ablate component has no strength to calibrate: use add, clamp or cap")
     return replace(component, strength=strength)
+
+
+def check_components(model: Any, components: Sequence[SteeringComponent]) -> None:
+    """A one-line ValueError when a component's layer or vector size does not fit the model."""
+    n_layers, d = len(model.model.layers), model.config.hidden_size
+    for c in components:
+        label = f"component {c.name!r}" if c.name else "steering component"
+        if c.layer >= n_layers:
+            raise ValueError(f"{label}: layer {c.layer} is out of range: this model has {n_layers} layers (0-{n_layers - 1})")
+        if c.vector.numel() != d:
+            raise ValueError(f"{label}: vector has {c.vector.numel()} values, but this model's hidden size is {d}")
 
 
 def rep3(text: str) -> float:

@@ -149,8 +149,12 @@ def test_with_strength_and_errors(tiny):
         calibrate.calibrate_strength(model, tok, CHAT, comp, nll_bound=0.5)
     with pytest.raises(ValueError, match="ablate"):
         calibrate.with_strength(SteeringComponent(1, unit(32, 1), op="ablate"), 1.0)
-    with pytest.raises(ValueError, match="layer"):
+    with pytest.raises(ValueError, match="fractions must be positive"):
+        calibrate.calibrate_strength(model, tok, CHAT, comp, fractions=(0.1, -0.2))
+    with pytest.raises(ValueError, match="layer 9 is out of range"):
         calibrate.calibrate_strength(model, tok, CHAT, SteeringComponent(9, unit(32, 1), strength=1.0), fractions=(1.0,))
+    with pytest.raises(ValueError, match="hidden size is 32"):
+        calibrate.calibrate_strength(model, tok, CHAT, SteeringComponent(1, unit(16, 1), strength=1.0), fractions=(1.0,))
 
 
 def test_embedded_model_calibration_answer_is_the_library_answer(embedded):
