@@ -24,6 +24,7 @@ Greedy decoding only: candidates are compared on their deterministic answers.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -169,8 +170,11 @@ def row_steering(model: Any, rows: Sequence[Sequence[SteeringComponent]], steer_
     Row b's edit is `steering.steer_hidden` on that row alone, with its components in order,
     exactly as a single request does. `steer_prompt=False` leaves the prompt pass (the first
     forward, which holds every prompt position of the left-padded batch) alone, like
-    steer_prompt=False in steering's generation functions. The hooks are removed on exit.
+    steer_prompt=False in steering's generation functions. The hooks act only in the thread
+    that entered the block (other requests on the same model are left alone) and are removed
+    on exit.
     """
+    owner = threading.get_ident()
     layers = model.model.layers
     param = next(model.parameters())
     by_layer: dict[int, list[tuple[list[SteeringComponent], list[torch.Tensor]]]] = {}
@@ -186,6 +190,8 @@ def row_steering(model: Any, rows: Sequence[Sequence[SteeringComponent]], steer_
         seen = [0]
 
         def hook(module: Any, args: Any, output: Any) -> Any:
+            if threading.get_ident() != owner:
+                return None  # another request's forward pass on the same model
             hidden = output[0] if isinstance(output, tuple) else output  # [batch, seq, d_model]
             first_pass = seen[0] == 0
             seen[0] += 1

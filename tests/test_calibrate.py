@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from conftest import build_tiny_llama, unit
@@ -83,6 +85,26 @@ def test_row_steering_edits_each_row_like_steer_hidden(tiny):
         with steering.steer(model, comps[b]), torch.inference_mode():
             alone = model(input_ids=x[b : b + 1]).logits
         assert torch.allclose(batched_logits[b : b + 1], alone, atol=1e-5)
+
+
+def test_row_steering_leaves_other_threads_alone(tiny):
+    model, _ = tiny
+    x = torch.randint(3, 120, (1, 7))
+    with torch.inference_mode():
+        plain = model(input_ids=x).logits
+    got = {}
+    with calibrate.row_steering(model, [[SteeringComponent(1, unit(32, 6), strength=9.0, op="add")]]), torch.inference_mode():
+        steered = model(input_ids=x).logits
+        t = threading.Thread(target=lambda: got.setdefault("other", model(input_ids=x).logits))
+        t.start()
+        t.join()
+    assert not torch.allclose(steered, plain)
+    assert torch.equal(got["other"], plain)
+    assert calibrate_hooks(model) == 0
+
+
+def calibrate_hooks(model) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
 
 
 def test_answer_nll_matches_full_logits(tiny):
