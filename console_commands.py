@@ -67,12 +67,16 @@ class Command:
 
 
 def _steer(c: Any, args: list[str], rest: str) -> None:
-    fraction = parse_fraction(args[1]) if len(args) >= 2 else None
+    auto = len(args) >= 2 and args[1].lower() == "auto"
+    fraction = parse_fraction(args[1]) if len(args) >= 2 and not auto else None
     op = parse_op(args[2]) if len(args) == 3 else None
-    feature = c.steer(args[0], fraction, op)
+    feature = c.steer(args[0], fraction, op, auto=auto)
     _, fraction, op = c.active[feature.key]
-    c.notice(f"steering with {feature.key} at {fraction:.3g} x norm ({fraction * feature.norm:.1f} at layer "
-             f"{feature.layer}), {op}")
+    if auto:
+        c.notice(f"steering with {feature.key}, {op}, at a strength picked for each answer (auto)")
+    else:
+        c.notice(f"steering with {feature.key} at {fraction:.3g} x norm ({fraction * feature.norm:.1f} at layer "
+                 f"{feature.layer}), {op}")
 
 
 def _unsteer(c: Any, args: list[str], rest: str) -> None:
@@ -145,8 +149,9 @@ def _help(c: Any, args: list[str], rest: str) -> None:
 
 
 COMMANDS: dict[str, Command] = {
-    "/steer": Command("<name|layer:index> [strength] [add|clamp]",
-                      "steer with a feature (default strength and op from /features)", _steer, (1, 3)),
+    "/steer": Command("<name|layer:index> [strength|auto] [add|clamp]",
+                      "steer with a feature (default strength and op from /features; auto: picked per answer)",
+                      _steer, (1, 3)),
     "/unsteer": Command("<name|layer:index>", "stop steering with one feature", _unsteer, (1, 1)),
     "/clear": Command("", "stop all steering", _clear),
     "/features": Command("", "the features of this profile, with descriptions", _features),

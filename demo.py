@@ -104,6 +104,7 @@ class Console:
         self.paint = Painter(colour_enabled(out))
         self.paint_info = Painter(colour_enabled(info))
         self.active: dict[str, tuple[Feature, float, str]] = {}  # feature key -> (feature, fraction, op)
+        self.auto: set[str] = set()  # keys whose strength is calibrated per answer
         self.steer_prompt = True
         self.history: list[dict[str, str]] = []
         self.compare_next = False
@@ -122,9 +123,15 @@ class Console:
 
     # -- steering --------------------------------------------------------------
 
-    def steer(self, key: str, fraction: float | None = None, op: str | None = None) -> Feature:
-        """Steer with a feature at a fraction of its layer's norm (None: the feature's default)."""
+    def steer(self, key: str, fraction: float | None = None, op: str | None = None, auto: bool = False) -> Feature:
+        """Steer with a feature at a fraction of its layer's norm (None: the feature's default);
+        with `auto`, each answer's strength is calibrated (calibrate.py) before it is generated."""
         feature = self.catalog.resolve(key)
+        self.auto.discard(feature.key)
+        if auto:
+            if self.settings.temperature > 0:
+                self.notice("auto strength compares greedy answers; the answer itself keeps your temperature")
+            self.auto = {feature.key}  # one feature calibrates at a time
         fraction = self.catalog.check_fraction(feature, feature.default_fraction if fraction is None else fraction)
         op = op or feature.default_op
         steering.validate_components(self.model, [feature.component(fraction, op)])
@@ -132,6 +139,7 @@ class Console:
         return feature
 
     def unsteer(self, key: str) -> str:
+        self.auto.discard(key)
         if key not in self.active:
             try:
                 key = self.catalog.resolve(key).key
@@ -179,6 +187,8 @@ class Console:
             self.notice(line)
         if fitted.dropped_messages:
             self.history = self.history[fitted.dropped_messages:]
+        for key in self.auto & set(self.active):
+            self._calibrate(key, fitted.chat)
         comps = self.components()
         if compare and not comps:
             self.notice("nothing is steered: one answer only (use /steer first)")
@@ -189,6 +199,24 @@ class Console:
         if answer is not None:
             self.history += [{"role": "user", "content": fitted.message}, {"role": "assistant", "content": answer}]
         return answer
+
+    def _calibrate(self, key: str, chat: list[dict]) -> None:
+        """Pick `key`'s strength for this chat: the strongest candidate within the NLL bound."""
+        import calibrate
+
+        feature, _, op = self.active[key]
+        others = [f.component(frac, o) for k, (f, frac, o) in self.active.items() if k != key]
+        tried = calibrate.candidate_fractions(feature.default_fraction)
+        cal = calibrate.calibrate_strength(
+            self.model, self.tokenizer, chat, feature.component(1.0, op), fractions=tried, norm=feature.norm,
+            other_components=others, max_new_tokens=min(self.settings.max_new_tokens, 48),
+            repetition_penalty=self.settings.repetition_penalty, steer_prompt=self.steer_prompt,
+        )
+        chosen = cal.fraction if cal.found else min(tried)
+        self.active[key] = (feature, chosen, op)
+        within = "" if cal.found else f"; none stayed within NLL ratio {calibrate.DEFAULT_NLL_BOUND}, so the weakest"
+        self.notice(f"auto: {key} at {chosen:.3g} x norm (tried {', '.join(f'{f:g}' for f in tried)} in "
+                    f"{cal.seconds:.1f} s{within})")
 
     def _answer(self, chat: list[dict], comps: list, kind: str, labelled: bool = False) -> str | None:
         """Print one answer in `kind`'s colour; its text, or None if the user stopped it."""

@@ -455,3 +455,28 @@ def test_find_lists_the_features_that_fire_and_one_steers_them(embedded, sae_pro
         shipped_profile = steering.load_config(ROOT / "demo.yaml").profile()
         demo.Catalog(shipped_profile, steering.load_vectors(shipped_profile.vectors_path())).find("hi")
     assert "/find [layer] <text>" in console_commands.help_text()
+
+
+def test_steer_auto_calibrates_each_answer_and_answers_at_that_strength(embedded, shipped):
+    import calibrate
+
+    model, tok = embedded
+    profile, vectors = shipped
+    catalog = demo.Catalog(profile, vectors)
+    catalog.attach(model, tok)
+    out = io.StringIO()
+    settings = demo.Settings(backend="hf", temperature=0.0, max_new_tokens=12, repetition_penalty=1.1,
+                             system="You are a helpful assistant.", max_input_tokens=2048)
+    console = demo.Console(model, tok, catalog, settings, out=out, info=out, interactive=False)
+    console.command("/steer pirate auto")
+    answer = console.ask(QUESTION)
+    feature = catalog.resolve("pirate")
+    chat = [{"role": "system", "content": settings.system}, {"role": "user", "content": QUESTION}]
+    tried = calibrate.candidate_fractions(feature.default_fraction)
+    cal = calibrate.calibrate_strength(model, tok, chat, feature.component(1.0), fractions=tried, norm=feature.norm,
+                                       max_new_tokens=12, repetition_penalty=1.1)
+    chosen = cal.fraction if cal.found else min(tried)
+    assert f"auto: pirate at {chosen:.3g} x norm" in out.getvalue()
+    assert answer == steering.generate_steered_answer_hf(model, tok, chat, [feature.component(chosen)], max_new_tokens=12,
+                                                         repetition_penalty=1.1)
+    assert "[strength|auto]" in console_commands.help_text()
