@@ -203,6 +203,21 @@ def generate(
     yield texts[0], texts[1] if unsteered_chat is not None else None, trace, not finished
 
 
+@spaces.GPU(duration=60)
+def auto_strength(chat: list[dict], component: SteeringComponent, others: list[SteeringComponent],
+                  fractions: list[float], norm: float, steer_prompt: bool, repetition_penalty: float,
+                  max_new_tokens: int) -> tuple[float, bool, float]:
+    """"Auto": (chosen fraction, whether it stayed within the NLL bound, seconds), from one batched
+    generation over `fractions` (calibrate.py); the weakest candidate when none stayed within."""
+    import calibrate
+
+    cal = calibrate.calibrate_strength(
+        LOADED.model, LOADED.tokenizer, chat, component, fractions=fractions, norm=norm, other_components=others,
+        max_new_tokens=min(max_new_tokens, 48), repetition_penalty=repetition_penalty, steer_prompt=steer_prompt,
+    )
+    return (cal.fraction if cal.found else min(fractions)), cal.found, cal.seconds
+
+
 # ---------------------------------------------------------------------------
 # Errors: one place turns them into what the visitor sees
 # ---------------------------------------------------------------------------
@@ -240,6 +255,14 @@ def chat_messages(history: list | None) -> list[dict]:
     ]
 
 
+def auto_key(app: App, controls: tuple) -> str | None:
+    """The first switched-on feature whose "auto" box is ticked (the auto boxes come last)."""
+    n = len(app.features)
+    start = 3 * n + (4 if app.profile.sae_source else 0)
+    autos = controls[start : start + n]
+    return next((f.key for f, on, auto in zip(app.features, controls[:n], autos, strict=False) if on and auto), None)
+
+
 def model_chat(app: App, system_prompt: str, history: list[dict], message: str) -> tuple[list[dict], str]:
     """The chat the model reads (catalog.fit_chat), each cut shown to the visitor as a warning."""
     fitted = fit_chat(app.tokenizer, system_prompt, history, message, app.profile.generation.max_input_tokens)
@@ -257,7 +280,7 @@ def spec_from_controls(app: App, steer_prompt: bool, controls: tuple) -> Steerin
         f.key: (app.catalog.check_fraction(f, frac), op)
         for f, on, frac, op in zip(app.features, enabled, fractions, ops, strict=True) if on
     }
-    if len(controls) > 3 * n and controls[3 * n] and str(controls[3 * n + 1]).strip():
+    if app.profile.sae_source and len(controls) > 3 * n and controls[3 * n] and str(controls[3 * n + 1]).strip():
         feature = app.catalog.resolve(str(controls[3 * n + 1]).strip())
         active[feature.key] = (app.catalog.check_fraction(feature, controls[3 * n + 2]), controls[3 * n + 3])
     return app.catalog.spec(active, steer_prompt)
@@ -288,6 +311,21 @@ def respond(app: App, message: str, history: list | None, unsteered_history: lis
             if [m["content"] for m in unsteered if m["role"] == "user"] != [m["content"] for m in history if m["role"] == "user"]:
                 unsteered = list(history)  # compare just switched on, or the chats diverged: start from this chat
             unsteered_chat, _ = model_chat(app, system_prompt or "", unsteered, message)
+        key = auto_key(app, controls)
+        if key is not None:
+            import calibrate
+
+            active = app.catalog.active(spec)
+            i = list(active).index(key)
+            feature, _, op = active[key]
+            tried = calibrate.candidate_fractions(feature.default_fraction)
+            fraction, found, seconds = auto_strength(
+                chat, feature.component(1.0, op), components[:i] + components[i + 1 :], tried, feature.norm,
+                spec.steer_prompt, float(repetition_penalty), int(max_new_tokens),
+            )
+            components[i] = feature.component(fraction, op)
+            gr.Info(f"Auto: {key} at {fraction:.2f} × norm (tried {', '.join(f'{f:g}' for f in tried)}; "
+                    f"{seconds:.1f} s){'' if found else ', the weakest: none stayed fluent enough'}.")
         user = {"role": "user", "content": message}
         waiting = "<p class='muted'>The shading appears here when the answer is complete.</p>"
         yield "", history + [user, {"role": "assistant", "content": ""}], gr.skip(), waiting if components else gr.skip()
@@ -330,7 +368,7 @@ def controls_update(app: App, spec: SteeringSpec) -> list:
     ]
     if app.profile.sae_source:
         updates += [True, custom[0], *active[custom[0]]] if custom else [False, gr.skip(), gr.skip(), gr.skip()]
-    return [*updates, spec.steer_prompt]
+    return [*updates, *[False] * len(app.features), spec.steer_prompt]  # auto off: the spec's strengths hold
 
 
 def find_features(app: App, text: str, layer: Any) -> tuple[Any, str]:
@@ -359,7 +397,7 @@ def steer_found(app: App, key: str | None) -> list:
 def apply_preset(app: App, name: str | None) -> list:
     """Set every catalog control from a preset; "None" switches everything off."""
     if name is None or (name != NO_PRESET and name not in app.presets):
-        return [gr.skip()] * (3 * len(app.features) + (4 if app.profile.sae_source else 0) + 1)
+        return [gr.skip()] * (4 * len(app.features) + (4 if app.profile.sae_source else 0) + 1)
     spec = SteeringSpec(app.model_id, ()) if name == NO_PRESET else app.catalog.preset_spec(name)
     return controls_update(app, spec)
 
@@ -387,7 +425,7 @@ def export_spec(app: App, fmt: str, steer_prompt: bool, *controls: Any) -> str:
 
 def import_spec(app: App, upload: str | None) -> list:
     """Set the controls from an uploaded steering file (only gradio's upload, never a typed path)."""
-    skip = [gr.skip()] * (3 * len(app.features) + (4 if app.profile.sae_source else 0) + 2)
+    skip = [gr.skip()] * (4 * len(app.features) + (4 if app.profile.sae_source else 0) + 2)
     if not upload:
         return skip
     try:
@@ -482,7 +520,7 @@ def build_demo(app: App) -> gr.Blocks:
                 )
             with gr.Column(scale=2):
                 preset.render()
-                enabled_boxes, fraction_sliders, op_radios = [], [], []
+                enabled_boxes, fraction_sliders, op_radios, auto_boxes = [], [], [], []
                 with gr.Column(elem_id="catalog"):
                     for feature in features:
                         with gr.Group(), gr.Row(elem_classes="feature-row"):
@@ -490,6 +528,8 @@ def build_demo(app: App) -> gr.Blocks:
                                                              scale=3, min_width=140))
                             op_radios.append(gr.Radio(["clamp", "add"], value=feature.default_op, show_label=False,
                                                       scale=2, min_width=120))
+                            auto_boxes.append(gr.Checkbox(label="auto", value=False, scale=1, min_width=70,
+                                                          info="strength picked per answer"))
                         fraction_sliders.append(FractionSlider(
                             *app.catalog.fraction_range(feature), value=round(feature.default_fraction, 2), step=0.01,
                             label=f"strength (× norm {feature.norm:.0f} at layer {feature.layer})",
@@ -531,7 +571,7 @@ def build_demo(app: App) -> gr.Blocks:
                                                  elem_id="import")
                     exported = gr.File(label="Exported steering", interactive=False, elem_id="exported")
                     spec_view = gr.Code(language="json", label="Current steering", interactive=False, elem_id="spec-view")
-        controls = [*enabled_boxes, *fraction_sliders, *op_radios, *custom]
+        controls = [*enabled_boxes, *fraction_sliders, *op_radios, *custom, *auto_boxes]
         gen_inputs = [msg, chatbot, unsteered_chatbot, system_prompt, temperature, repetition_penalty, max_new_tokens,
                       steer_prompt, compare, session_key, *controls]
         gen_outputs = [msg, chatbot, unsteered_chatbot, intensity]

@@ -350,7 +350,8 @@ def test_import_refuses_files_the_controls_cannot_show(app_module, tmp_path):
     updates = app.import_spec(loaded, str(tmp_path / "good.json"))
     n = len(loaded.features)
     assert updates[:n] == [e.key == name for e in loaded.features]
-    assert updates[n] == 0.25 and updates[2 * n] == "add" and updates[3 * n] is False
+    assert updates[n] == 0.25 and updates[2 * n] == "add" and updates[3 * n : 4 * n] == [False] * n  # auto boxes off
+    assert updates[-2] is False  # steer_prompt
     for spec in (steering.SteeringSpec(loaded.model_id, (steering.ActiveFeature(name, 5.0),)),
                  steering.SteeringSpec("other/model", (steering.ActiveFeature(name, 0.5),)),
                  steering.SteeringSpec(loaded.model_id, (steering.ActiveFeature("no_such_feature", 0.5),))):
@@ -473,3 +474,27 @@ def test_browser_find_features_from_text_and_steer_one(tmp_path, embedded):
                       or expected[0].key in page.locator("#summary").inner_text(), 15, "the summary")
         finally:
             browser.close()
+
+
+def test_auto_picks_the_strength_then_answers_at_it(app_module, capsys):
+    """The "auto" box beside a feature: one batched calibration, then the answer at the chosen strength."""
+    import calibrate
+
+    app, la = app_module, app_module.LOADED
+    n = len(la.features)
+    i = next(j for j, f in enumerate(la.features) if f.key == "pirate")
+    feature = la.features[i]
+    controls = ([j == i for j in range(n)] + [f.default_fraction for f in la.features]
+                + [f.default_op for f in la.features] + [j == i for j in range(n)])
+    message, system = "Tell me about your weekend.", la.profile.generation.system_prompt
+    *_, last = app.respond(la, message, [], [], system, 0.0, 1.1, 12, True, False, "", *controls)
+    shown = capsys.readouterr().out  # gr.Info outside a browser session prints its message
+    chat = [{"role": "system", "content": system}, {"role": "user", "content": message}]
+    tried = calibrate.candidate_fractions(feature.default_fraction)
+    cal = calibrate.calibrate_strength(la.model, la.tokenizer, chat, feature.component(1.0), fractions=tried,
+                                       norm=feature.norm, max_new_tokens=12, repetition_penalty=1.1)
+    chosen = cal.fraction if cal.found else min(tried)
+    expected = steering.generate_steered_answer_hf(la.model, la.tokenizer, chat, [feature.component(chosen)],
+                                                   max_new_tokens=12, repetition_penalty=1.1)
+    assert last[1][-1] == {"role": "assistant", "content": expected}
+    assert f"Auto: pirate at {chosen:.2f} × norm" in shown
