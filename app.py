@@ -39,7 +39,7 @@ import spaces  # before torch: on a ZeroGPU Space it must come first (a no-op el
 import steering  # before torch too: it sets PyTorch's OpenMP threads to wait passively
 from catalog import Catalog, Feature, fit_chat, message_text
 from config import ModelProfile, SteeringSpec, load_config, load_steering_spec, save_steering_spec
-from app_views import CSS, intensity_html, summary_markdown
+from app_views import CSS, DESCRIPTION, EXAMPLES, TITLE, FractionSlider, intensity_html, summary_markdown
 from stop_flags import StopFlags
 from steering import SteeringComponent, SteeringTrace
 import torch
@@ -47,7 +47,7 @@ from spaces.config import Config
 # isort: on
 
 # ---------------------------------------------------------------------------
-# Constants and text
+# Constants (the texts the page shows are in app_views.py)
 # ---------------------------------------------------------------------------
 
 HERE = Path(__file__).resolve().parent
@@ -59,24 +59,6 @@ ON_ZERO_GPU = Config.zero_gpu  # a ZeroGPU Space: CUDA only inside the @spaces.G
 MAX_UPLOAD = "64kb"  # an imported steering file is a few hundred bytes
 MAX_NEW_TOKENS = 1024  # the slider's end, and the API's limit
 NO_PRESET = "None"
-
-EXAMPLES = [
-    "Tell me about your perfect weekend.",
-    "Write a short poem about the sea.",
-    "What should I cook for dinner tonight?",
-    "Give me three tips for a job interview.",
-]
-
-TITLE = "SAE steering chat"
-DESCRIPTION = """\
-**Steering** changes what a language model "thinks about" without changing its prompt or its weights.
-A feature is a direction in the model's hidden state (from a sparse autoencoder, or from contrasting
-texts about a concept with neutral ones). While the model writes, the app pushes its hidden state
-along that direction after one layer: **clamp** sets the hidden state's component along the
-direction to the strength, **add** adds the direction times the strength. Strengths are fractions of
-the layer's typical hidden-state size: around 0.5 the concept creeps into everything; well above 1 the
-text falls apart. Pick a preset or switch features on, chat, and compare with the unsteered model.
-"""
 
 log = logging.getLogger("app")
 
@@ -467,18 +449,6 @@ def chat_api(app: App, message: str, history: list[dict] | None = None, steering
 # ---------------------------------------------------------------------------
 # Layout
 # ---------------------------------------------------------------------------
-
-
-class FractionSlider(gr.Slider):
-    """A strength slider whose typed values reach the catalog's check (a readable warning),
-    instead of gradio's bare out-of-range error."""
-
-    @classmethod
-    def get_block_name(cls) -> str:
-        return "slider"
-
-    def preprocess(self, payload: float) -> float:
-        return float(payload)
 
 
 def build_demo(app: App) -> gr.Blocks:

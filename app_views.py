@@ -1,4 +1,5 @@
-"""What the Space shows besides the chat: the steering summary, the concept-intensity view, the CSS.
+"""What the Space shows besides the chat: its texts, the strength slider, the steering summary,
+the concept-intensity view, the CSS.
 
 Plain functions of their inputs (no model loaded at import), so they are testable alone.
 
@@ -11,9 +12,41 @@ from __future__ import annotations
 import html
 from typing import Any
 
+import gradio as gr
+
 from catalog import Catalog
 from config import SteeringSpec
 from steering import SteeringTrace
+
+EXAMPLES = [
+    "Tell me about your perfect weekend.",
+    "Write a short poem about the sea.",
+    "What should I cook for dinner tonight?",
+    "Give me three tips for a job interview.",
+]
+
+TITLE = "SAE steering chat"
+DESCRIPTION = """\
+**Steering** changes what a language model "thinks about" without changing its prompt or its weights.
+A feature is a direction in the model's hidden state (from a sparse autoencoder, or from contrasting
+texts about a concept with neutral ones). While the model writes, the app pushes its hidden state
+along that direction after one layer: **clamp** sets the hidden state's component along the
+direction to the strength, **add** adds the direction times the strength. Strengths are fractions of
+the layer's typical hidden-state size: around 0.5 the concept creeps into everything; well above 1 the
+text falls apart. Pick a preset or switch features on, chat, and compare with the unsteered model.
+"""
+
+
+class FractionSlider(gr.Slider):
+    """A strength slider whose typed values reach the catalog's check (a readable warning),
+    instead of gradio's bare out-of-range error."""
+
+    @classmethod
+    def get_block_name(cls) -> str:
+        return "slider"
+
+    def preprocess(self, payload: float) -> float:
+        return float(payload)
 
 
 def summary_markdown(catalog: Catalog, spec: SteeringSpec) -> str:
