@@ -1,13 +1,15 @@
 """Steering quality on a tuning set (choices are made here) and a held-out set (only reported), per concept.
 
-    # the runs behind the README's quality table (raw answers in benchmarks/results/):
-    nice -n 10 .venv/bin/python benchmarks/eval_quality.py run --set tuning --every 3 --per-concept benchmarks/base_settings.json \
-        --fractions 0.6 0.85 1.1 --out benchmarks/results/grid_tuning_every3.jsonl
+    # the runs behind the README's quality table (raw answers in benchmarks/results/; the 42 tuning
+    # prompts in three runs of every third prompt, the first saved as grid_tuning_every3.jsonl):
+    for o in 0 1 2; do nice -n 10 .venv/bin/python benchmarks/eval_quality.py run --set tuning --every 3 --offset $o \
+        --per-concept benchmarks/base_settings.json --fractions 0.6 0.85 1.1 --out benchmarks/results/grid_tuning_rest.jsonl; done
     nice -n 10 .venv/bin/python benchmarks/eval_quality.py run --set heldout --per-concept benchmarks/base_settings.json \
         --fractions 0.6 0.85 1.1 --out benchmarks/results/grid_heldout.jsonl
     # defaults picked on the tuning rows, tuning and held-out side by side, curves, replayed "auto":
     .venv/bin/python benchmarks/eval_quality.py report benchmarks/results/grid_tuning_every3.jsonl \
-        benchmarks/results/grid_heldout.jsonl --quiet --curves --picks benchmarks/results/picks.json --defaults-yaml defaults.yaml
+        benchmarks/results/grid_tuning_rest.jsonl benchmarks/results/grid_heldout.jsonl --quiet --curves \
+        --picks benchmarks/results/picks.json --defaults-yaml defaults.yaml
     # the variant comparison (stopped after eiffel_tower and part of pirate for lack of CPU):
     nice -n 10 .venv/bin/python benchmarks/eval_quality.py run --set tuning --every 4 \
         --variants clamp cap add cap+centred cap+2layer --fractions 0.15 0.3 --out benchmarks/results/variants_tuning_every4.jsonl
