@@ -294,10 +294,14 @@ def cmd_report(args) -> None:
     if args.curves:
         curves(table)
     if args.picks:
-        picks = side_by_side(rows, table, base, thresholds, args.bound)
+        auto_grid = None
+        if args.auto_base:  # auto tries calibrate.candidate_fractions(first default) (0.6/0.85/1.1 x it)
+            auto_base = json.loads(Path(args.auto_base).read_text())
+            auto_grid = {c: calibrate.candidate_fractions(v["fraction"]) for c, v in auto_base.items()}
+        picks = side_by_side(rows, table, base, thresholds, args.bound, auto_grid)
         Path(args.picks).write_text(json.dumps(picks, indent=1) + "\n")
         if args.defaults_yaml:
-            grids = {c: sorted({k[3] for k in table if k[:3] == ("tuning", c, p["variant"])}) for c, p in picks.items()}
+            grids = auto_grid or {c: sorted({k[3] for k in table if k[:3] == ("tuning", c, p["variant"])}) for c, p in picks.items()}
             write_defaults(picks, args.vectors, args.defaults_yaml, grids, args.bound)
     if args.bound and args.all_auto:
         print(f"\nauto (calibrate.py rule replayed on the grid: strongest fraction with per-prompt NLL ratio <= {args.bound}, rep3 < 0.2)")
@@ -324,7 +328,8 @@ def pick(table: dict, concept: str) -> tuple:
                + (km[1]["rep3"] >= 0.2))[0]
 
 
-def side_by_side(rows: list[dict], table: dict, base: dict, thresholds: dict, bound: float) -> dict:
+def side_by_side(rows: list[dict], table: dict, base: dict, thresholds: dict, bound: float,
+                 auto_grid: dict[str, list[float]] | None = None) -> dict:
     """Print the README table: per concept, the default picked on tuning, tuning and held-out figures
     side by side, then the same with auto calibration; return the picks."""
     picks = {}
@@ -341,7 +346,7 @@ def side_by_side(rows: list[dict], table: dict, base: dict, thresholds: dict, bo
         held = table.get(("heldout", *k[1:]))
         autos = {}
         for st in ("tuning", "heldout"):
-            chosen = auto_rows(rows, base, st, c, k[2], bound)
+            chosen = auto_rows(rows, base, st, c, k[2], bound, None if auto_grid is None else auto_grid[c])
             if chosen:
                 autos[st] = metrics(chosen, [base[(st, r["prompt"])] for r in chosen], c, thresholds)
         ok = held is not None and passes(held)
@@ -456,6 +461,7 @@ def main() -> None:
     rep.add_argument("--defaults-yaml", help="with --picks: write the picks as demo.yaml-style settings here")
     rep.add_argument("--vectors", default=str(ROOT / "steering_vectors.pt"), help="for the norms in --defaults-yaml")
     rep.add_argument("--keep-incomplete", action="store_true", help="keep prompts that lack some settings (concept-major runs)")
+    rep.add_argument("--auto-base", help="replay auto with calibrate.candidate_fractions of these base fractions (JSON as --per-concept)")
     rep.add_argument("--quiet", action="store_true", help="leave out the full per-setting table")
     rep.add_argument("--curves", action="store_true", help="print the trade-off curves, tuning and held-out side by side")
     rep.add_argument("--all-auto", action="store_true", help="print the replayed auto calibration for every variant")
