@@ -115,7 +115,7 @@ def calibrate_strength(
     fracs = [0.0] + sorted({float(f) for f in fractions if f != 0})
     others = list(other_components)
     rows = [others + ([] if f == 0 else [with_strength(component, f * norm)]) for f in fracs]
-    check_components(model, [*others, component])
+    steering.validate_components(model, [*others, component])
     answers = generate_rows(model, tokenizer, [chat] * len(rows), rows, max_new_tokens=max_new_tokens,
                             repetition_penalty=repetition_penalty, steer_prompt=steer_prompt)
     nlls = answer_nll(model, tokenizer, [chat] * len(rows), answers)
@@ -138,17 +138,6 @@ def with_strength(component: SteeringComponent, strength: float) -> SteeringComp
     if component.op == "ablate":
         raise ValueError("an ablate component has no strength to calibrate: use add, clamp or cap")
     return replace(component, strength=strength)
-
-
-def check_components(model: Any, components: Sequence[SteeringComponent]) -> None:
-    """A one-line ValueError when a component's layer or vector size does not fit the model."""
-    n_layers, d = len(model.model.layers), model.config.hidden_size
-    for c in components:
-        label = f"component {c.name!r}" if c.name else "steering component"
-        if c.layer >= n_layers:
-            raise ValueError(f"{label}: layer {c.layer} is out of range: this model has {n_layers} layers (0-{n_layers - 1})")
-        if c.vector.numel() != d:
-            raise ValueError(f"{label}: vector has {c.vector.numel()} values, but this model's hidden size is {d}")
 
 
 def rep3(text: str) -> float:
@@ -212,15 +201,6 @@ def row_steering(model: Any, rows: Sequence[Sequence[SteeringComponent]], steer_
             h.remove()
 
 
-def eos_ids(model: Any, tokenizer: Any) -> list[int]:
-    """The model's end-of-answer token ids (generation config plus the tokenizer's EOS)."""
-    ids = model.generation_config.eos_token_id
-    ids = [] if ids is None else ([ids] if isinstance(ids, int) else list(ids))
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
-    return ids
-
-
 def generate_rows(model: Any, tokenizer: Any, chats: Sequence[Sequence[dict]], rows: Sequence[Sequence[SteeringComponent]],
                   max_new_tokens: int = 48, repetition_penalty: float = 1.1, steer_prompt: bool = True,
                   batch_size: int = 64) -> list[list[int]]:
@@ -229,7 +209,7 @@ def generate_rows(model: Any, tokenizer: Any, chats: Sequence[Sequence[dict]], r
 
     if len(chats) != len(rows):
         raise ValueError(f"{len(chats)} chats but {len(rows)} rows of steering: give one per chat")
-    eos = eos_ids(model, tokenizer)
+    eos = steering.eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
                               repetition_penalty=repetition_penalty, pad_token_id=pad, eos_token_id=eos,

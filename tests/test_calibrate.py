@@ -33,7 +33,7 @@ class ToyTokenizer:
 def single_answer(model, tok, chat, comps, max_new_tokens=12, steer_prompt=True):
     """The library's single-request steering (steering.steer hooks) on one unpadded prompt, greedy."""
     ids = steering.chat_input_ids(tok, chat)
-    eos = calibrate.eos_ids(model, tok)
+    eos = steering.eos_ids(model, tok)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
                               repetition_penalty=1.1, pad_token_id=0, eos_token_id=eos)
     x = torch.tensor([ids])
