@@ -28,7 +28,7 @@ import threading
 import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 # isort: off
@@ -38,13 +38,14 @@ from models import (  # noqa: F401  (first: it sets the OpenMP wait policy; re-e
     is_finite_number, layer_hidden, load_model, model_id_of, num_layers, short_repr, validate_generation, with_hidden,
 )
 import torch
+from traces import ComponentTrace, SteeringTrace
 # isort: on
 
 OPS = ("add", "clamp", "cap", "ablate")
 
 
 # ---------------------------------------------------------------------------
-# Steering components and traces
+# Steering components (their traces: traces.py)
 # ---------------------------------------------------------------------------
 
 
@@ -108,51 +109,6 @@ class SteeringComponent:
     def with_op(self, op: str, **changes: Any) -> SteeringComponent:
         """A copy with another op (and any other field changed)."""
         return replace(self, op=op, **changes)
-
-
-@dataclass
-class ComponentTrace:
-    """Projections h·v on one component's direction, before and after its edit, per position."""
-
-    layer: int
-    name: str
-    op: str
-    before: list[float] = field(default_factory=list)
-    after: list[float] = field(default_factory=list)
-    # Chunks recorded during generation, kept where the model runs (no device sync per
-    # layer and token); `flush` moves them to `before`/`after` in one transfer.
-    pending: list[torch.Tensor] = field(default_factory=list, repr=False, compare=False)
-
-    def record(self, before: torch.Tensor, after: torch.Tensor) -> None:
-        """Keep one chunk of projections ([seq] each) until `flush`."""
-        self.pending.append(torch.stack([before.detach(), after.detach()]))
-
-    def flush(self) -> None:
-        """Move the recorded chunks to the CPU lists `before` and `after`."""
-        if self.pending:
-            both = torch.cat(self.pending, dim=1).float().cpu()  # [2, positions]
-            self.pending = []
-            self.before.extend(both[0].tolist())
-            self.after.extend(both[1].tolist())
-
-
-@dataclass
-class SteeringTrace:
-    """What the steering did: for each component, projections at every position the model ran.
-
-    `token_ids` holds the prompt then the answer; `prompt_len` how many are prompt.
-    Position i of `before`/`after` is the hidden state while reading token i, so the
-    last answer token (never fed back) has no entry.
-    """
-
-    prompt_len: int = 0
-    token_ids: list[int] = field(default_factory=list)
-    components: list[ComponentTrace] = field(default_factory=list)
-
-    def flush(self) -> None:
-        """Move every component's recorded projections to the CPU (the backends call this)."""
-        for comp in self.components:
-            comp.flush()
 
 
 # ---------------------------------------------------------------------------
@@ -614,8 +570,6 @@ def generate_steered_answer(
         return answer
     trace.token_ids.extend(answer_ids)
     return answer, trace
-
-
 
 
 # The data layer lives in vectors.py and config.py, which import this module; they are
