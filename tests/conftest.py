@@ -71,3 +71,22 @@ def write_small_saelens_sae(root, layer: int, d_model: int, d_sae: int, seed: in
               str(folder / "sae_weights.safetensors"))
     (folder / "cfg.json").write_text(json.dumps({"d_in": d_model, "d_sae": d_sae, "hook_name": f"blocks.{layer}.hook_resid_post"}))
     return w_dec
+
+
+def comps_for(case: str) -> list:
+    """The steering cases both backends' equality tests run on the embedded model (hidden size 576)."""
+    from steering import SteeringComponent
+
+    v, w = unit(576, 100), unit(576, 101)
+    return {
+        "add": [SteeringComponent(layer=10, vector=v, strength=40.0, name="v")],
+        "clamp": [SteeringComponent(layer=12, vector=v, strength=60.0, op="clamp")],
+        "cap": [SteeringComponent(layer=14, vector=w, op="cap", cap_min=-2.0, cap_max=2.0)],
+        "ablate": [SteeringComponent(layer=8, vector=w, op="ablate", scale=0.0)],
+        "multi": [
+            SteeringComponent(layer=3, vector=v, strength=6.0, op="clamp"),
+            SteeringComponent(layer=10, vector=w, strength=30.0),
+            SteeringComponent(layer=10, vector=v, op="cap", cap_min=0.0, cap_max=20.0),
+            SteeringComponent(layer=20, vector=w, op="ablate", scale=0.5),
+        ],
+    }[case]

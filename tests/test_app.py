@@ -75,6 +75,25 @@ def server(tmp_path_factory):
         yield url, log_path
 
 
+@contextlib.contextmanager
+def app_page(url: str):
+    """A page of the app at 1440x900 in Debian's headless Chromium, once the chat box is there."""
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium); "
+                    "tests/run.sh does this. Never download a browser through playwright.")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 900})
+            page.goto(url)
+            page.wait_for_selector("#msg textarea", timeout=60_000)
+            yield page
+        finally:
+            browser.close()
+
+
 def _bot_texts(page, chat_id: str) -> list[str]:
     return page.locator(f"#{chat_id} [data-testid='bot']").all_inner_texts()
 
@@ -98,108 +117,96 @@ def _set_max_new_tokens(page, n: int) -> None:
 
 def test_browser_preset_streaming_compare_stop(server, tmp_path):
     """Preset on, streamed answer, intensity view, compare mode side by side, Stop ends the generation."""
-    if not Path(CHROMIUM).is_file():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium); "
-                    "tests/run.sh does this. Never download a browser through playwright.")
-    from playwright.sync_api import sync_playwright
-
     url, log_path = server
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1440, "height": 900})
-            page.goto(url)
-            page.wait_for_selector("#msg textarea", timeout=60_000)
-            page.get_by_text("Advanced", exact=True).click()
-            _set_max_new_tokens(page, 24)
+    with app_page(url) as page:
+        page.get_by_text("Advanced", exact=True).click()
+        _set_max_new_tokens(page, 24)
 
-            # A preset switches its feature on, and the summary shows its absolute strength.
-            page.locator("#preset").get_by_label("Eiffel Tower").check()
-            _wait_for(lambda: "eiffel_tower" in page.locator("#summary").inner_text(), 10, "the preset's summary")
-            assert page.get_by_role("checkbox", name="eiffel_tower", exact=True).is_checked()
-            assert "×" in page.locator("#summary").inner_text() and "at layer" in page.locator("#summary").inner_text()
+        # A preset switches its feature on, and the summary shows its absolute strength.
+        page.locator("#preset").get_by_label("Eiffel Tower").check()
+        _wait_for(lambda: "eiffel_tower" in page.locator("#summary").inner_text(), 10, "the preset's summary")
+        assert page.get_by_role("checkbox", name="eiffel_tower", exact=True).is_checked()
+        assert "×" in page.locator("#summary").inner_text() and "at layer" in page.locator("#summary").inner_text()
 
-            # Send: the answer streams in (several growing partial texts), then the intensity view fills.
-            page.locator("#msg textarea").fill("Tell me about your perfect weekend.")
-            page.locator("#send").click()
-            seen: list[str] = []
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and page.locator("#intensity .tok").count() == 0:
-                texts = _bot_texts(page, "chat-steered")
-                if texts and texts[-1].strip() and (not seen or texts[-1] != seen[-1]):
-                    seen.append(texts[-1])
-                time.sleep(0.03)
-            assert page.locator("#intensity .tok").count() > 0, "the concept-intensity view stayed empty"
-            assert len(seen) >= 2, f"no streaming seen, only {seen!r}"
-            assert len(seen[0]) < len(seen[-1]), seen  # (markdown may redraw a partial text shorter for a moment)
-            assert "eiffel_tower" in page.locator("#intensity").inner_text()
+        # Send: the answer streams in (several growing partial texts), then the intensity view fills.
+        page.locator("#msg textarea").fill("Tell me about your perfect weekend.")
+        page.locator("#send").click()
+        seen: list[str] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and page.locator("#intensity .tok").count() == 0:
+            texts = _bot_texts(page, "chat-steered")
+            if texts and texts[-1].strip() and (not seen or texts[-1] != seen[-1]):
+                seen.append(texts[-1])
+            time.sleep(0.03)
+        assert page.locator("#intensity .tok").count() > 0, "the concept-intensity view stayed empty"
+        assert len(seen) >= 2, f"no streaming seen, only {seen!r}"
+        assert len(seen[0]) < len(seen[-1]), seen  # (markdown may redraw a partial text shorter for a moment)
+        assert "eiffel_tower" in page.locator("#intensity").inner_text()
 
-            # Retry asks the same message again, in place of the last turn.
-            page.locator("#retry").click()
-            _wait_for(lambda: page.locator("#intensity .tok").count() == 0, 20, "Retry to start a new answer")
-            _wait_for(lambda: page.locator("#intensity .tok").count() > 0, 60, "the retried answer")
-            assert page.locator("#chat-steered [data-testid='user']").all_inner_texts() == ["Tell me about your perfect weekend."]
-            assert len(_bot_texts(page, "chat-steered")) == 1 and _bot_texts(page, "chat-steered")[0].strip()
+        # Retry asks the same message again, in place of the last turn.
+        page.locator("#retry").click()
+        _wait_for(lambda: page.locator("#intensity .tok").count() == 0, 20, "Retry to start a new answer")
+        _wait_for(lambda: page.locator("#intensity .tok").count() > 0, 60, "the retried answer")
+        assert page.locator("#chat-steered [data-testid='user']").all_inner_texts() == ["Tell me about your perfect weekend."]
+        assert len(_bot_texts(page, "chat-steered")) == 1 and _bot_texts(page, "chat-steered")[0].strip()
 
-            # Share: export the steering as JSON, import another spec (a gradio upload).
-            page.get_by_text("Share steering (JSON / YAML)").click()
-            page.get_by_role("button", name="Export JSON").click()
-            link = page.locator("#exported [data-testid='download-link']")
-            link.wait_for(timeout=15_000)
-            assert link.get_attribute("download") == "steering.json"
-            with urllib.request.urlopen(link.get_attribute("href"), timeout=10) as resp:
-                exported = json.loads(resp.read())
-            assert exported["format"] == "llm-steering/spec"
-            preset = next(p for p in steering.load_config(ROOT / "demo.yaml").profile().presets if p.name == "Eiffel Tower")
-            assert exported["features"] == [{"key": f.key, "fraction": f.fraction, "op": f.op} for f in preset.features]
-            assert [f["key"] for f in exported["features"]] == ["eiffel_tower"]
-            spec = steering.SteeringSpec(steering.EMBEDDED_MODEL_ID, (steering.ActiveFeature("pirate", 0.4, "add"),))
-            steering.save_steering_spec(spec, tmp_path / "pirate.yaml")
-            with page.expect_file_chooser() as chooser:
-                page.locator("#import").click()
-            chooser.value.set_files(str(tmp_path / "pirate.yaml"))
-            _wait_for(lambda: "pirate · add · 0.40" in page.locator("#summary").inner_text(), 15, "the imported steering")
-            assert page.get_by_role("checkbox", name="pirate", exact=True).is_checked()
-            assert not page.get_by_role("checkbox", name="eiffel_tower", exact=True).is_checked()
-            (tmp_path / "broken.json").write_text('{"format": "llm-steering/spec", "version": 1, "features": "x"}')
-            with page.expect_file_chooser() as chooser:
-                page.locator("#import").click()
-            chooser.value.set_files(str(tmp_path / "broken.json"))
-            page.get_by_text("Could not import that file").first.wait_for(timeout=15_000)
-            assert "Traceback" not in page.content()
-            assert page.get_by_role("checkbox", name="pirate", exact=True).is_checked()  # unchanged
+        # Share: export the steering as JSON, import another spec (a gradio upload).
+        page.get_by_text("Share steering (JSON / YAML)").click()
+        page.get_by_role("button", name="Export JSON").click()
+        link = page.locator("#exported [data-testid='download-link']")
+        link.wait_for(timeout=15_000)
+        assert link.get_attribute("download") == "steering.json"
+        with urllib.request.urlopen(link.get_attribute("href"), timeout=10) as resp:
+            exported = json.loads(resp.read())
+        assert exported["format"] == "llm-steering/spec"
+        preset = next(p for p in steering.load_config(ROOT / "demo.yaml").profile().presets if p.name == "Eiffel Tower")
+        assert exported["features"] == [{"key": f.key, "fraction": f.fraction, "op": f.op} for f in preset.features]
+        assert [f["key"] for f in exported["features"]] == ["eiffel_tower"]
+        spec = steering.SteeringSpec(steering.EMBEDDED_MODEL_ID, (steering.ActiveFeature("pirate", 0.4, "add"),))
+        steering.save_steering_spec(spec, tmp_path / "pirate.yaml")
+        with page.expect_file_chooser() as chooser:
+            page.locator("#import").click()
+        chooser.value.set_files(str(tmp_path / "pirate.yaml"))
+        _wait_for(lambda: "pirate · add · 0.40" in page.locator("#summary").inner_text(), 15, "the imported steering")
+        assert page.get_by_role("checkbox", name="pirate", exact=True).is_checked()
+        assert not page.get_by_role("checkbox", name="eiffel_tower", exact=True).is_checked()
+        (tmp_path / "broken.json").write_text('{"format": "llm-steering/spec", "version": 1, "features": "x"}')
+        with page.expect_file_chooser() as chooser:
+            page.locator("#import").click()
+        chooser.value.set_files(str(tmp_path / "broken.json"))
+        page.get_by_text("Could not import that file").first.wait_for(timeout=15_000)
+        assert "Traceback" not in page.content()
+        assert page.get_by_role("checkbox", name="pirate", exact=True).is_checked()  # unchanged
 
-            # Compare mode: the unsteered answer streams beside the steered one; Stop ends both.
-            page.locator("#compare").get_by_role("checkbox").check()
-            page.locator("#chat-plain").wait_for(state="visible", timeout=10_000)
-            _set_max_new_tokens(page, 400)
-            page.locator("#msg textarea").fill("Write a long story about a dog who goes on a journey.")
-            page.locator("#send").click()
-            # The unsteered chat starts from the chat so far, so both show two answers.
-            _wait_for(lambda: len(_bot_texts(page, "chat-plain")) == 2 and _bot_texts(page, "chat-plain")[-1].strip()
-                      and len(_bot_texts(page, "chat-steered")) == 2 and _bot_texts(page, "chat-steered")[-1].strip(),
-                      60, "both answers to start streaming")
-            page.locator("#stop").click()
-            _wait_for(lambda: "generation threads ended" in log_path.read_text(), 20, "the server to end the generation")
-            # The browser may still be drawing updates sent before the stop: wait until it settles.
-            snapshots = [None]
+        # Compare mode: the unsteered answer streams beside the steered one; Stop ends both.
+        page.locator("#compare").get_by_role("checkbox").check()
+        page.locator("#chat-plain").wait_for(state="visible", timeout=10_000)
+        _set_max_new_tokens(page, 400)
+        page.locator("#msg textarea").fill("Write a long story about a dog who goes on a journey.")
+        page.locator("#send").click()
+        # The unsteered chat starts from the chat so far, so both show two answers.
+        _wait_for(lambda: len(_bot_texts(page, "chat-plain")) == 2 and _bot_texts(page, "chat-plain")[-1].strip()
+                  and len(_bot_texts(page, "chat-steered")) == 2 and _bot_texts(page, "chat-steered")[-1].strip(),
+                  60, "both answers to start streaming")
+        page.locator("#stop").click()
+        _wait_for(lambda: "generation threads ended" in log_path.read_text(), 20, "the server to end the generation")
+        # The browser may still be drawing updates sent before the stop: wait until it settles.
+        snapshots = [None]
 
-            def settled() -> bool:
-                snapshots.append((_bot_texts(page, "chat-steered")[-1], _bot_texts(page, "chat-plain")[-1]))
-                return snapshots[-1] == snapshots[-2]
+        def settled() -> bool:
+            snapshots.append((_bot_texts(page, "chat-steered")[-1], _bot_texts(page, "chat-plain")[-1]))
+            return snapshots[-1] == snapshots[-2]
 
-            _wait_for(settled, 20, "the chats to stop changing", poll=0.7)
-            stopped = snapshots[-1]
-            page.wait_for_timeout(2000)
-            assert (_bot_texts(page, "chat-steered")[-1], _bot_texts(page, "chat-plain")[-1]) == stopped
-            assert len(stopped[0].split()) < 300, "the answer ran to the end: Stop did not stop it"
-            page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
-            assert (tmp_path / "app.png").stat().st_size > 10_000
+        _wait_for(settled, 20, "the chats to stop changing", poll=0.7)
+        stopped = snapshots[-1]
+        page.wait_for_timeout(2000)
+        assert (_bot_texts(page, "chat-steered")[-1], _bot_texts(page, "chat-plain")[-1]) == stopped
+        assert len(stopped[0].split()) < 300, "the answer ran to the end: Stop did not stop it"
+        page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+        assert (tmp_path / "app.png").stat().st_size > 10_000
 
-            page.locator("#clear").click()
-            _wait_for(lambda: not _bot_texts(page, "chat-steered") and not _bot_texts(page, "chat-plain"), 10, "Clear")
-        finally:
-            browser.close()
+        page.locator("#clear").click()
+        _wait_for(lambda: not _bot_texts(page, "chat-steered") and not _bot_texts(page, "chat-plain"), 10, "Clear")
 
 
 def test_gradio_client_chat_endpoint(server, embedded):
@@ -413,33 +420,22 @@ def test_hostile_requests_get_short_errors_fast_and_the_app_keeps_serving(server
 
 
 def test_a_typed_out_of_range_strength_is_a_readable_warning(server):
-    from playwright.sync_api import sync_playwright
-
     url, log_path = server
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1440, "height": 900})
-            page.goto(url)
-            page.wait_for_selector("#msg textarea", timeout=60_000)
-            page.get_by_role("checkbox", name="pirate", exact=True).check()
-            box = page.locator("#catalog input[type='number']").nth(1)  # pirate is the second feature
-            box.fill("7")
-            box.press("Enter")
-            page.get_by_text("for pirate is out of range: use a fraction").first.wait_for(timeout=15_000)
-            assert page.get_by_text("Error", exact=True).count() == 0  # no bare error toast
-            # Leaving the box puts it back at the slider's end; the summary says what will be used.
-            page.locator("#msg textarea").click()
-            _wait_for(lambda: "pirate · clamp · 2.00" in page.locator("#summary").inner_text(), 15, "the summary")
-        finally:
-            browser.close()
+    with app_page(url) as page:
+        page.get_by_role("checkbox", name="pirate", exact=True).check()
+        box = page.locator("#catalog input[type='number']").nth(1)  # pirate is the second feature
+        box.fill("7")
+        box.press("Enter")
+        page.get_by_text("for pirate is out of range: use a fraction").first.wait_for(timeout=15_000)
+        assert page.get_by_text("Error", exact=True).count() == 0  # no bare error toast
+        # Leaving the box puts it back at the slider's end; the summary says what will be used.
+        page.locator("#msg textarea").click()
+        _wait_for(lambda: "pirate · clamp · 2.00" in page.locator("#summary").inner_text(), 15, "the summary")
     assert "Traceback" not in log_path.read_text()
 
 
 def test_browser_find_features_from_text_and_steer_one(tmp_path, embedded):
     """A profile with an SAE: the app lists the features a plain encoder ranks highest; a click steers one."""
-    from playwright.sync_api import sync_playwright
-
     import sae_find
 
     model, tok = embedded
@@ -455,25 +451,18 @@ def test_browser_find_features_from_text_and_steer_one(tmp_path, embedded):
     text = "The Eiffel Tower in Paris"
     expected = sae_find.find_features(str(tmp_path / "saes"), 3, text, model, tok, k=10, sae_format="saelens")
     assert expected
-    with running_app(tmp_path / "server.log", STEERING_CONFIG=str(tmp_path / "demo.yaml")) as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1440, "height": 900})
-            page.goto(url)
-            page.wait_for_selector("#msg textarea", timeout=60_000)
-            page.get_by_text("Find features from text").click()
-            page.locator("#find-text textarea").fill(text)
-            page.locator("#find-btn").click()
-            options = page.locator("#found label")
-            _wait_for(lambda: options.count() == len(expected), 30, "the found features")
-            assert [t.split(" · ")[0] for t in options.all_inner_texts()] == [f.key for f in expected]
-            options.first.click()
-            _wait_for(lambda: page.locator("#custom-key textarea, #custom-key input").first.input_value() == expected[0].key,
-                      15, "the custom row to take the feature")
-            _wait_for(lambda: f"`{expected[0].key}`" in page.locator("#summary").inner_html()
-                      or expected[0].key in page.locator("#summary").inner_text(), 15, "the summary")
-        finally:
-            browser.close()
+    with running_app(tmp_path / "server.log", STEERING_CONFIG=str(tmp_path / "demo.yaml")) as url, app_page(url) as page:
+        page.get_by_text("Find features from text").click()
+        page.locator("#find-text textarea").fill(text)
+        page.locator("#find-btn").click()
+        options = page.locator("#found label")
+        _wait_for(lambda: options.count() == len(expected), 30, "the found features")
+        assert [t.split(" · ")[0] for t in options.all_inner_texts()] == [f.key for f in expected]
+        options.first.click()
+        _wait_for(lambda: page.locator("#custom-key textarea, #custom-key input").first.input_value() == expected[0].key,
+                  15, "the custom row to take the feature")
+        _wait_for(lambda: f"`{expected[0].key}`" in page.locator("#summary").inner_html()
+                  or expected[0].key in page.locator("#summary").inner_text(), 15, "the summary")
 
 
 def test_auto_picks_the_strength_then_answers_at_it(app_module, capsys):

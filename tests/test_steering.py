@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import build_tiny_llama, hooks_on, unit
+from conftest import build_tiny_llama, comps_for, hooks_on, unit
 
 import steering
 from steering import SteeringComponent, SteeringTrace
@@ -249,22 +249,6 @@ def test_an_over_long_prompt_is_refused(embedded):
 
 PROMPT = [{"role": "user", "content": "Tell me a short story about a dog."}]
 N_TOKENS = 16
-
-
-def comps_for(case: str) -> list[SteeringComponent]:
-    v, w = unit(576, 100), unit(576, 101)
-    return {
-        "add": [SteeringComponent(layer=10, vector=v, strength=40.0, name="v")],
-        "clamp": [SteeringComponent(layer=12, vector=v, strength=60.0, op="clamp")],
-        "cap": [SteeringComponent(layer=14, vector=w, op="cap", cap_min=-2.0, cap_max=2.0)],
-        "ablate": [SteeringComponent(layer=8, vector=w, op="ablate", scale=0.0)],
-        "multi": [
-            SteeringComponent(layer=3, vector=v, strength=6.0, op="clamp"),
-            SteeringComponent(layer=10, vector=w, strength=30.0),
-            SteeringComponent(layer=10, vector=v, op="cap", cap_min=0.0, cap_max=20.0),
-            SteeringComponent(layer=20, vector=w, op="ablate", scale=0.5),
-        ],
-    }[case]
 
 
 def hf_answer(model, tok, comps, **kw) -> tuple[str, SteeringTrace]:

@@ -20,7 +20,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed (pip install -r requir
 import steering  # noqa: E402
 import steering_vllm  # noqa: E402
 import torch  # noqa: E402
-from conftest import build_tiny_llama, unit  # noqa: E402
+from conftest import build_tiny_llama, comps_for, unit  # noqa: E402
 from steering import SteeringComponent, SteeringTrace  # noqa: E402
 # isort: on
 
@@ -33,22 +33,6 @@ def engine():
     eng = steering_vllm.VLLMEngine(dtype="float32", max_num_batched_tokens=16, max_num_seqs=16, max_model_len=1024)
     yield eng
     eng.shutdown()
-
-
-def comps_for(case: str) -> list[SteeringComponent]:
-    v, w = unit(576, 100), unit(576, 101)
-    return {
-        "add": [SteeringComponent(layer=10, vector=v, strength=40.0, name="v")],
-        "clamp": [SteeringComponent(layer=12, vector=v, strength=60.0, op="clamp")],
-        "cap": [SteeringComponent(layer=14, vector=w, op="cap", cap_min=-2.0, cap_max=2.0)],
-        "ablate": [SteeringComponent(layer=8, vector=w, op="ablate", scale=0.0)],
-        "multi": [
-            SteeringComponent(layer=3, vector=v, strength=6.0, op="clamp"),
-            SteeringComponent(layer=10, vector=w, strength=30.0),
-            SteeringComponent(layer=10, vector=v, op="cap", cap_min=0.0, cap_max=20.0),
-            SteeringComponent(layer=20, vector=w, op="ablate", scale=0.5),
-        ],
-    }[case]
 
 
 def hf_answer(model, tok, comps, chat=PROMPT, **kw) -> tuple[str, SteeringTrace]:
