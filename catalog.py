@@ -25,7 +25,7 @@ from typing import Any
 
 # isort: off
 import models  # first: sets the OpenMP wait policy before torch loads
-from config import MAX_SPEC_BYTES, ActiveFeature, FeatureConfig, ModelProfile, SteeringSpec, parse_yaml_text
+from config import MAX_SPEC_BYTES, ActiveFeature, FeatureConfig, ModelProfile, SteeringSpec, human_name, parse_yaml_text
 from models import is_finite_number, short_repr
 from steering import SteeringComponent
 from vectors import SAE_HINT, SteeringVector, SteeringVectorSet, measure_layer_norms, parse_layer_index
@@ -52,10 +52,16 @@ class Feature:
     default_fraction: float
     default_op: str
     description: str = ""
+    label: str = ""  # demo.yaml's label; "" = made from the key
 
     @property
     def name(self) -> str:
         return self.vector.name
+
+    @property
+    def title(self) -> str:
+        """The name people read: "Eiffel Tower" for the key eiffel_tower."""
+        return self.label or human_name(self.key)
 
     @property
     def layer(self) -> int:
@@ -163,11 +169,12 @@ class Catalog:
             if config.layer != vector.layer:
                 raise ValueError(f"feature {config.name!r} is at layer {config.layer} in demo.yaml but {vector.layer} in the vector file")
             default_fraction, op, description = config.strength / norm, config.op, config.description
-            canonical = config.name
+            canonical, label = config.name, config.label
         else:
             (default_fraction, op), description = RAW_DEFAULT, vector.description
             canonical = f"{layer_index[0]}:{layer_index[1]}" if layer_index else vector.name
-        return Feature(canonical, vector, norm, default_fraction, op, description)
+            label = ""
+        return Feature(canonical, vector, norm, default_fraction, op, description, label)
 
     def profile_feature(self, key: str) -> FeatureConfig | None:
         for feat in self.profile.features:

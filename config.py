@@ -15,6 +15,7 @@ aliases, so no file or request can make parsing (or an error message) expensive.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,16 @@ class FeatureConfig:
     index: int | None
     strength: float
     op: str
+    label: str = ""  # the name people read ("Eiffel Tower"); "" = made from `name` (human_name)
+
+
+def human_name(key: str) -> str:
+    """The name a newcomer reads for a feature key: "eiffel_tower" -> "Eiffel Tower",
+    "15:21576" -> "Feature 15:21576"."""
+    if ":" in key or re.fullmatch(r"\d+x\d+", key or ""):
+        return f"Feature {key}"
+    words = re.split(r"[_\s]+", key.strip())
+    return " ".join(w[:1].upper() + w[1:] for w in words if w) or key
 
 
 @dataclass(frozen=True)
@@ -209,7 +220,7 @@ class DemoConfig:
 
 
 _PROFILE_KEYS = {"model_id", "vectors_file", "sae_source", "sae_format", "reduced_strengths", "features", "presets", "generation"}
-_FEATURE_KEYS = {"name", "description", "feature", "op", "mode"}
+_FEATURE_KEYS = {"name", "label", "description", "feature", "op", "mode"}
 _PRESET_KEYS = {"name", "description", "features", "steer_prompt"}
 
 
@@ -305,8 +316,11 @@ def _parse_feature(where: str, raw: Any, reduced: bool) -> FeatureConfig:
     description = raw.get("description", "")
     if not isinstance(description, str):
         raise ValueError(f"{where}: description must be a string")
+    label = raw.get("label", "")
+    if not isinstance(label, str) or len(label) > 60:
+        raise ValueError(f"{where}: label must be a short string (the name the app shows), got {short_repr(label)}")
     return FeatureConfig(name=name, description=description, layer=layer, index=index,
-                         strength=float(strength) * (layer if reduced else 1), op=op)
+                         strength=float(strength) * (layer if reduced else 1), op=op, label=label.strip())
 
 
 def _parse_preset(where: str, raw: Any, features: dict[str, FeatureConfig]) -> Preset:

@@ -183,3 +183,18 @@ def test_a_yaml_spec_in_any_key_order_is_read_as_a_spec(loaded):
         steering.ActiveFeature("pirate", 0.2),)
     with pytest.raises(ValueError, match="preset name"):
         la.catalog.parse_steering("no such preset")
+
+
+def test_features_have_human_names_and_demo_yaml_may_set_one(tmp_path):
+    """Keys stay keys (eiffel_tower); what people read is a name (Eiffel Tower), or demo.yaml's label."""
+    from config import human_name, load_config
+
+    assert human_name("eiffel_tower") == "Eiffel Tower"
+    assert human_name("15:21576") == "Feature 15:21576"
+    text = (ROOT / "demo.yaml").read_text().replace("- name: pirate ", "- name: pirate\n        label: Pirates ahoy\n       ", 1)
+    (tmp_path / "demo.yaml").write_text(text)
+    profile = load_config(tmp_path / "demo.yaml").profile()
+    assert profile.feature("pirate").label == "Pirates ahoy"
+    with pytest.raises(ValueError, match="label must be a short string"):
+        (tmp_path / "bad.yaml").write_text(text.replace("label: Pirates ahoy", "label: " + "x" * 61))
+        load_config(tmp_path / "bad.yaml")
