@@ -6,65 +6,21 @@ drives Debian's headless Chromium (/usr/bin/chromium, installed by tests/run.sh)
 
 from __future__ import annotations
 
-import contextlib
 import html
 import json
 import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 import warnings
 from pathlib import Path
 
 import pytest
+from browser import app_page, bot_texts, running_app, wait_for
 from conftest import write_small_saelens_sae
 
 import steering
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running_app(log_path: Path, **env: str):
-    """`python app.py` on a free localhost port; yields its URL once it answers."""
-    port = _free_port()
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **env}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
-                                stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 150
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"app.py exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"app.py did not answer on {url} within 150 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -73,39 +29,6 @@ def server(tmp_path_factory):
     log_path = tmp_path_factory.mktemp("app") / "server.log"
     with running_app(log_path) as url:
         yield url, log_path
-
-
-@contextlib.contextmanager
-def app_page(url: str):
-    """A page of the app at 1440x900 in Debian's headless Chromium, once the chat box is there."""
-    if not Path(CHROMIUM).is_file():
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium); "
-                    "tests/run.sh does this. Never download a browser through playwright.")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1440, "height": 900})
-            page.goto(url)
-            page.wait_for_selector("#msg textarea", timeout=60_000)
-            yield page
-        finally:
-            browser.close()
-
-
-def _bot_texts(page, chat_id: str) -> list[str]:
-    return page.locator(f"#{chat_id} [data-testid='bot']").all_inner_texts()
-
-
-def _wait_for(predicate, timeout: float, what: str, poll: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 def _set_max_new_tokens(page, n: int) -> None:
@@ -124,7 +47,7 @@ def test_browser_preset_streaming_compare_stop(server, tmp_path):
 
         # A preset switches its feature on, and the summary shows its absolute strength.
         page.locator("#preset").get_by_label("Eiffel Tower").check()
-        _wait_for(lambda: "eiffel_tower" in page.locator("#summary").inner_text(), 10, "the preset's summary")
+        wait_for(lambda: "eiffel_tower" in page.locator("#summary").inner_text(), 10, "the preset's summary")
         assert page.get_by_role("checkbox", name="eiffel_tower", exact=True).is_checked()
         assert "×" in page.locator("#summary").inner_text() and "at layer" in page.locator("#summary").inner_text()
 
@@ -134,7 +57,7 @@ def test_browser_preset_streaming_compare_stop(server, tmp_path):
         seen: list[str] = []
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and page.locator("#intensity .tok").count() == 0:
-            texts = _bot_texts(page, "chat-steered")
+            texts = bot_texts(page, "chat-steered")
             if texts and texts[-1].strip() and (not seen or texts[-1] != seen[-1]):
                 seen.append(texts[-1])
             time.sleep(0.03)
@@ -145,10 +68,10 @@ def test_browser_preset_streaming_compare_stop(server, tmp_path):
 
         # Retry asks the same message again, in place of the last turn.
         page.locator("#retry").click()
-        _wait_for(lambda: page.locator("#intensity .tok").count() == 0, 20, "Retry to start a new answer")
-        _wait_for(lambda: page.locator("#intensity .tok").count() > 0, 60, "the retried answer")
+        wait_for(lambda: page.locator("#intensity .tok").count() == 0, 20, "Retry to start a new answer")
+        wait_for(lambda: page.locator("#intensity .tok").count() > 0, 60, "the retried answer")
         assert page.locator("#chat-steered [data-testid='user']").all_inner_texts() == ["Tell me about your perfect weekend."]
-        assert len(_bot_texts(page, "chat-steered")) == 1 and _bot_texts(page, "chat-steered")[0].strip()
+        assert len(bot_texts(page, "chat-steered")) == 1 and bot_texts(page, "chat-steered")[0].strip()
 
         # Share: export the steering as JSON, import another spec (a gradio upload).
         page.get_by_text("Share steering (JSON / YAML)").click()
@@ -167,7 +90,7 @@ def test_browser_preset_streaming_compare_stop(server, tmp_path):
         with page.expect_file_chooser() as chooser:
             page.locator("#import").click()
         chooser.value.set_files(str(tmp_path / "pirate.yaml"))
-        _wait_for(lambda: "pirate · add · 0.40" in page.locator("#summary").inner_text(), 15, "the imported steering")
+        wait_for(lambda: "pirate · add · 0.40" in page.locator("#summary").inner_text(), 15, "the imported steering")
         assert page.get_by_role("checkbox", name="pirate", exact=True).is_checked()
         assert not page.get_by_role("checkbox", name="eiffel_tower", exact=True).is_checked()
         (tmp_path / "broken.json").write_text('{"format": "llm-steering/spec", "version": 1, "features": "x"}')
@@ -185,28 +108,28 @@ def test_browser_preset_streaming_compare_stop(server, tmp_path):
         page.locator("#msg textarea").fill("Write a long story about a dog who goes on a journey.")
         page.locator("#send").click()
         # The unsteered chat starts from the chat so far, so both show two answers.
-        _wait_for(lambda: len(_bot_texts(page, "chat-plain")) == 2 and _bot_texts(page, "chat-plain")[-1].strip()
-                  and len(_bot_texts(page, "chat-steered")) == 2 and _bot_texts(page, "chat-steered")[-1].strip(),
+        wait_for(lambda: len(bot_texts(page, "chat-plain")) == 2 and bot_texts(page, "chat-plain")[-1].strip()
+                  and len(bot_texts(page, "chat-steered")) == 2 and bot_texts(page, "chat-steered")[-1].strip(),
                   60, "both answers to start streaming")
         page.locator("#stop").click()
-        _wait_for(lambda: "generation threads ended" in log_path.read_text(), 20, "the server to end the generation")
+        wait_for(lambda: "generation threads ended" in log_path.read_text(), 20, "the server to end the generation")
         # The browser may still be drawing updates sent before the stop: wait until it settles.
         snapshots = [None]
 
         def settled() -> bool:
-            snapshots.append((_bot_texts(page, "chat-steered")[-1], _bot_texts(page, "chat-plain")[-1]))
+            snapshots.append((bot_texts(page, "chat-steered")[-1], bot_texts(page, "chat-plain")[-1]))
             return snapshots[-1] == snapshots[-2]
 
-        _wait_for(settled, 20, "the chats to stop changing", poll=0.7)
+        wait_for(settled, 20, "the chats to stop changing", poll=0.7)
         stopped = snapshots[-1]
         page.wait_for_timeout(2000)
-        assert (_bot_texts(page, "chat-steered")[-1], _bot_texts(page, "chat-plain")[-1]) == stopped
+        assert (bot_texts(page, "chat-steered")[-1], bot_texts(page, "chat-plain")[-1]) == stopped
         assert len(stopped[0].split()) < 300, "the answer ran to the end: Stop did not stop it"
         page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
         assert (tmp_path / "app.png").stat().st_size > 10_000
 
         page.locator("#clear").click()
-        _wait_for(lambda: not _bot_texts(page, "chat-steered") and not _bot_texts(page, "chat-plain"), 10, "Clear")
+        wait_for(lambda: not bot_texts(page, "chat-steered") and not bot_texts(page, "chat-plain"), 10, "Clear")
 
 
 def test_gradio_client_chat_endpoint(server, embedded):
@@ -430,7 +353,7 @@ def test_a_typed_out_of_range_strength_is_a_readable_warning(server):
         assert page.get_by_text("Error", exact=True).count() == 0  # no bare error toast
         # Leaving the box puts it back at the slider's end; the summary says what will be used.
         page.locator("#msg textarea").click()
-        _wait_for(lambda: "pirate · clamp · 2.00" in page.locator("#summary").inner_text(), 15, "the summary")
+        wait_for(lambda: "pirate · clamp · 2.00" in page.locator("#summary").inner_text(), 15, "the summary")
     assert "Traceback" not in log_path.read_text()
 
 
@@ -456,12 +379,12 @@ def test_browser_find_features_from_text_and_steer_one(tmp_path, embedded):
         page.locator("#find-text textarea").fill(text)
         page.locator("#find-btn").click()
         options = page.locator("#found label")
-        _wait_for(lambda: options.count() == len(expected), 30, "the found features")
+        wait_for(lambda: options.count() == len(expected), 30, "the found features")
         assert [t.split(" · ")[0] for t in options.all_inner_texts()] == [f.key for f in expected]
         options.first.click()
-        _wait_for(lambda: page.locator("#custom-key textarea, #custom-key input").first.input_value() == expected[0].key,
+        wait_for(lambda: page.locator("#custom-key textarea, #custom-key input").first.input_value() == expected[0].key,
                   15, "the custom row to take the feature")
-        _wait_for(lambda: f"`{expected[0].key}`" in page.locator("#summary").inner_html()
+        wait_for(lambda: f"`{expected[0].key}`" in page.locator("#summary").inner_html()
                   or expected[0].key in page.locator("#summary").inner_text(), 15, "the summary")
 
 

@@ -1,0 +1,113 @@
+"""Browser-test helpers: the app in a subprocess on a free port, and Debian's headless Chromium.
+
+    >>> with running_app(tmp_path / "server.log") as url, app_page(url, viewport=(390, 844)) as page:
+    ...     page.locator("#msg textarea").fill("Hi")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+PHONE = (390, 844)
+DESKTOP = (1440, 900)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_app(log_path: Path, **env: str):
+    """`python app.py` on a free localhost port; yields its URL once it answers."""
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **env}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
+                                stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 150
+    try:
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"app.py exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"app.py did not answer on {url} within 150 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextlib.contextmanager
+def chromium():
+    """Debian's headless Chromium, driven by Playwright (never a downloaded browser)."""
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium); "
+                    "tests/run.sh does this. Never download a browser through playwright.")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def open_page(browser, url: str, viewport: tuple[int, int] = DESKTOP, mobile: bool | None = None):
+    """A page in a fresh browser context (its own cookies and session), once the chat box is there."""
+    is_phone = viewport[0] < 700 if mobile is None else mobile
+    context = browser.new_context(viewport={"width": viewport[0], "height": viewport[1]},
+                                  is_mobile=is_phone, has_touch=is_phone)
+    page = context.new_page()
+    page.goto(url)
+    page.wait_for_selector("#msg textarea", timeout=60_000)
+    return page
+
+
+@contextlib.contextmanager
+def app_page(url: str, viewport: tuple[int, int] = DESKTOP):
+    """A page of the app (1440x900 unless told) in headless Chromium, once the chat box is there."""
+    with chromium() as browser:
+        yield open_page(browser, url, viewport)
+
+
+def bot_texts(page, chat_id: str) -> list[str]:
+    return page.locator(f"#{chat_id} [data-testid='bot']").all_inner_texts()
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+

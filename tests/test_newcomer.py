@@ -1,0 +1,311 @@
+"""The app as a newcomer meets it (issue 11): each numbered point of the issue, then the whole
+path, in headless Chromium at 1440x900 and at a 390x844 phone size.
+
+The app runs greedy (temperature 0) with short answers from a copy of demo.yaml, so answers
+can be checked token for token against the steering module. Screenshots of the newcomer path
+go to tests/screenshots/ (ignored by git; the README's pictures are taken from there).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.request
+from pathlib import Path
+
+import pytest
+from browser import DESKTOP, PHONE, chromium, open_page, running_app, wait_for
+
+import steering
+
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "tests" / "screenshots"
+QUESTION = "What should I cook for dinner tonight?"
+LONG_QUESTION = "Summarize the above in one sentence."
+TOKENS = 24
+
+
+def greedy_config(tmp_path: Path, max_new_tokens: int = TOKENS) -> Path:
+    """demo.yaml with greedy decoding and short answers (its vectors file by absolute path)."""
+    text = (ROOT / "demo.yaml").read_text()
+    text = text.replace("vectors_file: steering_vectors.pt", f"vectors_file: {ROOT / 'steering_vectors.pt'}", 1)
+    text = text.replace("temperature: 0.5 ", "temperature: 0.0 ", 1)
+    text = text.replace("max_new_tokens: 256 ", f"max_new_tokens: {max_new_tokens} ", 1)
+    path = tmp_path / "demo.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("newcomer")
+    with running_app(tmp / "server.log", STEERING_CONFIG=str(greedy_config(tmp))) as url:
+        yield url, tmp / "server.log"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with chromium() as b:
+        yield b
+
+
+@pytest.fixture
+def page(server, browser):
+    page = open_page(browser, server[0])
+    yield page
+    page.context.close()
+
+
+def profile():
+    return steering.load_config(ROOT / "demo.yaml").profile()
+
+
+def expected_answer(embedded, chat: list[dict], steers: list[tuple[str, float, str]] = ()) -> str:
+    """The greedy answer the steering module gives to `chat` (system prompt first) with `steers`."""
+    model, tok = embedded
+    prof = profile()
+    vectors = steering.load_vectors(prof.vectors_path())
+    comps = [vectors.component(key, fraction, op=op) for key, fraction, op in steers]
+    full = [{"role": "system", "content": prof.generation.system_prompt}, *chat]
+    return steering.generate_steered_answer_hf(model, tok, full, comps, max_new_tokens=TOKENS, temperature=0.0,
+                                               repetition_penalty=prof.generation.repetition_penalty)
+
+
+def feature(page, title: str):
+    return page.get_by_role("checkbox", name=title, exact=True)
+
+
+def summary(page) -> str:
+    return page.locator("#summary").inner_text()
+
+
+def toast_texts(page) -> list[str]:
+    return page.locator(".toast-body, [data-testid='toast-body']").all_inner_texts()
+
+
+def send(page, text: str) -> None:
+    page.locator("#msg textarea").fill(text)
+    page.locator("#send").click()
+
+
+def answers_done(page, n: int, chat: str = "chat-steered", timeout: float = 90) -> int:
+    """Wait until the chat holds `n` finished answers (a finished answer shows its steering tag)."""
+    wait_for(lambda: page.locator(f"#{chat} [data-testid='bot'] .steer-tag").count() >= n, timeout,
+             f"{n} finished answers in #{chat}")
+    return n
+
+
+def answer_texts(page, chat: str = "chat-steered") -> list[str]:
+    return page.locator(f"#{chat} [data-testid='bot']").all_inner_texts()
+
+
+def exported_chat(page) -> dict:
+    """The chat as the Export chat button writes it."""
+    if not page.locator("#export-chat").is_visible():
+        page.locator("#share-acc").get_by_text("Share", exact=False).first.click()
+    page.locator("#export-chat").click()
+    link = page.locator("#exported [data-testid='download-link']")
+    wait_for(lambda: link.count() and (link.first.get_attribute("download") or "").startswith("chat"), 15, "the chat file")
+    with urllib.request.urlopen(link.first.get_attribute("href"), timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def tags(page, chat: str = "chat-steered") -> list[str]:
+    return page.locator(f"#{chat} [data-testid='bot'] .steer-tag").all_inner_texts()
+
+
+def upload(page, path: Path) -> None:
+    page.locator("#share-acc").get_by_text("Share", exact=False).first.click() if not page.locator("#import").is_visible() else None
+    with page.expect_file_chooser() as chooser:
+        page.locator("#import").click()
+    chooser.value.set_files(str(path))
+
+
+def open_advanced(page) -> None:
+    if not page.locator("#max-new-tokens").is_visible():
+        page.get_by_text("Advanced", exact=True).click()
+
+
+def set_max_new_tokens(page, n: int) -> None:
+    open_advanced(page)
+    box = page.locator("#max-new-tokens input[type='number']")
+    box.fill(str(n))
+    box.press("Enter")
+    page.wait_for_timeout(300)
+
+
+# ---------------------------------------------------------------------------
+# The numbered points of issue 11, one test each
+# ---------------------------------------------------------------------------
+
+
+def test_1_import_moves_the_preset_radio_and_none_switches_off(page, tmp_path):
+    pirate = next(p for p in profile().presets if p.name == "Pirate")
+    steering.save_steering_spec(steering.SteeringSpec(steering.EMBEDDED_MODEL_ID, pirate.features), tmp_path / "p.json")
+    upload(page, tmp_path / "p.json")
+    wait_for(lambda: page.locator("#preset").get_by_label("Pirate").is_checked(), 15, "the Pirate preset to be selected")
+    two = steering.SteeringSpec(steering.EMBEDDED_MODEL_ID, (steering.ActiveFeature("cats", 0.3, "add"),
+                                                            steering.ActiveFeature("ocean", 0.1, "clamp")))
+    steering.save_steering_spec(two, tmp_path / "two.json")
+    upload(page, tmp_path / "two.json")
+    wait_for(lambda: feature(page, "Cats").is_checked() and feature(page, "Ocean").is_checked(), 15, "the import")
+    assert not page.locator("#preset").get_by_label("None").is_checked()
+    assert not page.locator("#preset").get_by_label("Pirate").is_checked()
+    page.locator("#preset").get_by_label("None").check()
+    wait_for(lambda: not feature(page, "Cats").is_checked() and not feature(page, "Ocean").is_checked(), 15,
+             "None to switch the imported features off")
+    wait_for(lambda: "none" in summary(page).lower(), 10, "the summary to say no steering")
+
+
+def test_2_a_long_message_is_shown_as_typed_keeps_its_question_and_shows_progress(page):
+    filler = "The quick brown fox jumps over the lazy dog near the river bank. " * 320
+    message = filler[: 20_000 - len(LONG_QUESTION) - 1] + " " + LONG_QUESTION
+    send(page, message)
+    progress = wait_for(lambda: [t for t in page.locator("#chat-steered [data-testid='bot']").all_inner_texts()
+                                 if "Reading your message" in t], 30, "a progress note while the prompt is read")
+    assert re.search(r"Reading your message \([\d,]+ tokens\)", progress[0]), progress
+    answers_done(page, 1)
+    shown = page.locator("#chat-steered [data-testid='user']").all_inner_texts()[-1]
+    assert shown.strip().endswith(LONG_QUESTION)
+    assert len(shown.strip()) >= len(message) - 50, "the chat shows a cut message, not what was typed"
+    assert any("left out" in t for t in toast_texts(page)) or "left out" in page.content()
+
+
+def test_3_the_effect_view_reads_right_for_a_newcomer(page):
+    feature(page, "Cats").check()
+    wait_for(lambda: "Cats" in summary(page), 10, "the summary")
+    send(page, QUESTION)
+    answers_done(page, 1)
+    view = page.locator("#effects")
+    wait_for(lambda: view.locator(".tok").count() > 0, 20, "the effect view")
+    text = view.inner_text()
+    assert "Cats" in text and "more likely" in text
+    for jargon in ("max |", "norm", "projection", "cats ·"):
+        assert jargon not in text, jargon
+    styles = [s or "" for s in view.locator(".tok").evaluate_all("els => els.map(e => e.getAttribute('style'))")]
+    orange = sum("234,88,12" in s for s in styles)
+    blue = sum("37,99,235" in s for s in styles)
+    assert orange > blue, (orange, blue)
+
+
+def test_4_each_answer_carries_its_steering_and_the_next_does_not_inherit_it(page, embedded):
+    page.locator("#preset").get_by_label("Pirate").check()
+    wait_for(lambda: "Pirate" in summary(page), 10, "the preset")
+    send(page, QUESTION)
+    answers_done(page, 1)
+    page.locator("#preset").get_by_label("None").check()
+    wait_for(lambda: "none" in summary(page).lower(), 10, "no steering")
+    send(page, QUESTION)
+    answers_done(page, 2)
+    assert "Pirate" in tags(page)[0] and "no steering" in tags(page)[1].lower(), tags(page)
+
+    # Compare: the unsteered side sees only unsteered turns (the second one), never pirate answers.
+    page.locator("#preset").get_by_label("Pirate").check()
+    wait_for(lambda: "Pirate" in summary(page), 10, "the preset")
+    page.locator("#compare").get_by_role("checkbox").check()
+    send(page, "And for dessert?")
+    answers_done(page, 3)
+    answers_done(page, 1, chat="chat-plain")
+
+    # The chat export keeps each answer's steering, and the answers are what the model was shown.
+    turns = exported_chat(page)["turns"]
+    assert [[f["key"] for f in t["steering"]["features"]] for t in turns] == [["pirate"], [], ["pirate"]]
+    first, second = turns[0]["answer"], turns[1]["answer"]
+    # The default: the model sees only earlier turns made with the steering of this answer.
+    assert second == expected_answer(embedded, [{"role": "user", "content": QUESTION}])
+    pirate = [(f.key, f.fraction, f.op) for f in next(p for p in profile().presets if p.name == "Pirate").features]
+    assert first == expected_answer(embedded, [{"role": "user", "content": QUESTION}], pirate)
+    chat = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": second},
+            {"role": "user", "content": "And for dessert?"}]
+    assert turns[2]["unsteered"] == expected_answer(embedded, chat)
+    steered_chat = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": first},
+                    {"role": "user", "content": "And for dessert?"}]
+    assert turns[2]["answer"] == expected_answer(embedded, steered_chat, pirate)
+
+
+def test_5_a_typed_out_of_range_strength_is_refused_and_never_used(page):
+    feature(page, "Pirate").check()
+    default = next(f for f in profile().features if f.name == "pirate")
+    wait_for(lambda: "Pirate" in summary(page), 10, "the summary")
+    box = page.locator("#catalog input[type='number']").nth(1)  # pirate is the second feature
+    box.fill("7")
+    box.press("Enter")
+    page.get_by_text("outside").first.wait_for(timeout=15_000)
+    page.locator("#msg textarea").click()
+    page.wait_for_timeout(2500)
+    assert "2.00" not in summary(page), summary(page)
+    wait_for(lambda: f"{0.2:.2f}" in summary(page), 10, "the strength set back")
+    send(page, QUESTION)
+    answers_done(page, 1)
+    assert "0.20" in tags(page)[0], tags(page)
+    assert default.op in tags(page)[0]
+
+
+def test_6_retry_on_an_empty_chat_says_there_is_nothing_to_retry(page):
+    page.locator("#retry").click()
+    wait_for(lambda: any("Nothing to retry" in t for t in toast_texts(page)), 10, "the retry notice")
+    page.wait_for_timeout(1500)
+    assert not any("Type a message" in t for t in toast_texts(page)), toast_texts(page)
+
+
+def test_7_stopped_and_length_capped_answers_are_marked(page):
+    set_max_new_tokens(page, 400)
+    page.locator("#preset").get_by_label("Pirate").check()
+    send(page, "Write a long story about a dog who goes on a journey.")
+    wait_for(lambda: len((answer_texts(page) or [""])[-1].split()) > 5, 60, "the answer to start")
+    page.locator("#stop").click()
+    wait_for(lambda: tags(page) and "stopped" in tags(page)[-1].lower(), 30, "a 'stopped' tag")
+    wait_for(lambda: "Stopped" in page.locator("#effects").inner_text(), 20, "the effect view after Stop")
+    assert "appears" not in page.locator("#effects").inner_text()
+    set_max_new_tokens(page, 8)
+    send(page, QUESTION)
+    answers_done(page, 2)
+    assert "cut at 8 tokens" in tags(page)[-1].lower(), tags(page)
+    assert "length limit" in page.locator("#effects").inner_text()
+
+
+NO_NESTED_SCROLL = """() => [...document.querySelectorAll('#steer-panel *')].filter(e => {
+    const s = getComputedStyle(e);
+    return (s.overflowY === 'auto' || s.overflowY === 'scroll') && e.scrollHeight > e.clientHeight + 2
+        && e.clientHeight > 60 && !e.closest('.wrap') && e.tagName !== 'TEXTAREA';
+}).map(e => e.id || e.className)"""
+
+CLIPPED_NAMES = """() => [...document.querySelectorAll('#catalog label span')].filter(
+    e => e.scrollWidth > e.clientWidth + 1).map(e => e.textContent)"""
+
+
+def test_8_phone_layout_and_the_desktop_catalog(server, browser):
+    phone = open_page(browser, server[0], PHONE)
+    try:
+        phone.wait_for_timeout(2000)
+        assert phone.evaluate("window.scrollY") == 0, "the page opened scrolled"
+        preset = phone.locator("#preset").bounding_box()
+        chat = phone.locator("#chat-steered").bounding_box()
+        assert preset["y"] < chat["y"] and preset["y"] < PHONE[1], (preset, chat)
+        phone.locator("#features-acc").get_by_text("Features", exact=False).first.click()
+        feature(phone, "Eiffel Tower").wait_for(state="visible", timeout=10_000)
+        assert phone.evaluate(CLIPPED_NAMES) == []
+        assert phone.evaluate(NO_NESTED_SCROLL) == []
+        phone.locator("#compare").get_by_role("checkbox").check()
+        phone.locator("#chat-plain").wait_for(state="visible", timeout=10_000)
+        widths = [phone.locator(f"#{c}").bounding_box()["width"] for c in ("chat-steered", "chat-plain")]
+        assert min(widths) > 300, widths  # stacked, each readable, not squeezed side by side
+    finally:
+        phone.context.close()
+    desk = open_page(browser, server[0], DESKTOP)
+    try:
+        for f in profile().features:
+            assert feature(desk, steering.human_name(f.name)).is_visible(), f.name
+        assert desk.evaluate(NO_NESTED_SCROLL) == []
+        assert desk.evaluate(CLIPPED_NAMES) == []
+    finally:
+        desk.context.close()
+
+
+def test_9_a_malformed_json_file_gets_one_clear_sentence(page, tmp_path):
+    (tmp_path / "bad.json").write_text('{"format": "llm-steering/spec", "version": 1,, "features": []}')
+    upload(page, tmp_path / "bad.json")
+    note = wait_for(lambda: [t for t in toast_texts(page) if "import" in t], 15, "the import warning")[0]
+    assert "not valid JSON" in note and "line 1" in note, note
+    assert "YAML" not in note and note.count("import") == 1 and note.count("file") <= 1, note
+    assert note.rstrip().endswith("."), note
