@@ -14,7 +14,8 @@ Components and ops, and two backends with one meaning (the same tokens under gre
 
 Steering ops on the hidden state h after decoder layer L, with unit direction v and
 p = h·v: add h + s·v; clamp h + (s - p)·v; cap h + (clip(p, min, max) - p)·v;
-ablate h + (scale - 1)·p·v.
+ablate h + (scale - 1)·p·v; add_keepnorm and clamp_keepnorm: add or clamp, then the edited
+state rescaled to |h| at each position (norm-preserving).
 
 The rest of the library lives beside this module and is re-exported here, so that
 `import steering` is all a user needs: models.py (loading, layers, chat template),
@@ -41,7 +42,8 @@ import torch
 from traces import ComponentTrace, SteeringTrace
 # isort: on
 
-OPS = ("add", "clamp", "cap", "ablate")
+OPS = ("add", "clamp", "cap", "ablate", "add_keepnorm", "clamp_keepnorm")
+KEEPNORM = "_keepnorm"  # op suffix: the edited state is rescaled to the norm it had before the edit
 
 
 # ---------------------------------------------------------------------------
@@ -56,7 +58,10 @@ class SteeringComponent:
     `vector` is stored as a float32 unit vector. `op` is one of:
     "add" (h + strength·v), "clamp" (component along v set to `strength`),
     "cap" (component along v limited to [cap_min, cap_max]; None = unbounded),
-    "ablate" (component along v multiplied by `scale`; 0 removes it).
+    "ablate" (component along v multiplied by `scale`; 0 removes it),
+    "add_keepnorm" / "clamp_keepnorm" (norm-preserving: add or clamp, then the edited hidden
+    state is rescaled to the norm it had before, position by position, so only its direction
+    turns towards v; after a clamp_keepnorm the component along v is s·|h|/|h + (s - p)·v|).
 
         >>> SteeringComponent(layer=15, vector=v, strength=8.5, op="clamp", name="eiffel_tower")
     """
@@ -162,8 +167,11 @@ def steer_hidden(
         h = hidden.to(v.dtype)  # no copy for float32 states
         before = h @ v  # [batch, seq]
         if first < seq:
-            delta = _delta(comp, before[:, first:])  # [batch, seq - first]
-            edited = (h[:, first:] + delta.unsqueeze(-1) * v).to(hidden.dtype)
+            part = h[:, first:]
+            edited = part + _delta(comp, before[:, first:]).unsqueeze(-1) * v  # [batch, seq - first, d]
+            if comp.op.endswith(KEEPNORM):  # back to each position's old norm (a zero state stays zero)
+                edited = edited * (part.norm(dim=-1, keepdim=True) / edited.norm(dim=-1, keepdim=True).clamp_min(1e-30))
+            edited = edited.to(hidden.dtype)
             hidden = edited if first == 0 else torch.cat([hidden[:, :first], edited], dim=1)
         if record is not None:
             record[i].record(before[0], hidden[0].to(v.dtype) @ v)
@@ -171,21 +179,23 @@ def steer_hidden(
 
 
 def _delta(comp: SteeringComponent, proj: torch.Tensor) -> torch.Tensor:
-    """How far to move along v, given the current projections `proj`."""
-    if comp.op == "add":
+    """How far to move along v, given the current projections `proj` (before any keepnorm rescale)."""
+    op = comp.op.removesuffix(KEEPNORM)
+    if op == "add":
         return torch.full_like(proj, comp.strength)
-    if comp.op == "clamp":
+    if op == "clamp":
         return comp.strength - proj
-    if comp.op == "cap":
+    if op == "cap":
         return proj.clamp(min=comp.cap_min, max=comp.cap_max) - proj
     return (comp.scale - 1.0) * proj  # ablate
 
 
 def resolve_components(components: Sequence[SteeringComponent], clamp_intensity: bool) -> list[SteeringComponent]:
-    """The components as a backend applies them: with `clamp_intensity`, every add becomes a clamp."""
+    """The components as a backend applies them: with `clamp_intensity`, every add becomes a clamp
+    (add_keepnorm a clamp_keepnorm)."""
     comps = list(components)
     if clamp_intensity:
-        comps = [c.with_op("clamp") if c.op == "add" else c for c in comps]
+        comps = [c.with_op(c.op.replace("add", "clamp", 1)) if c.op.startswith("add") else c for c in comps]
     return comps
 
 

@@ -83,6 +83,8 @@ def comps_for(case: str) -> list:
         "clamp": [SteeringComponent(layer=12, vector=v, strength=60.0, op="clamp")],
         "cap": [SteeringComponent(layer=14, vector=w, op="cap", cap_min=-2.0, cap_max=2.0)],
         "ablate": [SteeringComponent(layer=8, vector=w, op="ablate", scale=0.0)],
+        "add_keepnorm": [SteeringComponent(layer=10, vector=v, strength=40.0, op="add_keepnorm")],
+        "clamp_keepnorm": [SteeringComponent(layer=12, vector=v, strength=60.0, op="clamp_keepnorm")],
         "multi": [
             SteeringComponent(layer=3, vector=v, strength=6.0, op="clamp"),
             SteeringComponent(layer=10, vector=w, strength=30.0),

@@ -60,8 +60,11 @@ def test_each_row_is_the_single_request_at_its_strength(tiny, steer_prompt):
         [SteeringComponent(1, v, strength=-3.0, op="clamp")],
         [SteeringComponent(2, w, op="cap", cap_min=2.5, cap_max=None)],
         [SteeringComponent(1, v, strength=2.0, op="clamp"), SteeringComponent(3, w, strength=5.0, op="add")],
+        [SteeringComponent(1, v, strength=4.0, op="add_keepnorm")],
+        [SteeringComponent(2, w, strength=-3.0, op="clamp_keepnorm")],
     ]
-    chats = [CHAT, CHAT, [{"role": "user", "content": "Hi"}], CHAT, [{"role": "user", "content": "A longer question here?"}]]
+    chats = [CHAT, CHAT, [{"role": "user", "content": "Hi"}], CHAT, [{"role": "user", "content": "A longer question here?"}],
+             CHAT, [{"role": "user", "content": "Hi"}]]
     batched = calibrate.generate_rows(model, tok, chats, rows, max_new_tokens=12, steer_prompt=steer_prompt)
     single = [single_answer(model, tok, c, r, steer_prompt=steer_prompt) for c, r in zip(chats, rows, strict=True)]
     assert batched == single

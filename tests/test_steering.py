@@ -76,6 +76,36 @@ def test_cap_limits_the_component_and_leaves_values_inside_alone(tiny_llama):
     assert torch.equal(steered[L][inside], plain[L][inside])
 
 
+@pytest.mark.parametrize("op", ["add_keepnorm", "clamp_keepnorm"])
+def test_keepnorm_ops_edit_like_the_plain_op_then_restore_each_positions_norm(tiny_llama, op):
+    v, s, L = unit(32, 9), 6.0, 2
+    plain = layer_outputs(tiny_llama, IDS)
+    with steering.steer(tiny_llama, [SteeringComponent(layer=L, vector=v, strength=s, op=op.removesuffix("_keepnorm"))]):
+        edited = layer_outputs(tiny_llama, IDS)[L]
+    with steering.steer(tiny_llama, [SteeringComponent(layer=L, vector=v, strength=s, op=op)]):
+        steered = layer_outputs(tiny_llama, IDS)
+    kept, norm = steered[L], plain[L].norm(dim=-1, keepdim=True)
+    torch.testing.assert_close(kept, edited * norm / edited.norm(dim=-1, keepdim=True), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kept.norm(dim=-1), norm.squeeze(-1), atol=1e-5, rtol=1e-5)
+    assert (kept - edited).norm(dim=-1).min() > 0.1  # the rescale changed every position
+    assert not torch.allclose(steered[L + 1], plain[L + 1])
+
+
+def test_keepnorm_leaves_a_zero_state_zero_and_respects_steer_from():
+    v, g = unit(32, 10), torch.Generator().manual_seed(0)
+    h = torch.stack([torch.randn(32, generator=g), torch.zeros(32), torch.randn(32, generator=g)])[None]
+    out = steering.steer_hidden(h, [SteeringComponent(layer=0, vector=v, strength=5.0, op="add_keepnorm")], [v], steer_from=1)
+    assert torch.equal(out[0, 0], h[0, 0])  # before steer_from: untouched
+    assert torch.equal(out[0, 1], torch.zeros(32))  # norm 0 before: 0 after, not NaN
+    torch.testing.assert_close(out[0, 2].norm(), h[0, 2].norm())
+    assert (out[0, 2] @ v) > (h[0, 2] @ v)
+
+
+def test_clamp_intensity_turns_add_keepnorm_into_clamp_keepnorm():
+    comps = [SteeringComponent(layer=1, vector=unit(32, 1), strength=2.0, op="add_keepnorm")]
+    assert [c.op for c in steering.resolve_components(comps, clamp_intensity=True)] == ["clamp_keepnorm"]
+
+
 @pytest.mark.parametrize("scale", [0.0, 0.5, -1.0])
 def test_ablate_scales_the_component(tiny_llama, scale):
     v, L = unit(32, 4), 1
@@ -263,7 +293,7 @@ def unsteered(embedded):
     return hf_answer(model, tok, [])
 
 
-@pytest.mark.parametrize("case", ["add", "clamp", "cap", "ablate", "multi"])
+@pytest.mark.parametrize("case", ["add", "clamp", "cap", "ablate", "add_keepnorm", "clamp_keepnorm", "multi"])
 def test_backends_give_the_same_tokens_and_traces(embedded, unsteered, case):
     model, tok = embedded
     comps = comps_for(case)
@@ -273,7 +303,7 @@ def test_backends_give_the_same_tokens_and_traces(embedded, unsteered, case):
     )
     assert trace_hf.token_ids == trace_nn.token_ids
     assert text_hf == text_nn
-    if case in ("add", "clamp", "multi"):
+    if case in ("add", "clamp", "add_keepnorm", "clamp_keepnorm", "multi"):
         assert trace_hf.token_ids != unsteered[1].token_ids  # the steering did something
     n_positions = len(trace_hf.token_ids) - 1
     for a, b in zip(trace_hf.components, trace_nn.components, strict=True):
