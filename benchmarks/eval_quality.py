@@ -17,7 +17,8 @@
     # variants: clamp | cap (one-sided: raise the component to at least s) | add, each optionally
     #   +centred (vector minus the mean of the ten concepts' vectors at that layer),
     #   +2layer (the same op at layer L-3 and L, each at the fraction x its layer's norm x 0.6),
-    #   +answer (steer only the answer positions, steer_prompt=False); --per-concept FILE takes each
+    #   +answer (steer only the answer positions, steer_prompt=False),
+    #   +keepnorm (the op's norm-preserving form: add_keepnorm, clamp_keepnorm); --per-concept FILE takes each
     #   concept's variant and base fraction from a JSON {concept: {"variant": v, "fraction": f0}} and
     #   --fractions become multiples of f0 (benchmarks/base_settings.json: the first default set)
     # check once that batched answers are the library's single answers; time calibration against one answer:
@@ -99,6 +100,8 @@ def variant_components(variant: str, concept: str, fraction: float, vecs: dict, 
     L = layer_of[concept]
     layers = [L - 3, L] if "2layer" in flags else [L]
     scale = 0.6 if "2layer" in flags else 1.0
+    if "keepnorm" in flags:
+        op += "_keepnorm"  # the edited state rescaled to its old norm (steering's add_keepnorm / clamp_keepnorm)
     comps = []
     for layer in layers:
         s = fraction * norms[layer] * scale
@@ -162,8 +165,9 @@ def cmd_run(args) -> None:
     jobs = [(None, None, 0.0, p) for p in prompts]  # unsteered rows first
     for c in concepts:
         if c in per_concept:
+            variant = "+".join([per_concept[c]["variant"], *args.flags])
             for m in args.fractions:
-                jobs += [(c, per_concept[c]["variant"], round(m * per_concept[c]["fraction"], 4), p) for p in prompts]
+                jobs += [(c, variant, round(m * per_concept[c]["fraction"], 4), p) for p in prompts]
             continue
         for variant in args.variants:
             for f in args.fractions:
@@ -437,6 +441,89 @@ def cmd_cost(args) -> None:
           f"({sum(calib) / sum(single):.1f}x) with {len(args.fractions)} strengths + the unsteered row")
 
 
+def cmd_auto(args) -> None:
+    """"Auto" for real, as the app does it: per prompt and concept, calibrate.calibrate_strength over
+    calibrate.candidate_fractions(the default fraction) (one batched generation of 4 rows and one
+    scoring pass), then the answer at the chosen strength (the weakest candidate when none stayed
+    within the bound) with steering.generate_steered_answer_hf; on every --time-every-th prompt also
+    one answer at the default strength, timed side by side in the same process."""
+    model, tok = steering.load_model()
+    vset = steering.load_vectors(args.vectors)
+    prompts = load_prompts(args.set)
+    if args.every > 1 or args.offset:
+        prompts = prompts[args.offset :: args.every]
+    settings = json.loads(Path(args.settings).read_text())
+    concepts = args.concepts or list(settings)
+    steering.generate_steered_answer_hf(model, tok, chat(prompts[0]), [], max_new_tokens=4)  # warm-up
+    gen = {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 0.0, "repetition_penalty": REPETITION_PENALTY}
+    out = open(args.out, "a")
+    t0 = time.time()
+    for n, p in enumerate(prompts):
+        for c in concepts:
+            variant, f0 = settings[c]["variant"], settings[c]["fraction"]
+            op, *flags = variant.split("+")
+            op += "_keepnorm" if "keepnorm" in flags else ""
+            steer_prompt = "answer" not in flags
+            layer = vset.get(c).layer
+            rec = {"set": args.set, "concept": c, "variant": variant, "default_fraction": f0, "prompt": p}
+            if n % args.time_every == 0:
+                t = time.perf_counter()
+                steering.generate_steered_answer_hf(model, tok, chat(p), [vset.component(c, f0, op=op)],
+                                                    steer_prompt=steer_prompt, **gen)
+                rec["one_answer_s"] = time.perf_counter() - t
+            tried = calibrate.candidate_fractions(f0)
+            cal = calibrate.calibrate_strength(model, tok, chat(p), vset.component(c, 1.0, op=op), fractions=tried,
+                                               norm=vset.norm(layer), max_new_tokens=MAX_NEW_TOKENS,
+                                               repetition_penalty=REPETITION_PENALTY, steer_prompt=steer_prompt)
+            fraction = cal.fraction if cal.found else min(tried)
+            t = time.perf_counter()
+            text = steering.generate_steered_answer_hf(model, tok, chat(p), [vset.component(c, fraction, op=op)],
+                                                       steer_prompt=steer_prompt, **gen)
+            answer_s = time.perf_counter() - t
+            row = next(r for r in cal.table if r.fraction == fraction)
+            rec |= {"tried": tried, "found": cal.found, "fraction": fraction, "calibration_s": cal.seconds,
+                    "answer_s": answer_s, "text": text, "same_as_calibration_row": text.strip() == row.answer.strip(),
+                    "nll": row.nll, "base_nll": cal.table[0].nll, "base_text": cal.table[0].answer,
+                    "table": [[r.fraction, r.nll_ratio, r.rep3] for r in cal.table]}
+            out.write(json.dumps(rec) + "\n")
+            out.flush()
+        print(f"  prompt {n + 1}/{len(prompts)} {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+
+
+def cmd_auto_report(args) -> None:
+    """Per concept: the auto answers' mention rate, NLL ratio, rep3, pass; the time of auto vs one answer."""
+    rows = [json.loads(line) for f in args.files for line in open(f)]
+    by: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        by[(r["set"], r["concept"])].append(r)
+    print("| set | concept | variant | n | mention | unsteered mention | NLL ratio | rep3 | on-topic | fitted | mean fraction | pass |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    n_pass: dict[str, int] = defaultdict(int)
+    for (st, c), rs in by.items():
+        m = {"mention": sum(mentions(r["text"], c) for r in rs) / len(rs),
+             "base_mention": sum(mentions(r["base_text"], c) for r in rs) / len(rs),
+             "nll_ratio": sum(r["nll"] for r in rs) / sum(r["base_nll"] for r in rs),
+             "rep3": sum(calibrate.rep3(r["text"]) for r in rs) / len(rs)}
+        on_topic = sum(bool(stems(r["prompt"]) & stems(r["text"])) for r in rs) / len(rs)
+        ok = passes(m)
+        n_pass[st] += ok
+        print(f"| {st} | {c} | {rs[0]['variant']} | {len(rs)} | {m['mention']:.0%} | {m['base_mention']:.0%} | {m['nll_ratio']:.2f} | "
+              f"{m['rep3']:.3f} | {on_topic:.0%} | {sum(r['found'] for r in rs)}/{len(rs)} | "
+              f"{sum(r['fraction'] for r in rs) / len(rs):.3f} | {'yes' if ok else 'no'} |")
+    for st, k in n_pass.items():
+        print(f"{st}: {k} of {len({c for s, c in by if s == st})} pass with auto")
+    timed = [r for r in rows if "one_answer_s" in r]
+    if timed:
+        one = sum(r["one_answer_s"] for r in timed)
+        cal = sum(r["calibration_s"] for r in timed)
+        ans = sum(r["answer_s"] for r in timed)
+        print(f"time over {len(timed)} timed pairs: one answer {one / len(timed):.1f} s; auto = calibration {cal / len(timed):.1f} s "
+              f"+ answer at the chosen strength {ans / len(timed):.1f} s = {(cal + ans) / one:.1f}x one answer "
+              f"(calibration alone {cal / one:.1f}x)")
+    same = sum(r["same_as_calibration_row"] for r in rows)
+    print(f"{same}/{len(rows)} answers at the chosen strength equal the calibration's row for it (its NLL is the one scored)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -446,6 +533,8 @@ def main() -> None:
     run.add_argument("--offset", type=int, default=0, help="with --every: start at this prompt (0-based)")
     run.add_argument("--variants", nargs="+", default=["clamp"], help="clamp, cap, add, with +centred, +2layer, +answer")
     run.add_argument("--per-concept", help='JSON {concept: {"variant": v, "fraction": f0}}: per concept, --fractions are multiples of f0')
+    run.add_argument("--flags", nargs="+", default=[], help="with --per-concept: flags added to every concept's variant "
+                                                           "(answer, keepnorm: e.g. clamp -> clamp+keepnorm+answer)")
     run.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.2, 0.3])
     run.add_argument("--concepts", nargs="+", help="default: all ten")
     run.add_argument("--vectors", default=str(ROOT / "steering_vectors.pt"))
@@ -474,8 +563,20 @@ def main() -> None:
     cost.add_argument("--fractions", nargs="+", type=float, default=list(calibrate.DEFAULT_FRACTIONS))
     cost.add_argument("--bound", type=float, default=calibrate.DEFAULT_NLL_BOUND)
     cost.add_argument("--prompts", type=int, default=3)
+    auto = sub.add_parser("auto", help="calibrate_strength for real per prompt and concept, then the answer at the chosen strength")
+    auto.add_argument("--set", default="heldout")
+    auto.add_argument("--settings", required=True, help='JSON {concept: {"variant": v, "fraction": default}} (e.g. results/picks.json)')
+    auto.add_argument("--concepts", nargs="+")
+    auto.add_argument("--every", type=int, default=1)
+    auto.add_argument("--offset", type=int, default=0)
+    auto.add_argument("--time-every", type=int, default=1, help="time one answer at the default on every n-th prompt")
+    auto.add_argument("--vectors", default=str(ROOT / "steering_vectors.pt"))
+    auto.add_argument("--out", required=True)
+    arep = sub.add_parser("auto-report", help="tables from `auto` JSONL files")
+    arep.add_argument("files", nargs="+")
     args = parser.parse_args()
-    {"run": cmd_run, "report": cmd_report, "check": cmd_check, "cost": cmd_cost}[args.cmd](args)
+    {"run": cmd_run, "report": cmd_report, "check": cmd_check, "cost": cmd_cost, "auto": cmd_auto,
+     "auto-report": cmd_auto_report}[args.cmd](args)
 
 
 if __name__ == "__main__":
