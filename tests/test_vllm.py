@@ -60,13 +60,13 @@ def assert_same(hf: tuple[str, SteeringTrace], vl: tuple[str, SteeringTrace]) ->
         torch.testing.assert_close(torch.tensor(b.after), torch.tensor(a.after), atol=2e-3, rtol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["add", "clamp", "cap", "ablate", "multi"])
+@pytest.mark.parametrize("case", ["add", "clamp", "cap", "ablate", "add_keepnorm", "clamp_keepnorm", "multi"])
 def test_same_tokens_and_traces_as_the_hooks_backend(embedded, engine, case):
     model, tok = embedded
     comps = comps_for(case)
     hf = hf_answer(model, tok, comps)
     assert_same(hf, vllm_answer(engine, comps))
-    if case in ("add", "clamp", "multi"):
+    if case in ("add", "clamp", "add_keepnorm", "clamp_keepnorm", "multi"):
         assert hf[1].token_ids != hf_answer(model, tok, [])[1].token_ids  # the steering did something
 
 
