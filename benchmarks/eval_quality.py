@@ -524,6 +524,25 @@ def cmd_auto_report(args) -> None:
     print(f"{same}/{len(rows)} answers at the chosen strength equal the calibration's row for it (its NLL is the one scored)")
 
 
+def cmd_curves_json(args) -> None:
+    """benchmarks/results/strength_curves.json: per concept, at its shipped variant (op, steer_prompt),
+    the tuning set's mention rate, NLL ratio and rep3 at every fraction measured, sorted by fraction."""
+    rows = load_rows(args.files)
+    tun_base = [r for r in rows if r["concept"] is None and r["set"] == "tuning"]
+    thresholds = {c: max(r["probe"][c] for r in tun_base) for c in KEYWORDS}
+    table, _ = summarise(rows, thresholds)
+    settings = json.loads(Path(args.settings).read_text())
+    doc: dict = {"command": args.command}  # then one list of points per concept, sorted by fraction
+    for c, st in settings.items():
+        op, *flags = st["variant"].split("+")
+        op += "_keepnorm" if "keepnorm" in flags else ""
+        doc[c] = sorted(({"fraction": k[3], "mention_rate": round(m["mention"], 4), "nll_ratio": round(m["nll_ratio"], 4),
+                          "rep3": round(m["rep3"], 4), "n_prompts": m["n"], "op": op, "steer_prompt": "answer" not in flags}
+                         for k, m in table.items() if k[:3] == ("tuning", c, st["variant"])), key=lambda q: q["fraction"])
+    Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {args.out}: " + ", ".join(f"{c} {len(doc[c])} points" for c in settings))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -574,9 +593,14 @@ def main() -> None:
     auto.add_argument("--out", required=True)
     arep = sub.add_parser("auto-report", help="tables from `auto` JSONL files")
     arep.add_argument("files", nargs="+")
+    cj = sub.add_parser("curves-json", help="strength curves of the shipped settings on the tuning set, as JSON")
+    cj.add_argument("files", nargs="+")
+    cj.add_argument("--settings", required=True, help="JSON {concept: {variant, fraction}}: the shipped settings")
+    cj.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "strength_curves.json"))
+    cj.add_argument("--command", default=" ".join(["python", *sys.argv]), help="the command recorded in the file")
     args = parser.parse_args()
     {"run": cmd_run, "report": cmd_report, "check": cmd_check, "cost": cmd_cost, "auto": cmd_auto,
-     "auto-report": cmd_auto_report}[args.cmd](args)
+     "auto-report": cmd_auto_report, "curves-json": cmd_curves_json}[args.cmd](args)
 
 
 if __name__ == "__main__":
