@@ -216,9 +216,9 @@ def _legend(features: Sequence[tuple[Any, str, float | None]]) -> str:
             how += f" at {fraction:g}"
         names.append(f"<b>{html.escape(str(title))}</b> ({html.escape(how)})")
     swatch = "<span class='tok' style='background:rgba({},0.6)'>&nbsp;{}&nbsp;</span>"
-    return (f"Steering: {', '.join(names)}. " + swatch.format(ORANGE, "orange") + " the steering made this word more "
-            "likely, " + swatch.format(BLUE, "blue") + " less likely, stronger colour = bigger change, no colour: "
-            "the model would have written it anyway. Hover a word for how much.")
+    return (f"Steering: {', '.join(names)}. " + swatch.format(ORANGE, "orange") + " the steering made the word more "
+            "likely, " + swatch.format(BLUE, "blue") + " less likely, darker = more; no colour: the model would have "
+            "written it anyway. Hover a word for how much.")
 
 
 def _token_span(text: str, effect: float | None) -> str:
