@@ -211,8 +211,9 @@ def _legend(features: Sequence[tuple[Any, str, float | None]]) -> str:
     names = []
     for feature, op, fraction in features:
         title = feature if isinstance(feature, str) else getattr(feature, "title", feature)
-        how = OP_WORDS.get(op, op)
-        if fraction is not None and op in ("add", "clamp"):
+        base = str(op).removesuffix("_keepnorm")  # keeping the norm is a detail a newcomer does not need
+        how = OP_WORDS.get(base, base)
+        if fraction is not None and base in ("add", "clamp"):
             how += f" at {fraction:g}"
         names.append(f"<b>{html.escape(str(title))}</b> ({html.escape(how)})")
     swatch = "<span class='tok' style='background:rgba({},0.6)'>&nbsp;{}&nbsp;</span>"

@@ -239,10 +239,12 @@ def test_tokens_and_names_are_escaped():
 def test_the_legend_names_features_as_people_read_them():
     vector = SteeringVector(name="eiffel_tower", layer=9, vector=unit(576, 1), concept="eiffel_tower")
     feature = Feature(key="eiffel_tower", vector=vector, norm=172.0, default_fraction=0.35, default_op="add")
-    html = view([1, 2], [1.0, 1.0], features=[(feature, "add", 0.35), (human_name("pirate_talk"), "clamp", 0.5)])
+    html = view([1, 2], [1.0, 1.0], features=[(feature, "add", 0.35), (human_name("pirate_talk"), "clamp", 0.5),
+                                          ("Ocean", "add_keepnorm", 0.25), ("Dragons", "ablate", None)])
     legend = html.split("<div class='toks'")[0]
     assert "<b>Eiffel Tower</b> (added at 0.35)" in legend
     assert "<b>Pirate Talk</b> (held at 0.5)" in legend
+    assert "<b>Ocean</b> (added at 0.25)" in legend and "<b>Dragons</b> (removed)" in legend
     assert "eiffel_tower" not in html and "norm" not in html and "172" not in html
     assert "more likely" in legend and "would have written it anyway" in legend
 
