@@ -3,20 +3,22 @@ the concept-intensity view, the CSS.
 
 Plain functions of their inputs (no model loaded at import), so they are testable alone.
 
-    >>> intensity_html(tokenizer, trace)          # the answer's tokens shaded by the trace
+    >>> turn_messages(catalog, turns)             # the chat, each answer tagged with its steering
     >>> summary_markdown(catalog, spec)           # what the next answer will be steered with
 """
 
 from __future__ import annotations
 
+import functools
 import html
+import json
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
-from catalog import Catalog
+from catalog import Catalog, Feature
 from config import SteeringSpec
-from steering import SteeringTrace
 
 EXAMPLES = [
     "Tell me about your perfect weekend.",
@@ -26,6 +28,8 @@ EXAMPLES = [
 ]
 
 TITLE = "SAE steering chat"
+INTRO = ("Make the model think about a concept while it chats: pick a preset or switch a feature on, send a "
+         "message, and compare with the unsteered model.")
 DESCRIPTION = """\
 **Steering** changes what a language model "thinks about" without changing its prompt or its weights.
 A feature is a direction in the model's hidden state (from a sparse autoencoder, or from contrasting
@@ -49,19 +53,124 @@ class FractionSlider(gr.Slider):
         return float(payload)
 
 
+# Strength words: from each feature's measured curve where one exists (benchmarks/results/
+# strength_curves.json: mention rate and NLL ratio on the tuning prompts), else from the fraction
+# relative to the feature's default.
+CURVES_PATH = Path(__file__).resolve().parent / "benchmarks" / "results" / "strength_curves.json"
+BREAKS_NLL, BREAKS_REP3 = 2.5, 0.2  # the quality evaluation's bar: past it the text falls apart
+
+
+@functools.lru_cache(maxsize=4)
+def strength_curves(path: Path = CURVES_PATH) -> dict[str, list[dict]]:
+    """{concept: [{fraction, mention_rate, nll_ratio, rep3}, ...] sorted by fraction}; {} without a file."""
+    try:
+        data = json.loads(path.read_text())
+        return {k: sorted(v, key=lambda p: p["fraction"]) for k, v in data.get("concepts", data).items()
+                if isinstance(v, list) and all(isinstance(p, dict) and "fraction" in p for p in v)}
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return {}
+
+
+def _interpolate(points: list[dict], fraction: float, field: str) -> float | None:
+    points = [p for p in points if isinstance(p.get(field), (int, float))]
+    if not points:
+        return None
+    if fraction <= points[0]["fraction"]:
+        return points[0][field] * (fraction / points[0]["fraction"] if points[0]["fraction"] > 0 else 1.0)
+    for a, b in zip(points, points[1:], strict=False):
+        if a["fraction"] <= fraction <= b["fraction"]:
+            t = (fraction - a["fraction"]) / ((b["fraction"] - a["fraction"]) or 1.0)
+            return a[field] + t * (b[field] - a[field])
+    return points[-1][field]
+
+
+def strength_label(feature: Feature, fraction: float, op: str | None = None,
+                   curves: dict[str, list[dict]] | None = None) -> str:
+    """A word for a strength a newcomer can read: off, subtle, clear, strong, breaks the text
+    (or "away from it" below zero), from the feature's measured curve when it has one."""
+    op = op or feature.default_op
+    if abs(fraction) < 1e-9:
+        return "off"
+    if fraction < 0:
+        return "away from it"
+    curves = strength_curves() if curves is None else curves
+    points = curves.get(feature.key) if op == feature.default_op else None
+    if points:
+        nll, rep3 = _interpolate(points, fraction, "nll_ratio"), _interpolate(points, fraction, "rep3")
+        mentions = _interpolate(points, fraction, "mention_rate") or 0.0
+        if (nll is not None and nll > BREAKS_NLL) or (rep3 is not None and rep3 >= BREAKS_REP3):
+            return "breaks the text"
+        return "subtle" if mentions < 0.3 else "clear" if mentions < 0.6 else "strong"
+    ratio = fraction / feature.default_fraction if feature.default_fraction > 0 else fraction / 0.5
+    return "subtle" if ratio < 0.6 else "clear" if ratio < 1.3 else "strong" if ratio < 2.0 else "breaks the text"
+
+
+def feature_words(feature: Feature, fraction: float, op: str) -> str:
+    """ "Pirate · clamp 0.20 (clear)": a feature switched on, as people read it."""
+    return f"{feature.title} · {op} {fraction:.2f} ({strength_label(feature, fraction, op)})"
+
+
 def summary_markdown(catalog: Catalog, spec: SteeringSpec) -> str:
-    """What the next answer will be steered with, absolute strengths included."""
+    """What the next answer will be steered with: names, strengths in words, absolute strengths."""
     if not spec.features:
-        return "**Steering for the next answer:** none (the plain model)."
+        return "**Steering for the next answer:** none (the unsteered model)."
     lines = ["**Steering for the next answer:**"]
     for feature, fraction, op in catalog.active(spec).values():
         lines.append(
-            f"- `{feature.key}` · {op} · {fraction:.2f} × norm {feature.norm:.0f} = "
-            f"**{fraction * feature.norm:.1f}** at layer {feature.layer}"
+            f"- **{html.escape(feature.title)}** · {op} · {fraction:.2f} — *{strength_label(feature, fraction, op)}* "
+            f"<span class='muted'>({fraction * feature.norm:.1f} at layer {feature.layer})</span>"
         )
     if not spec.steer_prompt:
         lines.append("- answer tokens only (the prompt is not steered)")
     return "\n".join(lines)
+
+
+def steering_tag(catalog: Catalog, steering: dict | None, stopped: bool = False, capped_at: int | None = None,
+                 auto: str | None = None) -> str:
+    """The line under an answer saying which steering made it (and whether it was stopped or cut)."""
+    parts = []
+    try:
+        spec = SteeringSpec.from_dict(steering) if steering else None
+        active = catalog.active(spec) if spec is not None else {}
+    except ValueError:
+        active = {}
+    if active:
+        words = []
+        for feature, fraction, op in active.values():
+            words.append(f"{feature.title} · {op} {fraction:.2f}" + (" (auto)" if auto == feature.key else ""))
+        parts.append(", ".join(words) + ("" if spec.steer_prompt else " · answer only"))
+    else:
+        parts.append("no steering")
+    if stopped:
+        parts.append("stopped")
+    elif capped_at is not None:
+        parts.append(f"cut at {capped_at} tokens")
+    return " · ".join(parts)
+
+
+def turn_messages(catalog: Catalog, turns: list[dict], unsteered: bool = False,
+                  pending: str | None = None) -> list[dict]:
+    """Chatbot messages for `turns` (each: user, answer, steering, unsteered, stopped, capped_at, auto):
+    what was typed, each answer with its steering tag; `unsteered` shows the compare side (only the
+    turns that have an unsteered answer). `pending`: the text shown while the last answer is
+    being read or written."""
+    out: list[dict] = []
+    for i, turn in enumerate(turns):
+        text = turn.get("unsteered") if unsteered else turn.get("answer")
+        if unsteered and text is None:
+            continue
+        last = i == len(turns) - 1
+        out.append({"role": "user", "content": turn["user"]})
+        body = text or ""
+        if body.count("```") % 2:
+            body += "\n```"  # close an open code block, so the tag is not inside it
+        if last and turn.get("done") is False:
+            out.append({"role": "assistant", "content": body or (pending or "")})
+            continue
+        tag = ("no steering (compared)" if unsteered else
+               steering_tag(catalog, turn.get("steering"), turn.get("stopped", False), turn.get("capped_at"), turn.get("auto")))
+        out.append({"role": "assistant", "content": f"{body}\n\n<span class='steer-tag'>{html.escape(tag)}</span>"})
+    return out
 
 
 def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:
@@ -74,46 +183,25 @@ def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:
     return out
 
 
-def intensity_html(tokenizer: Any, trace: SteeringTrace | None) -> str:
-    """The answer's tokens, shaded by the projection on each steered direction.
-
-    A token is shaded by the state that chose it: the hidden state after the steered layer,
-    before the edit, at the position just before the token. Hover a token for its value.
-    """
-    if trace is None or not trace.components or len(trace.token_ids) <= trace.prompt_len:
-        return ("<p class='muted'>Switch a feature on and send a message: the answer's tokens will be shaded here "
-                "by how strongly each steered direction is present.</p>")
-    ids = trace.token_ids[trace.prompt_len :]
-    special = set(tokenizer.all_special_ids)
-    texts = token_texts(tokenizer, ids)
-    blocks = []
-    for comp in trace.components:
-        values = comp.before[trace.prompt_len - 1 : trace.prompt_len - 1 + len(ids)]
-        scale = max((abs(v) for v in values), default=0.0) or 1.0
-        spans = []
-        for tid, text, value in zip(ids, texts, values, strict=False):
-            if tid in special or not text:
-                continue
-            alpha = min(abs(value) / scale, 1.0) * 0.85
-            color = f"rgba(234,88,12,{alpha:.2f})" if value >= 0 else f"rgba(37,99,235,{alpha:.2f})"
-            spans.append(f"<span class='tok' style='background:{color}' title='{value:.1f}'>{html.escape(text)}</span>")
-        blocks.append(
-            f"<div class='intensity'><div class='muted'><b>{html.escape(comp.name)}</b> · layer {comp.layer} · {comp.op} · "
-            f"projection before the edit, max |{scale:.1f}| (orange: along the direction, blue: against)</div>"
-            f"<div class='toks'>{''.join(spans)}</div></div>"
-        )
-    return "".join(blocks)
-
-
 CSS = """
 .gradio-container { max-width: 1400px !important; }
-#header h1 { margin-bottom: 0.2em; }
-#header p { font-size: 0.92em; margin: 0.2em 0; }
-#catalog { max-height: 430px; overflow-y: auto; flex-wrap: nowrap; }
-#catalog > * { flex-shrink: 0; }
-.feature-row { align-items: center; gap: 6px; }
+#header h1 { margin-bottom: 0.1em; }
+#header p { font-size: 0.95em; margin: 0.2em 0; }
+.feature { padding: 2px 6px; }
+.feature-row { align-items: end; gap: 6px; }
+#catalog label span, #catalog .feature-on span { white-space: normal; overflow-wrap: anywhere; }
+.steer-tag { display: inline-block; font-size: 0.78em; color: var(--body-text-color-subdued);
+  border: 1px solid var(--border-color-primary); border-radius: 9px; padding: 0 7px; }
 .muted { color: var(--body-text-color-subdued); font-size: 0.85em; }
 .intensity { margin-bottom: 0.6em; }
 .toks { line-height: 1.9; white-space: pre-wrap; }
 .tok { border-radius: 3px; padding: 1px 0; }
+.effect-note { margin-top: 0.4em; }
+@media (max-width: 700px) {
+  #main { flex-direction: column; }
+  #steer-panel { order: -1; }
+  #chats { flex-wrap: wrap; }
+  #chats > * { min-width: 100% !important; flex: 1 1 100% !important; }
+  #chat-actions { flex-wrap: wrap; }
+}
 """

@@ -14,6 +14,7 @@ aliases, so no file or request can make parsing (or an error message) expensive.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -50,6 +51,14 @@ def parse_yaml_text(text: str, what: str, max_bytes: int = MAX_YAML_BYTES, alias
     size = len(text.encode("utf-8", "surrogatepass"))
     if size > max_bytes:
         raise ValueError(f"{what} is {size:,} bytes; the limit is {max_bytes:,}: a steering file is a few lines")
+    json_error = None
+    if text.lstrip().startswith(("{", "[")):  # JSON first: its errors are the ones to report for JSON
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            json_error = f"{what} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg[:60]})"
+        except RecursionError:
+            raise ValueError(f"{what} is nested too deeply") from None
     try:
         for event in () if aliases else yaml.parse(text, Loader=yaml.SafeLoader):
             if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
@@ -59,7 +68,7 @@ def parse_yaml_text(text: str, what: str, max_bytes: int = MAX_YAML_BYTES, alias
         where = getattr(exc, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""
         problem = (getattr(exc, "problem", None) or str(exc).strip() or type(exc).__name__).splitlines()[0]
-        raise ValueError(f"{what} is not valid YAML or JSON{at}: {problem[:80]}") from None
+        raise ValueError(json_error or f"{what} is not valid YAML{at}: {problem[:80]}") from None
 
 
 def read_yaml_file(path: str | os.PathLike, what: str, missing_hint: str = "", max_bytes: int = MAX_YAML_BYTES,

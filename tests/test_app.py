@@ -6,7 +6,6 @@ drives Debian's headless Chromium (/usr/bin/chromium, installed by tests/run.sh)
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import time
@@ -47,34 +46,34 @@ def test_browser_preset_streaming_compare_stop(server, tmp_path):
 
         # A preset switches its feature on, and the summary shows its absolute strength.
         page.locator("#preset").get_by_label("Eiffel Tower").check()
-        wait_for(lambda: "eiffel_tower" in page.locator("#summary").inner_text(), 10, "the preset's summary")
-        assert page.get_by_role("checkbox", name="eiffel_tower", exact=True).is_checked()
-        assert "×" in page.locator("#summary").inner_text() and "at layer" in page.locator("#summary").inner_text()
+        wait_for(lambda: "Eiffel Tower" in page.locator("#summary").inner_text(), 10, "the preset's summary")
+        assert page.get_by_role("checkbox", name="Eiffel Tower", exact=True).is_checked()
+        assert "at layer" in page.locator("#summary").inner_text()
 
         # Send: the answer streams in (several growing partial texts), then the intensity view fills.
         page.locator("#msg textarea").fill("Tell me about your perfect weekend.")
         page.locator("#send").click()
         seen: list[str] = []
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and page.locator("#intensity .tok").count() == 0:
+        while time.monotonic() < deadline and page.locator("#effects .toks .tok").count() == 0:
             texts = bot_texts(page, "chat-steered")
             if texts and texts[-1].strip() and (not seen or texts[-1] != seen[-1]):
                 seen.append(texts[-1])
             time.sleep(0.03)
-        assert page.locator("#intensity .tok").count() > 0, "the concept-intensity view stayed empty"
+        assert page.locator("#effects .toks .tok").count() > 0, "the effect view stayed empty"
         assert len(seen) >= 2, f"no streaming seen, only {seen!r}"
         assert len(seen[0]) < len(seen[-1]), seen  # (markdown may redraw a partial text shorter for a moment)
-        assert "eiffel_tower" in page.locator("#intensity").inner_text()
+        assert "Eiffel Tower" in page.locator("#effects").inner_text()
 
         # Retry asks the same message again, in place of the last turn.
         page.locator("#retry").click()
-        wait_for(lambda: page.locator("#intensity .tok").count() == 0, 20, "Retry to start a new answer")
-        wait_for(lambda: page.locator("#intensity .tok").count() > 0, 60, "the retried answer")
+        wait_for(lambda: page.locator("#effects .toks .tok").count() == 0, 20, "Retry to start a new answer")
+        wait_for(lambda: page.locator("#effects .toks .tok").count() > 0, 60, "the retried answer")
         assert page.locator("#chat-steered [data-testid='user']").all_inner_texts() == ["Tell me about your perfect weekend."]
         assert len(bot_texts(page, "chat-steered")) == 1 and bot_texts(page, "chat-steered")[0].strip()
 
         # Share: export the steering as JSON, import another spec (a gradio upload).
-        page.get_by_text("Share steering (JSON / YAML)").click()
+        page.locator("#share-acc").get_by_text("Share", exact=True).click()
         page.get_by_role("button", name="Export JSON").click()
         link = page.locator("#exported [data-testid='download-link']")
         link.wait_for(timeout=15_000)
@@ -90,16 +89,16 @@ def test_browser_preset_streaming_compare_stop(server, tmp_path):
         with page.expect_file_chooser() as chooser:
             page.locator("#import").click()
         chooser.value.set_files(str(tmp_path / "pirate.yaml"))
-        wait_for(lambda: "pirate · add · 0.40" in page.locator("#summary").inner_text(), 15, "the imported steering")
-        assert page.get_by_role("checkbox", name="pirate", exact=True).is_checked()
-        assert not page.get_by_role("checkbox", name="eiffel_tower", exact=True).is_checked()
+        wait_for(lambda: "Pirate · add · 0.40" in page.locator("#summary").inner_text(), 15, "the imported steering")
+        assert page.get_by_role("checkbox", name="Pirate", exact=True).is_checked()
+        assert not page.get_by_role("checkbox", name="Eiffel Tower", exact=True).is_checked()
         (tmp_path / "broken.json").write_text('{"format": "llm-steering/spec", "version": 1, "features": "x"}')
         with page.expect_file_chooser() as chooser:
             page.locator("#import").click()
         chooser.value.set_files(str(tmp_path / "broken.json"))
         page.get_by_text("Could not import that file").first.wait_for(timeout=15_000)
         assert "Traceback" not in page.content()
-        assert page.get_by_role("checkbox", name="pirate", exact=True).is_checked()  # unchanged
+        assert page.get_by_role("checkbox", name="Pirate", exact=True).is_checked()  # unchanged
 
         # Compare mode: the unsteered answer streams beside the steered one; Stop ends both.
         page.locator("#compare").get_by_role("checkbox").check()
@@ -107,8 +106,8 @@ def test_browser_preset_streaming_compare_stop(server, tmp_path):
         _set_max_new_tokens(page, 400)
         page.locator("#msg textarea").fill("Write a long story about a dog who goes on a journey.")
         page.locator("#send").click()
-        # The unsteered chat starts from the chat so far, so both show two answers.
-        wait_for(lambda: len(bot_texts(page, "chat-plain")) == 2 and bot_texts(page, "chat-plain")[-1].strip()
+        # The unsteered chat holds only unsteered answers: this one (the earlier answer was steered).
+        wait_for(lambda: len(bot_texts(page, "chat-plain")) == 1 and bot_texts(page, "chat-plain")[-1].strip()
                   and len(bot_texts(page, "chat-steered")) == 2 and bot_texts(page, "chat-steered")[-1].strip(),
                   60, "both answers to start streaming")
         page.locator("#stop").click()
@@ -193,12 +192,26 @@ def test_long_input_is_cut_with_a_warning(app_module):
     assert any("oldest" in str(w.message) for w in caught)
 
 
-def test_retry_takes_back_the_last_turn(app_module):
-    history = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "A"},
-               {"role": "user", "content": "b"}, {"role": "assistant", "content": "B"}]
-    unsteered = [*history[:3], {"role": "assistant", "content": "B0"}]
-    message, new_history, new_unsteered = app_module.pop_last_turn(history, unsteered)
-    assert (message, new_history, new_unsteered) == ("b", history[:2], history[:2])
+def test_turns_the_model_and_the_unsteered_side_see(app_module):
+    """"same" keeps only earlier turns made with this answer's steering; compare's unsteered side
+    reads only unsteered answers; each answer is tagged with its steering."""
+    app, loaded = app_module, app_module.LOADED
+    pirate = loaded.catalog.preset_spec("Pirate")
+    none = steering.SteeringSpec(loaded.model_id, ())
+    turns = [{"user": "a", "answer": "A-pirate", "steering": pirate.to_dict(), "unsteered": None},
+             {"user": "b", "answer": "B-plain", "steering": none.to_dict(), "unsteered": None},
+             {"user": "c", "answer": "C-pirate", "steering": pirate.to_dict(), "unsteered": "C-plain"}]
+    seen, left_out = app.model_turns(turns, none, "same")
+    assert [m["content"] for m in seen] == ["b", "B-plain"] and left_out == 2
+    seen, left_out = app.model_turns(turns, pirate, "same")
+    assert [m["content"] for m in seen] == ["a", "A-pirate", "c", "C-pirate"] and left_out == 1
+    seen, left_out = app.model_turns(turns, none, "all")
+    assert len(seen) == 6 and left_out == 0
+    assert [m["content"] for m in app.unsteered_turns(turns)] == ["b", "B-plain", "c", "C-plain"]
+    shown = app.turn_messages(loaded.catalog, turns)
+    assert shown[1]["content"].startswith("A-pirate") and "Pirate · clamp 0.20" in shown[1]["content"]
+    assert "no steering" in shown[3]["content"]
+    assert [m["content"].split("\n")[0] for m in app.turn_messages(loaded.catalog, turns, unsteered=True)] == ["c", "C-plain"]
 
 
 def test_gradio6_message_content_and_steering_parsing(app_module):
@@ -249,29 +262,6 @@ def test_sae_profile_without_vector_file_extracts_features_at_start_up(app_modul
     assert (comp.layer, comp.op, comp.name) == (9, "add", "L9F3") and comp.strength == pytest.approx(0.5 * norm)
 
 
-def test_intensity_view_shades_each_answer_token_by_the_trace(app_module):
-    """One span per answer token, its value the projection at the position that chose the token."""
-    import re
-
-    app, loaded = app_module, app_module.LOADED
-    entry = loaded.features[0]
-    comp = entry.component(0.5, "clamp")
-    chat = [{"role": "user", "content": "Write <b>HTML</b> & say hi."}]
-    trace = steering.SteeringTrace()
-    answer = "".join(steering.stream_steered_answer_hf(loaded.model, loaded.tokenizer, chat, [comp], max_new_tokens=8,
-                                                       trace=trace))
-    page = app.intensity_html(loaded.tokenizer, trace)
-    titles = [float(t) for t in re.findall(r"title='(-?[\d.]+)'", page)]
-    ids = trace.token_ids[trace.prompt_len :]
-    kept = [j for j, t in enumerate(ids) if t not in set(loaded.tokenizer.all_special_ids)]
-    expected = [trace.components[0].before[trace.prompt_len - 1 + j] for j in kept]
-    assert titles == pytest.approx([round(v, 1) for v in expected], abs=0.051)
-    text = re.sub(r"<[^>]+>", "", page.split("<div class='toks'>", 1)[1])
-    assert html.unescape(text) == answer  # every token shown once, escaped
-    assert entry.name in page
-    assert "Switch a feature on" in app.intensity_html(loaded.tokenizer, None)
-
-
 def test_import_refuses_files_the_controls_cannot_show(app_module, tmp_path):
     app, loaded = app_module, app_module.LOADED
     name = loaded.features[0].key
@@ -280,8 +270,8 @@ def test_import_refuses_files_the_controls_cannot_show(app_module, tmp_path):
     updates = app.import_spec(loaded, str(tmp_path / "good.json"))
     n = len(loaded.features)
     assert updates[:n] == [e.key == name for e in loaded.features]
-    assert updates[n] == 0.25 and updates[2 * n] == "add" and updates[3 * n : 4 * n] == [False] * n  # auto boxes off
-    assert updates[-2] is False  # steer_prompt
+    assert updates[n] == 0.25 and updates[2 * n] == "add" and updates[3 * n + 4 : 4 * n + 4] == [False] * n  # auto off
+    assert updates[-3] is False and updates[-2] is None  # steer_prompt; no preset is this spec
     for spec in (steering.SteeringSpec(loaded.model_id, (steering.ActiveFeature(name, 5.0),)),
                  steering.SteeringSpec("other/model", (steering.ActiveFeature(name, 0.5),)),
                  steering.SteeringSpec(loaded.model_id, (steering.ActiveFeature("no_such_feature", 0.5),))):
@@ -342,21 +332,6 @@ def test_hostile_requests_get_short_errors_fast_and_the_app_keeps_serving(server
     assert client.predict("Say hi.", api_name="/chat", **small).strip()
 
 
-def test_a_typed_out_of_range_strength_is_a_readable_warning(server):
-    url, log_path = server
-    with app_page(url) as page:
-        page.get_by_role("checkbox", name="pirate", exact=True).check()
-        box = page.locator("#catalog input[type='number']").nth(1)  # pirate is the second feature
-        box.fill("7")
-        box.press("Enter")
-        page.get_by_text("for pirate is out of range: use a fraction").first.wait_for(timeout=15_000)
-        assert page.get_by_text("Error", exact=True).count() == 0  # no bare error toast
-        # Leaving the box puts it back at the slider's end; the summary says what will be used.
-        page.locator("#msg textarea").click()
-        wait_for(lambda: "pirate · clamp · 2.00" in page.locator("#summary").inner_text(), 15, "the summary")
-    assert "Traceback" not in log_path.read_text()
-
-
 def test_browser_find_features_from_text_and_steer_one(tmp_path, embedded):
     """A profile with an SAE: the app lists the features a plain encoder ranks highest; a click steers one."""
     import sae_find
@@ -397,9 +372,10 @@ def test_auto_picks_the_strength_then_answers_at_it(app_module, capsys):
     i = next(j for j, f in enumerate(la.features) if f.key == "pirate")
     feature = la.features[i]
     controls = ([j == i for j in range(n)] + [f.default_fraction for f in la.features]
-                + [f.default_op for f in la.features] + [j == i for j in range(n)])
+                + [f.default_op for f in la.features] + [False, None, 0.5, "clamp"] + [j == i for j in range(n)])
     message, system = "Tell me about your weekend.", la.profile.generation.system_prompt
-    *_, last = app.respond(la, message, [], [], system, 0.0, 1.1, 12, True, False, "", *controls)
+    mode = next(iter(app.HISTORY_MODES))
+    *_, last = app.respond(la, message, [], system, 0.0, 1.1, 12, True, False, mode, "", *controls)
     shown = capsys.readouterr().out  # gr.Info outside a browser session prints its message
     chat = [{"role": "system", "content": system}, {"role": "user", "content": message}]
     tried = calibrate.candidate_fractions(feature.default_fraction)
@@ -408,5 +384,7 @@ def test_auto_picks_the_strength_then_answers_at_it(app_module, capsys):
     chosen = cal.fraction if cal.found else min(tried)
     expected = steering.generate_steered_answer_hf(la.model, la.tokenizer, chat, [feature.component(chosen)],
                                                    max_new_tokens=12, repetition_penalty=1.1)
-    assert last[1][-1] == {"role": "assistant", "content": expected}
-    assert f"Auto: pirate at {chosen:.2f} × norm" in shown
+    turn = last[1][-1]
+    assert turn["answer"] == expected and turn["auto"] == "pirate"
+    assert turn["steering"]["features"] == [{"key": "pirate", "fraction": round(chosen, 4), "op": feature.default_op}]
+    assert f"Auto: Pirate at {chosen:.2f}" in shown

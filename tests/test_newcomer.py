@@ -17,6 +17,7 @@ import pytest
 from browser import DESKTOP, PHONE, chromium, open_page, running_app, wait_for
 
 import steering
+from config import human_name
 
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "tests" / "screenshots"
@@ -161,14 +162,19 @@ def test_2_a_long_message_is_shown_as_typed_keeps_its_question_and_shows_progres
     filler = "The quick brown fox jumps over the lazy dog near the river bank. " * 320
     message = filler[: 20_000 - len(LONG_QUESTION) - 1] + " " + LONG_QUESTION
     send(page, message)
-    progress = wait_for(lambda: [t for t in page.locator("#chat-steered [data-testid='bot']").all_inner_texts()
-                                 if "Reading your message" in t], 30, "a progress note while the prompt is read")
-    assert re.search(r"Reading your message \([\d,]+ tokens\)", progress[0]), progress
+    toasts: list[str] = []
+
+    def progress() -> list[str]:
+        toasts.extend(toast_texts(page))
+        return [t for t in page.locator("#chat-steered [data-testid='bot']").all_inner_texts() if "Reading your message" in t]
+
+    note = wait_for(progress, 30, "a progress note while the prompt is read")
+    assert re.search(r"Reading your message \([\d,]+ tokens\)", note[0]), note
+    assert any("left out" in t for t in toasts), toasts
     answers_done(page, 1)
     shown = page.locator("#chat-steered [data-testid='user']").all_inner_texts()[-1]
     assert shown.strip().endswith(LONG_QUESTION)
     assert len(shown.strip()) >= len(message) - 50, "the chat shows a cut message, not what was typed"
-    assert any("left out" in t for t in toast_texts(page)) or "left out" in page.content()
 
 
 def test_3_the_effect_view_reads_right_for_a_newcomer(page):
@@ -227,7 +233,7 @@ def test_5_a_typed_out_of_range_strength_is_refused_and_never_used(page):
     feature(page, "Pirate").check()
     default = next(f for f in profile().features if f.name == "pirate")
     wait_for(lambda: "Pirate" in summary(page), 10, "the summary")
-    box = page.locator("#catalog input[type='number']").nth(1)  # pirate is the second feature
+    box = page.locator("#catalog input[type='number']").first  # only switched-on features show their strength
     box.fill("7")
     box.press("Enter")
     page.get_by_text("outside").first.wait_for(timeout=15_000)
@@ -295,7 +301,7 @@ def test_8_phone_layout_and_the_desktop_catalog(server, browser):
     desk = open_page(browser, server[0], DESKTOP)
     try:
         for f in profile().features:
-            assert feature(desk, steering.human_name(f.name)).is_visible(), f.name
+            assert feature(desk, human_name(f.name)).is_visible(), f.name
         assert desk.evaluate(NO_NESTED_SCROLL) == []
         assert desk.evaluate(CLIPPED_NAMES) == []
     finally:
@@ -309,3 +315,101 @@ def test_9_a_malformed_json_file_gets_one_clear_sentence(page, tmp_path):
     assert "not valid JSON" in note and "line 1" in note, note
     assert "YAML" not in note and note.count("import") == 1 and note.count("file") <= 1, note
     assert note.rstrip().endswith("."), note
+
+
+# ---------------------------------------------------------------------------
+# The newcomer's whole path, at both sizes, with screenshots
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", ["desktop", "phone"])
+def test_a_newcomers_path(server, browser, tmp_path, size):
+    """Open, pick a preset, chat, compare, share a link and open it in a fresh browser, stop,
+    retry, import. Screenshots: tests/screenshots/<size>/."""
+    viewport = DESKTOP if size == "desktop" else PHONE
+    shots = SHOTS / size
+    shots.mkdir(parents=True, exist_ok=True)
+    page = open_page(browser, server[0], viewport)
+    try:
+        page.wait_for_timeout(1000)
+        assert page.evaluate("window.scrollY") == 0
+        page.screenshot(path=str(shots / "01-open.png"))
+
+        page.locator("#preset").get_by_label("Eiffel Tower").check()
+        wait_for(lambda: "Eiffel Tower" in summary(page), 10, "the preset")
+        send(page, "Tell me about your perfect weekend.")
+        answers_done(page, 1)
+        assert "Eiffel Tower" in tags(page)[0]
+        wait_for(lambda: page.locator("#effects .toks .tok").count() > 0, 20, "the effect view")
+        page.screenshot(path=str(shots / "02-answer.png"), full_page=True)
+
+        page.locator("#compare").get_by_role("checkbox").check()
+        send(page, "Write a short poem about the sea.")
+        answers_done(page, 2)
+        answers_done(page, 1, chat="chat-plain")
+        page.locator("#chat-plain").scroll_into_view_if_needed()
+        page.screenshot(path=str(shots / "03-compare.png"), full_page=size == "desktop")
+
+        page.locator("#share-acc").get_by_text("Share", exact=True).click()
+        page.locator("#msg textarea").fill("What should I cook for dinner tonight?")
+        page.locator("#share-link-btn").click()
+        box = page.locator("#share-link textarea, #share-link input").first
+        link = wait_for(lambda: box.input_value(), 10, "the share link")
+        assert "steering=" in link and "message=" in link
+        fresh = open_page(browser, link, viewport)  # a new browser context: no cookies, no state
+        try:
+            wait_for(lambda: fresh.locator("#preset").get_by_label("Eiffel Tower").is_checked(), 15, "the link's preset")
+            assert fresh.locator("#msg textarea").input_value() == "What should I cook for dinner tonight?"
+            wait_for(lambda: "Eiffel Tower" in summary(fresh), 10, "the link's steering in the summary")
+            fresh.screenshot(path=str(shots / "04-opened-link.png"))
+        finally:
+            fresh.context.close()
+
+        page.locator("#compare").get_by_role("checkbox").uncheck()
+        set_max_new_tokens(page, 300)
+        send(page, "Write a long story about a dog who goes on a journey.")
+        wait_for(lambda: len(answer_texts(page)) == 3 and len(answer_texts(page)[-1].split()) > 5, 60, "the story")
+        page.locator("#stop").click()
+        wait_for(lambda: len(tags(page)) == 3 and "stopped" in tags(page)[-1], 30, "the stopped tag")
+        page.screenshot(path=str(shots / "05-stopped.png"), full_page=size == "desktop")
+
+        set_max_new_tokens(page, TOKENS)
+        page.locator("#retry").click()
+        wait_for(lambda: len(tags(page)) == 3 and "stopped" not in tags(page)[-1], 90, "the retried answer")
+        assert len(page.locator("#chat-steered [data-testid='user']").all_inner_texts()) == 3
+
+        pirate = next(p for p in profile().presets if p.name == "Pirate")
+        steering.save_steering_spec(steering.SteeringSpec(steering.EMBEDDED_MODEL_ID, pirate.features),
+                                    tmp_path / "pirate.json")
+        upload(page, tmp_path / "pirate.json")
+        wait_for(lambda: page.locator("#preset").get_by_label("Pirate").is_checked(), 15, "the imported preset")
+        page.screenshot(path=str(shots / "06-imported.png"))
+    finally:
+        page.context.close()
+    for name in ("01-open", "02-answer", "03-compare", "04-opened-link", "05-stopped", "06-imported"):
+        assert (shots / f"{name}.png").stat().st_size > 10_000, name
+
+
+def test_a_vector_of_the_file_the_profile_does_not_list_can_be_steered_by_name(browser, tmp_path):
+    """A profile without an SAE lists 3 of the 10 vectors of its file: the others are one name away."""
+    text = greedy_config(tmp_path).read_text()
+    head, rest = text.split("    features:", 1)
+    items, presets = rest.split("    presets:", 1)
+    kept = "      - name:".join(items.split("      - name:")[:4])  # eiffel_tower, pirate, shakespeare
+    (tmp_path / "demo.yaml").write_text(head + "    features:" + kept + "    presets:" + presets)
+    with running_app(tmp_path / "server.log", STEERING_CONFIG=str(tmp_path / "demo.yaml")) as url:
+        page = open_page(browser, url)
+        try:
+            assert feature(page, "Shakespeare").is_visible() and feature(page, "Coffee").count() == 0
+            key = page.locator("#custom-key input").first
+            key.click()
+            options = page.get_by_role("option")
+            wait_for(lambda: options.count() == 7, 10, "the unlisted vectors as choices")
+            page.get_by_role("option", name="coffee").click()
+            page.locator("#custom-on").get_by_role("checkbox").check()
+            wait_for(lambda: "Coffee" in summary(page), 15, "the summary to show the added vector")
+            send(page, QUESTION)
+            answers_done(page, 1)
+            assert "Coffee" in tags(page)[0]
+        finally:
+            page.context.close()

@@ -316,7 +316,7 @@ def test_specs_written_before_the_rename_still_load(tmp_path):
 @pytest.mark.parametrize(
     "text, pattern",
     [
-        ("{not json", "not valid YAML or JSON"),
+        ("{not json", r"not valid JSON \(line 1, column 2"),
         ('{"format": "other", "version": 1}', "not a steering spec"),
         ('{"format": "llm-steering/spec", "version": 9, "model_id": "m", "features": []}', "version 9"),
         ('{"format": "llm-steering/spec", "version": 1, "model_id": "m", "features": [{"key": "a"}]}', "fraction"),

@@ -89,8 +89,9 @@ def test_stop_ends_the_workers_generation_within_a_second(app_module):
             results.append(value)
         assert not stop_event.is_set()
         assert t_end - t_stop < 1.0, f"the worker generated for {t_end - t_stop:.2f} s after Stop"
-        steered, unsteered, trace, stopped = results[-1]
+        steered, unsteered, trace, stopped, effects = results[-1]
         assert stopped and unsteered is None and isinstance(trace, steering.SteeringTrace)
+        assert len(effects) == len(trace.token_ids) - trace.prompt_len  # the stopped answer's effect view too
         assert len(trace.token_ids) - trace.prompt_len < 200  # far from the 400 asked for
         assert trace.components[0].before and trace.components[0].pending == []  # flushed before pickling
     finally:
