@@ -1,8 +1,11 @@
 """The console chat's slash commands: one table (name -> usage, help, handler); /help is made from it.
 
 A handler gets the running `demo.Console`, the command's words and the rest of the line.
+Names shown to people are the features' human names (Feature.title, "Eiffel Tower"), with
+the key (eiffel_tower) that commands take beside them.
 
     >>> COMMANDS["/steer"].run(console, "pirate 0.2 clamp")
+    >>> COMMANDS["/temperature"].run(console, "0.7")
     >>> print(help_text())
 """
 
@@ -13,10 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from chat_history import HISTORY_MODES
 from config import FEATURE_OPS, save_steering_spec
-
-BACKENDS = ("hf", "nnsight", "vllm")
-
+from console_cli import BACKENDS, STEER_USAGE
 
 # ---------------------------------------------------------------------------
 # Input words
@@ -39,6 +41,36 @@ def parse_op(text: str) -> str:
     if op not in FEATURE_OPS:
         raise ValueError(f"unknown op {text!r}: use add or clamp")
     return op
+
+
+def parse_steer_words(words: list[str]) -> tuple[str, float, str | None]:
+    """`--steer NAME STRENGTH [add|clamp]`'s words: (key, fraction, op or None for the feature's own)."""
+    if len(words) not in (2, 3):
+        raise ValueError(f"--steer takes {STEER_USAGE}, got {' '.join(words)!r}")
+    try:
+        return words[0], parse_fraction(words[1]), parse_op(words[2]) if len(words) == 3 else None
+    except ValueError as exc:
+        raise ValueError(f"--steer {' '.join(words)}: {exc}") from None
+
+
+def parse_temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {text!r}")
+    return value
+
+
+def parse_max_tokens(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"max tokens must be a whole number >= 1 (the longest answer, in tokens), got {text!r}")
+    return value
 
 
 # ---------------------------------------------------------------------------
@@ -72,15 +104,17 @@ def _steer(c: Any, args: list[str], rest: str) -> None:
     op = parse_op(args[2]) if len(args) == 3 else None
     feature = c.steer(args[0], fraction, op, auto=auto)
     _, fraction, op = c.active[feature.key]
+    name = f"{feature.title} ({feature.key})"
     if auto:
-        c.notice(f"steering with {feature.key}, {op}, at a strength picked for each answer (auto)")
+        c.notice(f"steering with {name}, {op}, at a strength picked for each answer (auto)")
     else:
-        c.notice(f"steering with {feature.key} at {fraction:.3g} x norm ({fraction * feature.norm:.1f} at layer "
+        c.notice(f"steering with {name} at {fraction:.3g} x norm ({fraction * feature.norm:.1f} at layer "
                  f"{feature.layer}), {op}")
 
 
 def _unsteer(c: Any, args: list[str], rest: str) -> None:
-    c.notice(f"no longer steering with {c.unsteer(args[0])}")
+    key = c.unsteer(args[0])
+    c.notice(f"no longer steering with {c.catalog.resolve(key).title} ({key})")
 
 
 def _clear(c: Any, args: list[str], rest: str) -> None:
@@ -89,8 +123,10 @@ def _clear(c: Any, args: list[str], rest: str) -> None:
 
 
 def _features(c: Any, args: list[str], rest: str) -> None:
-    c.notice(f"features of profile {c.catalog.profile.name!r} (default strength, op):")
-    lines = [f"  {f.key:<18} layer {f.layer}; default {f.default_fraction:.2f} {f.default_op}. {f.description}"
+    c.notice(f"features of profile {c.catalog.profile.name!r} (key to type, name: description; layer, default "
+             "strength and op):")
+    lines = [f"  {f.key:<18} {f.title}: {f.description}; layer {f.layer}, default {f.default_fraction:.3g} {f.default_op}"
+             if f.description else f"  {f.key:<18} {f.title}; layer {f.layer}, default {f.default_fraction:.3g} {f.default_op}"
              for f in c.catalog.features]
     if c.catalog.profile.sae_source:
         lines.append(f"  layer:index (e.g. 15:21576) steers any feature of the SAEs in {c.catalog.profile.sae_source}")
@@ -118,13 +154,52 @@ def _backend(c: Any, args: list[str], rest: str) -> None:
 
 
 def _reset(c: Any, args: list[str], rest: str) -> None:
-    c.history.clear()
+    c.turns.clear()
     c.notice("conversation forgotten (steering stays; /clear removes it)")
 
 
 def _save(c: Any, args: list[str], rest: str) -> None:
     save_steering_spec(c.spec(), args[0])
     c.notice(f"saved the steering to {args[0]}")
+
+
+def _save_chat(c: Any, args: list[str], rest: str) -> None:
+    n = c.save_chat(args[0])
+    c.notice(f"saved the chat ({n} turn{'s' if n != 1 else ''}, each with its steering) to {args[0]}")
+
+
+def _temperature(c: Any, args: list[str], rest: str) -> None:
+    if args:
+        c.settings.temperature = parse_temperature(args[0])
+    t = c.settings.temperature
+    c.notice(f"temperature: {t:g}" + (" (greedy)" if t == 0 else ""))
+
+
+def _max_tokens(c: Any, args: list[str], rest: str) -> None:
+    if args:
+        c.settings.max_new_tokens = parse_max_tokens(args[0])
+    c.notice(f"max tokens: {c.settings.max_new_tokens}")
+
+
+def _settings(c: Any, args: list[str], rest: str) -> None:
+    s = c.settings
+    c.notice(f"settings: temperature {s.temperature:g}, max tokens {s.max_new_tokens}, repetition penalty "
+             f"{s.repetition_penalty:g}, backend {s.backend}, history {c.history_mode}, "
+             f"compare {'every answer' if s.compare else 'off'}, max input {s.max_input_tokens} tokens")
+    c.notice(f"system prompt: {s.system!r}" if s.system else "system prompt: none")
+
+
+def _history(c: Any, args: list[str], rest: str) -> None:
+    if args:
+        if args[0].lower() not in HISTORY_MODES:
+            raise ValueError(f"usage: /history {'|'.join(HISTORY_MODES)}")
+        c.history_mode = args[0].lower()
+    if c.history_mode == "same":
+        c.notice("history same: the model reads only the earlier turns answered with the steering in force")
+    else:
+        c.notice("history all: the model reads every earlier turn, whatever steering made its answer")
+    if c.turns:
+        c.notice(c.what_the_model_sees())
 
 
 def _load(c: Any, args: list[str], rest: str) -> None:
@@ -157,9 +232,16 @@ COMMANDS: dict[str, Command] = {
     "/features": Command("", "the features of this profile, with descriptions", _features),
     "/active": Command("", "what is steered now", _active),
     "/compare": Command("[message]", "answer the next message twice: unsteered, then steered", _compare, (0, 10**6)),
+    "/temperature": Command("[value]", "show or set the temperature (0 is greedy)", _temperature, (0, 1)),
+    "/max-tokens": Command("[n]", "show or set the longest answer, in tokens", _max_tokens, (0, 1)),
+    "/settings": Command("", "the generation settings now (temperature, max tokens, backend, history...)", _settings),
     "/backend": Command("[hf|nnsight|vllm]", "show or switch the backend (hf and vllm stream, nnsight prints when done)", _backend, (0, 1)),
+    "/history": Command("[same|all]", "what the model reads of earlier turns made with other steering: same (default) "
+                        "leaves them out, all keeps them", _history, (0, 1)),
     "/reset": Command("", "forget the conversation (steering stays)", _reset),
     "/save": Command("FILE", "save the steering (.json, .yaml or .yml), as the app exports it", _save, (1, 1)),
+    "/save-chat": Command("FILE", "save the chat as JSON: each turn's message, answer and the steering it was made with",
+                          _save_chat, (1, 1)),
     "/load": Command("FILE", "load steering saved here or exported from the app", _load, (1, 1)),
     "/find": Command("[layer] <text>", "the SAE features that fire most on a text (profiles with an SAE)", _find,
                      (1, 10**6)),
@@ -172,6 +254,7 @@ def help_text() -> str:
     width = max(len(f"{name} {cmd.args}") for name, cmd in COMMANDS.items())
     lines = ["Commands (strengths are fractions of the layer's typical residual norm: 0.5 = half):"]
     lines += [f"  {f'{name} {cmd.args}':<{width}}   {cmd.help}" for name, cmd in COMMANDS.items()]
+    lines.append("Each answer keeps the steering it was made with; /compare's unsteered side reads only unsteered turns.")
     lines.append("exit, quit or Ctrl-D end the chat; Ctrl-C stops an answer.")
     return "\n".join(lines)
 

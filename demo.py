@@ -1,16 +1,27 @@
 """The console chat: talk to a steered model in a terminal.
 
     python demo.py                                      # interactive chat, demo.yaml's default profile
+    python demo.py --help                               # the options and the profile's features
+    python demo.py --steer eiffel_tower 0.5 clamp       # chat, steered from the start (op optional)
     python demo.py --prompt "Tell me about Paris" --steer eiffel_tower 0.5 --temperature 0 --max-new-tokens 48
     python demo.py --prompt "Tell me about Paris" --steer eiffel_tower 0.5 --compare
     python demo.py --profile llama31_8b --steer 15:21576 0.5    # an SAE feature, extracted on demand
 
-A strength is a fraction of the layer's typical residual norm (0.5 = half of it), the
-unit of the app's slider; each feature uses its own op (add or clamp) unless told. In the
-chat, type /help for the commands; exit, quit or Ctrl-D end it, Ctrl-C stops an answer.
-With --prompt it prints only the answer and exits (0, or 2 for bad input, with one line
-saying why). What a key, a strength or a long message means is decided by `catalog.py`,
-the same for the app and the console.
+`--steer NAME STRENGTH [add|clamp]` (repeatable) takes the same words as the chat's /steer:
+a strength is a fraction of the layer's typical residual norm (0.5 = half; negative steers
+away), the unit of the app's slider, and each feature uses its own op (add or clamp) unless
+a third word names one. In the chat, type /help for the commands (/temperature, /max-tokens
+and /settings change and show the generation settings); exit, quit or Ctrl-D end it, Ctrl-C
+stops an answer. With --prompt it prints only the answer and exits (0, or 2 for bad input,
+with one line saying why). What a key, a strength or a long message means is decided by
+`catalog.py`, the same for the app and the console.
+
+Every answer is kept with the steering it was made with (`/save-chat FILE` writes them as
+JSON). When the steering changes, the model reads only the earlier turns answered with the
+steering now in force (`/history same`, the default) or all of them (`/history all`, with a
+notice), and compare's unsteered side reads only unsteered turns: `chat_history.py` decides.
+
+--help and the chat's first line come before torch is imported (`console_cli.py`, light).
 """
 
 from __future__ import annotations
@@ -27,61 +38,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import console_cli
+from console_cli import COLOURS, RESET, Painter, UsageError, build_parser, colour_enabled, one_line
+
+if __name__ == "__main__":  # before the heavy imports below: --help, and the first line, come at once
+    console_cli.before_loading(sys.argv[1:])
+
 # isort: off
-import steering  # first: sets the OpenMP wait policy before torch loads
-import steering_vllm
-from catalog import Catalog, Feature, fit_chat
-from config import load_config, load_steering_spec
-from console_commands import BACKENDS, COMMANDS, parse_fraction
-from vectors import SteeringVectorSet
+import steering  # noqa: E402  (first of the heavy ones: sets the OpenMP wait policy before torch loads)
+import steering_vllm  # noqa: E402
+from catalog import Catalog, Feature, fit_chat  # noqa: E402
+from chat_history import chat_export, same_steering, unsteered_chat, visible_chat  # noqa: E402
+from config import load_config, load_steering_spec  # noqa: E402
+from console_commands import COMMANDS, parse_fraction, parse_steer_words  # noqa: E402, F401  (parse_fraction: re-exported)
+from vectors import SteeringVectorSet, atomic_write  # noqa: E402
 # isort: on
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "demo.yaml"
+DEFAULT_CONFIG = console_cli.DEFAULT_CONFIG
 EXIT_WORDS = ("exit", "quit", "/exit", "/quit")
-
-
-# ---------------------------------------------------------------------------
-# Colours
-# ---------------------------------------------------------------------------
-
-COLOURS = {
-    "user": "\033[1;32m",  # bold green
-    "unsteered": "\033[36m",  # cyan
-    "steered": "\033[35m",  # magenta
-    "notice": "\033[33m",  # yellow
-    "error": "\033[31m",  # red
-}
-RESET = "\033[0m"
-
-
-def colour_enabled(stream: TextIO) -> bool:
-    """Colours only on a terminal, and never when NO_COLOR is set (https://no-color.org)."""
-    if os.environ.get("NO_COLOR"):
-        return False
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
-class Painter:
-    """Wraps text in the ANSI colour of its kind, or leaves it alone when colours are off.
-
-    >>> Painter(False)("steered", "text")
-    'text'
-    """
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-
-    def __call__(self, kind: str, text: str) -> str:
-        return f"{COLOURS[kind]}{text}{RESET}" if self.enabled and text else text
-
-    def start(self, kind: str) -> str:
-        return COLOURS[kind] if self.enabled else ""
-
-    def reset(self) -> str:
-        return RESET if self.enabled else ""
 
 
 # ---------------------------------------------------------------------------
@@ -91,6 +65,10 @@ class Painter:
 
 class Console:
     """One chat: the model, the steering in force, the conversation, and how to print.
+
+    The conversation is `turns`: each finished exchange with the steering its answer was made
+    with ({user, answer, spec, unsteered}, see chat_history.py); what the model reads of them
+    depends on the steering now and on `history_mode` ("same" or "all").
 
     >>> console = Console(model, tok, catalog, Settings(...), out=sys.stdout, info=sys.stdout, interactive=True)
     >>> console.steer("eiffel_tower", 0.5)
@@ -106,7 +84,8 @@ class Console:
         self.active: dict[str, tuple[Feature, float, str]] = {}  # feature key -> (feature, fraction, op)
         self.auto: set[str] = set()  # keys whose strength is calibrated per answer
         self.steer_prompt = True
-        self.history: list[dict[str, str]] = []
+        self.turns: list[dict[str, Any]] = []  # {user, answer, spec (SteeringSpec), unsteered (str | None)}
+        self.history_mode = "same"  # what the model reads of turns made with other steering: chat_history.py
         self.compare_next = False
         self._background: threading.Event | None = None  # set when a stopped nnsight answer ends
         self._engine: Any = None  # the vLLM engine, for --backend vllm
@@ -157,8 +136,8 @@ class Console:
         if not self.active:
             return ["nothing is steered"]
         lines = [
-            f"  {feature.key:<18} {fraction:.3g} x norm {feature.norm:.1f} = {fraction * feature.norm:.1f} at layer "
-            f"{feature.layer}, {op}"
+            f"  {feature.title} ({feature.key}): {fraction:.3g} x norm {feature.norm:.1f} = {fraction * feature.norm:.1f} "
+            f"at layer {feature.layer}, {op}"
             for feature, fraction, op in self.active.values()
         ]
         if not self.steer_prompt:
@@ -175,29 +154,93 @@ class Console:
         steering.validate_components(self.model, [f.component(frac, op) for f, frac, op in active.values()])
         self.active, self.steer_prompt = active, spec.steer_prompt
 
+    # -- the conversation --------------------------------------------------------
+
+    @property
+    def history(self) -> list[dict[str, str]]:
+        """The conversation as chat messages: each turn's message and its (steered, if any) answer."""
+        return [m for t in self.turns for m in ({"role": "user", "content": t["user"]},
+                                                {"role": "assistant", "content": t["answer"]})]
+
+    @history.setter
+    def history(self, messages: list[dict[str, str]]) -> None:
+        """Start from these user/assistant messages, as if answered with the steering in force now."""
+        spec = self.spec()
+        self.turns = [
+            {"user": u["content"], "answer": a["content"], "spec": spec, "unsteered": None}
+            for u, a in zip(messages[::2], messages[1::2], strict=False)
+            if u.get("role") == "user" and a.get("role") == "assistant"
+        ]
+
+    def what_the_model_sees(self) -> str:
+        """One line: which earlier turns the next answer reads, with this steering and history mode."""
+        n, seen = len(self.turns), visible_chat(self.turns, self.spec(), self.history_mode)
+        everything = "the earlier turn" if n == 1 else f"all {n} earlier turns"
+        if seen.other_steering:  # history all
+            other = "answered with other steering" if n == 1 else f"{seen.other_steering} of them answered with other steering"
+            return f"the next answer sees {everything}, {other} (/history same: only those answered with this steering)"
+        if len(seen.used) == n:
+            return f"the next answer sees {everything}, answered with this steering"
+        if not seen.used:
+            which = "the earlier turn was not" if n == 1 else f"none of the {n} earlier turns was"
+            return (f"the next answer starts afresh: {which} answered with this steering "
+                    f"(/history all: it reads {'it' if n == 1 else 'them'} anyway)")
+        return (f"the next answer sees {len(seen.used)} of the {n} earlier turns, those answered with this steering "
+                "(/history all: all of them)")
+
+    def save_chat(self, path: str) -> int:
+        """Write the conversation as JSON, each turn with its steering (chat_history.chat_export); its turn count."""
+        import json
+
+        if Path(path).suffix.lower() in (".yaml", ".yml"):
+            raise ValueError("a chat is saved as JSON: name the file .json")
+        data = chat_export(self.turns, self.catalog.vectors.model_id, self.settings.system, self.history_mode)
+        text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        return len(self.turns)
+
+    def _fit(self, messages: list[dict], text: str, shown: list[str]) -> Any:
+        """fit_chat on these earlier messages, printing each notice not shown yet."""
+        fitted = fit_chat(self.tokenizer, self.settings.system, messages, text, self.settings.max_input_tokens)
+        for line in fitted.notices:
+            if line not in shown:
+                shown.append(line)
+                self.notice(line)
+        return fitted
+
     # -- answering -------------------------------------------------------------
 
     def ask(self, text: str, compare: bool = False) -> str | None:
-        """Answer a user message (twice with `compare`); the steered answer joins the history.
+        """Answer a user message (twice with `compare`); the turn joins the conversation with its steering.
 
+        The answer reads the earlier turns chat_history.visible_chat allows (history_mode);
+        compare's unsteered answer reads only unsteered turns (chat_history.unsteered_chat).
         Returns the answer, or None when the user stopped it with Ctrl-C.
         """
-        fitted = fit_chat(self.tokenizer, self.settings.system, self.history, text, self.settings.max_input_tokens)
-        for line in fitted.notices:
-            self.notice(line)
-        if fitted.dropped_messages:
-            self.history = self.history[fitted.dropped_messages:]
+        seen = visible_chat(self.turns, self.spec(), self.history_mode)
+        shown: list[str] = []
+        fitted = self._fit(seen.messages, text, shown)
+        if fitted.dropped_messages:  # the oldest turns read no longer fit: forget them (and any older)
+            dropped = (fitted.dropped_messages + 1) // 2
+            self.turns = self.turns[seen.used[dropped - 1] + 1:]
+        if seen.other_steering:
+            self.notice(f"(earlier answers were made with other steering: the model reads {seen.other_steering} of "
+                        "them too; /history same leaves them out)")
         for key in self.auto & set(self.active):
             self._calibrate(key, fitted.chat)
         comps = self.components()
         if compare and not comps:
             self.notice("nothing is steered: one answer only (use /steer first)")
             compare = False
-        if compare and self._answer(fitted.chat, [], "unsteered", labelled=True) is None:
-            return None
+        unsteered = None
+        if compare:
+            plain = self._fit(unsteered_chat(self.turns).messages, text, shown)
+            unsteered = self._answer(plain.chat, [], "unsteered", labelled=True)
+            if unsteered is None:
+                return None
         answer = self._answer(fitted.chat, comps, "steered" if comps else "unsteered", labelled=compare)
         if answer is not None:
-            self.history += [{"role": "user", "content": fitted.message}, {"role": "assistant", "content": answer}]
+            self.turns.append({"user": fitted.message, "answer": answer, "spec": self.spec(), "unsteered": unsteered})
         return answer
 
     def _calibrate(self, key: str, chat: list[dict]) -> None:
@@ -215,7 +258,7 @@ class Console:
         chosen = cal.fraction if cal.found else min(tried)
         self.active[key] = (feature, chosen, op)
         within = "" if cal.found else f"; none stayed within NLL ratio {calibrate.DEFAULT_NLL_BOUND}, so the weakest"
-        self.notice(f"auto: {key} at {chosen:.3g} x norm (tried {', '.join(f'{f:g}' for f in tried)} in "
+        self.notice(f"auto: {feature.title} at {chosen:.3g} x norm (tried {', '.join(f'{f:g}' for f in tried)} in "
                     f"{cal.seconds:.1f} s{within})")
 
     def _answer(self, chat: list[dict], comps: list, kind: str, labelled: bool = False) -> str | None:
@@ -328,7 +371,10 @@ class Console:
             return False
         if name not in COMMANDS:
             raise ValueError(f"unknown command {name}: type /help for the list")
+        before = self.spec()
         COMMANDS[name].run(self, rest.strip())
+        if self.turns and not same_steering(before, self.spec()):  # the steering changed: say what is read
+            self.notice(self.what_the_model_sees())
         return True
 
     def loop(self, read: Any = input) -> None:
@@ -416,49 +462,9 @@ class Settings:
     compare: bool = False
 
 
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
-
-
 # ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
-
-
-class UsageError(ValueError):
-    """Bad command-line arguments."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not usage + message, and no exit here
-        raise UsageError(f"{message} (see python demo.py --help)")
-
-
-def build_parser() -> Parser:
-    parser = Parser(
-        prog="demo.py",
-        description="Chat with a steered model in the terminal, or answer one prompt with --prompt.",
-        epilog="Strengths are fractions of the layer's typical residual norm (0.5 = half), as on the app's slider.",
-    )
-    parser.add_argument("--prompt", help="answer this one message, print only the answer and exit")
-    parser.add_argument(
-        "--steer", nargs=2, action="append", default=[], metavar=("NAME_OR_LAYER:INDEX", "STRENGTH"),
-        help="steer with a feature of the profile (or an SAE feature layer:index); STRENGTH is a fraction of "
-             "the layer's typical residual norm (0.5 = half); repeatable",
-    )
-    parser.add_argument("--backend", choices=BACKENDS, default="hf",
-                        help="hf: forward hooks, streams the answer (default); nnsight: prints it when done; "
-                             "vllm: the vLLM engine (requirements-vllm.txt), streams")
-    parser.add_argument("--temperature", type=float, help="0 is greedy (default: the profile's)")
-    parser.add_argument("--max-new-tokens", type=int, help="longest answer in tokens (default: the profile's)")
-    parser.add_argument("--repetition-penalty", type=float, help="1 is off (default: the profile's)")
-    parser.add_argument("--system", help="system prompt ('' for none; default: the profile's)")
-    parser.add_argument("--compare", action="store_true",
-                        help="print the unsteered answer, then the steered one, each labelled (in the chat: every answer)")
-    parser.add_argument("--profile", help="model profile in the config (default: its default profile)")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="the demo config (default: demo.yaml here)")
-    return parser
 
 
 def settings_from(args: argparse.Namespace, profile: Any) -> Settings:
@@ -498,30 +504,29 @@ def quiet_libraries() -> None:
 
 def run(argv: Sequence[str] | None = None, read: Any = input) -> int:
     """The program: parse, load, then one answer (--prompt) or the chat. Returns the exit code."""
-    args = build_parser().parse_args(argv)
-    steers = [(key, parse_fraction(value)) for key, value in args.steer]
+    args = build_parser(argv).parse_args(argv)
+    steers = [parse_steer_words(words) for words in args.steer]
     if args.prompt is not None and not args.prompt.strip():
         raise UsageError("--prompt is empty: give a message to answer")
     if args.prompt is not None and args.compare and not steers:
-        raise UsageError("--compare needs at least one --steer NAME STRENGTH to compare with")
+        raise UsageError("--compare needs at least one --steer NAME STRENGTH [add|clamp] to compare with")
     profile = load_config(args.config).profile(args.profile)
     settings = settings_from(args, profile)
     if profile.vectors_path().is_file():  # unknown names fail before the model loads
         precheck = Catalog(profile, SteeringVectorSet.load(profile.vectors_path()))
-        for key, _ in steers:
+        for key, _, _ in steers:
             precheck.check(key)
 
     interactive = args.prompt is None
     info = sys.stdout if interactive else sys.stderr
-    if interactive:
-        print(Painter(colour_enabled(info))("notice", f"loading {profile.model_id or steering.EMBEDDED_MODEL_ID}..."),
-              file=info, flush=True)
+    if interactive:  # printed already when demo.py runs as a program, before torch was imported
+        console_cli.announce(args.config, args.profile, info)
     quiet_libraries()
     model, tokenizer = steering.load_model(profile.model_id)
     catalog = Catalog.open(profile, model, tokenizer)  # a missing SAE profile file: its features extracted now
     console = Console(model, tokenizer, catalog, settings, out=sys.stdout, info=info, interactive=interactive)
-    for key, fraction in steers:
-        console.steer(key, fraction)
+    for key, fraction, op in steers:
+        console.steer(key, fraction, op)
 
     if not interactive:
         answer = console.ask(args.prompt, compare=args.compare)

@@ -44,18 +44,22 @@ def shipped():
 _ANSWERS: dict = {}
 
 
-def reference(embedded, profile, vectors, prompt, steers, max_new_tokens=TOKENS):
-    """The answer the steering module gives for `steers` [(key, fraction, mode)], greedy."""
-    key = (prompt, tuple(steers), max_new_tokens)
+def reference(embedded, profile, vectors, prompt, steers, max_new_tokens=TOKENS, history=()):
+    """The answer the steering module gives for `steers` [(key, fraction, mode)], greedy, after
+    the earlier exchanges `history` [(user, answer)]."""
+    key = (prompt, tuple(steers), max_new_tokens, tuple(history))
     if key not in _ANSWERS:
-        _ANSWERS[key] = _reference(embedded, profile, vectors, prompt, steers, max_new_tokens)
+        _ANSWERS[key] = _reference(embedded, profile, vectors, prompt, steers, max_new_tokens, history)
     return _ANSWERS[key]
 
 
-def _reference(embedded, profile, vectors, prompt, steers, max_new_tokens):
+def _reference(embedded, profile, vectors, prompt, steers, max_new_tokens, history):
     model, tok = embedded
     gen = profile.generation
-    chat = [{"role": "system", "content": gen.system_prompt}, {"role": "user", "content": prompt}]
+    chat = [{"role": "system", "content": gen.system_prompt}]
+    for user, answer in history:
+        chat += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    chat.append({"role": "user", "content": prompt})
     # op None: the feature's own op in demo.yaml, as `--steer NAME STRENGTH` uses
     comps = [vectors.component(key, fraction, op=mode or profile.feature(key).op) for key, fraction, mode in steers]
     return steering.generate_steered_answer_hf(
@@ -128,7 +132,7 @@ def test_a_session_steers_compares_saves_loads_survives_an_error_and_quits(embed
             assert feature.name in out and feature.description in out
         out = say(child, "/steer eiffel_tower 0.5 clamp")
         norm = vectors.norm(profile.feature("eiffel_tower").layer)
-        assert f"steering with eiffel_tower at 0.5 x norm ({0.5 * norm:.1f}" in out
+        assert f"steering with Eiffel Tower (eiffel_tower) at 0.5 x norm ({0.5 * norm:.1f}" in out
         assert "eiffel_tower" in say(child, "/active")
 
         say(child, "/compare")
@@ -165,7 +169,7 @@ def test_a_session_steers_compares_saves_loads_survives_an_error_and_quits(embed
         out = say(child, QUESTION)
         assert f"steered> {steered}\n" in out
 
-        assert "no longer steering with eiffel_tower" in say(child, "/unsteer eiffel_tower")
+        assert "no longer steering with Eiffel Tower (eiffel_tower)" in say(child, "/unsteer eiffel_tower")
         assert "nothing is steered" in say(child, "/active")
         child.sendline("quit")
         child.expect(pexpect.EOF)
@@ -476,7 +480,172 @@ def test_steer_auto_calibrates_each_answer_and_answers_at_that_strength(embedded
     cal = calibrate.calibrate_strength(model, tok, chat, feature.component(1.0), fractions=tried, norm=feature.norm,
                                        max_new_tokens=12, repetition_penalty=1.1)
     chosen = cal.fraction if cal.found else min(tried)
-    assert f"auto: pirate at {chosen:.3g} x norm" in out.getvalue()
+    assert f"auto: Pirate at {chosen:.3g} x norm" in out.getvalue()  # the human name
     assert answer == steering.generate_steered_answer_hf(model, tok, chat, [feature.component(chosen)], max_new_tokens=12,
                                                          repetition_penalty=1.1)
     assert "[strength|auto]" in console_commands.help_text()
+
+
+# ---------------------------------------------------------------------------
+# Issue 11: the console as a newcomer meets it
+# ---------------------------------------------------------------------------
+
+
+def test_help_lists_the_features_at_once_without_loading_torch(shipped):
+    """`--help` names every feature (key, human name, description, default strength and op), fast."""
+    from config import human_name
+
+    profile, vectors = shipped
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, DEMO, "--help"], cwd=str(ROOT), capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "NO_COLOR": "1"})
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    assert elapsed < 2, f"--help took {elapsed:.1f} s"
+    text = result.stdout
+    assert "--steer NAME STRENGTH [add|clamp]" in text
+    for feature in profile.features:
+        line = next((ln for ln in text.splitlines() if ln.split()[:1] == [feature.name]), None)
+        assert line is not None, f"{feature.name} is not listed in --help:\n{text}"
+        fraction = feature.strength / vectors.norm(feature.layer)
+        for part in (feature.label or human_name(feature.name), feature.description, f"{fraction:.3g}", feature.op):
+            assert part in line, (part, line)
+    # and nothing heavy was imported to print it
+    probe = ("import runpy, sys\nsys.argv = ['demo.py', '--help']\ntry:\n    runpy.run_path('demo.py', run_name='__main__')\n"
+             "except SystemExit:\n    pass\nprint('HEAVY', sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=str(ROOT), capture_output=True, text=True, timeout=60)
+    assert "HEAVY []" in result.stdout, result.stdout[-300:] + result.stderr[-300:]
+
+
+def test_help_of_another_profile_lists_its_features_and_a_bad_config_does_not_break_help():
+    result = subprocess.run([sys.executable, DEMO, "--profile", "llama31_8b", "--help"], cwd=str(ROOT),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "L15F21576" in result.stdout and "layer:index" in result.stdout
+    result = subprocess.run([sys.executable, DEMO, "--config", "no-such.yaml", "--help"], cwd=str(ROOT),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "usage: demo.py" in result.stdout and "no-such.yaml" in result.stdout
+
+
+def test_one_shot_steer_takes_an_op(embedded, shipped):
+    """`--steer NAME STRENGTH OP`: eiffel_tower adds by default; here it clamps."""
+    profile, vectors = shipped
+    proc = start_one_shot("--prompt", "Tell me about Paris", "--steer", "eiffel_tower", "0.5", "clamp",
+                          "--steer", "pirate", "0.2", "--temperature", "0", "--max-new-tokens", str(TOKENS))
+    clamped = reference(embedded, profile, vectors, "Tell me about Paris",
+                        [("eiffel_tower", 0.5, "clamp"), ("pirate", 0.2, None)])
+    added = reference(embedded, profile, vectors, "Tell me about Paris",
+                      [("eiffel_tower", 0.5, "add"), ("pirate", 0.2, None)])
+    assert clamped != added  # otherwise the op would not show
+    result = finish(proc)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == clamped + "\n"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--steer", "pirate", "0.3", "clmp"], "unknown op 'clmp': use add or clamp"),
+        (["--steer", "pirate", "0.3", "clamp", "extra"], "--steer takes NAME STRENGTH [add|clamp]"),
+        (["--steer", "pirate"], "--steer takes NAME STRENGTH [add|clamp]"),
+    ],
+)
+def test_a_bad_steer_op_is_one_line_and_exit_code_2(args, message):
+    result = run_one_shot("--prompt", "Hi", *args)
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def test_a_negative_strength_with_an_op_parses():
+    import console_cli
+
+    args = console_cli.build_parser([]).parse_args(["--steer", "pirate", "-0.3", "add", "--steer", "cats", "0.2"])
+    assert args.steer == [["pirate", "-0.3", "add"], ["cats", "0.2"]]
+
+
+def test_the_first_line_comes_at_once_and_settings_change_in_the_chat(embedded, shipped):
+    profile, vectors = shipped
+    started = time.monotonic()
+    child = spawn("--temperature", "0.7", wait=False)
+    try:
+        child.expect(r"\S", timeout=10)  # the first thing printed
+        first = time.monotonic() - started
+        start = child.after
+        child.expect(r"\r?\n")
+        line = clean(start + child.before)
+        assert first < 2, f"the first output came after {first:.1f} s"
+        assert "loading" in line and "first start" in line, line
+        expected = reference(embedded, profile, vectors, QUESTION, [], max_new_tokens=5)
+        child.expect_exact(PROMPT)
+        out = say(child, "/help")
+        assert "/temperature" in out and "/max-tokens" in out and "/settings" in out
+        out = say(child, "/settings")
+        assert "temperature 0.7" in out and f"max tokens {profile.generation.max_new_tokens}" in out
+        assert "temperature: 0 (greedy)" in say(child, "/temperature 0")
+        assert "max tokens: 5" in say(child, "/max-tokens 5")
+        for bad, message in (("/temperature -1", "error: temperature must be a number >= 0"),
+                             ("/temperature hot", "error: temperature must be a number >= 0"),
+                             ("/max-tokens many", "error: max tokens must be a whole number >= 1"),
+                             ("/max-tokens 0", "error: max tokens must be a whole number >= 1")):
+            lines = say(child, bad).strip().splitlines()
+            assert lines[-1].startswith(message), (bad, lines)
+        out = say(child, "/settings")
+        assert "temperature 0," in out and "max tokens 5," in out
+        assert f"unsteered> {expected}\n" in say(child, QUESTION)
+        child.sendline("quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    assert "Traceback" not in child.logfile_read.getvalue()
+
+
+def test_each_turn_keeps_its_steering_and_compare_unsteered_never_sees_steered_turns(embedded, shipped, tmp_path):
+    """Issue 11, point 4: steer, chat, then /compare: the unsteered side reads only unsteered turns."""
+    import config
+
+    profile, vectors = shipped
+    q1, q2, q3, q4 = "Tell me about your weekend.", "What should I eat tonight?", "And tomorrow?", "Thanks!"
+    pirate = [("pirate", 0.3, None)]
+    chat_file = tmp_path / "chat.json"
+    child = spawn("--temperature", "0", "--max-new-tokens", str(TOKENS), wait=False)
+    try:
+        a1 = reference(embedded, profile, vectors, q1, pirate)
+        u2 = reference(embedded, profile, vectors, q2, [])  # the unsteered side: no steered turn before it
+        s2 = reference(embedded, profile, vectors, q2, pirate, history=[(q1, a1)])
+        # what the old console gave: the unsteered answer after the steered exchange
+        assert reference(embedded, profile, vectors, q2, [], history=[(q1, a1)]) != u2
+        a3 = reference(embedded, profile, vectors, q3, [], history=[(q2, u2)])
+        # /history all: every turn, a compare turn with its unsteered answer since nothing is steered now
+        a4 = reference(embedded, profile, vectors, q4, [], history=[(q1, a1), (q2, u2), (q3, a3)])
+        child.expect_exact(PROMPT)
+        out = say(child, "/steer pirate 0.3")
+        assert "steering with Pirate (pirate) at 0.3 x norm" in out
+        assert f"steered> {a1}\n" in say(child, q1)
+        out = say(child, f"/compare {q2}")
+        assert f"unsteered> {u2}\nsteered> {s2}\n" in out
+
+        out = say(child, "/clear")  # the steering changes: say what the model will read
+        assert "the next answer sees 1 of the 2 earlier turns" in out
+        assert f"unsteered> {a3}\n" in say(child, q3)
+        out = say(child, "/history all")
+        assert "the next answer sees all 3 earlier turns, 1 of them answered with other steering" in out
+        out = say(child, q4)
+        assert "earlier answers were made with other steering" in out and f"unsteered> {a4}\n" in out
+
+        out = say(child, f"/save-chat {chat_file}")
+        assert "saved the chat (4 turns, each with its steering)" in out
+        child.sendline("quit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0
+    saved = json.loads(chat_file.read_text())
+    assert saved["format"] == "llm-steering/chat"
+    with_pirate = config.SteeringSpec(steering.EMBEDDED_MODEL_ID, (config.ActiveFeature("pirate", 0.3, "clamp"),))
+    unsteered = config.SteeringSpec(steering.EMBEDDED_MODEL_ID, ())
+    assert [(t["user"], t["answer"], t["steering"], t.get("unsteered")) for t in saved["turns"]] == [
+        (q1, a1, with_pirate.to_dict(), None), (q2, s2, with_pirate.to_dict(), u2),
+        (q3, a3, unsteered.to_dict(), None), (q4, a4, unsteered.to_dict(), None),
+    ]
+    assert config.SteeringSpec.from_dict(saved["turns"][0]["steering"]) == with_pirate
