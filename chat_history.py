@@ -9,7 +9,9 @@ A turn is one finished exchange:
     {"user": str, "answer": str, "spec": SteeringSpec | dict, "unsteered": str | None}
 
 `spec` is the steering `answer` was made with (no features: unsteered); `unsteered` is the
-unsteered answer a compare turn made too (None otherwise).
+unsteered answer a compare turn made too (None otherwise). The web app's turn dicts work as
+they are: their steering may sit under "steering" instead of "spec", and a turn with
+"done": False (still streaming) is neither read nor counted.
 
 What the model reads before a new message, with `spec` the steering in force now:
 
@@ -72,6 +74,11 @@ def spec_dict(spec: Any) -> dict:
     raise ValueError(f"a turn's spec must be a SteeringSpec or its dict, got {type(spec).__name__}")
 
 
+def turn_spec(turn: Mapping) -> Any:
+    """The steering a turn's answer was made with: its "spec" (or the app's "steering")."""
+    return turn["spec"] if "spec" in turn else turn.get("steering")
+
+
 def steering_key(spec: Any) -> tuple:
     """What makes two steerings the same (see the module docstring); hashable."""
     data = spec_dict(spec)
@@ -97,10 +104,12 @@ def visible_chat(turns: Sequence[Mapping], spec: Any, mode: str = "same") -> See
     used: list[int] = []
     left_out = other = 0
     for i, turn in enumerate(turns):
+        if not turn.get("done", True):
+            continue
         user, answer, alternative = turn.get("user"), turn.get("answer"), turn.get("unsteered")
         if not isinstance(user, str) or not isinstance(answer, str):
             raise ValueError(f"turn {i} needs 'user' and 'answer' texts")
-        if same_steering(turn.get("spec"), spec):
+        if same_steering(turn_spec(turn), spec):
             text = answer
         elif unsteered_now and isinstance(alternative, str):
             text = alternative
@@ -124,7 +133,7 @@ def chat_export(turns: Sequence[Mapping], model_id: str, system: str = "", mode:
     format), and `unsteered` for compare turns."""
     out = []
     for turn in turns:
-        item = {"user": turn["user"], "answer": turn["answer"], "steering": spec_dict(turn.get("spec"))}
+        item = {"user": turn["user"], "answer": turn["answer"], "steering": spec_dict(turn_spec(turn))}
         if isinstance(turn.get("unsteered"), str):
             item["unsteered"] = turn["unsteered"]
         out.append(item)

@@ -87,3 +87,14 @@ def test_the_export_keeps_each_turns_steering_in_the_spec_format():
     assert SteeringSpec.from_dict(data["turns"][3]["steering"]) == PIRATE_AND_CATS
     assert [t.get("unsteered") for t in data["turns"]] == [None, "plain2", None, None]
     assert [(t["user"], t["answer"]) for t in data["turns"]] == [(t["user"], t["answer"]) for t in TURNS]
+
+
+def test_the_apps_turns_work_as_they_are():
+    """The web app keeps a turn's steering under "steering" (a dict) and marks one still streaming."""
+    turns = [{"user": "q1", "answer": "arr1", "steering": PIRATE.to_dict()},
+             {"user": "q2", "answer": "plain2", "steering": NONE.to_dict(), "done": True},
+             {"user": "q3", "answer": "arr", "steering": PIRATE.to_dict(), "done": False}]
+    seen = visible_chat(turns, PIRATE)
+    assert texts(seen) == [("q1", "arr1")] and seen.left_out == 1
+    assert texts(unsteered_chat(turns)) == [("q2", "plain2")]
+    assert chat_export(turns[:2], MODEL)["turns"][0]["steering"] == PIRATE.to_dict()
