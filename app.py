@@ -45,6 +45,7 @@ from effects import EMPTY as NO_EFFECTS
 from effects import effect_html, hit_length_limit
 from models import short_repr
 from vectors import atomic_write
+import chat_history
 from stop_flags import StopFlags
 from steering import SteeringComponent, SteeringTrace
 import torch
@@ -312,14 +313,16 @@ def respond(app: App, message: str, turns: list | None, system_prompt: str, temp
     with user_errors():
         spec = spec_from_controls(app, steer_prompt, controls)
         components = app.catalog.components(spec)
-        seen, left_out = model_turns(turns, spec, HISTORY_MODES.get(history_mode, "same"))
+        seen = chat_history.visible_chat(turns, spec, HISTORY_MODES.get(history_mode, "same"))
+        left_out = seen.left_out
         if left_out:
             gr.Info(f"The model does not see {left_out} earlier {'answer' if left_out == 1 else 'answers'} made with "
                     "other steering (Advanced > Earlier turns).")
-        chat, _ = model_chat(app, system_prompt or "", seen, message.strip())
+        chat, _ = model_chat(app, system_prompt or "", seen.messages, message.strip())
         unsteered_chat = None
         if compare:
-            unsteered_chat, _ = model_chat(app, system_prompt or "", unsteered_turns(turns), message.strip())
+            unsteered_chat, _ = model_chat(app, system_prompt or "", chat_history.unsteered_chat(turns).messages,
+                                           message.strip())
         key = auto_key(app, controls)
         if key is not None:
             spec, components = auto_steering(app, chat, spec, components, key, float(repetition_penalty), int(max_new_tokens))
@@ -349,36 +352,6 @@ def respond(app: App, message: str, turns: list | None, system_prompt: str, temp
         if not turn["done"]:  # the stream ended without its last yield (closed): keep what was written
             turn.update(done=True, stopped=True)
             yield gr.skip(), turns, *draw(app, turns), gr.skip()
-
-
-def _same_steering(a: dict | None, b: dict | None) -> bool:
-    def key(d: dict | None) -> tuple:
-        d = d or {}
-        feats = sorted((f.get("key"), f.get("fraction"), f.get("op")) for f in d.get("features") or [])
-        return (bool(d.get("steer_prompt", True)) if feats else True, feats)
-    return key(a) == key(b)
-
-
-def model_turns(turns: list[dict], spec: SteeringSpec, mode: str) -> tuple[list[dict], int]:
-    """The earlier turns the model reads as messages, and how many were left out: mode "same"
-    keeps only turns answered with `spec`'s steering, "all" keeps every turn."""
-    now = spec.to_dict()
-    kept = [t for t in turns if t.get("done", True) and (mode == "all" or _same_steering(t.get("steering"), now))]
-    messages = [m for t in kept for m in ({"role": "user", "content": t["user"]}, {"role": "assistant", "content": t["answer"]})]
-    return messages, len([t for t in turns if t.get("done", True)]) - len(kept)
-
-
-def unsteered_turns(turns: list[dict]) -> list[dict]:
-    """The earlier turns compare's unsteered side reads: its own answers, and answers made with no
-    steering; never a steered answer."""
-    messages = []
-    for t in turns:
-        answer = t.get("unsteered")
-        if answer is None and not (t.get("steering") or {}).get("features"):
-            answer = t.get("answer")
-        if answer is not None and t.get("done", True):
-            messages += [{"role": "user", "content": t["user"]}, {"role": "assistant", "content": answer}]
-    return messages
 
 
 def draw(app: App, turns: list[dict], pending: str | None = None) -> tuple[list[dict], list[dict]]:
@@ -592,7 +565,7 @@ def chat_api(app: App, message: str, history: list[dict] | None = None, steering
             gen.repetition_penalty if repetition_penalty is None else float(repetition_penalty), max_new_tokens,
         )
         with contextlib.closing(stream):
-            for steered, _, _, _ in stream:
+            for steered, *_ in stream:
                 yield steered
 
 

@@ -17,6 +17,7 @@ import pytest
 from browser import app_page, bot_texts, running_app, wait_for
 from conftest import write_small_saelens_sae
 
+import chat_history
 import steering
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,7 +97,7 @@ def test_browser_preset_streaming_compare_stop(server, tmp_path):
         with page.expect_file_chooser() as chooser:
             page.locator("#import").click()
         chooser.value.set_files(str(tmp_path / "broken.json"))
-        page.get_by_text("Could not import that file").first.wait_for(timeout=15_000)
+        page.get_by_text("Could not import broken.json").first.wait_for(timeout=15_000)
         assert "Traceback" not in page.content()
         assert page.get_by_role("checkbox", name="Pirate", exact=True).is_checked()  # unchanged
 
@@ -201,13 +202,14 @@ def test_turns_the_model_and_the_unsteered_side_see(app_module):
     turns = [{"user": "a", "answer": "A-pirate", "steering": pirate.to_dict(), "unsteered": None},
              {"user": "b", "answer": "B-plain", "steering": none.to_dict(), "unsteered": None},
              {"user": "c", "answer": "C-pirate", "steering": pirate.to_dict(), "unsteered": "C-plain"}]
-    seen, left_out = app.model_turns(turns, none, "same")
-    assert [m["content"] for m in seen] == ["b", "B-plain"] and left_out == 2
-    seen, left_out = app.model_turns(turns, pirate, "same")
-    assert [m["content"] for m in seen] == ["a", "A-pirate", "c", "C-pirate"] and left_out == 1
-    seen, left_out = app.model_turns(turns, none, "all")
-    assert len(seen) == 6 and left_out == 0
-    assert [m["content"] for m in app.unsteered_turns(turns)] == ["b", "B-plain", "c", "C-plain"]
+    seen = chat_history.visible_chat(turns, none, "same")  # unsteered now: compare's unsteered answers count
+    assert [m["content"] for m in seen.messages] == ["b", "B-plain", "c", "C-plain"] and seen.left_out == 1
+    seen = chat_history.visible_chat(turns, pirate, "same")
+    assert [m["content"] for m in seen.messages] == ["a", "A-pirate", "c", "C-pirate"] and seen.left_out == 1
+    seen = chat_history.visible_chat(turns, none, "all")
+    assert len(seen.messages) == 6 and seen.left_out == 0
+    unsteered = chat_history.unsteered_chat(turns).messages
+    assert [m["content"] for m in unsteered] == ["b", "B-plain", "c", "C-plain"]
     shown = app.turn_messages(loaded.catalog, turns)
     assert shown[1]["content"].startswith("A-pirate") and "Pirate · clamp 0.20" in shown[1]["content"]
     assert "no steering" in shown[3]["content"]
