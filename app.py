@@ -712,7 +712,8 @@ def build_demo(app: App) -> gr.Blocks:
         preset.change(bind(apply_preset, app), preset, [*controls, steer_prompt], queue=False, **hidden)
         for control in [*controls, steer_prompt]:
             control.input(lambda: None, None, preset, queue=False, **hidden)  # a manual change leaves the preset
-            control.change(bind(describe, app), [steer_prompt, *controls], [summary, spec_view], **hidden)
+            control.change(bind(describe, app), [steer_prompt, *controls], [summary, spec_view], queue=False,
+                           trigger_mode="always_last", **hidden)  # an import changes ~45 controls at once
         for box, row in zip([*enabled_boxes], details, strict=True):
             box.change(lambda on: gr.update(visible=on), box, row, queue=False, **hidden)
         for i, slider in enumerate(fraction_sliders):
