@@ -21,6 +21,18 @@
     #   +keepnorm (the op's norm-preserving form: add_keepnorm, clamp_keepnorm); --per-concept FILE takes each
     #   concept's variant and base fraction from a JSON {concept: {"variant": v, "fraction": f0}} and
     #   --fractions become multiples of f0 (benchmarks/base_settings.json: the first default set)
+    # norm-preserving ops and answer-only steering on all ten concepts (the README's "What was tried"):
+    nice -n 10 .venv/bin/python benchmarks/eval_quality.py run --set tuning --per-concept benchmarks/base_settings.json \
+        --flags answer --fractions 1.0 1.3 1.6 --out benchmarks/results/answer_only_tuning.jsonl
+    for f in "0.85 1.1 1.3" 0.6; do nice -n 10 .venv/bin/python benchmarks/eval_quality.py run --set tuning \
+        --per-concept benchmarks/base_settings.json --flags keepnorm --fractions $f --out benchmarks/results/keepnorm_tuning.jsonl; done
+    # auto for real on the held-out prompts (as the app: candidates from the shipped defaults), and its cost:
+    nice -n 5 .venv/bin/python benchmarks/eval_quality.py auto --set heldout --settings benchmarks/results/picks.json \
+        --time-every 8 --out benchmarks/results/auto_heldout.jsonl
+    .venv/bin/python benchmarks/eval_quality.py auto-report benchmarks/results/auto_heldout.jsonl
+    # the shipped settings' strength curves on the tuning set (benchmarks/results/strength_curves.json):
+    .venv/bin/python benchmarks/eval_quality.py curves-json benchmarks/results/grid_tuning_every3.jsonl \
+        benchmarks/results/grid_tuning_rest.jsonl benchmarks/results/grid2_tuning.jsonl --settings benchmarks/results/picks.json
     # check once that batched answers are the library's single answers; time calibration against one answer:
     nice -n 10 .venv/bin/python benchmarks/eval_quality.py check
     nice -n 10 .venv/bin/python benchmarks/eval_quality.py cost --concept pirate --op clamp --fractions 0.12 0.17 0.22
@@ -445,8 +457,10 @@ def cmd_auto(args) -> None:
     """"Auto" for real, as the app does it: per prompt and concept, calibrate.calibrate_strength over
     calibrate.candidate_fractions(the default fraction) (one batched generation of 4 rows and one
     scoring pass), then the answer at the chosen strength (the weakest candidate when none stayed
-    within the bound) with steering.generate_steered_answer_hf; on every --time-every-th prompt also
-    one answer at the default strength, timed side by side in the same process."""
+    within the bound). On every --time-every-th prompt, side by side in the same process: one answer at
+    the default strength, the calibration, and the answer at the chosen strength generated again with
+    steering.generate_steered_answer_hf (as the app streams it; it must equal the calibration's row for
+    that strength, which is what is scored: greedy). Pairs already in --out are skipped (resume)."""
     model, tok = steering.load_model()
     vset = steering.load_vectors(args.vectors)
     prompts = load_prompts(args.set)
@@ -456,17 +470,21 @@ def cmd_auto(args) -> None:
     concepts = args.concepts or list(settings)
     steering.generate_steered_answer_hf(model, tok, chat(prompts[0]), [], max_new_tokens=4)  # warm-up
     gen = {"max_new_tokens": MAX_NEW_TOKENS, "temperature": 0.0, "repetition_penalty": REPETITION_PENALTY}
+    done = {(r["prompt"], r["concept"]) for r in map(json.loads, open(args.out))} if Path(args.out).exists() else set()
     out = open(args.out, "a")
     t0 = time.time()
     for n, p in enumerate(prompts):
         for c in concepts:
+            if (p, c) in done:
+                continue
             variant, f0 = settings[c]["variant"], settings[c]["fraction"]
             op, *flags = variant.split("+")
             op += "_keepnorm" if "keepnorm" in flags else ""
             steer_prompt = "answer" not in flags
             layer = vset.get(c).layer
             rec = {"set": args.set, "concept": c, "variant": variant, "default_fraction": f0, "prompt": p}
-            if n % args.time_every == 0:
+            timed = n % args.time_every == 0
+            if timed:
                 t = time.perf_counter()
                 steering.generate_steered_answer_hf(model, tok, chat(p), [vset.component(c, f0, op=op)],
                                                     steer_prompt=steer_prompt, **gen)
@@ -476,14 +494,14 @@ def cmd_auto(args) -> None:
                                                norm=vset.norm(layer), max_new_tokens=MAX_NEW_TOKENS,
                                                repetition_penalty=REPETITION_PENALTY, steer_prompt=steer_prompt)
             fraction = cal.fraction if cal.found else min(tried)
-            t = time.perf_counter()
-            text = steering.generate_steered_answer_hf(model, tok, chat(p), [vset.component(c, fraction, op=op)],
-                                                       steer_prompt=steer_prompt, **gen)
-            answer_s = time.perf_counter() - t
             row = next(r for r in cal.table if r.fraction == fraction)
-            rec |= {"tried": tried, "found": cal.found, "fraction": fraction, "calibration_s": cal.seconds,
-                    "answer_s": answer_s, "text": text, "same_as_calibration_row": text.strip() == row.answer.strip(),
-                    "nll": row.nll, "base_nll": cal.table[0].nll, "base_text": cal.table[0].answer,
+            rec |= {"tried": tried, "found": cal.found, "fraction": fraction, "calibration_s": cal.seconds, "text": row.answer}
+            if timed:
+                t = time.perf_counter()
+                text = steering.generate_steered_answer_hf(model, tok, chat(p), [vset.component(c, fraction, op=op)],
+                                                           steer_prompt=steer_prompt, **gen)
+                rec |= {"answer_s": time.perf_counter() - t, "same_as_calibration_row": text.strip() == row.answer.strip()}
+            rec |= {"nll": row.nll, "base_nll": cal.table[0].nll, "base_text": cal.table[0].answer,
                     "table": [[r.fraction, r.nll_ratio, r.rep3] for r in cal.table]}
             out.write(json.dumps(rec) + "\n")
             out.flush()
@@ -512,7 +530,7 @@ def cmd_auto_report(args) -> None:
               f"{sum(r['fraction'] for r in rs) / len(rs):.3f} | {'yes' if ok else 'no'} |")
     for st, k in n_pass.items():
         print(f"{st}: {k} of {len({c for s, c in by if s == st})} pass with auto")
-    timed = [r for r in rows if "one_answer_s" in r]
+    timed = [r for r in rows if "one_answer_s" in r and "answer_s" in r]
     if timed:
         one = sum(r["one_answer_s"] for r in timed)
         cal = sum(r["calibration_s"] for r in timed)
@@ -520,8 +538,9 @@ def cmd_auto_report(args) -> None:
         print(f"time over {len(timed)} timed pairs: one answer {one / len(timed):.1f} s; auto = calibration {cal / len(timed):.1f} s "
               f"+ answer at the chosen strength {ans / len(timed):.1f} s = {(cal + ans) / one:.1f}x one answer "
               f"(calibration alone {cal / one:.1f}x)")
-    same = sum(r["same_as_calibration_row"] for r in rows)
-    print(f"{same}/{len(rows)} answers at the chosen strength equal the calibration's row for it (its NLL is the one scored)")
+    again = [r for r in rows if "same_as_calibration_row" in r]
+    print(f"{sum(r['same_as_calibration_row'] for r in again)}/{len(again)} answers generated again at the chosen strength "
+          "equal the calibration's row for it (the row's answer and NLL are the ones scored)")
 
 
 def cmd_curves_json(args) -> None:
