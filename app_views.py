@@ -95,13 +95,13 @@ def strength_label(feature: Feature, fraction: float, op: str | None = None,
         return "away from it"
     curves = strength_curves() if curves is None else curves
     points = curves.get(feature.key) if op == feature.default_op else None
-    if points:
+    ratio = fraction / feature.default_fraction if feature.default_fraction > 0 else fraction / 0.5
+    if points and fraction <= points[-1]["fraction"] * 1.1:  # within what was measured
         nll, rep3 = _interpolate(points, fraction, "nll_ratio"), _interpolate(points, fraction, "rep3")
         mentions = _interpolate(points, fraction, "mention_rate") or 0.0
         if (nll is not None and nll > BREAKS_NLL) or (rep3 is not None and rep3 >= BREAKS_REP3):
             return "breaks the text"
         return "subtle" if mentions < 0.3 else "clear" if mentions < 0.6 else "strong"
-    ratio = fraction / feature.default_fraction if feature.default_fraction > 0 else fraction / 0.5
     return "subtle" if ratio < 0.6 else "clear" if ratio < 1.3 else "strong" if ratio < 2.0 else "breaks the text"
 
 

@@ -390,3 +390,17 @@ def test_auto_picks_the_strength_then_answers_at_it(app_module, capsys):
     assert turn["answer"] == expected and turn["auto"] == "pirate"
     assert turn["steering"]["features"] == [{"key": "pirate", "fraction": round(chosen, 4), "op": feature.default_op}]
     assert f"Auto: Pirate at {chosen:.2f}" in shown
+
+
+def test_strength_words_follow_the_measured_curve_and_else_the_default(app_module):
+    from app_views import strength_label
+
+    pirate = next(f for f in app_module.LOADED.features if f.key == "pirate")
+    curve = {"pirate": [{"fraction": 0.1, "mention_rate": 0.1, "nll_ratio": 1.2, "rep3": 0.0},
+                        {"fraction": 0.2, "mention_rate": 0.5, "nll_ratio": 1.8, "rep3": 0.0},
+                        {"fraction": 0.3, "mention_rate": 0.9, "nll_ratio": 3.0, "rep3": 0.1}]}
+    assert [strength_label(pirate, f, "clamp", curve) for f in (0.0, -0.2, 0.1, 0.2, 0.24, 0.3)] == [
+        "off", "away from it", "subtle", "clear", "strong", "breaks the text"]
+    # beyond the measured fractions, or another op: from the fraction relative to the default (0.2)
+    assert strength_label(pirate, 0.8, "clamp", curve) == "breaks the text"
+    assert [strength_label(pirate, f, "add", curve) for f in (0.1, 0.2, 0.3)] == ["subtle", "clear", "strong"]
