@@ -25,7 +25,7 @@ from models import is_finite_number, short_repr
 from vectors import FILE_VERSION, atomic_write, check_name, parse_layer_index
 
 SPEC_FORMAT = "llm-steering/spec"
-FEATURE_OPS = ("add", "clamp")  # the ops a feature is switched on with (cap and ablate are library-only)
+FEATURE_OPS = ("add", "clamp")  # the ops a feature is switched on with (cap, ablate and the _keepnorm ops are library-only)
 SAE_FORMATS = ("andyrdt", "llamascope", "saelens", "sparsify", "goodfire")
 MAX_YAML_BYTES = 1_000_000  # demo.yaml and concept files are tens of kB
 MAX_SPEC_BYTES = 64_000  # a steering spec is a few hundred bytes
