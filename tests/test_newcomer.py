@@ -170,6 +170,10 @@ def test_2_a_long_message_is_shown_as_typed_keeps_its_question_and_shows_progres
 
     note = wait_for(progress, 30, "a progress note while the prompt is read")
     assert re.search(r"Reading your message \([\d,]+ tokens\)", note[0]), note
+    # The notice of what the model did not read: seen while the prompt is read or the answer written.
+    wait_for(lambda: toasts.extend(toast_texts(page)) or any("left out" in t for t in toasts)
+             or page.locator("#chat-steered [data-testid='bot'] .steer-tag").count() >= 1, 90, "the notice or the answer")
+    toasts.extend(toast_texts(page))
     assert any("left out" in t for t in toasts), toasts
     answers_done(page, 1)
     shown = page.locator("#chat-steered [data-testid='user']").all_inner_texts()[-1]
