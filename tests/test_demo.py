@@ -92,6 +92,18 @@ def say(child: pexpect.spawn, line: str) -> str:
     return clean(child.before)
 
 
+def quit_cleanly(child: pexpect.spawn) -> None:
+    """Type quit and wait for the program to end."""
+    child.sendline("quit")
+    child.expect(pexpect.EOF)
+
+
+def assert_clean_exit(child: pexpect.spawn) -> None:
+    """The program ended with status 0 and printed no traceback."""
+    assert child.exitstatus == 0
+    assert "Traceback" not in child.logfile_read.getvalue()
+
+
 def start_one_shot(*args: str) -> subprocess.Popen:
     """Start `demo.py ARGS` with stdout and stderr captured (not a terminal)."""
     env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
@@ -171,12 +183,10 @@ def test_a_session_steers_compares_saves_loads_survives_an_error_and_quits(embed
 
         assert "no longer steering with Eiffel Tower (eiffel_tower)" in say(child, "/unsteer eiffel_tower")
         assert "nothing is steered" in say(child, "/active")
-        child.sendline("quit")
-        child.expect(pexpect.EOF)
+        quit_cleanly(child)
     finally:
         child.close(force=True)
-    assert child.exitstatus == 0
-    assert "Traceback" not in child.logfile_read.getvalue()
+    assert_clean_exit(child)
 
 
 def test_ctrl_c_stops_the_answer_and_the_chat_goes_on(shipped):
@@ -592,12 +602,10 @@ def test_the_first_line_comes_at_once_and_settings_change_in_the_chat(embedded, 
         out = say(child, "/settings")
         assert "temperature 0," in out and "max tokens 5," in out
         assert f"unsteered> {expected}\n" in say(child, QUESTION)
-        child.sendline("quit")
-        child.expect(pexpect.EOF)
+        quit_cleanly(child)
     finally:
         child.close(force=True)
-    assert child.exitstatus == 0
-    assert "Traceback" not in child.logfile_read.getvalue()
+    assert_clean_exit(child)
 
 
 def test_each_turn_keeps_its_steering_and_compare_unsteered_never_sees_steered_turns(embedded, shipped, tmp_path):
@@ -635,8 +643,7 @@ def test_each_turn_keeps_its_steering_and_compare_unsteered_never_sees_steered_t
 
         out = say(child, f"/save-chat {chat_file}")
         assert "saved the chat (4 turns, each with its steering)" in out
-        child.sendline("quit")
-        child.expect(pexpect.EOF)
+        quit_cleanly(child)
     finally:
         child.close(force=True)
     assert child.exitstatus == 0
