@@ -15,17 +15,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-# isort: off
-import steering  # noqa: E402  (before torch: it sets PyTorch's OpenMP wait policy)
-import torch  # noqa: E402
-# isort: on
-import effects  # noqa: E402
-from vectors import SteeringVectorSet  # noqa: E402
+from llm_steering import effects, steering
+from llm_steering.vectors import SteeringVectorSet
+
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 TEXT = ("Bridges have shaped the towns of Europe for two thousand years, from Roman stone arches to the long "
@@ -54,7 +50,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steer-prompt", action="store_true", help="steer the prompt positions too")
     args = parser.parse_args()
-    import app_views  # noqa: F401  (effect_html imports it, and gradio with it; the app has it loaded already)
+    from llm_steering.web import views as app_views  # noqa: F401  (effect_html imports it, and gradio with it; the app has it loaded already)
 
     model, tok = steering.load_model(args.model)
     comp = SteeringVectorSet.load(ROOT / "steering_vectors.pt").component("cats", 0.35, op="add")

@@ -14,15 +14,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-# isort: off
-import steering  # noqa: E402  (before torch: it sets PyTorch's OpenMP wait policy)
-import torch  # noqa: E402
-# isort: on
+from llm_steering import steering
+
+import torch
 
 CHAT = [{"role": "user", "content": "Write a long, detailed essay about the history of bridges in Europe."}]
 

@@ -15,19 +15,14 @@ re-tokenizing each answer's text (the same count for both backends; no trace is 
 from __future__ import annotations
 
 import argparse
-import sys
 import threading
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from llm_steering import steering
+from llm_steering import vllm_backend as steering_vllm
+from llm_steering.steering import SteeringComponent
 
-# isort: off
-import steering  # noqa: E402  (before torch: OpenMP wait policy)
-import steering_vllm  # noqa: E402
-import torch  # noqa: E402
-from steering import SteeringComponent  # noqa: E402
-# isort: on
+import torch
 
 PROMPTS = ["Tell me about your weekend.", "How do I boil an egg?", "Explain how a bank loan works.",
            "Give me three tips for keeping a tidy desk.", "What should I check before buying a used bicycle?",

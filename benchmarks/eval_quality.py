@@ -30,7 +30,7 @@
     nice -n 5 .venv/bin/python benchmarks/eval_quality.py auto --set heldout --settings benchmarks/results/picks.json \
         --time-every 8 --out benchmarks/results/auto_heldout.jsonl
     .venv/bin/python benchmarks/eval_quality.py auto-report benchmarks/results/auto_heldout.jsonl
-    # the shipped settings' strength curves on the tuning set (benchmarks/results/strength_curves.json):
+    # the shipped settings' strength curves on the tuning set (llm_steering/data/strength_curves.json):
     .venv/bin/python benchmarks/eval_quality.py curves-json benchmarks/results/grid_tuning_every3.jsonl \
         benchmarks/results/grid_tuning_rest.jsonl benchmarks/results/grid2_tuning.jsonl --settings benchmarks/results/picks.json
     # check once that batched answers are the library's single answers; time calibration against one answer:
@@ -61,17 +61,14 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from llm_steering import calibrate, steering
+from llm_steering import extract as esv
+from llm_steering.steering import SteeringComponent
+
 import torch
+from sweep_vectors import KEYWORDS, mentions
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from sweep_vectors import KEYWORDS, mentions  # noqa: E402
-
-import calibrate  # noqa: E402
-import extract_steering_vectors as esv  # noqa: E402
-import steering  # noqa: E402
-from steering import SteeringComponent  # noqa: E402
 
 SYSTEM = "You are a helpful assistant."
 MAX_NEW_TOKENS = 48
@@ -544,7 +541,7 @@ def cmd_auto_report(args) -> None:
 
 
 def cmd_curves_json(args) -> None:
-    """benchmarks/results/strength_curves.json: per concept, at its shipped variant (op, steer_prompt),
+    """llm_steering/data/strength_curves.json: per concept, at its shipped variant (op, steer_prompt),
     the tuning set's mention rate, NLL ratio and rep3 at every fraction measured, sorted by fraction."""
     rows = load_rows(args.files)
     tun_base = [r for r in rows if r["concept"] is None and r["set"] == "tuning"]
@@ -615,7 +612,7 @@ def main() -> None:
     cj = sub.add_parser("curves-json", help="strength curves of the shipped settings on the tuning set, as JSON")
     cj.add_argument("files", nargs="+")
     cj.add_argument("--settings", required=True, help="JSON {concept: {variant, fraction}}: the shipped settings")
-    cj.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "strength_curves.json"))
+    cj.add_argument("--out", default=str(ROOT / "llm_steering" / "data" / "strength_curves.json"))
     cj.add_argument("--command", default=" ".join(["python", *sys.argv]), help="the command recorded in the file")
     args = parser.parse_args()
     {"run": cmd_run, "report": cmd_report, "check": cmd_check, "cost": cmd_cost, "auto": cmd_auto,

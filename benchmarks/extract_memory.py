@@ -32,8 +32,7 @@ print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])
 
 CHILD_EXTRACT = """
 import sys
-sys.path.insert(0, {root!r})
-import saes
+from llm_steering import saes
 vecs = saes.extract_sae_features({source!r}, {features!r})
 import torch
 ref = torch.load({ref!r}, weights_only=True)
@@ -46,8 +45,8 @@ print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])
 
 CHILD_FIND = """
 import sys, time
-sys.path.insert(0, {root!r})
-import torch, saes, sae_find
+import torch
+from llm_steering import saes, sae_find
 src = saes.SAESource.open({source!r})
 enc = sae_find.load_encoder(src, saes.locate_sae(src, {layer}))
 hidden = torch.randn(64, {d_model}, generator=torch.Generator().manual_seed(1))

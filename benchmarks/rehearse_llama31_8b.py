@@ -83,8 +83,7 @@ SPECIAL = {128000: "<|begin_of_text|>", 128001: "<|end_of_text|>", 128004: "<|fi
 
 
 def default_root() -> Path:
-    sys.path.insert(0, str(ROOT))
-    from models import cache_dir
+    from llm_steering.models import cache_dir
 
     return cache_dir() / "rehearsal"
 

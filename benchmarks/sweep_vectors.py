@@ -31,12 +31,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from llm_steering import extract as esv
+from llm_steering import steering
+
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import extract_steering_vectors as esv  # noqa: E402
-import steering  # noqa: E402
 
 SYSTEM = "You are a helpful assistant."
 TUNING_PROMPTS = [

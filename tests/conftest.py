@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+from llm_steering import steering
+
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-# isort: off
-import steering  # noqa: E402  (before torch: it sets PyTorch's OpenMP wait policy)
-import torch  # noqa: E402
-# isort: on
 
 
 def build_tiny_llama(num_layers: int = 4, hidden: int = 32, seed: int = 0):
@@ -75,7 +71,7 @@ def write_small_saelens_sae(root, layer: int, d_model: int, d_sae: int, seed: in
 
 def comps_for(case: str) -> list:
     """The steering cases both backends' equality tests run on the embedded model (hidden size 576)."""
-    from steering import SteeringComponent
+    from llm_steering.steering import SteeringComponent
 
     v, w = unit(576, 100), unit(576, 101)
     return {

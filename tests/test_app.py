@@ -13,12 +13,11 @@ import urllib.request
 import warnings
 from pathlib import Path
 
+from llm_steering import chat_history, steering
+
 import pytest
 from browser import app_page, bot_texts, running_app, wait_for
 from conftest import write_small_saelens_sae
-
-import chat_history
-import steering
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -168,7 +167,7 @@ def test_gradio_client_chat_endpoint(server, embedded):
 @pytest.fixture(scope="module")
 def app_module():
     """app.py imported in this process, with its App loaded (the embedded model and the catalog)."""
-    import app
+    from llm_steering.web import app
 
     app.LOADED = app.LOADED or app.load_app()
     return app
@@ -235,9 +234,9 @@ def test_gradio6_message_content_and_steering_parsing(app_module):
 
 def test_sae_profile_without_vector_file_extracts_features_at_start_up(app_module, tmp_path):
     """The Space's path: a profile with an SAE source and no vector file gets its features and norms at start-up."""
-    import torch
+    from llm_steering.catalog import Catalog
 
-    from catalog import Catalog
+    import torch
 
     model, tok = app_module.LOADED.model, app_module.LOADED.tokenizer
     d_model = steering.hidden_size(model)
@@ -336,7 +335,7 @@ def test_hostile_requests_get_short_errors_fast_and_the_app_keeps_serving(server
 
 def test_browser_find_features_from_text_and_steer_one(tmp_path, embedded):
     """A profile with an SAE: the app lists the features a plain encoder ranks highest; a click steers one."""
-    import sae_find
+    from llm_steering import sae_find
 
     model, tok = embedded
     d = steering.hidden_size(model)
@@ -367,7 +366,7 @@ def test_browser_find_features_from_text_and_steer_one(tmp_path, embedded):
 
 def test_auto_picks_the_strength_then_answers_at_it(app_module, capsys):
     """The "auto" box beside a feature: one batched calibration, then the answer at the chosen strength."""
-    import calibrate
+    from llm_steering import calibrate
 
     app, la = app_module, app_module.LOADED
     n = len(la.features)
@@ -393,7 +392,7 @@ def test_auto_picks_the_strength_then_answers_at_it(app_module, capsys):
 
 
 def test_strength_words_follow_the_measured_curve_and_else_the_default(app_module):
-    from app_views import strength_label
+    from llm_steering.web.views import strength_label
 
     pirate = next(f for f in app_module.LOADED.features if f.key == "pirate")
     curve = {"pirate": [{"fraction": 0.1, "mention_rate": 0.1, "nll_ratio": 1.2, "rep3": 0.0},

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import threading
 
+from llm_steering import calibrate, steering
+from llm_steering.steering import SteeringComponent
+
 import pytest
 import torch
 from conftest import build_tiny_llama, unit
 from transformers import GenerationConfig
-
-import calibrate
-import steering
-from steering import SteeringComponent
 
 CHAT = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "How do I boil an egg?"}]
 

@@ -11,20 +11,20 @@ import json
 import warnings
 from pathlib import Path
 
+from llm_steering import catalog as catalog_module
+from llm_steering import steering
+from llm_steering.catalog import Catalog, fit_chat
+from llm_steering.console import chat as demo
+
 import pytest
 from conftest import write_small_saelens_sae
-
-import catalog as catalog_module
-import demo
-import steering
-from catalog import Catalog, fit_chat
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def loaded(embedded):
-    import app
+    from llm_steering.web import app
 
     app.LOADED = app.LOADED or app.load_app()
     return app, app.LOADED
@@ -187,7 +187,7 @@ def test_a_yaml_spec_in_any_key_order_is_read_as_a_spec(loaded):
 
 def test_features_have_human_names_and_demo_yaml_may_set_one(tmp_path):
     """Keys stay keys (eiffel_tower); what people read is a name (Eiffel Tower), or demo.yaml's label."""
-    from config import human_name, load_config
+    from llm_steering.config import human_name, load_config
 
     assert human_name("eiffel_tower") == "Eiffel Tower"
     assert human_name("15:21576") == "Feature 15:21576"

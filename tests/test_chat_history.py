@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
+from llm_steering import chat_history
+from llm_steering.chat_history import chat_export, same_steering, steering_key, unsteered_chat, visible_chat
+from llm_steering.config import ActiveFeature, SteeringSpec
 
-import chat_history
-from chat_history import chat_export, same_steering, steering_key, unsteered_chat, visible_chat
-from config import ActiveFeature, SteeringSpec
+import pytest
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 NONE = SteeringSpec(MODEL, ())

@@ -17,14 +17,14 @@ import threading
 import time
 from pathlib import Path
 
+from llm_steering import steering
+from llm_steering.console import chat as demo
+from llm_steering.console import commands as console_commands
+
 import pexpect
 import pytest
 import torch
 from conftest import hooks_on
-
-import console_commands
-import demo
-import steering
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = str(ROOT / "demo.py")
@@ -445,7 +445,7 @@ def test_ctrl_c_with_nnsight_returns_at_once_and_cancels_the_run(embedded, shipp
 
 
 def test_find_lists_the_features_that_fire_and_one_steers_them(embedded, sae_profile):
-    import sae_find
+    from llm_steering import sae_find
 
     model, tok = embedded
     path, _ = sae_profile
@@ -472,7 +472,7 @@ def test_find_lists_the_features_that_fire_and_one_steers_them(embedded, sae_pro
 
 
 def test_steer_auto_calibrates_each_answer_and_answers_at_that_strength(embedded, shipped):
-    import calibrate
+    from llm_steering import calibrate
 
     model, tok = embedded
     profile, vectors = shipped
@@ -503,7 +503,7 @@ def test_steer_auto_calibrates_each_answer_and_answers_at_that_strength(embedded
 
 def test_help_lists_the_features_at_once_without_loading_torch(shipped):
     """`--help` names every feature (key, human name, description, default strength and op), fast."""
-    from config import human_name
+    from llm_steering.config import human_name
 
     profile, vectors = shipped
     started = time.monotonic()
@@ -567,7 +567,7 @@ def test_a_bad_steer_op_is_one_line_and_exit_code_2(args, message):
 
 
 def test_a_negative_strength_with_an_op_parses():
-    import console_cli
+    from llm_steering.console import cli as console_cli
 
     args = console_cli.build_parser([]).parse_args(["--steer", "pirate", "-0.3", "add", "--steer", "cats", "0.2"])
     assert args.steer == [["pirate", "-0.3", "add"], ["cats", "0.2"]]
@@ -610,7 +610,7 @@ def test_the_first_line_comes_at_once_and_settings_change_in_the_chat(embedded, 
 
 def test_each_turn_keeps_its_steering_and_compare_unsteered_never_sees_steered_turns(embedded, shipped, tmp_path):
     """Issue 11, point 4: steer, chat, then /compare: the unsteered side reads only unsteered turns."""
-    import config
+    from llm_steering import config
 
     profile, vectors = shipped
     q1, q2, q3, q4 = "Tell me about your weekend.", "What should I eat tonight?", "And tomorrow?", "Thanks!"

@@ -5,18 +5,18 @@ from __future__ import annotations
 import math
 import re
 
-import pytest
-from conftest import build_tiny_llama, comps_for, hooks_on, unit
+from llm_steering import (
+    effects,
+    steering,  # noqa: F401  (before torch: it sets PyTorch's OpenMP wait policy)
+)
+from llm_steering.catalog import Feature
+from llm_steering.config import human_name
+from llm_steering.steering import SteeringComponent, SteeringTrace
+from llm_steering.vectors import SteeringVector
 
-# isort: off
-import steering  # noqa: F401  (before torch: it sets PyTorch's OpenMP wait policy)
+import pytest
 import torch
-# isort: on
-import effects
-from catalog import Feature
-from config import human_name
-from steering import SteeringComponent, SteeringTrace
-from vectors import SteeringVector
+from conftest import build_tiny_llama, comps_for, hooks_on, unit
 
 PROMPT = [{"role": "user", "content": "Tell me about your perfect weekend."}]
 N_TOKENS = 24

@@ -11,14 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from llm_steering import extract as esv
+from llm_steering import steering
+
 import pytest
 import torch
 import yaml
 from conftest import ROOT
 from safetensors.torch import save_file
-
-import extract_steering_vectors as esv
-import steering
 
 D, N = 32, 64  # d_model, d_sae of the little SAEs
 

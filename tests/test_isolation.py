@@ -17,12 +17,12 @@ import random
 import threading
 import time
 
+from llm_steering import steering
+from llm_steering.steering import SteeringComponent
+
 import pytest
 import torch
 from conftest import hooks_on, unit
-
-import steering
-from steering import SteeringComponent
 
 THREADS = int(os.environ.get("STEERING_STRESS_THREADS", "8"))
 REQUESTS = int(os.environ.get("STEERING_STRESS_REQUESTS", "112"))

@@ -13,11 +13,11 @@ import re
 import urllib.request
 from pathlib import Path
 
+from llm_steering import steering
+from llm_steering.config import human_name
+
 import pytest
 from browser import DESKTOP, PHONE, chromium, open_page, running_app, wait_for
-
-import steering
-from config import human_name
 
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "tests" / "screenshots"

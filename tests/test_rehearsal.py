@@ -7,16 +7,12 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from llm_steering import models, steering
+
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-# isort: off
-import models  # noqa: E402  (before torch: it sets PyTorch's OpenMP wait policy)
-import steering  # noqa: E402
-import torch  # noqa: E402
-# isort: on
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 20, "num_attention_heads": 4,
         "num_key_value_heads": 2}

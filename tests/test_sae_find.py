@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import math
 
+from llm_steering import extract as esv
+from llm_steering import sae_find, saes, steering
+
 import pytest
 import torch
 from sae_lens import SAE
 from test_saes import D, N, write_dictionary_learning, write_goodfire, write_llamascope, write_saelens, write_sparsify
-
-import extract_steering_vectors as esv
-import sae_find
-import saes
-import steering
 
 LAYER = 3
 TEXT = "The Eiffel Tower stands in Paris, and we climbed it at night to see the city lights."

@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from llm_steering import extract as esv
+from llm_steering import saes, steering
+
 import pytest
 import safetensors.torch
 import torch
-from conftest import ROOT  # noqa: F401  (puts the project on sys.path)
 from sae_lens import (
     BatchTopKTrainingSAE,
     BatchTopKTrainingSAEConfig,
@@ -27,10 +29,6 @@ from sae_lens import (
 )
 from sae_lens.saes.sae import SAEMetadata
 from torch import nn
-
-import extract_steering_vectors as esv
-import saes
-import steering
 
 D, N = 32, 64  # d_model, d_sae of the little SAEs
 

@@ -6,12 +6,12 @@ import math
 import threading
 import time
 
+from llm_steering import steering
+from llm_steering.steering import SteeringComponent, SteeringTrace
+
 import pytest
 import torch
 from conftest import build_tiny_llama, comps_for, hooks_on, unit
-
-import steering
-from steering import SteeringComponent, SteeringTrace
 
 # ---------------------------------------------------------------------------
 # Exact math on tiny random Llama models
@@ -504,11 +504,11 @@ def test_importing_steering_first_makes_openmp_threads_wait_passively():
 
     code = "import os, steering; print(os.environ['OMP_WAIT_POLICY'])"
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=__import__("pathlib").Path(steering.__file__).parent,
+    out = subprocess.run([sys.executable, "-c", code], cwd=__import__("pathlib").Path(steering.__file__).parents[1],
                          env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "PASSIVE"
     env["OMP_WAIT_POLICY"] = "ACTIVE"  # an explicit setting wins
-    out = subprocess.run([sys.executable, "-c", code], cwd=__import__("pathlib").Path(steering.__file__).parent,
+    out = subprocess.run([sys.executable, "-c", code], cwd=__import__("pathlib").Path(steering.__file__).parents[1],
                          env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "ACTIVE"
 
@@ -548,6 +548,6 @@ def test_an_nnsight_answer_leaves_no_save_on_every_object(embedded):
             "steering.generate_steered_answer(m, t, [{'role': 'user', 'content': 'hi'}], "
             "[steering.SteeringComponent(layer=3, vector=torch.ones(576), strength=1.0)], max_new_tokens=2); "
             "assert not hasattr(object, 'save'); import gradio; print('ok')")
-    out = subprocess.run([sys.executable, "-c", code], cwd=__import__("pathlib").Path(steering.__file__).parent,
+    out = subprocess.run([sys.executable, "-c", code], cwd=__import__("pathlib").Path(steering.__file__).parents[1],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-600:]

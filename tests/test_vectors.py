@@ -8,13 +8,13 @@ import pickle
 import zipfile
 from pathlib import Path
 
+from llm_steering import steering
+from llm_steering.steering import ActiveFeature, SteeringSpec, SteeringVector, SteeringVectorSet
+
 import pytest
 import torch
 import yaml
 from conftest import ROOT, build_tiny_llama, unit
-
-import steering
-from steering import ActiveFeature, SteeringSpec, SteeringVector, SteeringVectorSet
 
 LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
 

@@ -16,13 +16,12 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install -r requirements-vllm.txt)")
 
-# isort: off
-import steering  # noqa: E402
-import steering_vllm  # noqa: E402
-import torch  # noqa: E402
-from conftest import build_tiny_llama, comps_for, unit  # noqa: E402
-from steering import SteeringComponent, SteeringTrace  # noqa: E402
-# isort: on
+from llm_steering import steering
+from llm_steering import vllm_backend as steering_vllm
+from llm_steering.steering import SteeringComponent, SteeringTrace
+
+import torch
+from conftest import build_tiny_llama, comps_for, unit
 
 PROMPT = [{"role": "user", "content": "Tell me a short story about a dog."}]
 N_TOKENS = 16
@@ -245,9 +244,9 @@ def test_tensor_parallel_2_matches_the_hooks_backend(tmp_path, monkeypatch):
 def test_server_streams_a_steered_answer_and_refuses_bad_specs_with_a_400(engine):
     import json
 
-    from fastapi.testclient import TestClient
+    from llm_steering import serve
 
-    import serve
+    from fastapi.testclient import TestClient
 
     vectors = steering.load_vectors(Path(__file__).resolve().parent.parent / "steering_vectors.pt")
     client = TestClient(serve.build_app(engine, vectors, "default"))
@@ -276,9 +275,9 @@ def test_the_app_and_the_console_stream_from_the_engine(embedded, engine):
     """STEERING_BACKEND=vllm / --backend vllm: the front ends' answers are the engine's, and the hooks'."""
     import io
 
-    import app
-    import demo
-    from catalog import Catalog
+    from llm_steering.catalog import Catalog
+    from llm_steering.console import chat as demo
+    from llm_steering.web import app
 
     model, tok = embedded
     profile = steering.load_config(Path(__file__).resolve().parent.parent / "demo.yaml").profile()

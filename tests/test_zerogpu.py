@@ -16,9 +16,9 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
+from llm_steering import steering
 
-import steering
+import pytest
 
 FORK = multiprocessing.get_context("fork")  # what spaces uses
 
@@ -49,7 +49,7 @@ def spaces_worker(task, arg_queue, res_queue, stop_event) -> None:
 
 @pytest.fixture(scope="module")
 def app_module():
-    import app
+    from llm_steering.web import app
 
     app.LOADED = app.LOADED or app.load_app()
     return app

@@ -37,13 +37,13 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import steering  # before torch: it sets PyTorch's OpenMP wait policy
-from steering import ComponentTrace, SteeringComponent, SteeringTrace, steer_hidden
+from llm_steering import steering  # before torch: it sets PyTorch's OpenMP wait policy
+from llm_steering.steering import ComponentTrace, SteeringComponent, SteeringTrace, steer_hidden
 
-import torch  # noqa: E402  isort: skip
+import torch
 
 EXTRA_KEY = "llm_steering"  # the key of a request's steering in SamplingParams.extra_args
-WORKER_EXTENSION = "steering_vllm.SteeringWorkerExtension"
+WORKER_EXTENSION = "llm_steering.vllm_backend.SteeringWorkerExtension"
 
 
 def stream_steered_answer_vllm(

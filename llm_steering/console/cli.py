@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "demo.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "demo.yaml"  # the checkout: beside demo.py
 BACKENDS = ("hf", "nnsight", "vllm")
 STEER_USAGE = "NAME STRENGTH [add|clamp]"
 

@@ -31,11 +31,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
-# isort: off
-import steering  # before torch: it sets PyTorch's OpenMP wait policy
+from llm_steering import steering  # before torch: it sets PyTorch's OpenMP wait policy
+from llm_steering.steering import SteeringComponent
+
 import torch
-from steering import SteeringComponent
-# isort: on
 
 DEFAULT_FRACTIONS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
 DEFAULT_MULTIPLIERS = (0.6, 0.85, 1.1)  # of a feature's default fraction: the grid evaluated in benchmarks/eval_quality.py

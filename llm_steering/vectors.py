@@ -21,11 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# isort: off
-from models import decoder_layers, is_finite_number, layer_hidden  # first: sets the OpenMP wait policy
-from steering import SteeringComponent
+from llm_steering.models import decoder_layers, is_finite_number, layer_hidden  # first: sets the OpenMP wait policy
+from llm_steering.steering import SteeringComponent
+
 import torch
-# isort: on
 
 VECTORS_FORMAT = "llm-steering/vectors"
 FILE_VERSION = 1

@@ -15,10 +15,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import gradio as gr
+from llm_steering.catalog import Catalog, Feature
+from llm_steering.config import SteeringSpec
 
-from catalog import Catalog, Feature
-from config import SteeringSpec
+import gradio as gr
 
 EXAMPLES = [
     "Tell me about your perfect weekend.",
@@ -56,7 +56,7 @@ class FractionSlider(gr.Slider):
 # Strength words: from each feature's measured curve where one exists (benchmarks/results/
 # strength_curves.json: mention rate and NLL ratio on the tuning prompts), else from the fraction
 # relative to the feature's default.
-CURVES_PATH = Path(__file__).resolve().parent / "benchmarks" / "results" / "strength_curves.json"
+CURVES_PATH = Path(__file__).resolve().parents[1] / "data" / "strength_curves.json"  # package data, written by benchmarks/eval_quality.py curves-json
 BREAKS_NLL, BREAKS_REP3 = 2.5, 0.2  # the quality evaluation's bar: past it the text falls apart
 
 

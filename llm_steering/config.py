@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models import is_finite_number, short_repr
-from vectors import FILE_VERSION, atomic_write, check_name, parse_layer_index
+from llm_steering.models import is_finite_number, short_repr
+from llm_steering.vectors import FILE_VERSION, atomic_write, check_name, parse_layer_index
 
 SPEC_FORMAT = "llm-steering/spec"
 FEATURE_OPS = ("add", "clamp")  # the ops a feature is switched on with (cap, ablate and the _keepnorm ops are library-only)

@@ -1,6 +1,6 @@
 """SAE files as their libraries write them: find the SAE of a layer, read decoder directions.
 
-    import saes
+    from llm_steering import saes
     feats = saes.read_features("andyrdt/saes-llama-3.1-8b-instruct", [(15, 21576)])
     feats[0].direction.shape, feats[0].sae.file, feats[0].sae.hook_point
     # (torch.Size([4096]), 'resid_post_layer_15/trainer_1/ae.pt', 'resid_post_layer_15')
@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+from llm_steering.steering import SteeringVector
 
-from steering import SteeringVector
+import torch
 
 SAE_FORMATS = ("andyrdt", "llamascope", "saelens", "sparsify", "goodfire")
 # file pattern of each layout; group 1 (when there) is the folder naming the SAE

@@ -23,13 +23,19 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-# isort: off
-import models  # first: sets the OpenMP wait policy before torch loads
-from config import MAX_SPEC_BYTES, ActiveFeature, FeatureConfig, ModelProfile, SteeringSpec, human_name, parse_yaml_text
-from models import is_finite_number, short_repr
-from steering import SteeringComponent
-from vectors import SAE_HINT, SteeringVector, SteeringVectorSet, measure_layer_norms, parse_layer_index
-# isort: on
+from llm_steering import models  # first: sets the OpenMP wait policy before torch loads
+from llm_steering.config import (
+    MAX_SPEC_BYTES,
+    ActiveFeature,
+    FeatureConfig,
+    ModelProfile,
+    SteeringSpec,
+    human_name,
+    parse_yaml_text,
+)
+from llm_steering.models import is_finite_number, short_repr
+from llm_steering.steering import SteeringComponent
+from llm_steering.vectors import SAE_HINT, SteeringVector, SteeringVectorSet, measure_layer_norms, parse_layer_index
 
 FRACTION_RANGE = (-1.0, 2.0)  # in units of the layer's typical norm; widened to hold defaults and presets
 RAW_DEFAULT = (0.5, "clamp")  # fraction and op of an SAE feature the profile does not list
@@ -234,7 +240,7 @@ class Catalog:
         """The components a spec asks for (ops default to each feature's own)."""
         comps = [feature.component(fraction, op) for feature, fraction, op in self.active(spec).values()]
         if self.model is not None:
-            from steering import validate_components
+            from llm_steering.steering import validate_components
 
             validate_components(self.model, comps)
         return comps
@@ -264,8 +270,8 @@ class Catalog:
     def find(self, text: str, layers: Sequence[int] | None = None, k: int = 10) -> list[FoundFeatureLink]:
         """The SAE features that fire most on `text` (best first, by mean activation), each with
         its Neuronpedia link where one exists; `layers` default to the profile's SAE feature layers."""
-        from sae_find import find_features
-        from saes import neuronpedia_url
+        from llm_steering.sae_find import find_features
+        from llm_steering.saes import neuronpedia_url
 
         source = self.profile.sae_source
         if not source:
@@ -313,7 +319,7 @@ class Catalog:
     def _extract(self, layer: int, index: int) -> SteeringVector:
         if (layer, index) not in self.extracted:
             self._sae_key(f"{layer}:{index}")
-            from saes import extract_sae_features
+            from llm_steering.saes import extract_sae_features
 
             found = extract_sae_features(self.profile.sae_source, [(layer, index)], self.profile.sae_format)
             if self.model is not None and found[0].vector.numel() != models.hidden_size(self.model):
@@ -345,7 +351,7 @@ def load_profile_vectors(profile: ModelProfile, model: Any, tokenizer: Any) -> S
     path = profile.vectors_path()
     if path.is_file() or not profile.sae_source:
         return SteeringVectorSet.load(path, create_hint=vectors_hint(profile))
-    from saes import extract_sae_features
+    from llm_steering.saes import extract_sae_features
 
     wanted = [(f.layer, f.index) for f in profile.features if f.index is not None]
     found = extract_sae_features(profile.sae_source, wanted, profile.sae_format)

@@ -18,10 +18,10 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+from llm_steering import steering
+from llm_steering.saes import SAEFile, SAESource, TensorRef, decoder_of, locate_sae, tensor_index
 
-import steering
-from saes import SAEFile, SAESource, TensorRef, decoder_of, locate_sae, tensor_index
+import torch
 
 CHUNK_BYTES = 64 * 2**20  # encoder bytes (float32) per chunk
 MAX_CHUNK_ELEMENTS = 2**25  # tokens x features of one chunk's activations

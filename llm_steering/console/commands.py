@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from chat_history import HISTORY_MODES
-from config import FEATURE_OPS, save_steering_spec
-from console_cli import BACKENDS, STEER_USAGE
+from llm_steering.chat_history import HISTORY_MODES
+from llm_steering.config import FEATURE_OPS, save_steering_spec
+from llm_steering.console.cli import BACKENDS, STEER_USAGE
 
 # ---------------------------------------------------------------------------
 # Input words

@@ -1,0 +1,563 @@
+"""The console chat: talk to a steered model in a terminal.
+
+    python demo.py                                      # interactive chat, demo.yaml's default profile
+    python demo.py --help                               # the options and the profile's features
+    python demo.py --steer eiffel_tower 0.5 clamp       # chat, steered from the start (op optional)
+    python demo.py --prompt "Tell me about Paris" --steer eiffel_tower 0.5 --temperature 0 --max-new-tokens 48
+    python demo.py --prompt "Tell me about Paris" --steer eiffel_tower 0.5 --compare
+    python demo.py --profile llama31_8b --steer 15:21576 0.5    # an SAE feature, extracted on demand
+
+`--steer NAME STRENGTH [add|clamp]` (repeatable) takes the same words as the chat's /steer:
+a strength is a fraction of the layer's typical residual norm (0.5 = half; negative steers
+away), the unit of the app's slider, and each feature uses its own op (add or clamp) unless
+a third word names one. In the chat, type /help for the commands (/temperature, /max-tokens
+and /settings change and show the generation settings); exit, quit or Ctrl-D end it, Ctrl-C
+stops an answer. With --prompt it prints only the answer and exits (0, or 2 for bad input,
+with one line saying why). What a key, a strength or a long message means is decided by
+`catalog.py`, the same for the app and the console.
+
+Every answer is kept with the steering it was made with (`/save-chat FILE` writes them as
+JSON). When the steering changes, the model reads only the earlier turns answered with the
+steering now in force (`/history same`, the default) or all of them (`/history all`, with a
+notice), and compare's unsteered side reads only unsteered turns: `chat_history.py` decides.
+
+--help and the chat's first line come before torch is imported (`console_cli.py`, light).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+from llm_steering import steering
+from llm_steering import vllm_backend as steering_vllm
+from llm_steering.catalog import Catalog, Feature, fit_chat
+from llm_steering.chat_history import chat_export, same_steering, unsteered_chat, visible_chat
+from llm_steering.config import load_config, load_steering_spec
+from llm_steering.console import cli as console_cli
+from llm_steering.console.cli import COLOURS, RESET, Painter, UsageError, build_parser, colour_enabled, one_line
+from llm_steering.console.commands import COMMANDS, parse_fraction, parse_steer_words  # noqa: F401  (parse_fraction: re-exported)
+from llm_steering.vectors import SteeringVectorSet, atomic_write
+
+DEFAULT_CONFIG = console_cli.DEFAULT_CONFIG
+EXIT_WORDS = ("exit", "quit", "/exit", "/quit")
+
+
+# ---------------------------------------------------------------------------
+# The chat
+# ---------------------------------------------------------------------------
+
+
+class Console:
+    """One chat: the model, the steering in force, the conversation, and how to print.
+
+    The conversation is `turns`: each finished exchange with the steering its answer was made
+    with ({user, answer, spec, unsteered}, see chat_history.py); what the model reads of them
+    depends on the steering now and on `history_mode` ("same" or "all").
+
+    >>> console = Console(model, tok, catalog, Settings(...), out=sys.stdout, info=sys.stdout, interactive=True)
+    >>> console.steer("eiffel_tower", 0.5)
+    >>> console.ask("Tell me about Paris")
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, catalog: Catalog, settings: Settings,
+                 out: TextIO, info: TextIO, interactive: bool) -> None:
+        self.model, self.tokenizer, self.catalog, self.settings = model, tokenizer, catalog, settings
+        self.out, self.info, self.interactive = out, info, interactive
+        self.paint = Painter(colour_enabled(out))
+        self.paint_info = Painter(colour_enabled(info))
+        self.active: dict[str, tuple[Feature, float, str]] = {}  # feature key -> (feature, fraction, op)
+        self.auto: set[str] = set()  # keys whose strength is calibrated per answer
+        self.steer_prompt = True
+        self.turns: list[dict[str, Any]] = []  # {user, answer, spec (SteeringSpec), unsteered (str | None)}
+        self.history_mode = "same"  # what the model reads of turns made with other steering: chat_history.py
+        self.compare_next = False
+        self._background: threading.Event | None = None  # set when a stopped nnsight answer ends
+        self._engine: Any = None  # the vLLM engine, for --backend vllm
+
+    # -- printing --------------------------------------------------------------
+
+    def notice(self, text: str) -> None:
+        self.info.write(self.paint_info("notice", text) + "\n")
+        self.info.flush()
+
+    def error(self, text: str) -> None:
+        self.info.write(self.paint_info("error", f"error: {text}") + "\n")
+        self.info.flush()
+
+    # -- steering --------------------------------------------------------------
+
+    def steer(self, key: str, fraction: float | None = None, op: str | None = None, auto: bool = False) -> Feature:
+        """Steer with a feature at a fraction of its layer's norm (None: the feature's default);
+        with `auto`, each answer's strength is calibrated (calibrate.py) before it is generated."""
+        feature = self.catalog.resolve(key)
+        self.auto.discard(feature.key)
+        if auto:
+            if self.settings.temperature > 0:
+                self.notice("auto strength compares greedy answers; the answer itself keeps your temperature")
+            self.auto = {feature.key}  # one feature calibrates at a time
+        fraction = self.catalog.check_fraction(feature, feature.default_fraction if fraction is None else fraction)
+        op = op or feature.default_op
+        steering.validate_components(self.model, [feature.component(fraction, op)])
+        self.active[feature.key] = (feature, fraction, op)
+        return feature
+
+    def unsteer(self, key: str) -> str:
+        self.auto.discard(key)
+        if key not in self.active:
+            try:
+                key = self.catalog.resolve(key).key
+            except ValueError:
+                pass
+        if key in self.active:
+            return self.active.pop(key)[0].key
+        listed = ", ".join(self.active) or "nothing is steered"
+        raise ValueError(f"{key!r} is not steered now ({listed})")
+
+    def components(self) -> list[steering.SteeringComponent]:
+        return [feature.component(fraction, op) for feature, fraction, op in self.active.values()]
+
+    def describe_active(self) -> list[str]:
+        if not self.active:
+            return ["nothing is steered"]
+        lines = [
+            f"  {feature.title} ({feature.key}): {fraction:.3g} x norm {feature.norm:.1f} = {fraction * feature.norm:.1f} "
+            f"at layer {feature.layer}, {op}"
+            for feature, fraction, op in self.active.values()
+        ]
+        if not self.steer_prompt:
+            lines.append("  (the prompt is not steered, only the answer)")
+        return lines
+
+    def spec(self) -> Any:
+        return self.catalog.spec({k: (f, op) for k, (_, f, op) in self.active.items()}, self.steer_prompt)
+
+    def load(self, path: str) -> None:
+        """Replace the steering with a spec file's; nothing changes if any part of it is bad."""
+        spec = load_steering_spec(path)
+        active = self.catalog.active(spec)
+        steering.validate_components(self.model, [f.component(frac, op) for f, frac, op in active.values()])
+        self.active, self.steer_prompt = active, spec.steer_prompt
+
+    # -- the conversation --------------------------------------------------------
+
+    @property
+    def history(self) -> list[dict[str, str]]:
+        """The conversation as chat messages: each turn's message and its (steered, if any) answer."""
+        return [m for t in self.turns for m in ({"role": "user", "content": t["user"]},
+                                                {"role": "assistant", "content": t["answer"]})]
+
+    @history.setter
+    def history(self, messages: list[dict[str, str]]) -> None:
+        """Start from these user/assistant messages, as if answered with the steering in force now."""
+        spec = self.spec()
+        self.turns = [
+            {"user": u["content"], "answer": a["content"], "spec": spec, "unsteered": None}
+            for u, a in zip(messages[::2], messages[1::2], strict=False)
+            if u.get("role") == "user" and a.get("role") == "assistant"
+        ]
+
+    def what_the_model_sees(self) -> str:
+        """One line: which earlier turns the next answer reads, with this steering and history mode."""
+        n, seen = len(self.turns), visible_chat(self.turns, self.spec(), self.history_mode)
+        everything = "the earlier turn" if n == 1 else f"all {n} earlier turns"
+        if seen.other_steering:  # history all
+            other = "answered with other steering" if n == 1 else f"{seen.other_steering} of them answered with other steering"
+            return f"the next answer sees {everything}, {other} (/history same: only those answered with this steering)"
+        if len(seen.used) == n:
+            return f"the next answer sees {everything}, answered with this steering"
+        if not seen.used:
+            which = "the earlier turn was not" if n == 1 else f"none of the {n} earlier turns was"
+            return (f"the next answer starts afresh: {which} answered with this steering "
+                    f"(/history all: it reads {'it' if n == 1 else 'them'} anyway)")
+        return (f"the next answer sees {len(seen.used)} of the {n} earlier turns, those answered with this steering "
+                "(/history all: all of them)")
+
+    def save_chat(self, path: str) -> int:
+        """Write the conversation as JSON, each turn with its steering (chat_history.chat_export); its turn count."""
+        import json
+
+        if Path(path).suffix.lower() in (".yaml", ".yml"):
+            raise ValueError("a chat is saved as JSON: name the file .json")
+        data = chat_export(self.turns, self.catalog.vectors.model_id, self.settings.system, self.history_mode)
+        text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        return len(self.turns)
+
+    def _fit(self, messages: list[dict], text: str, shown: list[str]) -> Any:
+        """fit_chat on these earlier messages, printing each notice not shown yet."""
+        fitted = fit_chat(self.tokenizer, self.settings.system, messages, text, self.settings.max_input_tokens)
+        for line in fitted.notices:
+            if line not in shown:
+                shown.append(line)
+                self.notice(line)
+        return fitted
+
+    # -- answering -------------------------------------------------------------
+
+    def ask(self, text: str, compare: bool = False) -> str | None:
+        """Answer a user message (twice with `compare`); the turn joins the conversation with its steering.
+
+        The answer reads the earlier turns chat_history.visible_chat allows (history_mode);
+        compare's unsteered answer reads only unsteered turns (chat_history.unsteered_chat).
+        Returns the answer, or None when the user stopped it with Ctrl-C.
+        """
+        seen = visible_chat(self.turns, self.spec(), self.history_mode)
+        shown: list[str] = []
+        fitted = self._fit(seen.messages, text, shown)
+        if fitted.dropped_messages:  # the oldest turns read no longer fit: forget them (and any older)
+            dropped = (fitted.dropped_messages + 1) // 2
+            self.turns = self.turns[seen.used[dropped - 1] + 1:]
+        if seen.other_steering:
+            self.notice(f"(earlier answers were made with other steering: the model reads {seen.other_steering} of "
+                        "them too; /history same leaves them out)")
+        for key in self.auto & set(self.active):
+            self._calibrate(key, fitted.chat)
+        comps = self.components()
+        if compare and not comps:
+            self.notice("nothing is steered: one answer only (use /steer first)")
+            compare = False
+        unsteered = None
+        if compare:
+            plain = self._fit(unsteered_chat(self.turns).messages, text, shown)
+            unsteered = self._answer(plain.chat, [], "unsteered", labelled=True)
+            if unsteered is None:
+                return None
+        answer = self._answer(fitted.chat, comps, "steered" if comps else "unsteered", labelled=compare)
+        if answer is not None:
+            self.turns.append({"user": fitted.message, "answer": answer, "spec": self.spec(), "unsteered": unsteered})
+        return answer
+
+    def _calibrate(self, key: str, chat: list[dict]) -> None:
+        """Pick `key`'s strength for this chat: the strongest candidate within the NLL bound."""
+        from llm_steering import calibrate
+
+        feature, _, op = self.active[key]
+        others = [f.component(frac, o) for k, (f, frac, o) in self.active.items() if k != key]
+        tried = calibrate.candidate_fractions(feature.default_fraction)
+        cal = calibrate.calibrate_strength(
+            self.model, self.tokenizer, chat, feature.component(1.0, op), fractions=tried, norm=feature.norm,
+            other_components=others, max_new_tokens=min(self.settings.max_new_tokens, 48),
+            repetition_penalty=self.settings.repetition_penalty, steer_prompt=self.steer_prompt,
+        )
+        chosen = cal.fraction if cal.found else min(tried)
+        self.active[key] = (feature, chosen, op)
+        within = "" if cal.found else f"; none stayed within NLL ratio {calibrate.DEFAULT_NLL_BOUND}, so the weakest"
+        self.notice(f"auto: {feature.title} at {chosen:.3g} x norm (tried {', '.join(f'{f:g}' for f in tried)} in "
+                    f"{cal.seconds:.1f} s{within})")
+
+    def _answer(self, chat: list[dict], comps: list, kind: str, labelled: bool = False) -> str | None:
+        """Print one answer in `kind`'s colour; its text, or None if the user stopped it."""
+        if self.settings.backend == "nnsight":
+            try:
+                self._wait_for_background()
+            except Stopped:
+                self.notice("(stopped)")
+                return None
+        if labelled or self.interactive:
+            self.out.write(self.paint(kind, f"{kind}> " if self.interactive else f"[{kind}]\n"))
+        self.out.write(self.paint.start(kind))
+        self.out.flush()
+        pieces: list[str] = []
+        try:
+            if self.settings.backend in ("hf", "vllm"):
+                self._stream(chat, comps, pieces)
+            else:
+                pieces.append(self._whole_nnsight(chat, comps))
+                self.out.write(pieces[-1])
+        except Stopped:
+            self.out.write(self.paint.reset() + "\n")
+            self.notice("(stopped: this exchange is not kept in the conversation)")
+            return None
+        self.out.write(self.paint.reset() + "\n")
+        self.out.flush()
+        return "".join(pieces)
+
+    def _generation_kwargs(self) -> dict[str, Any]:
+        s = self.settings
+        return {"max_new_tokens": s.max_new_tokens, "temperature": s.temperature,
+                "repetition_penalty": s.repetition_penalty, "steer_prompt": self.steer_prompt}
+
+    def _stream(self, chat: list[dict], comps: list, pieces: list[str]) -> None:
+        if self.settings.backend == "vllm":
+            stream = steering_vllm.stream_steered_answer_vllm(self.vllm_engine(), chat, comps, **self._generation_kwargs())
+        else:
+            stream = steering.stream_steered_answer_hf(self.model, self.tokenizer, chat, comps, **self._generation_kwargs())
+        with ctrl_c_stops():
+            try:
+                for piece in stream:
+                    pieces.append(piece)
+                    self.out.write(piece)
+                    self.out.flush()
+            except KeyboardInterrupt:
+                raise Stopped from None
+            finally:
+                stream.close()  # stops the generation thread and removes the hooks
+
+    def vllm_engine(self) -> Any:
+        """The vLLM engine, started on first use (the catalog keeps using the transformers model)."""
+        if self._engine is None:
+            self.notice("starting the vLLM engine (about 30 s on a CPU)...")
+            self._engine = steering_vllm.VLLMEngine(self.catalog.profile.model_id)
+        return self._engine
+
+    def _whole_nnsight(self, chat: list[dict], comps: list) -> str:
+        """The nnsight answer, computed in a worker thread so that Ctrl-C returns at once."""
+        result: dict[str, Any] = {}
+        done, cancel = threading.Event(), threading.Event()
+
+        def work() -> None:
+            try:
+                result["answer"] = steering.generate_steered_answer(
+                    self.model, self.tokenizer, chat, comps, cancel=cancel, **self._generation_kwargs()
+                )
+            except BaseException as exc:  # handed to the main thread below
+                result["error"] = exc
+            finally:
+                done.set()
+
+        threading.Thread(target=work, name="nnsight-answer", daemon=True).start()
+        # Wait on an Event, not Thread.join: a Ctrl-C inside join(timeout) can mark a
+        # running thread as finished (CPython bpo-45274).
+        try:
+            with ctrl_c_stops():
+                while not done.wait(0.1):
+                    pass
+        except KeyboardInterrupt:
+            cancel.set()  # the run ends after its current token
+            self._background = done
+            raise Stopped from None
+        if "error" in result:
+            raise result["error"]
+        return result["answer"]
+
+    def _wait_for_background(self) -> None:
+        if self.busy():
+            self.notice("waiting for the stopped nnsight answer to finish...")
+            try:
+                with ctrl_c_stops():
+                    while not self._background.wait(0.1):
+                        pass
+            except KeyboardInterrupt:
+                raise Stopped from None
+        self._background = None
+
+    def busy(self) -> bool:
+        """Whether a stopped nnsight answer is still running in the background."""
+        return self._background is not None and not self._background.is_set()
+
+    # -- the interactive loop --------------------------------------------------
+
+    def command(self, line: str) -> bool:
+        """Run one slash command; False when the chat should end."""
+        name, _, rest = line.strip().partition(" ")
+        name = name.lower()
+        if name in ("/exit", "/quit"):
+            return False
+        if name not in COMMANDS:
+            raise ValueError(f"unknown command {name}: type /help for the list")
+        before = self.spec()
+        COMMANDS[name].run(self, rest.strip())
+        if self.turns and not same_steering(before, self.spec()):  # the steering changed: say what is read
+            self.notice(self.what_the_model_sees())
+        return True
+
+    def loop(self, read: Any = input) -> None:
+        """Read and answer messages until exit, quit or Ctrl-D."""
+        prompt = self._prompt()
+        while True:
+            try:
+                line = read(prompt)
+            except EOFError:
+                self.out.write(self.paint.reset() + "\n")
+                return
+            except KeyboardInterrupt:
+                self.out.write(self.paint.reset() + "\n")
+                self.notice("(Ctrl-C stops an answer; exit, quit or Ctrl-D end the chat)")
+                continue
+            finally:
+                self.out.write(self.paint.reset())
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                if line.lower() in EXIT_WORDS:
+                    return
+                if line.startswith("/"):
+                    if not self.command(line):
+                        return
+                else:
+                    compare, self.compare_next = self.compare_next or self.settings.compare, False
+                    self.ask(line, compare=compare)
+            except KeyboardInterrupt:  # pressed outside the answer itself (just before or after it)
+                self.out.write(self.paint.reset() + "\n")
+                self.notice("(stopped)")
+            except ValueError as exc:
+                self.error(one_line(exc))
+            except Exception as exc:  # never a traceback in the chat
+                self.error(f"{type(exc).__name__}: {one_line(exc)}")
+
+    def _prompt(self) -> str:
+        if not self.paint.enabled:
+            return "you> "
+        # \001 and \002 tell readline that the colour codes take no room on the screen
+        return f"\001{COLOURS['user']}\002you> \001{RESET}{COLOURS['user']}\002"
+
+
+# ---------------------------------------------------------------------------
+# Ctrl-C
+# ---------------------------------------------------------------------------
+
+
+class Stopped(Exception):
+    """The user pressed Ctrl-C during an answer."""
+
+
+@contextmanager
+def ctrl_c_stops() -> Iterator[None]:
+    """Inside the block the first Ctrl-C raises KeyboardInterrupt; later ones are ignored
+    so that the clean-up (closing the generator, removing hooks) is never cut short."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed = [False]
+
+    def handler(signum: int, frame: Any) -> None:
+        if not pressed[0]:
+            pressed[0] = True
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@dataclass
+class Settings:
+    """Generation settings of a chat (from the profile's defaults and the command line)."""
+
+    backend: str
+    temperature: float
+    max_new_tokens: int
+    repetition_penalty: float
+    system: str
+    max_input_tokens: int
+    compare: bool = False
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def settings_from(args: argparse.Namespace, profile: Any) -> Settings:
+    gen = profile.generation
+    settings = Settings(
+        backend=args.backend,
+        temperature=gen.temperature if args.temperature is None else args.temperature,
+        max_new_tokens=gen.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens,
+        repetition_penalty=gen.repetition_penalty if args.repetition_penalty is None else args.repetition_penalty,
+        system=gen.system_prompt if args.system is None else args.system,
+        max_input_tokens=gen.max_input_tokens,
+        compare=args.compare,
+    )
+    if not math.isfinite(settings.temperature) or settings.temperature < 0:
+        raise UsageError(f"--temperature must be a number >= 0 (0 is greedy), got {settings.temperature}")
+    if settings.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be a positive integer, got {settings.max_new_tokens}")
+    if not math.isfinite(settings.repetition_penalty) or settings.repetition_penalty <= 0:
+        raise UsageError(f"--repetition-penalty must be a number > 0 (1 is off), got {settings.repetition_penalty}")
+    return settings
+
+
+def quiet_libraries() -> None:
+    """No progress bars or library warnings in the console: only the chat and our notices."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def run(argv: Sequence[str] | None = None, read: Any = input) -> int:
+    """The program: parse, load, then one answer (--prompt) or the chat. Returns the exit code."""
+    args = build_parser(argv).parse_args(argv)
+    steers = [parse_steer_words(words) for words in args.steer]
+    if args.prompt is not None and not args.prompt.strip():
+        raise UsageError("--prompt is empty: give a message to answer")
+    if args.prompt is not None and args.compare and not steers:
+        raise UsageError("--compare needs at least one --steer NAME STRENGTH [add|clamp] to compare with")
+    profile = load_config(args.config).profile(args.profile)
+    settings = settings_from(args, profile)
+    if profile.vectors_path().is_file():  # unknown names fail before the model loads
+        precheck = Catalog(profile, SteeringVectorSet.load(profile.vectors_path()))
+        for key, _, _ in steers:
+            precheck.check(key)
+
+    interactive = args.prompt is None
+    info = sys.stdout if interactive else sys.stderr
+    if interactive:  # printed already when demo.py runs as a program, before torch was imported
+        console_cli.announce(args.config, args.profile, info)
+    quiet_libraries()
+    model, tokenizer = steering.load_model(profile.model_id)
+    catalog = Catalog.open(profile, model, tokenizer)  # a missing SAE profile file: its features extracted now
+    console = Console(model, tokenizer, catalog, settings, out=sys.stdout, info=info, interactive=interactive)
+    for key, fraction, op in steers:
+        console.steer(key, fraction, op)
+
+    if not interactive:
+        answer = console.ask(args.prompt, compare=args.compare)
+        code = 0 if answer is not None else 130
+    else:
+        console.notice(f"profile {profile.name!r}, backend {settings.backend}. Type /help for the commands.")
+        if console.active:
+            console.notice("\n".join(console.describe_active()))
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        console.loop(read)
+        code = 0
+    if console._engine is not None:
+        console._engine.shutdown()
+    if console.busy():  # a stopped nnsight run: do not wait for it, and do not crash at shutdown
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the program; any error is one line on stderr (exit 2 for bad input), never a traceback."""
+    try:
+        return run(argv)
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (ValueError, OSError) as exc:
+        print(Painter(colour_enabled(sys.stderr))("error", f"error: {one_line(exc)}"), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except Exception as exc:
+        print(f"error: {type(exc).__name__}: {one_line(exc)}", file=sys.stderr)
+        return 1
+
