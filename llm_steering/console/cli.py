@@ -17,12 +17,14 @@ import collections
 import io
 import os
 import pickle
-import re
 import sys
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
+
+from llm_steering.config import FeatureConfig, ModelProfile, load_config
+from llm_steering.core import human_name, one_line  # noqa: F401  (one_line: re-exported for the console)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "demo.yaml"  # the checkout: beside demo.py
 BACKENDS = ("hf", "nnsight", "vllm")
@@ -71,11 +73,6 @@ class Painter:
 
     def reset(self) -> str:
         return RESET if self.enabled else ""
-
-
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 # ---------------------------------------------------------------------------
@@ -161,58 +158,24 @@ def build_parser(argv: Sequence[str] | None = None) -> Parser:
 # ---------------------------------------------------------------------------
 
 
-def human_name(key: str) -> str:
-    """The name a newcomer reads for a feature key; the same as config.human_name (which imports
-    torch through its modules; tests/test_demo.py checks the two agree)."""
-    if ":" in key or re.fullmatch(r"\d+x\d+", key or ""):
-        return f"Feature {key}"
-    words = re.split(r"[_\s]+", key.strip())
-    return " ".join(w[:1].upper() + w[1:] for w in words if w) or key
+def read_layer_norms(path: Path) -> dict[int, float]:
+    """The layer norms recorded in a vectors file (a torch zip), or {} when they cannot be read cheaply.
 
-
-def light_profile(config: str | os.PathLike, name: str | None) -> dict[str, Any]:
-    """A profile of demo.yaml as plain data, without validating it (demo.py's load_config does that
-    later): name, model_id, sae_source, other profiles, and its features with their human names,
-    descriptions, default fractions (None when the vectors file has no norm for the layer) and ops.
-    A ValueError when the file cannot be read."""
-    import yaml
-
-    path = Path(config)
+    --help shows each feature's default as a fraction of its layer's norm, and must not import
+    torch for it: the file's pickle is read with an unpickler that builds no tensor and allows
+    nothing but the OrderedDict of the format."""
     try:
-        if path.stat().st_size > 1_000_000:
-            raise ValueError(f"{path} is too large for a config file")
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-        profiles = data["profiles"]
-        key = name or data.get("default_profile") or next(iter(profiles))
-        raw = profiles[key]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read {path}: {one_line(exc)}") from None
-    except (yaml.YAMLError, KeyError, TypeError, AttributeError, StopIteration):
-        which = f"no profile {name!r}" if name else "no default profile"
-        raise ValueError(f"{path} has {which} that can be read here") from None
-    vectors_file = os.environ.get("STEERING_VECTORS") or raw.get("vectors_file") or ""
-    norms = read_layer_norms(path.resolve().parent / vectors_file) if vectors_file else {}
-    features = []
-    for feat in raw.get("features") or []:
-        try:
-            layer, _, strength = feat["feature"]
-            strength = float(strength) * (layer if raw.get("reduced_strengths") else 1)
-            norm = norms.get(layer)
-            features.append({
-                "key": str(feat["name"]), "title": (feat.get("label") or "").strip() or human_name(str(feat["name"])),
-                "description": str(feat.get("description", "")), "layer": layer, "strength": strength,
-                "fraction": strength / norm if norm else None, "op": feat.get("op", feat.get("mode", "clamp")),
-            })
-        except (KeyError, TypeError, ValueError, ZeroDivisionError):
-            continue  # load_config reports it when the chat starts
-    return {"name": key, "model_id": os.environ.get("STEERING_MODEL") or raw.get("model_id"),
-            "sae_source": os.environ.get("STEERING_SAE_SOURCE") or raw.get("sae_source"),
-            "profiles": [str(p) for p in profiles], "features": features}
+        with zipfile.ZipFile(path) as archive:
+            pkl = next(n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl"))
+            if archive.getinfo(pkl).file_size > 10_000_000:
+                return {}
+            data = _NormsOnly(io.BytesIO(archive.read(pkl))).load()
+        return {int(k): float(v) for k, v in (data.get("layer_norms") or {}).items()}
+    except Exception:  # missing, not a zip, an old format: --help shows absolute strengths instead
+        return {}
 
 
 class _NormsOnly(pickle.Unpickler):
-    """Reads a torch vectors file's pickle without torch: tensors become None, nothing else is allowed."""
-
     def find_class(self, module: str, name: str) -> Any:
         if module == "collections" and name == "OrderedDict":
             return collections.OrderedDict
@@ -228,39 +191,36 @@ def _nothing(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-def read_layer_norms(path: Path) -> dict[int, float]:
-    """The layer norms recorded in a vectors file (a torch zip), or {} when they cannot be read cheaply."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            pkl = next(n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl"))
-            if archive.getinfo(pkl).file_size > 10_000_000:
-                return {}
-            data = _NormsOnly(io.BytesIO(archive.read(pkl))).load()
-        return {int(k): float(v) for k, v in (data.get("layer_norms") or {}).items()}
-    except Exception:  # missing, not a zip, an old format: --help shows absolute strengths instead
-        return {}
+def features_with_fractions(prof: ModelProfile) -> list[tuple[FeatureConfig, float | None]]:
+    """The profile's features, each with its default as a fraction of its layer's norm (None when
+    the vectors file records no norm for the layer)."""
+    norms = read_layer_norms(prof.vectors_path())
+    return [(f, f.strength / norms[f.layer] if norms.get(f.layer) else None) for f in prof.features]
 
 
 def help_epilog(config: str, profile: str | None) -> str:
     """--help's list of the profile's features: key, human name, description, default strength and op."""
     try:
-        prof = light_profile(config, profile)
+        cfg = load_config(config)
+        prof = cfg.profile(profile)
     except ValueError as exc:
         return f"(the features are not listed: {one_line(exc)})"
-    lines = [f"Features of profile {prof['name']!r} ({Path(config).name}); NAME is the first word:"]
-    width = max([len(f["key"]) for f in prof["features"]] + [4])
-    for f in prof["features"]:
-        default = (f"{f['fraction']:.3g}" if f["fraction"] is not None else f"{f['strength']:g} absolute")
-        described = f"{f['title']}: {f['description']}" if f["description"] else f["title"]
-        lines.append(f"  {f['key']:<{width}}  {described} (default {default}, {f['op']})")
-    if not prof["features"]:
+    features = features_with_fractions(prof)
+    lines = [f"Features of profile {prof.name!r} ({Path(config).name}); NAME is the first word:"]
+    width = max([len(f.name) for f in prof.features] + [4])
+    for f, fraction in features:
+        default = f"{fraction:.3g}" if fraction is not None else f"{f.strength:g} absolute"
+        title = f.label or human_name(f.name)
+        described = f"{title}: {f.description}" if f.description else title
+        lines.append(f"  {f.name:<{width}}  {described} (default {default}, {f.op})")
+    if not features:
         lines.append("  (none listed)")
-    if prof["sae_source"]:
-        lines.append(f"  layer:index (e.g. 15:21576) steers any feature of the SAEs in {prof['sae_source']}")
-    if any(f["fraction"] is None for f in prof["features"]):
+    if prof.sae_source:
+        lines.append(f"  layer:index (e.g. 15:21576) steers any feature of the SAEs in {prof.sae_source}")
+    if any(fraction is None for _, fraction in features):
         lines.append("  (absolute: the vectors file has no norm for that layer yet, so no fraction to show)")
-    others = [p for p in prof["profiles"] if p != prof["name"]]
-    name = prof["features"][0]["key"] if prof["features"] else "NAME"
+    others = [p for p in cfg.profiles if p != prof.name]
+    name = prof.features[0].name if prof.features else "NAME"
     lines += [
         "",
         "Strengths are fractions of the layer's typical residual norm (0.5 = half), as on the app's slider.",
@@ -287,8 +247,8 @@ def announce(config: str, profile: str | None, stream: TextIO) -> None:
         return
     _announced = True
     try:
-        prof = light_profile(config, profile)
-        what = f"{prof['model_id'] or 'the embedded model'} (profile {prof['name']})"
+        prof = load_config(config).profile(profile)
+        what = f"{prof.model_id or 'the embedded model'} (profile {prof.name})"
     except ValueError:
         what = "the model"
     text = f"loading {what}: the first start takes a few seconds..."

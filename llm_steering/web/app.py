@@ -43,11 +43,12 @@ from llm_steering import (
 )
 from llm_steering.catalog import Catalog, Feature, fit_chat, message_text
 from llm_steering.config import ModelProfile, SteeringSpec, load_config, load_steering_spec, save_steering_spec
-from llm_steering.effects import EMPTY as NO_EFFECTS
-from llm_steering.effects import effect_html, hit_length_limit
+from llm_steering.effects import hit_length_limit
 from llm_steering.models import short_repr
 from llm_steering.steering import SteeringComponent, SteeringTrace
 from llm_steering.vectors import atomic_write
+from llm_steering.web.effect_view import EMPTY as NO_EFFECTS
+from llm_steering.web.effect_view import effect_html
 from llm_steering.web.stop_flags import StopFlags
 from llm_steering.web.views import (
     CSS,

@@ -13,7 +13,6 @@ import functools
 import html
 import json
 from pathlib import Path
-from typing import Any
 
 from llm_steering.catalog import Catalog, Feature
 from llm_steering.config import SteeringSpec
@@ -170,16 +169,6 @@ def turn_messages(catalog: Catalog, turns: list[dict], unsteered: bool = False,
         tag = ("no steering (compared)" if unsteered else
                steering_tag(catalog, turn.get("steering"), turn.get("stopped", False), turn.get("capped_at"), turn.get("auto")))
         out.append({"role": "assistant", "content": f"{body}\n\n<span class='steer-tag'>{html.escape(tag)}</span>"})
-    return out
-
-
-def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:
-    """Each token's text, decoded incrementally so multi-byte characters come out whole."""
-    out, prev = [], ""
-    for j in range(len(ids)):
-        cur = tokenizer.decode(ids[: j + 1], skip_special_tokens=True)
-        out.append(cur[len(prev) :] if cur.startswith(prev) else tokenizer.decode([ids[j]], skip_special_tokens=True))
-        prev = cur
     return out
 
 

@@ -1,0 +1,93 @@
+"""The torch-free bottom of the library: one-line errors, bounded reprs, atomic writes, names and keys.
+
+Everything here imports only the standard library, so the console's `--help`, the config
+reader and the spec format can use it without loading torch.
+
+    >>> one_line(ValueError("bad strength\\nmore detail"))
+    'bad strength'
+    >>> parse_layer_index("15:21576"), parse_layer_index("L15F21576"), parse_layer_index("pirate")
+    ((15, 21576), (15, 21576), None)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import reprlib
+import tempfile
+from pathlib import Path
+from typing import Any
+
+FILE_VERSION = 1  # the version of the vectors file format (vectors.py)
+SPEC_VERSION = 1  # the version of the steering spec format (config.py); the two change independently
+ERROR_LIMIT = 300  # characters of a one-line error at most
+NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
+LAYER_INDEX_RE = re.compile(r"\s*(\d+)\s*:\s*(\d+)\s*|L(\d+)F(\d+)")
+
+
+def one_line(exc: BaseException, limit: int = ERROR_LIMIT) -> str:
+    """The first line of an exception's message (its type's name when empty), cut at `limit` characters:
+    the one way the project turns an exception into the line a user reads."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def is_finite_number(value: Any) -> bool:
+    """A real int or float (not a bool), neither NaN nor infinite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """repr() for error messages, bounded whatever the input: deep or huge values are cut with '...'."""
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxtuple, r.maxset, r.maxstring, r.maxother = 2, 4, 4, 4, 4, limit, limit
+    text = r.repr(value)
+    return text if len(text) <= limit + 10 else text[: limit + 7] + "..."
+
+
+def parse_layer_index(key: Any) -> tuple[int, int] | None:
+    """(layer, index) for an SAE feature key "15:21576" (or its name "L15F21576"), else None.
+
+    The one key grammar of the project: a key is a vector name or "layer:index".
+    """
+    match = LAYER_INDEX_RE.fullmatch(key) if isinstance(key, str) else None
+    if not match:
+        return None
+    layer, index = (g for g in match.groups() if g is not None)
+    return int(layer), int(index)
+
+
+def check_name(name: Any, what: str) -> str:
+    """`name` if it is a valid vector/feature name, else a one-line ValueError."""
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise ValueError(f"{what}: name {name!r} is not valid: use letters, digits and '_', starting with a letter")
+    return name
+
+
+def human_name(key: str) -> str:
+    """The name a newcomer reads for a feature key: "eiffel_tower" -> "Eiffel Tower",
+    "15:21576" -> "Feature 15:21576"."""
+    if ":" in key or re.fullmatch(r"\d+x\d+", key or ""):
+        return f"Feature {key}"
+    words = re.split(r"[_\s]+", key.strip())
+    return " ".join(w[:1].upper() + w[1:] for w in words if w) or key
+
+
+def atomic_write(path: str | os.PathLike, write: Any) -> None:
+    """Call `write(tmp_path)`, then move the temp file over `path`; nothing is left behind on error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it the usual permissions
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,105 @@
+"""The package's layers, checked from the source: no module imports upward.
+
+    bottom (torch-free)   llm_steering.core, .config, .chat_history, .console.cli
+    library               every other module directly in llm_steering/ (and its non-UI subpackages)
+    front ends            llm_steering.console (the console chat), llm_steering.web (the app: the only
+                          place besides the root app.py that imports gradio)
+
+Every import counts, also those inside functions: a lazy import upward is still an upward edge.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "llm_steering"
+BOTTOM = {"llm_steering", "llm_steering.core", "llm_steering.config", "llm_steering.chat_history", "llm_steering.console",
+          "llm_steering.console.cli"}
+FRONT_ENDS = ("llm_steering.console", "llm_steering.web")
+UI_LIBRARIES = ("gradio", "spaces")
+HEAVY = ("torch", "transformers", "nnsight", "vllm", "gradio", "safetensors", "numpy")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module an import statement in `path` names (absolute imports; the package uses no relative ones)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}: relative import"
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from pkg import module`
+    return names
+
+
+def within(name: str, prefixes: tuple[str, ...] | set[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+MODULES = {module_name(p): imports_of(p) for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def test_the_package_has_the_layers_this_test_knows():
+    assert "llm_steering.core" in MODULES and "llm_steering.web.app" in MODULES and "llm_steering.console.chat" in MODULES
+    assert all(name in MODULES for name in BOTTOM)
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if not within(m, FRONT_ENDS)))
+def test_the_library_imports_no_front_end_and_no_ui_library(module):
+    upward = sorted(n for n in MODULES[module] if within(n, FRONT_ENDS) or within(n, UI_LIBRARIES))
+    assert not upward, f"{module} imports {upward}: the library must not know its front ends"
+
+
+@pytest.mark.parametrize("module", sorted(m for m in MODULES if within(m, ("llm_steering.console",))))
+def test_the_console_imports_no_web_ui(module):
+    upward = sorted(n for n in MODULES[module] if within(n, ("llm_steering.web",)) or within(n, UI_LIBRARIES))
+    assert not upward, f"{module} imports {upward}"
+
+
+@pytest.mark.parametrize("module", sorted(BOTTOM))
+def test_the_bottom_imports_only_the_bottom_and_nothing_heavy(module):
+    outside = sorted(n for n in MODULES[module] if n in MODULES and n not in BOTTOM)  # names that are our modules
+    assert not outside, f"{module} imports {outside}, which are above the torch-free bottom"
+    heavy = sorted(n for n in MODULES[module] if within(n, HEAVY))
+    assert not heavy, f"{module} imports {heavy}"
+
+
+def test_gradio_is_imported_only_by_the_app_and_the_web_subpackage():
+    users = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("*.py") if within_any(imports_of(p), UI_LIBRARIES))
+    assert users == ["app.py"], users
+    users = sorted(m for m, names in MODULES.items() if within_any(names, ("gradio",)))
+    assert users and all(within(m, ("llm_steering.web",)) for m in users), users
+
+
+def within_any(names: set[str], prefixes: tuple[str, ...]) -> bool:
+    return any(within(n, prefixes) for n in names)
+
+
+def test_importing_the_bottom_really_loads_no_torch():
+    """The static check above, confirmed by importing: what --help and the config reader need loads no torch."""
+    code = ("import sys; import " + ", ".join(sorted(BOTTOM)) +
+            "; print(sorted(m for m in sys.modules if m.split('.')[0] in " + repr(HEAVY) + "))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_no_file_edits_sys_path_and_no_import_order_pragma():
+    offenders = []
+    for path in [*ROOT.glob("*.py"), *PACKAGE.rglob("*.py"), *(ROOT / "tests").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]:
+        text = path.read_text(encoding="utf-8")
+        if path.name != Path(__file__).name and ("sys.path.insert" in text or "sys.path.append" in text or "isort: off" in text):
+            offenders.append(str(path.relative_to(ROOT)))
+    assert not offenders, offenders
