@@ -23,19 +23,18 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from llm_steering import models  # first: sets the OpenMP wait policy before torch loads
+from llm_steering import models
 from llm_steering.config import (
     MAX_SPEC_BYTES,
     ActiveFeature,
     FeatureConfig,
     ModelProfile,
     SteeringSpec,
-    human_name,
     parse_yaml_text,
 )
-from llm_steering.models import is_finite_number, short_repr
+from llm_steering.core import human_name, is_finite_number, parse_layer_index, short_repr
 from llm_steering.steering import SteeringComponent
-from llm_steering.vectors import SAE_HINT, SteeringVector, SteeringVectorSet, measure_layer_norms, parse_layer_index
+from llm_steering.vectors import SAE_HINT, SteeringVector, SteeringVectorSet, measure_layer_norms
 
 FRACTION_RANGE = (-1.0, 2.0)  # in units of the layer's typical norm; widened to hold defaults and presets
 RAW_DEFAULT = (0.5, "clamp")  # fraction and op of an SAE feature the profile does not list

@@ -503,7 +503,7 @@ def test_steer_auto_calibrates_each_answer_and_answers_at_that_strength(embedded
 
 def test_help_lists_the_features_at_once_without_loading_torch(shipped):
     """`--help` names every feature (key, human name, description, default strength and op), fast."""
-    from llm_steering.config import human_name
+    from llm_steering.core import human_name
 
     profile, vectors = shipped
     started = time.monotonic()

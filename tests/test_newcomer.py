@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from llm_steering import steering
-from llm_steering.config import human_name
+from llm_steering.core import human_name
 
 import pytest
 from browser import DESKTOP, PHONE, chromium, open_page, running_app, wait_for

@@ -46,7 +46,8 @@ from llm_steering.config import load_config, load_steering_spec
 from llm_steering.console import cli as console_cli
 from llm_steering.console.cli import COLOURS, RESET, Painter, UsageError, build_parser, colour_enabled, one_line
 from llm_steering.console.commands import COMMANDS, parse_fraction, parse_steer_words  # noqa: F401  (parse_fraction: re-exported)
-from llm_steering.vectors import SteeringVectorSet, atomic_write
+from llm_steering.core import atomic_write
+from llm_steering.vectors import SteeringVectorSet
 
 DEFAULT_CONFIG = console_cli.DEFAULT_CONFIG
 EXIT_WORDS = ("exit", "quit", "/exit", "/quit")
