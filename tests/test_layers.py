@@ -11,6 +11,7 @@ Every import counts, also those inside functions: a lazy import upward is still 
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +104,17 @@ def test_no_file_edits_sys_path_and_no_import_order_pragma():
         if path.name != Path(__file__).name and ("sys.path.insert" in text or "sys.path.append" in text or "isort: off" in text):
             offenders.append(str(path.relative_to(ROOT)))
     assert not offenders, offenders
+
+
+def test_fast_hub_downloads_are_on_in_the_setting_huggingface_hub_reads():
+    """hf-xet's high-performance mode, as huggingface_hub itself sees it once the library is imported
+    (its constants are read at import: llm_steering sets the variable before that); an explicit
+    setting wins. The hf-transfer variable of older hubs is not set: huggingface_hub 2.x ignores it."""
+    code = ("import os, steering, huggingface_hub.constants as c; "
+            "print(c.HF_XET_HIGH_PERFORMANCE, 'HF_HUB_ENABLE_HF_TRANSFER' in os.environ)")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_XET_HIGH_PERFORMANCE", "HF_HUB_ENABLE_HF_TRANSFER")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["True", "False"], out.stderr[-500:]
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "HF_XET_HIGH_PERFORMANCE": "0"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "False"], out.stderr[-500:]
