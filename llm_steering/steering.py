@@ -603,7 +603,8 @@ def generate_steered_answer(
 # re-exported lazily so that `steering.load_vectors(...)` and
 # `from steering import SteeringSpec` keep working without an import cycle.
 _REEXPORTS = {
-    "vectors": ("SteeringVector", "SteeringVectorSet", "load_vectors", "measure_layer_norms", "load_saes_from_file"),
+    "vectors": ("SteeringVector", "SteeringVectorSet", "load_vectors", "measure_layer_norms", "components_from_file",
+                "load_saes_from_file"),
     "config": ("DemoConfig", "ModelProfile", "FeatureConfig", "SPEC_FORMAT", "parse_yaml_text", "spec_components", "Preset", "GenerationDefaults", "ActiveFeature",
                "SteeringSpec", "load_config", "save_steering_spec", "load_steering_spec", "read_yaml_file"),
 }

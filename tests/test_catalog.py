@@ -12,8 +12,9 @@ import warnings
 from pathlib import Path
 
 from llm_steering import catalog as catalog_module
-from llm_steering import steering
-from llm_steering.catalog import Catalog, fit_chat
+from llm_steering import chat_input, steering
+from llm_steering.catalog import Catalog
+from llm_steering.chat_input import fit_chat
 from llm_steering.console import chat as demo
 from llm_steering.web import handlers
 
@@ -119,8 +120,8 @@ def test_fit_chat_is_bounded_for_hostile_sizes(embedded):
         fit_chat(tok, "", [], "a" * 2_000_000, 2048)
     history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}] * 10_000
     fitted = fit_chat(tok, "", history, "Hello?", 2048)
-    assert fitted.dropped_messages >= 20_000 - catalog_module.MAX_HISTORY_MESSAGES
-    assert len(fitted.chat) <= catalog_module.MAX_HISTORY_MESSAGES + 1
+    assert fitted.dropped_messages >= 20_000 - chat_input.MAX_HISTORY_MESSAGES
+    assert len(fitted.chat) <= chat_input.MAX_HISTORY_MESSAGES + 1
 
 
 def test_a_preset_the_catalog_cannot_resolve_fails_at_start_up(embedded, tmp_path):

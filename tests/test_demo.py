@@ -497,7 +497,7 @@ def test_steer_auto_calibrates_each_answer_and_answers_at_that_strength(embedded
 
 
 # ---------------------------------------------------------------------------
-# Issue 11: the console as a newcomer meets it
+# The console as a newcomer meets it
 # ---------------------------------------------------------------------------
 
 
@@ -609,7 +609,7 @@ def test_the_first_line_comes_at_once_and_settings_change_in_the_chat(embedded, 
 
 
 def test_each_turn_keeps_its_steering_and_compare_unsteered_never_sees_steered_turns(embedded, shipped, tmp_path):
-    """Issue 11, point 4: steer, chat, then /compare: the unsteered side reads only unsteered turns."""
+    """Steer, chat, then /compare: the unsteered side reads only unsteered turns."""
     from llm_steering import config
 
     profile, vectors = shipped

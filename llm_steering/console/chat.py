@@ -40,8 +40,9 @@ from typing import Any, TextIO
 
 from llm_steering import steering
 from llm_steering import vllm_backend as steering_vllm
-from llm_steering.catalog import Catalog, Feature, fit_chat
+from llm_steering.catalog import Catalog, Feature
 from llm_steering.chat_history import chat_export, same_steering, unsteered_chat, visible_chat
+from llm_steering.chat_input import fit_chat
 from llm_steering.config import load_config, load_steering_spec
 from llm_steering.console import cli as console_cli
 from llm_steering.console.cli import COLOURS, RESET, Painter, UsageError, build_parser, colour_enabled, one_line

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_steering import chat_history, steering
-from llm_steering.catalog import fit_chat, message_text
+from llm_steering.chat_input import fit_chat, message_text
 from llm_steering.config import SteeringSpec, load_steering_spec, save_steering_spec
 from llm_steering.core import atomic_write, one_line, short_repr
 from llm_steering.effects import hit_length_limit
@@ -286,17 +286,13 @@ def export_spec(app: App, fmt: str, *controls: Any) -> str:
         return str(path)
 
 
-def export_chat(app: App, turns: list | None) -> str | None:
-    """The conversation as JSON: each turn what was typed, the answer, the steering that made it
-    (the export format of a steering file), the unsteered answer when compared, and whether it was
-    stopped or cut."""
+def export_chat(app: App, turns: list | None, system_prompt: str = "", history_mode: str = "") -> str | None:
+    """The conversation as JSON (chat_history.chat_export, as the console's /save-chat writes it)."""
     turns = [t for t in (turns or []) if t.get("done", True)]
     if not turns:
         gr.Warning("Nothing to export yet: send a message first.")
         return None
-    keep = ("user", "answer", "steering", "unsteered", "stopped", "capped_at", "auto")
-    data = {"format": "llm-steering/chat", "version": 1, "model_id": app.model_id,
-            "turns": [{k: t.get(k) for k in keep} for t in turns]}
+    data = chat_history.chat_export(turns, app.model_id, system_prompt or "", HISTORY_MODES.get(history_mode, "same"))
     path = Path(tempfile.mkdtemp(prefix="steering-")) / "chat.json"
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8"))
     return str(path)

@@ -177,7 +177,7 @@ def share_events(app: App, w: SimpleNamespace) -> None:
     controls = app.panel.inputs()
     w.export_json.click(bind(h.export_spec, app, "json"), controls, w.exported, **HIDDEN)
     w.export_yaml.click(bind(h.export_spec, app, "yaml"), controls, w.exported, **HIDDEN)
-    w.export_chat.click(bind(h.export_chat, app), w.turns, w.exported, **HIDDEN)
+    w.export_chat.click(bind(h.export_chat, app), [w.turns, w.system_prompt, w.history_mode], w.exported, **HIDDEN)
     w.upload.upload(bind(h.import_spec, app), w.upload, [*controls, w.preset, w.exported], **HIDDEN)
     w.share.click(None, [w.spec_view, w.msg, w.with_message], w.share_link, js=SHARE_LINK, **HIDDEN)
 
