@@ -1,25 +1,10 @@
-"""Steer a chat LLM by editing its residual stream with feature directions.
+"""Steering components and ops, and the two in-process backends (Transformers hooks, NNsight).
 
-Components and ops, and two backends with one meaning (the same tokens under greedy decoding):
-
-* Transformers forward hooks (`stream_steered_answer_hf`): streams text, used by the app
-  and the console chat. A request's hooks act only in its own generation thread and
-  leave the model as soon as its generation ends, so concurrent requests never mix.
-* NNsight interventions (`generate_steered_answer`): returns the whole answer and,
-  optionally, a `SteeringTrace` of what the steering did at every position.
-
-    >>> model, tok = load_model()                      # embedded SmolLM2-135M-Instruct
-    >>> comp = SteeringComponent(layer=10, vector=v, strength=60.0, op="clamp")
-    >>> "".join(stream_steered_answer_hf(model, tok, [{"role": "user", "content": "Hi"}], [comp]))
-
-Steering ops on the hidden state h after decoder layer L, with unit direction v and
-p = h·v: add h + s·v; clamp h + (s - p)·v; cap h + (clip(p, min, max) - p)·v;
-ablate h + (scale - 1)·p·v; add_keepnorm and clamp_keepnorm: add or clamp, then the edited
-state rescaled to |h| at each position (norm-preserving).
-
-The rest of the library lives beside this module and is re-exported here, so that
-`import steering` is all a user needs: models.py (loading, layers, chat template),
-vectors.py (vector files, layer norms), config.py (demo.yaml, steering specs).
+The public API is the root `steering` module, which re-exports this one (and, lazily, the vector
+file and config names); its docstring has the usage. Ops on the hidden state h after decoder
+layer L, with unit direction v and p = h·v: add h + s·v; clamp h + (s - p)·v; cap
+h + (clip(p, min, max) - p)·v; ablate h + (scale - 1)·p·v; add_keepnorm and clamp_keepnorm: add or
+clamp, then the edited state rescaled to |h| at each position (norm-preserving).
 """
 
 from __future__ import annotations
