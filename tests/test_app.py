@@ -114,7 +114,10 @@ def test_browser_preset_streaming_compare_stop(server, tmp_path):
                   60, "both answers to start streaming")
         page.locator("#stop").click()
         wait_for(lambda: "generation threads ended" in log_path.read_text(), 20, "the server to end the generation")
-        # The browser may still be drawing updates sent before the stop: wait until it settles.
+        # The stopped answer's last update (its tag, after the effect view is computed) may take a while
+        # on a loaded machine; then the browser may still be drawing updates sent before it: wait for
+        # the tag, then until the chats settle.
+        wait_for(lambda: "stopped" in bot_texts(page, "chat-steered")[-1], 60, "the answer to be tagged as stopped")
         snapshots = [None]
 
         def settled() -> bool:
