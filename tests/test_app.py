@@ -18,6 +18,7 @@ from llm_steering.web import handlers
 from llm_steering.web.panel import GLOBAL
 
 import pytest
+import torch
 from browser import app_page, bot_texts, running_app, wait_for
 from conftest import write_small_saelens_sae
 
@@ -406,3 +407,26 @@ def test_strength_words_follow_the_measured_curve_and_else_the_default(app_modul
     # beyond the measured fractions, or another op: from the fraction relative to the default (0.2)
     assert strength_label(pirate, 0.8, "clamp", curve) == "breaks the text"
     assert [strength_label(pirate, f, "add", curve) for f in (0.1, 0.2, 0.3)] == ["subtle", "clear", "strong"]
+
+
+def test_the_keep_the_norm_box_steers_with_the_norm_preserving_op_and_round_trips(app_module):
+    """A per-feature control added in one place (panel.FEATURE_CONTROLS): ticking "keep the norm"
+    makes the feature's op clamp_keepnorm; an import of such a spec ticks the box again."""
+    la = app_module.LOADED
+    pirate = next(f for f in la.features if f.key == "pirate")
+    values = la.panel.read(la.panel.pack({("pirate", "on"): True, ("pirate", "op"): "clamp", ("pirate", "keepnorm"): True}))
+    spec = handlers.spec_from_controls(la, values)
+    assert [(f.key, f.op) for f in spec.features] == [("pirate", "clamp_keepnorm")]
+    (comp,) = la.catalog.components(spec)
+    assert comp.op == "clamp_keepnorm" and comp.strength == pytest.approx(spec.features[0].fraction * pirate.norm)
+    ids = torch.tensor([steering.chat_input_ids(la.tokenizer, [{"role": "user", "content": "Tell me about your weekend."}])])
+    with steering.steer(la.model, [comp]):
+        kept = la.model(ids).logits
+    with steering.steer(la.model, [comp.with_op("clamp")]):
+        plain = la.model(ids).logits
+    assert (kept - plain).abs().max() > 1e-2  # the box changes what the model computes
+    shown = la.panel.read(handlers.controls_update(la, spec))
+    assert (shown["pirate", "on"], shown["pirate", "op"], shown["pirate", "keepnorm"]) == (True, "clamp", True)
+    shown = la.panel.read(handlers.controls_update(la, handlers.spec_from_controls(la, la.panel.read(la.panel.pack(
+        {("pirate", "on"): True})))))
+    assert shown["pirate", "keepnorm"] is False

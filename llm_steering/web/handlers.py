@@ -33,7 +33,7 @@ from llm_steering.web.app import (
     user_errors,
 )
 from llm_steering.web.effect_view import effect_html
-from llm_steering.web.panel import CUSTOM, GLOBAL, PanelValues
+from llm_steering.web.panel import CUSTOM, GLOBAL, KEEPNORM, PanelValues
 from llm_steering.web.views import summary_markdown, turn_messages
 
 import gradio as gr
@@ -66,7 +66,7 @@ def model_chat(app: App, system_prompt: str, history: list[dict], message: str) 
 def spec_from_controls(app: App, values: PanelValues) -> SteeringSpec:
     """The switched-on features (the catalog's and the custom one), each strength checked."""
     active = {
-        f.key: (app.catalog.check_fraction(f, values[f.key, "fraction"]), values[f.key, "op"])
+        f.key: (app.catalog.check_fraction(f, values[f.key, "fraction"]), values.op(f.key))
         for f in app.features if values[f.key, "on"]
     }
     custom = values.custom_key()
@@ -199,8 +199,12 @@ def controls_update(app: App, spec: SteeringSpec) -> list:
     for f in app.features:
         values[f.key, "on"], values[f.key, "auto"] = f.key in active, False
         if f.key in active:
-            values[f.key, "fraction"], values[f.key, "op"] = active[f.key]
+            fraction, op = active[f.key]
+            values[f.key, "fraction"], values[f.key, "op"] = fraction, op.removesuffix(KEEPNORM)
+            values[f.key, "keepnorm"] = op.endswith(KEEPNORM)
     if custom:
+        if active[custom[0]][1].endswith(KEEPNORM):
+            raise ValueError(f"feature {custom[0]!r} keeps the norm, which this app offers for its listed features only")
         values[CUSTOM, "key"] = custom[0]
         values[CUSTOM, "fraction"], values[CUSTOM, "op"] = active[custom[0]]
     return app.panel.updates(values)

@@ -55,7 +55,10 @@ FEATURE_CONTROLS = (
                                                                 min_width=150)),
     Control("auto", lambda f: False, lambda f, c: gr.Checkbox(label="auto strength", value=False, scale=1,
                                                               min_width=130)),
+    Control("keepnorm", lambda f: False, lambda f, c: gr.Checkbox(label="keep the norm", value=False, scale=1,
+                                                                  min_width=130)),
 )
+KEEPNORM = "_keepnorm"  # the op suffix the "keep the norm" box adds (add_keepnorm, clamp_keepnorm)
 CUSTOM_DEFAULTS = {"on": False, "key": None, "fraction": 0.5, "op": "clamp"}
 GLOBAL_DEFAULTS = {"steer_prompt": True}
 
@@ -75,6 +78,10 @@ class PanelValues(dict):
         """The custom feature's key when it is switched on and named, else None."""
         key = str(self[CUSTOM, "key"] or "").strip()
         return key if self[CUSTOM, "on"] and key else None
+
+    def op(self, key: str) -> str:
+        """A feature's op as its controls say: its op radio, with "_keepnorm" when its norm box is ticked."""
+        return self[key, "op"] + (KEEPNORM if self[key, "keepnorm"] else "")
 
     @property
     def steer_prompt(self) -> bool:
