@@ -1,4 +1,4 @@
-"""The package's layers, checked from the source: no module imports upward.
+"""The package: its layers (no module imports upward, checked from the source) and its install.
 
     bottom (torch-free)   llm_steering.core, .config, .chat_history, .console.cli
     library               every other module directly in llm_steering/ (and its non-UI subpackages)
@@ -118,3 +118,20 @@ def test_fast_hub_downloads_are_on_in_the_setting_huggingface_hub_reads():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "HF_XET_HIGH_PERFORMANCE": "0"},
                          capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["False", "False"], out.stderr[-500:]
+
+
+def test_pip_install_dot_gives_a_working_library_outside_the_checkout(tmp_path):
+    """`pip install .` (here into a folder, without dependencies: they are the venv's) installs the
+    package with its data and the `steering` API module, importable from anywhere."""
+    target = tmp_path / "site"
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                          "--disable-pip-version-check", "--target", str(target), str(ROOT)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-800:]
+    code = ("import steering, llm_steering; from llm_steering.web import views; "
+            "print(llm_steering.__file__, steering.SteeringComponent.__module__, len(views.strength_curves()))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-800:]
+    where, module, curves = out.stdout.split()
+    assert where.startswith(str(target)) and module.startswith("llm_steering.") and int(curves) > 0
