@@ -360,35 +360,14 @@ def test_sparsify_layers_folders(tmp_path):
     check(mlp.direction, saved["layers.3.mlp"].W_dec.detach()[2])
 
 
-# ---------------------------------------------------------------------------
-# Goodfire: mirrors the model card of Goodfire/Llama-3.1-8B-Instruct-SAE-l19 (SparseAutoEncoder)
-# ---------------------------------------------------------------------------
+def test_the_registry_names_every_format_module_and_config_lists_the_same():
+    """One module per format in llm_steering/saes/formats/, named after it; config.py (torch-free) lists the same names."""
+    from llm_steering import config
 
-
-class GoodfireSAE(nn.Module):
-    """The card's SparseAutoEncoder: encoder_linear = Linear(d_in, d_hidden), decoder_linear = Linear(d_hidden, d_in)."""
-
-    def __init__(self, d_in: int, d_hidden: int):
-        super().__init__()
-        self.encoder_linear = nn.Linear(d_in, d_hidden)
-        self.decoder_linear = nn.Linear(d_hidden, d_in)
-
-
-def write_goodfire(root: Path, layer: int, seed: int = 0) -> GoodfireSAE:
-    """Llama-3.1-8B-Instruct-SAE-l{L}.pth: the module's state_dict, torch.save'd (the card loads it with load_state_dict)."""
-    sae = randomize(GoodfireSAE(D, N), seed)
-    root.mkdir(parents=True, exist_ok=True)
-    torch.save(sae.state_dict(), root / f"Llama-3.1-8B-Instruct-SAE-l{layer}.pth")
-    return sae
-
-
-def test_goodfire_pth(tmp_path):
-    sae = write_goodfire(tmp_path, 19)
-    (f,) = saes.read_features(str(tmp_path), [(19, 40)])
-    check(f.direction, sae.decoder_linear.weight.detach()[:, 40])
-    assert (f.sae.format, f.sae.hook_point) == ("goodfire", "blocks.19.hook_resid_post")
-    with pytest.raises(ValueError, match=r"layer 18 has no goodfire SAE .*\(layers available: 19\)"):
-        saes.read_features(str(tmp_path), [(18, 40)])
+    modules = sorted(p.stem for p in (Path(saes.__file__).parent / "formats").glob("[!_]*.py"))
+    assert list(saes.SAE_FORMATS) == modules == list(config.SAE_FORMATS)
+    assert {f.name for f in saes.FORMATS.values()} == set(modules)
+    assert esv.build_parser()._option_string_actions["--sae-format"].choices == saes.SAE_FORMATS
 
 
 def test_format_detection_across_layouts(tmp_path):
@@ -396,8 +375,7 @@ def test_format_detection_across_layouts(tmp_path):
     write_llamascope(tmp_path / "ls", 3, "R")
     write_saelens(tmp_path / "sl" / "x", "blocks.3.hook_resid_post")
     write_sparsify(tmp_path / "sp", "layers.3")
-    write_goodfire(tmp_path / "gf", 3)
-    for sub, fmt in (("dl", "andyrdt"), ("ls", "llamascope"), ("sl", "saelens"), ("sp", "sparsify"), ("gf", "goodfire")):
+    for sub, fmt in (("dl", "andyrdt"), ("ls", "llamascope"), ("sl", "saelens"), ("sp", "sparsify")):
         assert saes.detect_format(saes.SAESource.open(str(tmp_path / sub))) == fmt
     with pytest.raises(ValueError, match="several SAE layouts .* --sae-format"):
         saes.detect_format(saes.SAESource.open(str(tmp_path)))
@@ -444,7 +422,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     fails(tmp_path / "dl", [(3, 64)], "index 64 is out of range: .* has 64 features")
     fails(tmp_path / "dl", [(5, 1)], r"layer 5 has no andyrdt SAE .*\(layers available: 3\)")
     fails(tmp_path / "dl", [(3, 1)], "layer 3 has no saelens SAE .*none found", sae_format="saelens")
-    fails(tmp_path / "dl", [(3, 1)], "--trainer is for andyrdt", sae_format="goodfire", trainer=0)
+    fails(tmp_path / "dl", [(3, 1)], "--trainer is for andyrdt", sae_format="saelens", trainer=0)
     fails(tmp_path / "dl", [], "no features given")
     fails(tmp_path / "nowhere" / "x", [(3, 1)], "neither a local directory")
 
@@ -469,7 +447,7 @@ def test_hostile_and_truncated_files(tmp_path, monkeypatch):
     write_saelens(cut, "blocks.3.hook_resid_post")
     weights = cut / "sae_weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
-    with pytest.raises(ValueError, match="not a readable safetensors file .*do not fit the file"):
+    with pytest.raises(ValueError, match="not a readable safetensors file .*incomplete metadata"):
         saes.read_features(str(cut.parent), [(3, 1)])
 
 
