@@ -163,6 +163,23 @@ def test_a_hook_z_sae_steers_with_what_the_feature_writes_into_the_residual_stre
     assert code == 2 and "o_proj" in err and not (tmp_path / "none.pt").exists()
 
 
+def test_find_on_hook_z_encodes_the_heads_before_o_proj(tmp_path, tiny):
+    model, tok, _ = tiny
+    sae = save_sl(StandardSAE(StandardSAEConfig(d_in=D, d_sae=N, reshape_activations="hook_z",
+                                                metadata=meta("blocks.2.attn.hook_z"))), tmp_path / "z", 8)
+    z = {}
+    attn = model.model.layers[2].self_attn
+    h = attn.o_proj.register_forward_pre_hook(lambda m, a: z.update(x=a[0][0, 1:]))
+    try:
+        streams(model, tok, 2)
+    finally:
+        h.remove()
+    with torch.no_grad():  # the z taken is what o_proj turns into the layer's attention output
+        torch.testing.assert_close(attn.o_proj(z["x"]), streams(model, tok, 2)["attn_out"], rtol=1e-4, atol=1e-5)
+        acts = sae.encode(z["x"].reshape(-1, 4, D // 4))  # sae_lens's hook_z input: [tokens, heads, d_head]
+    same(sae_find.find_features(str(tmp_path), 2, TEXT, model, tok, k=6, hook_point="blocks.2.attn.hook_z"), acts)
+
+
 def unit_of(v: torch.Tensor) -> torch.Tensor:
     return v.float() / v.float().norm()
 
@@ -187,6 +204,12 @@ def test_a_transcoder_is_at_its_output_hooks_layer(tmp_path, tiny, capsys):
     with torch.no_grad():
         acts = SAE.load_from_disk(tmp_path / "tc").encode(streams(model, tok, 3)["resid_pre"])
     same(sae_find.find_features(str(tmp_path), 3, TEXT, model, tok, k=6, hook_point="blocks.3.hook_mlp_out"), acts)
+    # beside an SAE that reads blocks.3.hook_mlp_out, that hook point names the SAE; the transcoder is named by its input
+    sae = save_sl(StandardSAE(StandardSAEConfig(d_in=D, d_sae=N, metadata=meta("blocks.3.hook_mlp_out"))), tmp_path / "z-sae", 7)
+    (f,) = saes.read_features(str(tmp_path), [(3, 5)], hook_point="blocks.3.hook_mlp_out")
+    check(f.direction, sae.W_dec.detach()[5])
+    (f,) = saes.read_features(str(tmp_path), [(3, 5)], hook_point="blocks.3.hook_resid_pre")
+    check(f.direction, tc.W_dec.detach()[5])
 
 
 # 5. dictionary_learning AutoEncoderTopK without config.json

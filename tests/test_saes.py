@@ -101,6 +101,34 @@ def test_saelens_6_folders_of_each_class_extract_exact_rows_through_the_cli(tmp_
                                       "format": "saelens", "hook_point": "blocks.5.hook_resid_post", "layer": 5, "index": 3}
 
 
+def every_saelens_architecture():
+    from sae_lens.registry import SAE_CLASS_REGISTRY
+
+    return sorted(SAE_CLASS_REGISTRY)
+
+
+@pytest.mark.parametrize("arch", every_saelens_architecture())
+def test_every_saelens_architecture_extracts_its_row_at_its_output_layer(tmp_path, arch):
+    """Each class sae_lens registers, saved by itself (bfloat16 too): transcoders at their output hook's layer."""
+    import dataclasses
+
+    from sae_lens.registry import SAE_CLASS_REGISTRY
+
+    cls, cfg_cls = SAE_CLASS_REGISTRY[arch]
+    fields = {f.name for f in dataclasses.fields(cfg_cls)}
+    kw = {"k": 8, "matryoshka_widths": [16, N], "n_heads": 4, "bottleneck_factor": 1}
+    kw = {key: value for key, value in kw.items() if key in fields}
+    hook = SAEMetadata(hook_name="blocks.3.hook_resid_post", model_name="tiny")
+    if "d_out" in fields:
+        kw.update(d_out=D, apply_b_dec_to_input=False)
+        hook = SAEMetadata(hook_name="blocks.3.hook_resid_pre", hook_name_out="blocks.3.hook_mlp_out", model_name="tiny")
+    sae = randomize(cls(cfg_cls(d_in=D, d_sae=N, dtype="bfloat16" if arch == "standard" else "float32", metadata=hook, **kw)), 1)
+    sae.save_model(tmp_path / "s")
+    (f,) = saes.read_features(str(tmp_path), [(3, 9)], hook_point="blocks.3.hook_mlp_out" if "d_out" in fields else None)
+    check(f.direction, sae.W_dec.detach()[9])
+    assert f.layer == 3 and f.sae.architecture == arch
+
+
 def test_saelens_5x_and_older_cfgs(tmp_path):
     """5.x wrote hook_name and hook_layer at the top level, older versions hook_point (no metadata)."""
     for version, fields in (("5.x", {"hook_name": "blocks.4.hook_resid_post", "hook_layer": 4}),

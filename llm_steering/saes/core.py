@@ -176,7 +176,8 @@ def locate_sae(src: SAESource | str, layer: int, sae_format: str | None = None, 
         hits = [c for c in cands if c.residual and c.layer == layer]
         if not hits:
             raise ValueError(_no_sae_message(src, name, cands, layer, trainer))
-    return min(hits, key=lambda c: (c.rank, c.file))
+    # an SAE that reads `hook_point` before a transcoder that writes it
+    return min(hits, key=lambda c: (hook_point is not None and c.hook_point != hook_point, c.rank, c.file))
 
 
 def _no_sae_message(src: SAESource, name: str, cands: list[SAEFile], layer: int, trainer: int | None) -> str:
