@@ -8,7 +8,7 @@
 It writes a random SAE in the chosen layout (encoder + decoder, d_model 1024, d_sae 131072:
 2 x 512 MiB of float32) into a temporary directory, then runs two fresh processes and
 reads their peak resident memory (VmHWM): one that only imports torch, one that imports
-saes and extracts the features (with --find: runs sae_find.top_features on 64 random
+llm_steering.saes and extracts the features (with --find: runs saes.top_features on 64 random
 hidden states, the encoder read in 64 MiB chunks). It prints both and their ratio
 (target: under 2x), and checks the extracted columns (or the found features) against the
 written ones.
@@ -17,6 +17,7 @@ written ones.
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import tempfile
@@ -46,12 +47,12 @@ print(open('/proc/self/status').read().split('VmHWM:')[1].split()[0])
 CHILD_FIND = """
 import sys, time
 import torch
-from llm_steering import saes, sae_find
+from llm_steering import saes
 src = saes.SAESource.open({source!r})
-enc = sae_find.load_encoder(src, saes.locate_sae(src, {layer}))
+enc = saes.load_encoder(src, saes.locate_sae(src, {layer}))
 hidden = torch.randn(64, {d_model}, generator=torch.Generator().manual_seed(1))
 t0 = time.perf_counter()
-found = sae_find.top_features(enc, hidden, {layer}, k=10)
+found = saes.top_features(enc, hidden, {layer}, k=10)
 took = time.perf_counter() - t0
 want = torch.load({ref!r}, weights_only=True)["find"].tolist()
 assert [f.index for f in found] == want, ([f.index for f in found], want)
@@ -73,8 +74,10 @@ def write_sae(root: Path, layout: str, layer: int, features: list[int]) -> None:
     if layout == "andyrdt":
         folder = root / f"resid_post_layer_{layer}" / "trainer_1"
         folder.mkdir(parents=True)
+        # dictionary_learning's AutoEncoder (relu(encoder(x - bias))), as trainSAE saves it
         torch.save({"encoder.weight": enc, "encoder.bias": torch.zeros(D_SAE), "decoder.weight": dec,
-                    "b_dec": torch.zeros(D_MODEL), "k": torch.tensor(64)}, folder / "ae.pt")
+                    "bias": torch.zeros(D_MODEL)}, folder / "ae.pt")
+        (folder / "config.json").write_text(json.dumps({"trainer": {"dict_class": "AutoEncoder", "layer": layer}}))
     else:
         from safetensors.torch import save_file
 

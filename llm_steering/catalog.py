@@ -267,8 +267,7 @@ class Catalog:
     def find(self, text: str, layers: Sequence[int] | None = None, k: int = 10) -> list[FoundFeatureLink]:
         """The SAE features that fire most on `text` (best first, by mean activation), each with
         its Neuronpedia link where one exists; `layers` default to the profile's SAE feature layers."""
-        from llm_steering.sae_find import find_features
-        from llm_steering.saes import neuronpedia_url
+        from llm_steering.saes import find_features, neuronpedia_url
 
         source = self.profile.sae_source
         if not source:

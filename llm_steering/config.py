@@ -32,7 +32,9 @@ from llm_steering.core import (
 SPEC_FORMAT = "llm-steering/spec"
 FEATURE_OPS = ("add", "clamp")  # the ops a feature is switched on with by name (demo.yaml, --steer, /steer)
 SPEC_OPS = (*FEATURE_OPS, "add_keepnorm", "clamp_keepnorm")  # a spec may also keep the norm (the app's per-feature box)
-SAE_FORMATS = ("andyrdt", "llamascope", "saelens", "sparsify", "goodfire")
+# the SAE formats of llm_steering/saes/registry.py: one module each in saes/formats/, named after the format
+# (read from the file names: this torch-free module may not import the saes package)
+SAE_FORMATS = tuple(sorted(p.stem for p in (Path(__file__).parent / "saes" / "formats").glob("[!_]*.py")))
 MAX_YAML_BYTES = 1_000_000  # demo.yaml and concept files are tens of kB
 MAX_SPEC_BYTES = 64_000  # a steering spec is a few hundred bytes
 

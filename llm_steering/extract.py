@@ -11,12 +11,16 @@
     # ... or at given layers (one layer: named after the concept; several: "{concept}_L{layer}"):
     python extract_steering_vectors.py --contrastive concepts.yaml --layers 6 9 12 --output sweep_vectors.pt
 
-SAE layouts (detected from the files; `--sae-format` forces one; details in saes.py): andyrdt
-(dictionary_learning), llamascope, saelens (every version's cfg.json), sparsify (EleutherAI) and
-goodfire. A layer is the residual stream after that decoder layer: an SAE on resid_post L is
-layer L, one on resid_pre L is layer L-1; SAEs on other hook points are used only when
-`--hook-point` names them. Only the needed elements are read. Vectors are scaled to unit
-length; each SAE vector records its source, file, format and hook point in its metadata.
+SAE layouts: one module each in llm_steering/saes/formats/, detected from the files
+(`--sae-format` forces one; --help lists them). A layer is the residual stream after that decoder
+layer, and an SAE is at the layer of the hook its decoder writes: resid_post L is layer L,
+resid_pre L is layer L-1, a transcoder is at its output hook's layer. SAEs that do not write the
+residual stream (mlp_out, attn_out, hook_z, transcoders) are used only when `--hook-point` names
+them; hook_z rows are mapped into the residual stream through the layer's o_proj (so they need
+the model). `--find` encodes the activations of the SAE's own input hook. An SAE whose config
+names another model than --model is refused unless `--allow-other-model`. Only the needed
+elements are read. Vectors are scaled to unit length; each SAE vector records its source, file,
+format and hook point in its metadata.
 
 The output records the model's typical residual norm after every layer it has vectors for
 (measured on a neutral text; `--skip-norms` to leave it out). An existing output file is
@@ -35,8 +39,14 @@ from pathlib import Path
 from typing import Any
 
 from llm_steering import steering
-from llm_steering.sae_find import find_features
-from llm_steering.saes import SAE_FORMATS, extract_sae_features, first_line, neuronpedia_url, read_features  # noqa: F401
+from llm_steering.core import one_line
+from llm_steering.saes import (  # noqa: F401
+    SAE_FORMATS,
+    extract_sae_features,
+    find_features,
+    neuronpedia_url,
+    read_features,
+)
 from llm_steering.steering import SteeringVector, SteeringVectorSet
 
 import torch
@@ -210,8 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--find", metavar="TEXT", help="SAE: list the features that fire most on TEXT at each of --layers")
     parser.add_argument("--top-k", type=int, default=10, help="--find: how many features per layer (default 10)")
     parser.add_argument("--sae-format", choices=SAE_FORMATS, help="force the SAE layout instead of detecting it")
-    parser.add_argument("--hook-point", help="use the SAE at this hook point (e.g. blocks.5.hook_mlp_out) even if it "
-                        "is not the residual stream; its decoder directions are then added after that block")
+    parser.add_argument("--hook-point", help="use the SAE at this hook point (e.g. blocks.5.hook_mlp_out; a transcoder's input "
+                        "or output hook) even if it does not write the residual stream; its decoder directions are then added "
+                        "after that block (hook_z rows mapped through the layer's o_proj)")
+    parser.add_argument("--allow-other-model", action="store_true",
+                        help="use SAEs whose config names another model than --model (e.g. a base model's SAEs on its instruct model)")
     parser.add_argument("--trainer", type=int, help="andyrdt (dictionary_learning): use trainer_N (default: trainer_1)")
     parser.add_argument("--layers", nargs="+", type=int,
                         help="contrastive: layers for the vectors (default: each concept's 'layer'); --find: SAE layers to look in")
@@ -236,56 +249,70 @@ def run(args: argparse.Namespace) -> SteeringVectorSet | None:
     existing = None
     if output is not None and output.exists() and not args.overwrite:
         existing = SteeringVectorSet.load(output)  # an unreadable file stops us here, untouched
-    model = tok = None
     if args.contrastive:
         concepts = with_negatives(load_concepts(args.contrastive), args.negatives)
         model, tok = steering.load_model(args.model)
         vectors = extract_contrastive(model, tok, concepts, args.layers, args.method, source=str(args.contrastive))
         model_id, d_model = steering.model_id_of(model), steering.hidden_size(model)
     else:
-        features = list(args.features)
-        if args.find is not None:
-            if features:
-                raise ValueError("give --find or --features, not both")
-            if not args.layers:
-                raise ValueError("--find needs --layers: the SAE layer(s) to look in, e.g. --layers 15")
-            model, tok = steering.load_model(args.model)
-            for layer in args.layers:
-                found = find_features(args.sae_source, layer, args.find, model, tok, args.top_k, args.sae_format,
-                                      args.hook_point, args.trainer)
-                _print_found(args.sae_source, layer, found)
-                features += [(f.layer, f.index) for f in found]
-            if output is None:
-                return None
-            if not features:
-                raise ValueError("no feature fires on the text: nothing to write")
-        elif not features:
-            raise ValueError("--sae-source needs --features layer:index ... (or --find TEXT --layers L)")
-        if args.skip_norms and not args.model:
-            raise ValueError("--skip-norms needs --model: the id of the model these SAEs belong to, to record in the file")
-        vectors = extract_sae_features(args.sae_source, features, args.sae_format, args.hook_point, args.trainer)
+        got = _sae_vectors(args, print_only=output is None)
+        if got is None:
+            return None
+        vectors, model, tok, model_id = got
         d_model = vectors[0].vector.numel()
-        if args.skip_norms:
-            model = None
-            model_id = args.model
-        else:
-            if model is None:
-                model, tok = steering.load_model(args.model)
-            model_id = steering.model_id_of(model)
-            if steering.hidden_size(model) != d_model:
-                raise ValueError(
-                    f"the SAE vectors have size {d_model}, but {model_id}'s hidden size is {steering.hidden_size(model)}: "
-                    "pass the model these SAEs were trained for with --model"
-                )
-            n_layers = steering.num_layers(model)
-            for vec in vectors:
-                if vec.layer >= n_layers:
-                    raise ValueError(f"layer {vec.layer} is out of range: {model_id} has {n_layers} layers (0-{n_layers - 1})")
     norms = {} if model is None else steering.measure_layer_norms(model, tok, sorted({v.layer for v in vectors}))
     new = SteeringVectorSet(model_id=model_id, hidden_size=d_model, vectors=vectors, layer_norms=norms)
     result = existing.merged(new) if existing is not None else new
     result.save(output)
     return result
+
+
+def _sae_vectors(args: argparse.Namespace, print_only: bool) -> tuple[list[SteeringVector], Any, Any, str] | None:
+    """The SAE vectors the command line asks for (--features, or the features --find prints), the model
+    loaded for their norms (None with --skip-norms), its tokenizer and id; None: --find printed only."""
+    features = list(args.features)
+    if args.find is not None and features:
+        raise ValueError("give --find or --features, not both")
+    if args.find is None and not features:
+        raise ValueError("--sae-source needs --features layer:index ... (or --find TEXT --layers L)")
+    loaded: dict[str, Any] = {"model": None, "tok": None}
+
+    def load() -> Any:  # the model, loaded once, when it is first needed
+        if loaded["model"] is None:
+            loaded["model"], loaded["tok"] = steering.load_model(args.model)
+        return loaded["model"]
+
+    if args.find is not None:
+        if not args.layers:
+            raise ValueError("--find needs --layers: the SAE layer(s) to look in, e.g. --layers 15")
+        load()
+        for layer in args.layers:
+            found = find_features(args.sae_source, layer, args.find, loaded["model"], loaded["tok"], args.top_k,
+                                  args.sae_format, args.hook_point, args.trainer,
+                                  allow_other_model=args.allow_other_model, model_id=args.model)
+            _print_found(args.sae_source, layer, found)
+            features += [(f.layer, f.index) for f in found]
+        if print_only:
+            return None
+        if not features:
+            raise ValueError("no feature fires on the text: nothing to write")
+    if args.skip_norms and not args.model:
+        raise ValueError("--skip-norms needs --model: the id of the model these SAEs belong to, to record in the file")
+    vectors = extract_sae_features(args.sae_source, features, args.sae_format, args.hook_point, args.trainer,
+                                   model=(lambda: loaded["model"]) if args.skip_norms else load,
+                                   model_id=args.model or steering.EMBEDDED_MODEL_ID, allow_other_model=args.allow_other_model)
+    if args.skip_norms:
+        return vectors, None, None, args.model
+    model = load()
+    model_id, d_model = steering.model_id_of(model), vectors[0].vector.numel()
+    if steering.hidden_size(model) != d_model:
+        raise ValueError(f"the SAE vectors have size {d_model}, but {model_id}'s hidden size is {steering.hidden_size(model)}: "
+                         "pass the model these SAEs were trained for with --model")
+    n_layers = steering.num_layers(model)
+    for vec in vectors:
+        if vec.layer >= n_layers:
+            raise ValueError(f"layer {vec.layer} is out of range: {model_id} has {n_layers} layers (0-{n_layers - 1})")
+    return vectors, model, loaded["tok"], model_id
 
 
 def _print_found(source: str, layer: int, found: list) -> None:
@@ -301,7 +328,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result = run(args)
     except (ValueError, OSError) as exc:  # OSError: an unreadable file, a full disk, a read-only directory
-        print(f"error: {first_line(exc)}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     if result is not None:
         names = ", ".join(v.name for v in result.vectors)

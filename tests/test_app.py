@@ -342,7 +342,7 @@ def test_hostile_requests_get_short_errors_fast_and_the_app_keeps_serving(server
 
 def test_browser_find_features_from_text_and_steer_one(tmp_path, embedded):
     """A profile with an SAE: the app lists the features a plain encoder ranks highest; a click steers one."""
-    from llm_steering import sae_find
+    from llm_steering.saes import find as sae_find
 
     model, tok = embedded
     d = steering.hidden_size(model)

@@ -445,7 +445,7 @@ def test_ctrl_c_with_nnsight_returns_at_once_and_cancels_the_run(embedded, shipp
 
 
 def test_find_lists_the_features_that_fire_and_one_steers_them(embedded, sae_profile):
-    from llm_steering import sae_find
+    from llm_steering.saes import find as sae_find
 
     model, tok = embedded
     path, _ = sae_profile

@@ -10,12 +10,13 @@ from __future__ import annotations
 import math
 
 from llm_steering import extract as esv
-from llm_steering import sae_find, saes, steering
+from llm_steering import saes, steering
+from llm_steering.saes import find as sae_find
 
 import pytest
 import torch
 from sae_lens import SAE
-from test_saes import D, N, write_dictionary_learning, write_goodfire, write_llamascope, write_saelens, write_sparsify
+from test_saes import D, N, write_dictionary_learning, write_llamascope, write_saelens, write_sparsify
 
 LAYER = 3
 TEXT = "The Eiffel Tower stands in Paris, and we climbed it at night to see the city lights."
@@ -96,7 +97,7 @@ def test_dictionary_learning_matches_its_encode(tmp_path, tiny, dict_class):
     assert_same(sae_find.find_features(str(tmp_path), LAYER, TEXT, model, tok, k=5, chunk_size=9), expected(acts, 5))
 
 
-def test_llamascope_sparsify_goodfire_match_their_encode(tmp_path, tiny):
+def test_llamascope_and_sparsify_match_their_encode(tmp_path, tiny):
     model, tok = tiny
     x = hidden_at(model, tok, TEXT, LAYER)
     # Llama Scope: inputs scaled to norm sqrt(d_model) on average (dataset-wise), then JumpReLU
@@ -112,11 +113,6 @@ def test_llamascope_sparsify_goodfire_match_their_encode(tmp_path, tiny):
         top = post.topk(sp.cfg["k"], dim=-1)
         acts = torch.zeros_like(post).scatter_(-1, top.indices, top.values)
     assert_same(sae_find.find_features(str(tmp_path / "sp"), LAYER, TEXT, model, tok, k=5, chunk_size=11), expected(acts, 5))
-    # Goodfire: relu(encoder_linear(x))
-    gf = write_goodfire(tmp_path / "gf", LAYER, seed=5)
-    with torch.no_grad():
-        acts = torch.relu(gf.encoder_linear(x))
-    assert_same(sae_find.find_features(str(tmp_path / "gf"), LAYER, TEXT, model, tok, k=5, chunk_size=13), expected(acts, 5))
 
 
 def test_the_encoder_is_read_in_chunks(tmp_path, tiny, monkeypatch):
@@ -166,7 +162,7 @@ def test_bad_inputs(tmp_path, tiny):
 
 def test_cli_find_prints_and_writes_the_found_features(tmp_path, tiny, capsys):
     model, tok = tiny
-    model_dir = tmp_path / "model"
+    model_dir = tmp_path / "tiny"  # the model the SAE's config.json names (lm_name)
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     ae = write_dictionary_learning(tmp_path / "sae", LAYER, "BatchTopKSAE", seed=2)

@@ -101,6 +101,34 @@ def test_saelens_6_folders_of_each_class_extract_exact_rows_through_the_cli(tmp_
                                       "format": "saelens", "hook_point": "blocks.5.hook_resid_post", "layer": 5, "index": 3}
 
 
+def every_saelens_architecture():
+    from sae_lens.registry import SAE_CLASS_REGISTRY
+
+    return sorted(SAE_CLASS_REGISTRY)
+
+
+@pytest.mark.parametrize("arch", every_saelens_architecture())
+def test_every_saelens_architecture_extracts_its_row_at_its_output_layer(tmp_path, arch):
+    """Each class sae_lens registers, saved by itself (bfloat16 too): transcoders at their output hook's layer."""
+    import dataclasses
+
+    from sae_lens.registry import SAE_CLASS_REGISTRY
+
+    cls, cfg_cls = SAE_CLASS_REGISTRY[arch]
+    fields = {f.name for f in dataclasses.fields(cfg_cls)}
+    kw = {"k": 8, "matryoshka_widths": [16, N], "n_heads": 4, "bottleneck_factor": 1}
+    kw = {key: value for key, value in kw.items() if key in fields}
+    hook = SAEMetadata(hook_name="blocks.3.hook_resid_post", model_name="tiny")
+    if "d_out" in fields:
+        kw.update(d_out=D, apply_b_dec_to_input=False)
+        hook = SAEMetadata(hook_name="blocks.3.hook_resid_pre", hook_name_out="blocks.3.hook_mlp_out", model_name="tiny")
+    sae = randomize(cls(cfg_cls(d_in=D, d_sae=N, dtype="bfloat16" if arch == "standard" else "float32", metadata=hook, **kw)), 1)
+    sae.save_model(tmp_path / "s")
+    (f,) = saes.read_features(str(tmp_path), [(3, 9)], hook_point="blocks.3.hook_mlp_out" if "d_out" in fields else None)
+    check(f.direction, sae.W_dec.detach()[9])
+    assert f.layer == 3 and f.sae.architecture == arch
+
+
 def test_saelens_5x_and_older_cfgs(tmp_path):
     """5.x wrote hook_name and hook_layer at the top level, older versions hook_point (no metadata)."""
     for version, fields in (("5.x", {"hook_name": "blocks.4.hook_resid_post", "hook_layer": 4}),
@@ -360,35 +388,14 @@ def test_sparsify_layers_folders(tmp_path):
     check(mlp.direction, saved["layers.3.mlp"].W_dec.detach()[2])
 
 
-# ---------------------------------------------------------------------------
-# Goodfire: mirrors the model card of Goodfire/Llama-3.1-8B-Instruct-SAE-l19 (SparseAutoEncoder)
-# ---------------------------------------------------------------------------
+def test_the_registry_names_every_format_module_and_config_lists_the_same():
+    """One module per format in llm_steering/saes/formats/, named after it; config.py (torch-free) lists the same names."""
+    from llm_steering import config
 
-
-class GoodfireSAE(nn.Module):
-    """The card's SparseAutoEncoder: encoder_linear = Linear(d_in, d_hidden), decoder_linear = Linear(d_hidden, d_in)."""
-
-    def __init__(self, d_in: int, d_hidden: int):
-        super().__init__()
-        self.encoder_linear = nn.Linear(d_in, d_hidden)
-        self.decoder_linear = nn.Linear(d_hidden, d_in)
-
-
-def write_goodfire(root: Path, layer: int, seed: int = 0) -> GoodfireSAE:
-    """Llama-3.1-8B-Instruct-SAE-l{L}.pth: the module's state_dict, torch.save'd (the card loads it with load_state_dict)."""
-    sae = randomize(GoodfireSAE(D, N), seed)
-    root.mkdir(parents=True, exist_ok=True)
-    torch.save(sae.state_dict(), root / f"Llama-3.1-8B-Instruct-SAE-l{layer}.pth")
-    return sae
-
-
-def test_goodfire_pth(tmp_path):
-    sae = write_goodfire(tmp_path, 19)
-    (f,) = saes.read_features(str(tmp_path), [(19, 40)])
-    check(f.direction, sae.decoder_linear.weight.detach()[:, 40])
-    assert (f.sae.format, f.sae.hook_point) == ("goodfire", "blocks.19.hook_resid_post")
-    with pytest.raises(ValueError, match=r"layer 18 has no goodfire SAE .*\(layers available: 19\)"):
-        saes.read_features(str(tmp_path), [(18, 40)])
+    modules = sorted(p.stem for p in (Path(saes.__file__).parent / "formats").glob("[!_]*.py"))
+    assert list(saes.SAE_FORMATS) == modules == list(config.SAE_FORMATS)
+    assert {f.name for f in saes.FORMATS.values()} == set(modules)
+    assert esv.build_parser()._option_string_actions["--sae-format"].choices == saes.SAE_FORMATS
 
 
 def test_format_detection_across_layouts(tmp_path):
@@ -396,8 +403,7 @@ def test_format_detection_across_layouts(tmp_path):
     write_llamascope(tmp_path / "ls", 3, "R")
     write_saelens(tmp_path / "sl" / "x", "blocks.3.hook_resid_post")
     write_sparsify(tmp_path / "sp", "layers.3")
-    write_goodfire(tmp_path / "gf", 3)
-    for sub, fmt in (("dl", "andyrdt"), ("ls", "llamascope"), ("sl", "saelens"), ("sp", "sparsify"), ("gf", "goodfire")):
+    for sub, fmt in (("dl", "andyrdt"), ("ls", "llamascope"), ("sl", "saelens"), ("sp", "sparsify")):
         assert saes.detect_format(saes.SAESource.open(str(tmp_path / sub))) == fmt
     with pytest.raises(ValueError, match="several SAE layouts .* --sae-format"):
         saes.detect_format(saes.SAESource.open(str(tmp_path)))
@@ -444,7 +450,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     fails(tmp_path / "dl", [(3, 64)], "index 64 is out of range: .* has 64 features")
     fails(tmp_path / "dl", [(5, 1)], r"layer 5 has no andyrdt SAE .*\(layers available: 3\)")
     fails(tmp_path / "dl", [(3, 1)], "layer 3 has no saelens SAE .*none found", sae_format="saelens")
-    fails(tmp_path / "dl", [(3, 1)], "--trainer is for andyrdt", sae_format="goodfire", trainer=0)
+    fails(tmp_path / "dl", [(3, 1)], "--trainer is for andyrdt", sae_format="saelens", trainer=0)
     fails(tmp_path / "dl", [], "no features given")
     fails(tmp_path / "nowhere" / "x", [(3, 1)], "neither a local directory")
 
@@ -469,7 +475,7 @@ def test_hostile_and_truncated_files(tmp_path, monkeypatch):
     write_saelens(cut, "blocks.3.hook_resid_post")
     weights = cut / "sae_weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
-    with pytest.raises(ValueError, match="not a readable safetensors file .*do not fit the file"):
+    with pytest.raises(ValueError, match="not a readable safetensors file .*incomplete metadata"):
         saes.read_features(str(cut.parent), [(3, 1)])
 
 
