@@ -233,7 +233,7 @@ def cmd_sweep(args) -> None:
     with open(args.out, "a") as fh:
         for (L, op), group in groups.items():
             print(f"layer {L} {op}: {len(group)} settings", file=sys.stderr, flush=True)
-            for r in evaluate(model, tok, group, vectors, TUNING_PROMPTS, args):
+            for r in evaluate(model, tok, group, vectors, TUNING_PROMPTS[: args.limit], args):
                 r.update(method=args.method, negatives=args.negatives, answer_only=args.answer_only, concepts=args.concepts)
                 fh.write(json.dumps(r) + "\n")
                 fh.flush()
@@ -268,15 +268,15 @@ def cmd_eval(args) -> None:
             continue
         vec = vset.get(feat.name)
         vectors[(feat.name, feat.layer)] = vec.vector
-        settings.append({"concept": feat.name, "layer": feat.layer, "op": feat.mode,
+        settings.append({"concept": feat.name, "layer": feat.layer, "op": feat.op,
                          "fraction": feat.strength / vset.norm(feat.layer), "strength": feat.strength})
-    results = evaluate(model, tok, settings, vectors, HELD_OUT_PROMPTS, args)
+    results = evaluate(model, tok, settings, vectors, HELD_OUT_PROMPTS[: args.limit], args)
     print("| concept | layer | op | strength (fraction of norm) | mention steered | mention unsteered | NLL ratio | rep3 | pass |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         ok = r["mention"] >= 3 and r["base_mention"] == 0 and r["nll_ratio"] <= 2.5 and r["rep3"] < 0.2
-        print(f"| `{r['concept']}` | {r['layer']} | {r['op']} | {r['strength']:.1f} ({r['fraction']:.2f}) | {r['mention']}/5 | "
-              f"{r['base_mention']}/5 | {r['nll_ratio']:.2f} | {r['rep3']:.3f} | {'yes' if ok else 'no'} |")
+        print(f"| `{r['concept']}` | {r['layer']} | {r['op']} | {r['strength']:.1f} ({r['fraction']:.2f}) | {r['mention']}/{r['n']} | "
+              f"{r['base_mention']}/{r['n']} | {r['nll_ratio']:.2f} | {r['rep3']:.3f} | {'yes' if ok else 'no'} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     if args.check:
@@ -302,6 +302,8 @@ def main() -> None:
         p.add_argument("--max-new-tokens", type=int, default=64)
         p.add_argument("--repetition-penalty", type=float, default=1.1)
         p.add_argument("--batch-size", type=int, default=40)
+    for name in ("sweep", "eval"):
+        sub.choices[name].add_argument("--limit", type=int, help="only the first N prompts (a quick check)")
     sw = sub.choices["sweep"]
     sw.add_argument("--concepts", default=str(ROOT / "concepts.yaml"))
     sw.add_argument("--only", nargs="+", help="concepts to sweep (default: all)")
