@@ -14,10 +14,11 @@ Metrics per concept and setting, over the prompts:
 - mention: answers containing one of the concept's KEYWORDS (whole words, case-insensitive);
 - NLL ratio: mean negative log-likelihood per answer token of the steered answers under the
   unsteered model, divided by that of the unsteered answers to the same prompts;
-- rep3: fraction of repeated word 3-grams in an answer (1 - unique/total), mean over answers.
-Steering is per batch row (a hook adds or clamps each row's own vector), so a whole grid
-runs in a few batched generations; `eval --check` verifies that it gives the same tokens as
-steering.generate_steered_answer_hf.
+- rep3: fraction of repeated word 3-grams in an answer (1 - unique/total), mean over answers
+  (llm_steering.calibrate.rep3).
+Steering is per batch row (llm_steering.calibrate.generate_rows: each row's own components), so a
+whole grid runs in a few batched generations, and the NLLs are calibrate.answer_nll's; `eval --check`
+verifies that it gives the same tokens as steering.generate_steered_answer_hf.
 """
 
 from __future__ import annotations
@@ -27,14 +28,11 @@ import json
 import re
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
+from llm_steering import calibrate, steering
 from llm_steering import extract as esv
-from llm_steering import steering
-
-import torch
+from llm_steering.steering import SteeringComponent
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -79,101 +77,8 @@ def mentions(text: str, concept: str) -> bool:
     return any(re.search(rf"(?<![a-z]){re.escape(k)}(?![a-z])", low) for k in KEYWORDS[concept])
 
 
-def rep3(text: str) -> float:
-    words = re.findall(r"[a-z0-9']+", text.lower())
-    grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
-    return 0.0 if not grams else 1.0 - len(set(grams)) / len(grams)
-
-
-# ---------------------------------------------------------------------------
-# Batched generation with a different steering per row
-# ---------------------------------------------------------------------------
-
-
-@contextmanager
-def row_steering(model: Any, rows: list[tuple[int, torch.Tensor, float, str] | None], answer_only: bool = False):
-    """Hooks steering batch row b with rows[b] = (layer, unit vector, strength, op) or None (unsteered).
-
-    `answer_only` leaves the prompt pass alone (as steer_prompt=False does)."""
-    _, layers = steering.decoder_layers(model)
-    d = steering.hidden_size(model)
-    by_layer: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    for b, row in enumerate(rows):
-        if row is None:
-            continue
-        layer, vec, strength, op = row
-        if layer not in by_layer:
-            by_layer[layer] = (torch.zeros(len(rows), d), torch.zeros(len(rows)), torch.zeros(len(rows), dtype=torch.bool))
-        V, S, C = by_layer[layer]
-        V[b], S[b], C[b] = vec, strength, op == "clamp"
-
-    def hook_for(V: torch.Tensor, S: torch.Tensor, C: torch.Tensor):
-        def hook(module: Any, args: Any, output: Any) -> Any:
-            hidden = steering.layer_hidden(output)  # [batch, seq, d]
-            if answer_only and hidden.shape[1] > 1:
-                return None  # the prompt pass (left-padded prompts all end at the same position)
-            n = hidden.shape[0]
-            v, s, c = V[:n, None, :], S[:n, None], C[:n, None]
-            proj = (hidden * v).sum(-1)  # [batch, seq]
-            delta = torch.where(c, s - proj, s.expand_as(proj))
-            edited = hidden + delta.unsqueeze(-1) * v
-            return steering.with_hidden(output, edited)
-        return hook
-
-    handles = [layers[L].register_forward_hook(hook_for(*t)) for L, t in by_layer.items()]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def prompt_ids(tok: Any, prompt: str) -> list[int]:
-    return steering.chat_input_ids(tok, [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}])
-
-
-def generate_rows(model: Any, tok: Any, prompts: list[str], rows: list, max_new: int, rep_pen: float,
-                  batch_size: int, answer_only: bool = False) -> list[list[int]]:
-    """Greedy answers (token ids, EOS cut) for prompts[b] steered by rows[b], in left-padded batches."""
-    from transformers import GenerationConfig
-
-    eos = set(steering.eos_ids(model, tok))
-    config = GenerationConfig(max_new_tokens=max_new, do_sample=False, temperature=None, top_p=None, top_k=None,
-                              repetition_penalty=rep_pen, pad_token_id=tok.pad_token_id, eos_token_id=sorted(eos))
-    out: list[list[int]] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = [prompt_ids(tok, p) for p in prompts[start : start + batch_size]]
-        width = max(map(len, chunk))
-        ids = torch.tensor([[tok.pad_token_id] * (width - len(c)) + c for c in chunk])
-        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in chunk])
-        with row_steering(model, rows[start : start + batch_size], answer_only), torch.inference_mode():
-            gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-        for row in gen[:, width:].tolist():
-            cut = next((i for i, t in enumerate(row) if t in eos), len(row))
-            out.append(row[:cut])
-    return out
-
-
-def answer_nll(model: Any, tok: Any, prompts: list[str], answers: list[list[int]], batch_size: int) -> list[float]:
-    """Mean NLL per answer token under the unsteered model, given the chat prompt (right-padded batches)."""
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        pids = [prompt_ids(tok, p) for p in prompts[start : start + batch_size]]
-        seqs = [p + a for p, a in zip(pids, answers[start : start + batch_size], strict=True)]
-        width = max(map(len, seqs))
-        ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-        with torch.inference_mode():
-            logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)  # [batch, seq, vocab]
-        for b, (p, s) in enumerate(zip(pids, seqs, strict=True)):
-            n = len(s) - len(p)
-            if n == 0:
-                out.append(float("nan"))
-                continue
-            targets = torch.tensor(s[len(p) :])
-            lp = logp[b, len(p) - 1 : len(s) - 1].gather(-1, targets[:, None]).squeeze(-1)
-            out.append(float(-lp.mean()))
-    return out
+def chat(prompt: str) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
 
 
 # ---------------------------------------------------------------------------
@@ -183,19 +88,21 @@ def answer_nll(model: Any, tok: Any, prompts: list[str], answers: list[list[int]
 
 def evaluate(model, tok, settings: list[dict], vectors: dict, prompts: list[str], args) -> list[dict]:
     """Run every setting {concept, layer, op, fraction, strength} on every prompt; add metrics."""
-    base_ans = generate_rows(model, tok, prompts, [None] * len(prompts), args.max_new_tokens, args.repetition_penalty, args.batch_size)
-    base_nll = answer_nll(model, tok, prompts, base_ans, args.batch_size)
+    chats = [chat(p) for p in prompts]
+    base_ans = calibrate.generate_rows(model, tok, chats, [[]] * len(chats), args.max_new_tokens, args.repetition_penalty,
+                                       batch_size=args.batch_size)
+    base_nll = calibrate.answer_nll(model, tok, chats, base_ans, args.batch_size)
     base_txt = [tok.decode(a, skip_special_tokens=True) for a in base_ans]
-    all_prompts, rows = [], []
+    all_chats, rows = [], []
     for s in settings:
-        vec = vectors[(s["concept"], s["layer"])]
-        for p in prompts:
-            all_prompts.append(p)
-            rows.append((s["layer"], vec, s["strength"], s["op"]))
+        comp = SteeringComponent(s["layer"], vectors[(s["concept"], s["layer"])], strength=s["strength"], op=s["op"],
+                                 name=s["concept"])
+        all_chats += chats
+        rows += [[comp]] * len(chats)
     t0 = time.time()
-    answers = generate_rows(model, tok, all_prompts, rows, args.max_new_tokens, args.repetition_penalty, args.batch_size,
-                            getattr(args, "answer_only", False))
-    nlls = answer_nll(model, tok, all_prompts, answers, args.batch_size)
+    answers = calibrate.generate_rows(model, tok, all_chats, rows, args.max_new_tokens, args.repetition_penalty,
+                                      steer_prompt=not getattr(args, "answer_only", False), batch_size=args.batch_size)
+    nlls = calibrate.answer_nll(model, tok, all_chats, answers, args.batch_size)
     print(f"  {len(rows)} generations in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
     results = []
     n = len(prompts)
@@ -208,7 +115,7 @@ def evaluate(model, tok, settings: list[dict], vectors: dict, prompts: list[str]
             "mention": sum(mentions(t, s["concept"]) for t in texts), "n": n,
             "base_mention": sum(mentions(t, s["concept"]) for t in base_txt),
             "nll_ratio": (sum(nll) / len(nll)) / base_mean if nll else float("inf"),
-            "rep3": sum(map(rep3, texts)) / n, "texts": texts,
+            "rep3": sum(map(calibrate.rep3, texts)) / n, "texts": texts,
         })
     return results
 
@@ -233,7 +140,7 @@ def cmd_sweep(args) -> None:
     with open(args.out, "a") as fh:
         for (L, op), group in groups.items():
             print(f"layer {L} {op}: {len(group)} settings", file=sys.stderr, flush=True)
-            for r in evaluate(model, tok, group, vectors, TUNING_PROMPTS, args):
+            for r in evaluate(model, tok, group, vectors, TUNING_PROMPTS[: args.limit], args):
                 r.update(method=args.method, negatives=args.negatives, answer_only=args.answer_only, concepts=args.concepts)
                 fh.write(json.dumps(r) + "\n")
                 fh.flush()
@@ -268,22 +175,21 @@ def cmd_eval(args) -> None:
             continue
         vec = vset.get(feat.name)
         vectors[(feat.name, feat.layer)] = vec.vector
-        settings.append({"concept": feat.name, "layer": feat.layer, "op": feat.mode,
+        settings.append({"concept": feat.name, "layer": feat.layer, "op": feat.op,
                          "fraction": feat.strength / vset.norm(feat.layer), "strength": feat.strength})
-    results = evaluate(model, tok, settings, vectors, HELD_OUT_PROMPTS, args)
+    results = evaluate(model, tok, settings, vectors, HELD_OUT_PROMPTS[: args.limit], args)
     print("| concept | layer | op | strength (fraction of norm) | mention steered | mention unsteered | NLL ratio | rep3 | pass |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         ok = r["mention"] >= 3 and r["base_mention"] == 0 and r["nll_ratio"] <= 2.5 and r["rep3"] < 0.2
-        print(f"| `{r['concept']}` | {r['layer']} | {r['op']} | {r['strength']:.1f} ({r['fraction']:.2f}) | {r['mention']}/5 | "
-              f"{r['base_mention']}/5 | {r['nll_ratio']:.2f} | {r['rep3']:.3f} | {'yes' if ok else 'no'} |")
+        print(f"| `{r['concept']}` | {r['layer']} | {r['op']} | {r['strength']:.1f} ({r['fraction']:.2f}) | {r['mention']}/{r['n']} | "
+              f"{r['base_mention']}/{r['n']} | {r['nll_ratio']:.2f} | {r['rep3']:.3f} | {'yes' if ok else 'no'} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     if args.check:
         r0 = settings[0]
         comp = vset.component(r0["concept"], r0["fraction"], op=r0["op"])
-        chat = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": HELD_OUT_PROMPTS[0]}]
-        lib = steering.generate_steered_answer_hf(model, tok, chat, [comp], max_new_tokens=args.max_new_tokens,
+        lib = steering.generate_steered_answer_hf(model, tok, chat(HELD_OUT_PROMPTS[0]), [comp], max_new_tokens=args.max_new_tokens,
                                                   temperature=0.0, repetition_penalty=args.repetition_penalty,
                                                   steer_prompt=not args.answer_only)
         same = lib.strip() == results[0]["texts"][0].strip()
@@ -302,11 +208,13 @@ def main() -> None:
         p.add_argument("--max-new-tokens", type=int, default=64)
         p.add_argument("--repetition-penalty", type=float, default=1.1)
         p.add_argument("--batch-size", type=int, default=40)
+    for name in ("sweep", "eval"):
+        sub.choices[name].add_argument("--limit", type=int, help="only the first N prompts (a quick check)")
     sw = sub.choices["sweep"]
     sw.add_argument("--concepts", default=str(ROOT / "concepts.yaml"))
     sw.add_argument("--only", nargs="+", help="concepts to sweep (default: all)")
     sw.add_argument("--layers", nargs="+", type=int, default=[4, 8, 12, 16])
-    sw.add_argument("--ops", nargs="+", default=["add", "clamp"])
+    sw.add_argument("--ops", nargs="+", choices=("add", "clamp"), default=["add", "clamp"])
     sw.add_argument("--fractions", nargs="+", type=float, default=[0.3, 0.5, 0.7, 0.9])
     sw.add_argument("--method", choices=("mean", "pca"), default="mean")
     sw.add_argument("--negatives", choices=("given", "others", "both"), default="given")
