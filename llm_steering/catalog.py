@@ -30,9 +30,9 @@ from llm_steering.config import (
     FeatureConfig,
     ModelProfile,
     SteeringSpec,
-    human_name,
     parse_yaml_text,
 )
+from llm_steering.core import human_name
 from llm_steering.models import is_finite_number, short_repr
 from llm_steering.steering import SteeringComponent
 from llm_steering.vectors import SAE_HINT, SteeringVector, SteeringVectorSet, measure_layer_norms, parse_layer_index
