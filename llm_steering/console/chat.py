@@ -29,11 +29,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import signal
 import sys
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -46,6 +43,7 @@ from llm_steering.config import load_config, load_steering_spec
 from llm_steering.console import cli as console_cli
 from llm_steering.console.cli import COLOURS, RESET, Painter, UsageError, build_parser, colour_enabled, one_line
 from llm_steering.console.commands import COMMANDS, parse_fraction, parse_steer_words  # noqa: F401  (parse_fraction: re-exported)
+from llm_steering.console.ctrl_c import Stopped, ctrl_c_stops
 from llm_steering.vectors import SteeringVectorSet, atomic_write
 
 DEFAULT_CONFIG = console_cli.DEFAULT_CONFIG
@@ -364,36 +362,6 @@ class Console:
             return "you> "
         # \001 and \002 tell readline that the colour codes take no room on the screen
         return f"\001{COLOURS['user']}\002you> \001{RESET}{COLOURS['user']}\002"
-
-
-# ---------------------------------------------------------------------------
-# Ctrl-C
-# ---------------------------------------------------------------------------
-
-
-class Stopped(Exception):
-    """The user pressed Ctrl-C during an answer."""
-
-
-@contextmanager
-def ctrl_c_stops() -> Iterator[None]:
-    """Inside the block the first Ctrl-C raises KeyboardInterrupt; later ones are ignored
-    so that the clean-up (closing the generator, removing hooks) is never cut short."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pressed = [False]
-
-    def handler(signum: int, frame: Any) -> None:
-        if not pressed[0]:
-            pressed[0] = True
-            raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 @dataclass
