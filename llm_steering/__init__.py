@@ -17,4 +17,10 @@ import os
 # ruff.toml). An explicit setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+# Fast downloads of the big files (4 GiB SAE files, a 16 GB model): the design card named hf-transfer,
+# but huggingface_hub 2.x dropped it (HF_HUB_ENABLE_HF_TRANSFER is ignored) for hf-xet, whose fast
+# mode is HF_XET_HIGH_PERFORMANCE. huggingface_hub reads it once, when it is first imported, so it
+# is set here, before anything imports it. An explicit setting wins.
+os.environ.setdefault("HF_XET_HIGH_PERFORMANCE", "1")
+
 __version__ = "0.3.0"

@@ -129,13 +129,16 @@ def unsteered_chat(turns: Sequence[Mapping]) -> SeenChat:
 
 
 def chat_export(turns: Sequence[Mapping], model_id: str, system: str = "", mode: str = "same") -> dict:
-    """The chat as a JSON-ready dict: each turn's user text, answer and steering (the spec export
-    format), and `unsteered` for compare turns."""
+    """The chat as a JSON-ready dict (the one chat export of the app and the console): each turn's
+    user text, answer and steering (the spec export format), `unsteered` for compare turns, and
+    where the front end recorded them, whether it was `stopped`, where it was cut (`capped_at`) and
+    which feature had its strength picked by `auto`."""
     out = []
     for turn in turns:
         item = {"user": turn["user"], "answer": turn["answer"], "steering": spec_dict(turn_spec(turn))}
         if isinstance(turn.get("unsteered"), str):
             item["unsteered"] = turn["unsteered"]
+        item.update({k: turn[k] for k in ("stopped", "capped_at", "auto") if turn.get(k)})
         out.append(item)
     return {"format": CHAT_FORMAT, "version": CHAT_FORMAT_VERSION, "model_id": model_id, "system_prompt": system,
             "history": mode, "turns": out}

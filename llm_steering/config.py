@@ -30,7 +30,8 @@ from llm_steering.core import (
 )
 
 SPEC_FORMAT = "llm-steering/spec"
-FEATURE_OPS = ("add", "clamp")  # the ops a feature is switched on with (cap, ablate and the _keepnorm ops are library-only)
+FEATURE_OPS = ("add", "clamp")  # the ops a feature is switched on with by name (demo.yaml, --steer, /steer)
+SPEC_OPS = (*FEATURE_OPS, "add_keepnorm", "clamp_keepnorm")  # a spec may also keep the norm (the app's per-feature box)
 SAE_FORMATS = ("andyrdt", "llamascope", "saelens", "sparsify", "goodfire")
 MAX_YAML_BYTES = 1_000_000  # demo.yaml and concept files are tens of kB
 MAX_SPEC_BYTES = 64_000  # a steering spec is a few hundred bytes
@@ -140,8 +141,8 @@ class ActiveFeature:
                 f"feature {self.key!r}: fraction must be a finite number (0.5 = half the norm), got {short_repr(self.fraction)}"
             )
         object.__setattr__(self, "fraction", float(self.fraction))
-        if self.op is not None and self.op not in FEATURE_OPS:
-            raise ValueError(f"feature {self.key!r}: op must be 'add' or 'clamp', got {short_repr(self.op)}")
+        if self.op is not None and self.op not in SPEC_OPS:
+            raise ValueError(f"feature {self.key!r}: op must be one of {', '.join(SPEC_OPS)}, got {short_repr(self.op)}")
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"key": self.key, "fraction": self.fraction}

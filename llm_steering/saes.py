@@ -24,7 +24,6 @@ elements of a file are read, with positioned reads at offsets from the file's ow
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -270,8 +269,6 @@ class SAESource:
             return cls(name=str(path), files=sorted(files), local=path)
         if not _HUB_ID_RE.match(source):
             raise ValueError(f"SAE source {source!r} is neither a local directory nor a hub repo id (owner/name)")
-        if importlib.util.find_spec("hf_transfer") is not None:
-            os.environ.setdefault("HF_HUB_ENABLE_HF_TRANSFER", "1")
         from huggingface_hub import HfApi
 
         try:

@@ -1,25 +1,11 @@
-"""Steer a chat LLM by editing its residual stream with feature directions.
+"""Steering components and ops, and the backends (Transformers hooks, NNsight, vLLM) behind one protocol.
 
-Components and ops (components.py), and backends with one meaning, the same tokens under greedy
-decoding, behind one protocol (backends/: `get_backend(name, model, tok).stream(chat, comps, settings)`):
-
-* "hf", transformers forward hooks (`stream_steered_answer_hf`): streams text. A request's hooks
-  act only in its own generation thread and leave the model as soon as its generation ends.
-* "nnsight", NNsight interventions (`generate_steered_answer`): the whole answer at the end.
-* "vllm", the vLLM engine (vllm_backend.py): continuous batching, each request with its steering.
-
-    >>> model, tok = load_model()                      # embedded SmolLM2-135M-Instruct
-    >>> comp = SteeringComponent(layer=10, vector=v, strength=60.0, op="clamp")
-    >>> "".join(stream_steered_answer_hf(model, tok, [{"role": "user", "content": "Hi"}], [comp]))
-
-Steering ops on the hidden state h after decoder layer L, with unit direction v and
-p = h·v: add h + s·v; clamp h + (s - p)·v; cap h + (clip(p, min, max) - p)·v;
-ablate h + (scale - 1)·p·v; add_keepnorm and clamp_keepnorm: add or clamp, then the edited
-state rescaled to |h| at each position (norm-preserving).
-
-The rest of the library lives beside this module and is re-exported here, so that
-`import steering` is all a user needs: models.py (loading, layers, chat template),
-vectors.py (vector files, layer norms), config.py (demo.yaml, steering specs).
+The public API is the root `steering` module, which re-exports this one (and, lazily, the vector
+file and config names); its docstring has the usage. Components and ops live in components.py, the
+backends (one protocol, a registry: "hf" forward hooks, "nnsight", "vllm") in backends/. Ops on the
+hidden state h after decoder layer L, with unit direction v and p = h·v: add h + s·v; clamp
+h + (s - p)·v; cap h + (clip(p, min, max) - p)·v; ablate h + (scale - 1)·p·v; add_keepnorm and
+clamp_keepnorm: add or clamp, then the edited state rescaled to |h| at each position (norm-preserving).
 """
 
 from __future__ import annotations
@@ -86,7 +72,8 @@ from llm_steering.traces import ComponentTrace, SteeringTrace  # noqa: F401
 # re-exported lazily so that `steering.load_vectors(...)` and
 # `from steering import SteeringSpec` keep working without an import cycle.
 _REEXPORTS = {
-    "vectors": ("SteeringVector", "SteeringVectorSet", "load_vectors", "measure_layer_norms", "load_saes_from_file"),
+    "vectors": ("SteeringVector", "SteeringVectorSet", "load_vectors", "measure_layer_norms", "components_from_file",
+                "load_saes_from_file"),
     "config": ("DemoConfig", "ModelProfile", "FeatureConfig", "SPEC_FORMAT", "parse_yaml_text", "spec_components", "Preset", "GenerationDefaults", "ActiveFeature",
                "SteeringSpec", "load_config", "save_steering_spec", "load_steering_spec", "read_yaml_file"),
 }

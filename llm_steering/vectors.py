@@ -13,6 +13,7 @@ A `steering_vectors.pt` file is a plain dict that `torch.load(weights_only=True)
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,7 +269,14 @@ def measure_layer_norms(model: Any, tokenizer: Any, layers: Sequence[int], text:
     return {layer: found[layer] for layer in layers}
 
 
-def load_saes_from_file(path: str | os.PathLike, cfg: dict, device: str | torch.device = "cpu") -> list[SteeringComponent]:
+def load_saes_from_file(path: str | os.PathLike, cfg: dict, device: Any = None) -> list[SteeringComponent]:
+    """Deprecated name of `components_from_file` (it loads steering components, not SAEs); `device` is ignored."""
+    warnings.warn("load_saes_from_file is deprecated: use components_from_file(path, cfg)", DeprecationWarning,
+                  stacklevel=2)
+    return components_from_file(path, cfg)
+
+
+def components_from_file(path: str | os.PathLike, cfg: dict) -> list[SteeringComponent]:
     """Steering components for `cfg["features"]`, taken from a steering vector file.
 
     `cfg` keys (as in the reference's config):
@@ -278,14 +286,12 @@ def load_saes_from_file(path: str | os.PathLike, cfg: dict, device: str | torch.
       clamp_intensity (or mode: "clamp"): clamp instead of add (default: add).
       model_id (or model_name): must equal the file's model id, when given.
       hidden_size: must equal the file's hidden size, when given.
-    Components hold float32 CPU vectors (the steering functions move them to the model's
-    device); `device` is only checked.
+    Components hold float32 CPU vectors (the steering functions move them to the model's device).
 
         >>> cfg = {"features": [[15, 21576, 0.57]], "reduced_strengths": True, "clamp_intensity": True,
         ...        "model_id": "meta-llama/Llama-3.1-8B-Instruct"}
-        >>> load_saes_from_file("llama_vectors.pt", cfg)    # one clamp at layer 15, strength 8.55
+        >>> components_from_file("llama_vectors.pt", cfg)    # one clamp at layer 15, strength 8.55
     """
-    torch.device(device)  # raises on a malformed device string
     if not isinstance(cfg, dict):
         raise ValueError(f"cfg must be a dict with a 'features' list, got {type(cfg).__name__}")
     vectors = load_vectors(path)

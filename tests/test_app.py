@@ -14,8 +14,11 @@ import warnings
 from pathlib import Path
 
 from llm_steering import chat_history, steering
+from llm_steering.web import handlers
+from llm_steering.web.panel import GLOBAL
 
 import pytest
+import torch
 from browser import app_page, bot_texts, running_app, wait_for
 from conftest import write_small_saelens_sae
 
@@ -112,7 +115,10 @@ def test_browser_preset_streaming_compare_stop(server, tmp_path):
                   60, "both answers to start streaming")
         page.locator("#stop").click()
         wait_for(lambda: "generation threads ended" in log_path.read_text(), 20, "the server to end the generation")
-        # The browser may still be drawing updates sent before the stop: wait until it settles.
+        # The stopped answer's last update (its tag, after the effect view is computed) may take a while
+        # on a loaded machine; then the browser may still be drawing updates sent before it: wait for
+        # the tag, then until the chats settle.
+        wait_for(lambda: "stopped" in bot_texts(page, "chat-steered")[-1], 60, "the answer to be tagged as stopped")
         snapshots = [None]
 
         def settled() -> bool:
@@ -174,19 +180,19 @@ def app_module():
 
 
 def test_long_input_is_cut_with_a_warning(app_module):
-    app, loaded = app_module, app_module.LOADED
+    loaded = app_module.LOADED
     limit = loaded.profile.generation.max_input_tokens
     long_message = "word " * (limit + 50) + "What is this about?"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        chat, message = app.model_chat(loaded, "You are a helpful assistant.", [], long_message)
+        chat, message = handlers.model_chat(loaded, "You are a helpful assistant.", [], long_message)
     assert len(steering.chat_input_ids(loaded.tokenizer, chat)) <= limit
     assert chat[-1]["content"] == message and message.startswith("word") and message.endswith("What is this about?")
     assert any("middle were left out" in str(w.message) for w in caught), [str(w.message) for w in caught]
     history = [{"role": "user", "content": "hello " * (limit // 2)}, {"role": "assistant", "content": "ok"}] * 3
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        chat, _ = app.model_chat(loaded, "", history, "Hi")
+        chat, _ = handlers.model_chat(loaded, "", history, "Hi")
     assert len(steering.chat_input_ids(loaded.tokenizer, chat)) <= limit
     assert chat[-1] == {"role": "user", "content": "Hi"} and len(chat) < len(history) + 1
     assert any("oldest" in str(w.message) for w in caught)
@@ -195,7 +201,7 @@ def test_long_input_is_cut_with_a_warning(app_module):
 def test_turns_the_model_and_the_unsteered_side_see(app_module):
     """"same" keeps only earlier turns made with this answer's steering; compare's unsteered side
     reads only unsteered answers; each answer is tagged with its steering."""
-    app, loaded = app_module, app_module.LOADED
+    loaded = app_module.LOADED
     pirate = loaded.catalog.preset_spec("Pirate")
     none = steering.SteeringSpec(loaded.model_id, ())
     turns = [{"user": "a", "answer": "A-pirate", "steering": pirate.to_dict(), "unsteered": None},
@@ -209,17 +215,17 @@ def test_turns_the_model_and_the_unsteered_side_see(app_module):
     assert len(seen.messages) == 6 and seen.left_out == 0
     unsteered = chat_history.unsteered_chat(turns).messages
     assert [m["content"] for m in unsteered] == ["b", "B-plain", "c", "C-plain"]
-    shown = app.turn_messages(loaded.catalog, turns)
+    shown = handlers.turn_messages(loaded.catalog, turns)
     assert shown[1]["content"].startswith("A-pirate") and "Pirate · clamp 0.20" in shown[1]["content"]
     assert "no steering" in shown[3]["content"]
-    assert [m["content"].split("\n")[0] for m in app.turn_messages(loaded.catalog, turns, unsteered=True)] == ["c", "C-plain"]
+    assert [m["content"].split("\n")[0] for m in handlers.turn_messages(loaded.catalog, turns, unsteered=True)] == ["c", "C-plain"]
 
 
 def test_gradio6_message_content_and_steering_parsing(app_module):
     app, catalog = app_module, app_module.LOADED.catalog
     history = [{"role": "user", "content": [{"type": "text", "text": "Hi"}], "metadata": None},
                {"role": "assistant", "content": "Hello"}]
-    assert app.chat_messages(history) == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert handlers.chat_messages(history) == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     assert catalog.parse_steering("").features == ()
     preset = app.LOADED.profile.presets[0]
     assert catalog.parse_steering(preset.name).features == preset.features
@@ -264,23 +270,24 @@ def test_sae_profile_without_vector_file_extracts_features_at_start_up(app_modul
 
 
 def test_import_refuses_files_the_controls_cannot_show(app_module, tmp_path):
-    app, loaded = app_module, app_module.LOADED
+    loaded = app_module.LOADED
     name = loaded.features[0].key
     good = steering.SteeringSpec(loaded.model_id, (steering.ActiveFeature(name, 0.25, "add"),), steer_prompt=False)
     steering.save_steering_spec(good, tmp_path / "good.json")
-    updates = app.import_spec(loaded, str(tmp_path / "good.json"))
-    n = len(loaded.features)
-    assert updates[:n] == [e.key == name for e in loaded.features]
-    assert updates[n] == 0.25 and updates[2 * n] == "add" and updates[3 * n + 4 : 4 * n + 4] == [False] * n  # auto off
-    assert updates[-3] is False and updates[-2] is None  # steer_prompt; no preset is this spec
+    *controls, preset, _file = handlers.import_spec(loaded, str(tmp_path / "good.json"))
+    shown = loaded.panel.read(controls)  # the update of every control, by name
+    assert [shown[f.key, "on"] for f in loaded.features] == [f.key == name for f in loaded.features]
+    assert shown[name, "fraction"] == 0.25 and shown[name, "op"] == "add"
+    assert [shown[f.key, "auto"] for f in loaded.features] == [False] * len(loaded.features)  # auto off
+    assert shown[GLOBAL, "steer_prompt"] is False and preset is None  # no preset is this spec
     for spec in (steering.SteeringSpec(loaded.model_id, (steering.ActiveFeature(name, 5.0),)),
                  steering.SteeringSpec("other/model", (steering.ActiveFeature(name, 0.5),)),
                  steering.SteeringSpec(loaded.model_id, (steering.ActiveFeature("no_such_feature", 0.5),))):
         steering.save_steering_spec(spec, tmp_path / "bad.yaml")
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            updates = app.import_spec(loaded, str(tmp_path / "bad.yaml"))
-        assert all(isinstance(u, type(app.gr.skip())) for u in updates), updates
+            updates = handlers.import_spec(loaded, str(tmp_path / "bad.yaml"))
+        assert all(isinstance(u, type(handlers.gr.skip())) for u in updates), updates
         assert any("Could not import" in str(w.message) for w in caught)
 
 
@@ -368,15 +375,12 @@ def test_auto_picks_the_strength_then_answers_at_it(app_module, capsys):
     """The "auto" box beside a feature: one batched calibration, then the answer at the chosen strength."""
     from llm_steering import calibrate
 
-    app, la = app_module, app_module.LOADED
-    n = len(la.features)
-    i = next(j for j, f in enumerate(la.features) if f.key == "pirate")
-    feature = la.features[i]
-    controls = ([j == i for j in range(n)] + [f.default_fraction for f in la.features]
-                + [f.default_op for f in la.features] + [False, None, 0.5, "clamp"] + [j == i for j in range(n)])
+    la = app_module.LOADED
+    feature = next(f for f in la.features if f.key == "pirate")
+    controls = la.panel.pack({("pirate", "on"): True, ("pirate", "auto"): True})
     message, system = "Tell me about your weekend.", la.profile.generation.system_prompt
-    mode = next(iter(app.HISTORY_MODES))
-    *_, last = app.respond(la, message, [], system, 0.0, 1.1, 12, True, False, mode, "", *controls)
+    mode = next(iter(handlers.HISTORY_MODES))
+    *_, last = handlers.respond(la, message, [], system, 0.0, 1.1, 12, False, mode, "", *controls)
     shown = capsys.readouterr().out  # gr.Info outside a browser session prints its message
     chat = [{"role": "system", "content": system}, {"role": "user", "content": message}]
     tried = calibrate.candidate_fractions(feature.default_fraction)
@@ -403,3 +407,26 @@ def test_strength_words_follow_the_measured_curve_and_else_the_default(app_modul
     # beyond the measured fractions, or another op: from the fraction relative to the default (0.2)
     assert strength_label(pirate, 0.8, "clamp", curve) == "breaks the text"
     assert [strength_label(pirate, f, "add", curve) for f in (0.1, 0.2, 0.3)] == ["subtle", "clear", "strong"]
+
+
+def test_the_keep_the_norm_box_steers_with_the_norm_preserving_op_and_round_trips(app_module):
+    """A per-feature control added in one place (panel.FEATURE_CONTROLS): ticking "keep the norm"
+    makes the feature's op clamp_keepnorm; an import of such a spec ticks the box again."""
+    la = app_module.LOADED
+    pirate = next(f for f in la.features if f.key == "pirate")
+    values = la.panel.read(la.panel.pack({("pirate", "on"): True, ("pirate", "op"): "clamp", ("pirate", "keepnorm"): True}))
+    spec = handlers.spec_from_controls(la, values)
+    assert [(f.key, f.op) for f in spec.features] == [("pirate", "clamp_keepnorm")]
+    (comp,) = la.catalog.components(spec)
+    assert comp.op == "clamp_keepnorm" and comp.strength == pytest.approx(spec.features[0].fraction * pirate.norm)
+    ids = torch.tensor([steering.chat_input_ids(la.tokenizer, [{"role": "user", "content": "Tell me about your weekend."}])])
+    with steering.steer(la.model, [comp]):
+        kept = la.model(ids).logits
+    with steering.steer(la.model, [comp.with_op("clamp")]):
+        plain = la.model(ids).logits
+    assert (kept - plain).abs().max() > 1e-2  # the box changes what the model computes
+    shown = la.panel.read(handlers.controls_update(la, spec))
+    assert (shown["pirate", "on"], shown["pirate", "op"], shown["pirate", "keepnorm"]) == (True, "clamp", True)
+    shown = la.panel.read(handlers.controls_update(la, handlers.spec_from_controls(la, la.panel.read(la.panel.pack(
+        {("pirate", "on"): True})))))
+    assert shown["pirate", "keepnorm"] is False

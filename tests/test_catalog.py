@@ -12,9 +12,11 @@ import warnings
 from pathlib import Path
 
 from llm_steering import catalog as catalog_module
-from llm_steering import steering
-from llm_steering.catalog import Catalog, fit_chat
+from llm_steering import chat_input, steering
+from llm_steering.catalog import Catalog
+from llm_steering.chat_input import fit_chat
 from llm_steering.console import chat as demo
+from llm_steering.web import handlers
 
 import pytest
 from conftest import write_small_saelens_sae
@@ -60,12 +62,10 @@ def test_app_and_console_build_the_same_components(loaded, tmp_path, features):
     console = console_for(la)
     console.load(str(path))
     from_console = [comp_tuple(c) for c in console.components()]
-    updates = app.import_spec(la, str(path))  # the app's controls, as the visitor would then send them
-    n = len(la.features)
-    controls = tuple(u if not isinstance(u, type(app.gr.skip())) else default
-                     for u, default in zip(updates[: 3 * n], [False] * n + [f.default_fraction for f in la.features]
-                                           + [f.default_op for f in la.features], strict=True))
-    from_app = [comp_tuple(c) for c in la.catalog.components(app.spec_from_controls(la, True, controls))]
+    *updates, _preset, _file = handlers.import_spec(la, str(path))  # the app's controls, as the visitor would then send them
+    skip = type(handlers.gr.skip())
+    controls = [default if isinstance(u, skip) else u for u, default in zip(updates, la.panel.pack({}), strict=True)]
+    from_app = [comp_tuple(c) for c in la.catalog.components(handlers.spec_from_controls(la, la.panel.read(controls)))]
     assert from_app == from_console and from_app
 
 
@@ -79,8 +79,8 @@ def test_both_refuse_the_same_out_of_range_strengths(loaded, tmp_path, fraction)
         console_for(la).load(str(path))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        updates = app.import_spec(la, str(path))
-    assert all(isinstance(u, type(app.gr.skip())) for u in updates)
+        updates = handlers.import_spec(la, str(path))
+    assert all(isinstance(u, type(handlers.gr.skip())) for u in updates)
     assert any("out of range" in str(w.message) for w in caught)
     with pytest.raises(ValueError, match="out of range") as from_api:
         la.catalog.components(la.catalog.parse_steering(path.read_text()))
@@ -96,7 +96,7 @@ def test_app_and_console_send_the_model_the_same_input(loaded, monkeypatch, n_wo
         history += [{"role": "user", "content": f"question {i} " + "lorem ipsum " * 60},
                     {"role": "assistant", "content": f"answer {i} " + "dolor sit " * 60}]
     message = " ".join(f"w{i}" for i in range(n_words)) + " Summarize the above in one sentence."
-    app_chat, app_message = app.model_chat(la, system, history, message)
+    app_chat, app_message = handlers.model_chat(la, system, history, message)
 
     seen = []
 
@@ -120,8 +120,8 @@ def test_fit_chat_is_bounded_for_hostile_sizes(embedded):
         fit_chat(tok, "", [], "a" * 2_000_000, 2048)
     history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}] * 10_000
     fitted = fit_chat(tok, "", history, "Hello?", 2048)
-    assert fitted.dropped_messages >= 20_000 - catalog_module.MAX_HISTORY_MESSAGES
-    assert len(fitted.chat) <= catalog_module.MAX_HISTORY_MESSAGES + 1
+    assert fitted.dropped_messages >= 20_000 - chat_input.MAX_HISTORY_MESSAGES
+    assert len(fitted.chat) <= chat_input.MAX_HISTORY_MESSAGES + 1
 
 
 def test_a_preset_the_catalog_cannot_resolve_fails_at_start_up(embedded, tmp_path):
@@ -187,7 +187,8 @@ def test_a_yaml_spec_in_any_key_order_is_read_as_a_spec(loaded):
 
 def test_features_have_human_names_and_demo_yaml_may_set_one(tmp_path):
     """Keys stay keys (eiffel_tower); what people read is a name (Eiffel Tower), or demo.yaml's label."""
-    from llm_steering.config import human_name, load_config
+    from llm_steering.config import load_config
+    from llm_steering.core import human_name
 
     assert human_name("eiffel_tower") == "Eiffel Tower"
     assert human_name("15:21576") == "Feature 15:21576"

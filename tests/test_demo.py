@@ -496,13 +496,13 @@ def test_steer_auto_calibrates_each_answer_and_answers_at_that_strength(embedded
 
 
 # ---------------------------------------------------------------------------
-# Issue 11: the console as a newcomer meets it
+# The console as a newcomer meets it
 # ---------------------------------------------------------------------------
 
 
 def test_help_lists_the_features_at_once_without_loading_torch(shipped):
     """`--help` names every feature (key, human name, description, default strength and op), fast."""
-    from llm_steering.config import human_name
+    from llm_steering.core import human_name
 
     profile, vectors = shipped
     started = time.monotonic()
@@ -608,7 +608,7 @@ def test_the_first_line_comes_at_once_and_settings_change_in_the_chat(embedded, 
 
 
 def test_each_turn_keeps_its_steering_and_compare_unsteered_never_sees_steered_turns(embedded, shipped, tmp_path):
-    """Issue 11, point 4: steer, chat, then /compare: the unsteered side reads only unsteered turns."""
+    """Steer, chat, then /compare: the unsteered side reads only unsteered turns."""
     from llm_steering import config
 
     profile, vectors = shipped

@@ -7,7 +7,7 @@ import re
 
 from llm_steering import effects, steering  # noqa: F401
 from llm_steering.catalog import Feature
-from llm_steering.config import human_name
+from llm_steering.core import human_name
 from llm_steering.steering import SteeringComponent, SteeringTrace
 from llm_steering.vectors import SteeringVector
 from llm_steering.web import effect_view

@@ -1,4 +1,4 @@
-"""steering.py's last section: vector files, load_saes_from_file, demo.yaml, steering specs."""
+"""Vector files, components_from_file, demo.yaml, steering specs."""
 
 from __future__ import annotations
 
@@ -162,41 +162,41 @@ class _CharTokenizer:
 
 
 # ---------------------------------------------------------------------------
-# load_saes_from_file
+# components_from_file
 # ---------------------------------------------------------------------------
 
 
-def test_load_saes_from_file_reduced_strengths_and_clamp(tmp_path):
+def test_components_from_file_reduced_strengths_and_clamp(tmp_path):
     path = tmp_path / "v.pt"
     make_set(model_id=LLAMA).save(path)
     cfg = {"features": [[3, 17, 0.5]], "reduced_strengths": True, "clamp_intensity": True, "model_id": LLAMA, "hidden_size": 32}
-    (comp,) = steering.load_saes_from_file(path, cfg)
+    (comp,) = steering.components_from_file(path, cfg)
     assert comp.layer == 3 and comp.strength == pytest.approx(1.5) and comp.op == "clamp" and comp.name == "L3F17"
     torch.testing.assert_close(comp.vector, unit(32, 2), rtol=0, atol=1e-6)
-    comps = steering.load_saes_from_file(path, {"features": [[3, 17, 0.5], ["eiffel_tower", 4.0], "eiffel_tower"]})
+    comps = steering.components_from_file(path, {"features": [[3, 17, 0.5], ["eiffel_tower", 4.0], "eiffel_tower"]})
     assert [(c.strength, c.op) for c in comps] == [(0.5, "add"), (4.0, "add"), (5.0, "add")]  # bare name: half the norm
 
 
-def test_load_saes_from_file_mismatches_and_missing(tmp_path):
+def test_components_from_file_mismatches_and_missing(tmp_path):
     path = tmp_path / "v.pt"
     make_set(model_id=LLAMA).save(path)
     with pytest.raises(ValueError, match="holds vectors for 'meta-llama/Llama-3.1-8B-Instruct', not for 'other/model'"):
-        steering.load_saes_from_file(path, {"features": [[3, 17, 1.0]], "model_id": "other/model"})
+        steering.components_from_file(path, {"features": [[3, 17, 1.0]], "model_id": "other/model"})
     with pytest.raises(ValueError, match="hidden size is 4096"):
-        steering.load_saes_from_file(path, {"features": [[3, 17, 1.0]], "hidden_size": 4096})
+        steering.components_from_file(path, {"features": [[3, 17, 1.0]], "hidden_size": 4096})
     with pytest.raises(ValueError, match="--features 5:9"):
-        steering.load_saes_from_file(path, {"features": [[5, 9, 1.0]]})
+        steering.components_from_file(path, {"features": [[5, 9, 1.0]]})
     with pytest.raises(ValueError, match="extract_steering_vectors.py"):
-        steering.load_saes_from_file(tmp_path / "missing.pt", {"features": [[3, 17, 1.0]]})
+        steering.components_from_file(tmp_path / "missing.pt", {"features": [[3, 17, 1.0]]})
     with pytest.raises(ValueError, match="non-empty list"):
-        steering.load_saes_from_file(path, {"features": []})
+        steering.components_from_file(path, {"features": []})
 
 
 def test_components_from_file_steer_a_tiny_llama(tmp_path):
     model = build_tiny_llama()
     path = tmp_path / "v.pt"
     make_set().save(path)
-    comps = steering.load_saes_from_file(path, {"features": [[3, 17, 2.0]], "clamp_intensity": True})
+    comps = steering.components_from_file(path, {"features": [[3, 17, 2.0]], "clamp_intensity": True})
     steering.validate_components(model, comps)
     _, layers = steering.decoder_layers(model)
     got = {}
@@ -357,3 +357,11 @@ def test_shipped_vectors_have_eight_concepts_for_the_embedded_model():
         vec = vs.get(feat.name)
         assert vec.layer == feat.layer and vec.concept == feat.name
         assert -1 <= feat.strength / vs.norm(feat.layer) <= 2  # the app's slider range
+
+
+def test_the_old_name_of_components_from_file_still_works_and_says_it_is_deprecated(tmp_path):
+    path = tmp_path / "v.pt"
+    make_set(model_id=LLAMA).save(path)
+    with pytest.warns(DeprecationWarning, match="components_from_file"):
+        old = steering.load_saes_from_file(path, {"features": [[3, 17, 0.5]]}, device="cpu")
+    assert [c.strength for c in old] == [c.strength for c in steering.components_from_file(path, {"features": [[3, 17, 0.5]]})]

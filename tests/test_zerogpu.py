@@ -17,6 +17,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 from llm_steering import steering
+from llm_steering.web import handlers
 
 import pytest
 
@@ -77,7 +78,7 @@ def test_stop_ends_the_workers_generation_within_a_second(app_module):
             kind, value = res_queue.get(timeout=120)
             assert kind == "ok", value
             seen.append(value)
-        app.request_stop(key)  # what the Stop button does; the handler is NOT closed (stop_event stays clear)
+        handlers.request_stop(key)  # what the Stop button does; the handler is NOT closed (stop_event stays clear)
         t_stop = time.time()
         results = []
         while True:
@@ -105,7 +106,7 @@ def test_a_stop_from_before_the_answer_started_is_ignored(app_module):
     """A flag left by an earlier Stop in the same session must not cut the next answer short."""
     app = app_module
     key = uuid.uuid4().hex
-    app.request_stop(key)
+    handlers.request_stop(key)
     time.sleep(0.05)
     chat = [{"role": "user", "content": "Say hi."}]
     proc, res_queue, _ = run_behind_boundary(app, chat, [], 6, key)

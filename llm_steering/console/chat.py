@@ -1,28 +1,4 @@
-"""The console chat: talk to a steered model in a terminal.
-
-    python demo.py                                      # interactive chat, demo.yaml's default profile
-    python demo.py --help                               # the options and the profile's features
-    python demo.py --steer eiffel_tower 0.5 clamp       # chat, steered from the start (op optional)
-    python demo.py --prompt "Tell me about Paris" --steer eiffel_tower 0.5 --temperature 0 --max-new-tokens 48
-    python demo.py --prompt "Tell me about Paris" --steer eiffel_tower 0.5 --compare
-    python demo.py --profile llama31_8b --steer 15:21576 0.5    # an SAE feature, extracted on demand
-
-`--steer NAME STRENGTH [add|clamp]` (repeatable) takes the same words as the chat's /steer:
-a strength is a fraction of the layer's typical residual norm (0.5 = half; negative steers
-away), the unit of the app's slider, and each feature uses its own op (add or clamp) unless
-a third word names one. In the chat, type /help for the commands (/temperature, /max-tokens
-and /settings change and show the generation settings); exit, quit or Ctrl-D end it, Ctrl-C
-stops an answer. With --prompt it prints only the answer and exits (0, or 2 for bad input,
-with one line saying why). What a key, a strength or a long message means is decided by
-`catalog.py`, the same for the app and the console.
-
-Every answer is kept with the steering it was made with (`/save-chat FILE` writes them as
-JSON). When the steering changes, the model reads only the earlier turns answered with the
-steering now in force (`/history same`, the default) or all of them (`/history all`, with a
-notice), and compare's unsteered side reads only unsteered turns: `chat_history.py` decides.
-
---help and the chat's first line come before torch is imported (`console_cli.py`, light).
-"""
+"""The console chat: the REPL, its turns and its one-shot form (usage: demo.py's docstring, `python demo.py --help`)."""
 
 from __future__ import annotations
 
@@ -37,14 +13,16 @@ from typing import Any, TextIO
 
 from llm_steering import steering
 from llm_steering.backends import Backend, GenerationSettings, backend_entry, check_backend, get_backend
-from llm_steering.catalog import Catalog, Feature, fit_chat
+from llm_steering.catalog import Catalog, Feature
 from llm_steering.chat_history import chat_export, same_steering, unsteered_chat, visible_chat
+from llm_steering.chat_input import fit_chat
 from llm_steering.config import load_config, load_steering_spec
 from llm_steering.console import cli as console_cli
 from llm_steering.console.cli import COLOURS, RESET, Painter, UsageError, build_parser, colour_enabled, one_line
 from llm_steering.console.commands import COMMANDS, parse_fraction, parse_steer_words  # noqa: F401  (parse_fraction: re-exported)
 from llm_steering.console.ctrl_c import Stopped, ctrl_c_stops
-from llm_steering.vectors import SteeringVectorSet, atomic_write
+from llm_steering.core import atomic_write
+from llm_steering.vectors import SteeringVectorSet
 
 DEFAULT_CONFIG = console_cli.DEFAULT_CONFIG
 EXIT_WORDS = ("exit", "quit", "/exit", "/quit")

@@ -104,11 +104,6 @@ def strength_label(feature: Feature, fraction: float, op: str | None = None,
     return "subtle" if ratio < 0.6 else "clear" if ratio < 1.3 else "strong" if ratio < 2.0 else "breaks the text"
 
 
-def feature_words(feature: Feature, fraction: float, op: str) -> str:
-    """ "Pirate · clamp 0.20 (clear)": a feature switched on, as people read it."""
-    return f"{feature.title} · {op} {fraction:.2f} ({strength_label(feature, fraction, op)})"
-
-
 def summary_markdown(catalog: Catalog, spec: SteeringSpec) -> str:
     """What the next answer will be steered with: names, strengths in words, absolute strengths."""
     if not spec.features:

@@ -1,4 +1,4 @@
-"""The package's layers, checked from the source: no module imports upward.
+"""The package: its layers (no module imports upward, checked from the source) and its install.
 
     bottom (torch-free)   llm_steering.core, .config, .chat_history, .console.cli
     library               every other module directly in llm_steering/ (and its non-UI subpackages)
@@ -11,6 +11,7 @@ Every import counts, also those inside functions: a lazy import upward is still 
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +104,34 @@ def test_no_file_edits_sys_path_and_no_import_order_pragma():
         if path.name != Path(__file__).name and ("sys.path.insert" in text or "sys.path.append" in text or "isort: off" in text):
             offenders.append(str(path.relative_to(ROOT)))
     assert not offenders, offenders
+
+
+def test_fast_hub_downloads_are_on_in_the_setting_huggingface_hub_reads():
+    """hf-xet's high-performance mode, as huggingface_hub itself sees it once the library is imported
+    (its constants are read at import: llm_steering sets the variable before that); an explicit
+    setting wins. The hf-transfer variable of older hubs is not set: huggingface_hub 2.x ignores it."""
+    code = ("import os, steering, huggingface_hub.constants as c; "
+            "print(c.HF_XET_HIGH_PERFORMANCE, 'HF_HUB_ENABLE_HF_TRANSFER' in os.environ)")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_XET_HIGH_PERFORMANCE", "HF_HUB_ENABLE_HF_TRANSFER")}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["True", "False"], out.stderr[-500:]
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "HF_XET_HIGH_PERFORMANCE": "0"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "False"], out.stderr[-500:]
+
+
+def test_pip_install_dot_gives_a_working_library_outside_the_checkout(tmp_path):
+    """`pip install .` (here into a folder, without dependencies: they are the venv's) installs the
+    package with its data and the `steering` API module, importable from anywhere."""
+    target = tmp_path / "site"
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                          "--disable-pip-version-check", "--target", str(target), str(ROOT)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-800:]
+    code = ("import steering, llm_steering; from llm_steering.web import views; "
+            "print(llm_steering.__file__, steering.SteeringComponent.__module__, len(views.strength_curves()))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-800:]
+    where, module, curves = out.stdout.split()
+    assert where.startswith(str(target)) and module.startswith("llm_steering.") and int(curves) > 0

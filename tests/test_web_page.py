@@ -1,5 +1,5 @@
-"""The app as a newcomer meets it (issue 11): each numbered point of the issue, then the whole
-path, in headless Chromium at 1440x900 and at a 390x844 phone size.
+"""The app's page as a newcomer meets it: importing, long messages, the effect view, tags, strengths,
+retry, stop, layout, then the whole path, in headless Chromium at 1440x900 and at a 390x844 phone size.
 
 The app runs greedy (temperature 0) with short answers from a copy of demo.yaml, so answers
 can be checked token for token against the steering module. Screenshots of the newcomer path
@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 
 from llm_steering import steering
-from llm_steering.config import human_name
+from llm_steering.core import human_name
 
 import pytest
 from browser import DESKTOP, PHONE, chromium, open_page, running_app, wait_for
@@ -136,11 +136,11 @@ def set_max_new_tokens(page, n: int) -> None:
 
 
 # ---------------------------------------------------------------------------
-# The numbered points of issue 11, one test each
+# One behaviour of the page each
 # ---------------------------------------------------------------------------
 
 
-def test_1_import_moves_the_preset_radio_and_none_switches_off(page, tmp_path):
+def test_import_moves_the_preset_radio_and_none_switches_off(page, tmp_path):
     pirate = next(p for p in profile().presets if p.name == "Pirate")
     steering.save_steering_spec(steering.SteeringSpec(steering.EMBEDDED_MODEL_ID, pirate.features), tmp_path / "p.json")
     upload(page, tmp_path / "p.json")
@@ -158,7 +158,7 @@ def test_1_import_moves_the_preset_radio_and_none_switches_off(page, tmp_path):
     wait_for(lambda: "none" in summary(page).lower(), 10, "the summary to say no steering")
 
 
-def test_2_a_long_message_is_shown_as_typed_keeps_its_question_and_shows_progress(page):
+def test_a_long_message_is_shown_as_typed_keeps_its_question_and_shows_progress(page):
     filler = "The quick brown fox jumps over the lazy dog near the river bank. " * 320
     message = filler[: 20_000 - len(LONG_QUESTION) - 1] + " " + LONG_QUESTION
     send(page, message)
@@ -181,7 +181,7 @@ def test_2_a_long_message_is_shown_as_typed_keeps_its_question_and_shows_progres
     assert len(shown.strip()) >= len(message) - 50, "the chat shows a cut message, not what was typed"
 
 
-def test_3_the_effect_view_reads_right_for_a_newcomer(page):
+def test_the_effect_view_reads_right_for_a_newcomer(page):
     feature(page, "Cats").check()
     wait_for(lambda: "Cats" in summary(page), 10, "the summary")
     send(page, QUESTION)
@@ -198,7 +198,7 @@ def test_3_the_effect_view_reads_right_for_a_newcomer(page):
     assert orange > blue, (orange, blue)
 
 
-def test_4_each_answer_carries_its_steering_and_the_next_does_not_inherit_it(page, embedded):
+def test_each_answer_carries_its_steering_and_the_next_does_not_inherit_it(page, embedded):
     page.locator("#preset").get_by_label("Pirate").check()
     wait_for(lambda: "Pirate" in summary(page), 10, "the preset")
     send(page, QUESTION)
@@ -233,7 +233,7 @@ def test_4_each_answer_carries_its_steering_and_the_next_does_not_inherit_it(pag
     assert turns[2]["answer"] == expected_answer(embedded, steered_chat, pirate)
 
 
-def test_5_a_typed_out_of_range_strength_is_refused_and_never_used(page):
+def test_a_typed_out_of_range_strength_is_refused_and_never_used(page):
     feature(page, "Pirate").check()
     default = next(f for f in profile().features if f.name == "pirate")
     wait_for(lambda: "Pirate" in summary(page), 10, "the summary")
@@ -251,14 +251,14 @@ def test_5_a_typed_out_of_range_strength_is_refused_and_never_used(page):
     assert default.op in tags(page)[0]
 
 
-def test_6_retry_on_an_empty_chat_says_there_is_nothing_to_retry(page):
+def test_retry_on_an_empty_chat_says_there_is_nothing_to_retry(page):
     page.locator("#retry").click()
     wait_for(lambda: any("Nothing to retry" in t for t in toast_texts(page)), 10, "the retry notice")
     page.wait_for_timeout(1500)
     assert not any("Type a message" in t for t in toast_texts(page)), toast_texts(page)
 
 
-def test_7_stopped_and_length_capped_answers_are_marked(page):
+def test_stopped_and_length_capped_answers_are_marked(page):
     set_max_new_tokens(page, 400)
     page.locator("#preset").get_by_label("Pirate").check()
     send(page, "Write a long story about a dog who goes on a journey.")
@@ -284,7 +284,7 @@ CLIPPED_NAMES = """() => [...document.querySelectorAll('#catalog label span')].f
     e => e.scrollWidth > e.clientWidth + 1).map(e => e.textContent)"""
 
 
-def test_8_phone_layout_and_the_desktop_catalog(server, browser):
+def test_phone_layout_and_the_desktop_catalog(server, browser):
     phone = open_page(browser, server[0], PHONE)
     try:
         phone.wait_for_timeout(2000)
@@ -312,7 +312,7 @@ def test_8_phone_layout_and_the_desktop_catalog(server, browser):
         desk.context.close()
 
 
-def test_9_a_malformed_json_file_gets_one_clear_sentence(page, tmp_path):
+def test_a_malformed_json_file_gets_one_clear_sentence(page, tmp_path):
     (tmp_path / "bad.json").write_text('{"format": "llm-steering/spec", "version": 1,, "features": []}')
     upload(page, tmp_path / "bad.json")
     note = wait_for(lambda: [t for t in toast_texts(page) if "import" in t], 15, "the import warning")[0]
