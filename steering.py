@@ -1,12 +1,15 @@
 """Steer a chat LLM by editing its residual stream with feature directions.
 
-Components and ops, and two backends with one meaning (the same tokens under greedy decoding):
+Components and ops, and backends with one meaning (the same tokens under greedy decoding) behind
+one protocol, chosen from a registry: `get_backend(name, model, tok).stream(chat, comps, settings)`
+yields text pieces, then `.result` holds the token ids, the finish reason and the trace.
 
-* Transformers forward hooks (`stream_steered_answer_hf`): streams text, used by the app
+* "hf", Transformers forward hooks (`stream_steered_answer_hf`): streams text, used by the app
   and the console chat. A request's hooks act only in its own generation thread and
   leave the model as soon as its generation ends, so concurrent requests never mix.
-* NNsight interventions (`generate_steered_answer`): returns the whole answer and,
+* "nnsight", NNsight interventions (`generate_steered_answer`): returns the whole answer and,
   optionally, a `SteeringTrace` of what the steering did at every position.
+* "vllm", the vLLM engine: continuous batching, each request with its own steering.
 
     >>> model, tok = load_model()                      # embedded SmolLM2-135M-Instruct
     >>> comp = SteeringComponent(layer=10, vector=v, strength=60.0, op="clamp")

@@ -17,6 +17,7 @@ import statistics
 import time
 
 from llm_steering import steering
+from llm_steering.backends import Backend, GenerationSettings, get_backend
 
 import torch
 
@@ -40,17 +41,15 @@ def main() -> None:
         for L in args.layers
     ]
 
-    def hooks(components: list[steering.SteeringComponent]) -> str:
-        return "".join(
-            steering.stream_steered_answer_hf(model, tok, CHAT, components, max_new_tokens=args.tokens)
-        )
+    hooks_backend, nnsight_backend = get_backend("hf", model, tok), get_backend("nnsight", model, tok)
+    settings = GenerationSettings(max_new_tokens=args.tokens)
 
-    def nnsight() -> str:
-        return steering.generate_steered_answer(model, tok, CHAT, comps, max_new_tokens=args.tokens)
+    def answer(backend: Backend, components: list[steering.SteeringComponent]) -> int:
+        return len(backend.generate(CHAT, components, settings).token_ids)
 
-    configs = {"unsteered (hooks path, no component)": lambda: hooks([]),
-               f"hooks, clamp on {len(comps)} layers": lambda: hooks(comps),
-               f"nnsight, clamp on {len(comps)} layers": nnsight}
+    configs = {"unsteered (hooks path, no component)": lambda: answer(hooks_backend, []),
+               f"hooks, clamp on {len(comps)} layers": lambda: answer(hooks_backend, comps),
+               f"nnsight, clamp on {len(comps)} layers": lambda: answer(nnsight_backend, comps)}
     for fn in configs.values():  # warm-up: first calls pay for allocation and NNsight's wrapping
         fn()
     rates: dict[str, list[float]] = {name: [] for name in configs}
@@ -59,9 +58,8 @@ def main() -> None:
         for name in names[r % 3:] + names[: r % 3]:  # rotate the order, so no configuration always goes first
             fn = configs[name]
             t0 = time.perf_counter()
-            text = fn()
+            n = fn()
             dt = time.perf_counter() - t0
-            n = len(tok.encode(text, add_special_tokens=False))
             rates[name].append(n / dt)
             if args.verbose:
                 print(f"  {name}: {n} tokens in {dt:.2f} s", flush=True)

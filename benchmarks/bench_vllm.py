@@ -1,15 +1,16 @@
-"""Throughput of steered answers: the vLLM backend against the hooks backend, side by side.
+"""Throughput and agreement of steered answers on several backends, side by side (the protocol only).
 
-    python benchmarks/bench_vllm.py                       # 1, 4, 16 concurrent, 64 tokens each
-    python benchmarks/bench_vllm.py --concurrency 1 16 --tokens 32 --vllm-dtype float32
+    python benchmarks/bench_vllm.py                                   # hooks and vLLM; 1, 4, 16 concurrent
+    python benchmarks/bench_vllm.py --backends hf nnsight vllm --concurrency 1 4 --tokens 32
+    STEERING_DTYPE=bfloat16 python benchmarks/bench_vllm.py          # 16-bit: answers change with the batch
 
 Every request has its own steering (a different direction, op and layer). For each concurrency N,
-N answers run at once (one thread each) on the hooks backend (`steering.stream_steered_answer_hf`,
-float32, one model) and on the vLLM backend (`steering_vllm.VLLMEngine`, continuous batching);
-then vLLM unsteered at the highest N, for the cost of steering in the engine. Prints total tokens/s
-and the ratios against the issue's targets (vLLM >= 8x hooks at 16 concurrent; steering <= 10%).
-Greedy; answers stop at --tokens or at the end-of-sequence token. Tokens are counted by
-re-tokenizing each answer's text (the same count for both backends; no trace is recorded).
+N answers run at once (one thread each) on each backend (`backends.get_backend`). Prints total
+tokens/s per backend, the speed ratio of each against the first, and the agreement rate: the
+fraction of answers whose token ids equal the first backend's answer to the same request. At the
+default dtype (float32 on a CPU) it is 100%; in bfloat16 a greedy answer depends on the batch it
+ran in (docs/speed.md), so the rate drops. Then the last backend unsteered at the highest N, for
+the cost of steering. Greedy; answers stop at --tokens or at the end-of-sequence token.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import threading
 import time
 
 from llm_steering import steering
-from llm_steering import vllm_backend as steering_vllm
+from llm_steering.backends import Backend, GenerationSettings, backend_names, get_backend
 from llm_steering.steering import SteeringComponent
 
 import torch
@@ -42,17 +43,18 @@ def steering_for(i: int, d_model: int, n_layers: int, steered: bool) -> list[Ste
     return [SteeringComponent(layer=(5 + 3 * i) % n_layers, vector=v, op=op, **kw)]
 
 
-def run_batch(stream_fn, tok, n: int, tokens: int, d_model: int, n_layers: int, steered: bool = True) -> tuple[int, float]:
-    """N concurrent answers through `stream_fn(chat, comps, max_new_tokens)`; (tokens, seconds)."""
-    counts = [0] * n
+def run_batch(backend: Backend, n: int, tokens: int, d_model: int, n_layers: int,
+              steered: bool = True) -> tuple[list[list[int]], float]:
+    """N concurrent answers on `backend`; (each answer's token ids, seconds)."""
+    answers: list[list[int]] = [[] for _ in range(n)]
     barrier = threading.Barrier(n + 1)
+    settings = GenerationSettings(max_new_tokens=tokens)
 
     def work(i: int) -> None:
         chat = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
         comps = steering_for(i, d_model, n_layers, steered)
         barrier.wait()
-        text = "".join(stream_fn(chat, comps, tokens))
-        counts[i] = len(tok(text, add_special_tokens=False)["input_ids"])
+        answers[i] = backend.generate(chat, comps, settings).token_ids
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
     for t in threads:
@@ -61,47 +63,43 @@ def run_batch(stream_fn, tok, n: int, tokens: int, d_model: int, n_layers: int, 
     start = time.perf_counter()
     for t in threads:
         t.join()
-    return sum(counts), time.perf_counter() - start
+    return answers, time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backends", nargs="+", default=["hf", "vllm"], choices=backend_names(),
+                        help="backends to compare; the first is the reference for speed and agreement")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16], help="concurrent requests to measure")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per answer")
-    parser.add_argument("--vllm-dtype", default="bfloat16", help="vLLM model dtype (the hooks backend runs float32)")
     args = parser.parse_args()
 
-    model, tok = steering.load_model()
+    model, tok = steering.load_model()  # in models.default_dtype; $STEERING_DTYPE overrides it for every backend
     d_model, n_layers = steering.hidden_size(model), steering.num_layers(model)
-
-    def hooks(chat, comps, n):
-        return steering.stream_steered_answer_hf(model, tok, chat, comps, max_new_tokens=n)
-
-    engine = steering_vllm.VLLMEngine(dtype=args.vllm_dtype, max_num_seqs=max(args.concurrency))
-
-    def vllm(chat, comps, n):
-        return engine.stream(chat, comps, max_new_tokens=n)
-
+    backends = [get_backend(name, model, tok) for name in args.backends]
+    names = args.backends
     try:
-        run_batch(vllm, tok, 2, 8, d_model, n_layers)  # warm-up
-        run_batch(hooks, tok, 1, 4, d_model, n_layers)
-        print(f"{'concurrent':>10} {'hooks tok/s':>12} {'vLLM tok/s':>11} {'vLLM/hooks':>11}")
-        rows = {}
+        for backend in backends:
+            run_batch(backend, 2, 4, d_model, n_layers)  # warm-up
+        print(f"{'concurrent':>10} " + " ".join(f"{n + ' tok/s':>14}" for n in names)
+              + "".join(f" {n + '/' + names[0]:>14} {'agree':>6}" for n in names[1:]))
         for n in args.concurrency:
-            h_tok, h_s = run_batch(hooks, tok, n, args.tokens, d_model, n_layers)
-            v_tok, v_s = run_batch(vllm, tok, n, args.tokens, d_model, n_layers)
-            rows[n] = (h_tok / h_s, v_tok / v_s)
-            print(f"{n:>10} {h_tok / h_s:>12.1f} {v_tok / v_s:>11.1f} {v_tok / v_s / (h_tok / h_s):>10.1f}x", flush=True)
-        top = max(args.concurrency)
-        u_tok, u_s = run_batch(vllm, tok, top, args.tokens, d_model, n_layers, steered=False)
-        s_tok, s_s = run_batch(vllm, tok, top, args.tokens, d_model, n_layers)
-        unsteered, steered = u_tok / u_s, s_tok / s_s
-        print(f"vLLM at {top} concurrent: unsteered {unsteered:.1f} tok/s, steered {steered:.1f} tok/s, "
-              f"steering costs {100 * (1 - steered / unsteered):.1f}% (target <= 10%)")
-        ratio = rows[top][1] / rows[top][0]
-        print(f"vLLM/hooks at {top} concurrent: {ratio:.1f}x (target >= 8x): {'met' if ratio >= 8 else 'NOT met'}")
+            runs = [run_batch(backend, n, args.tokens, d_model, n_layers) for backend in backends]
+            speeds = [sum(map(len, ids)) / secs for ids, secs in runs]
+            ref = runs[0][0]
+            agree = [sum(a == b for a, b in zip(ids, ref, strict=True)) / n for ids, _ in runs[1:]]
+            print(f"{n:>10} " + " ".join(f"{s:>14.1f}" for s in speeds)
+                  + "".join(f" {s / speeds[0]:>13.1f}x {a:>6.0%}" for s, a in zip(speeds[1:], agree, strict=True)),
+                  flush=True)
+        top, last = max(args.concurrency), backends[-1]
+        u_ids, u_s = run_batch(last, top, args.tokens, d_model, n_layers, steered=False)
+        s_ids, s_s = run_batch(last, top, args.tokens, d_model, n_layers)
+        unsteered, steered = sum(map(len, u_ids)) / u_s, sum(map(len, s_ids)) / s_s
+        print(f"{names[-1]} at {top} concurrent: unsteered {unsteered:.1f} tok/s, steered {steered:.1f} tok/s, "
+              f"steering costs {100 * (1 - steered / unsteered):.1f}%")
     finally:
-        engine.shutdown()
+        for backend in backends:
+            backend.close()
 
 
 if __name__ == "__main__":

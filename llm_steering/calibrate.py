@@ -163,7 +163,7 @@ def row_steering(model: Any, rows: Sequence[Sequence[SteeringComponent]], steer_
     on exit.
     """
     owner = threading.get_ident()
-    layers = model.model.layers
+    _, layers = steering.decoder_layers(model)
     param = next(model.parameters())
     by_layer: dict[int, list[tuple[list[SteeringComponent], list[torch.Tensor]]]] = {}
     for comps in rows:
@@ -180,24 +180,19 @@ def row_steering(model: Any, rows: Sequence[Sequence[SteeringComponent]], steer_
         def hook(module: Any, args: Any, output: Any) -> Any:
             if threading.get_ident() != owner:
                 return None  # another request's forward pass on the same model
-            hidden = output[0] if isinstance(output, tuple) else output  # [batch, seq, d_model]
+            hidden = steering.layer_hidden(output)  # [batch, seq, d_model]
             first_pass = seen[0] == 0
             seen[0] += 1
             if first_pass and not steer_prompt:
                 return None
             parts = [steering.steer_hidden(hidden[b : b + 1], comps, vecs) if comps else hidden[b : b + 1]
                      for b, (comps, vecs) in enumerate(per_row[: hidden.shape[0]])]
-            edited = torch.cat(parts, dim=0)
-            return (edited, *output[1:]) if isinstance(output, tuple) else edited
+            return steering.with_hidden(output, torch.cat(parts, dim=0))
 
         return hook
 
-    handles = [layers[L].register_forward_hook(hook_for(per_row)) for L, per_row in by_layer.items()]
-    try:
+    with steering.forward_hooks((layers[L], hook_for(per_row)) for L, per_row in by_layer.items()):
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def generate_rows(model: Any, tokenizer: Any, chats: Sequence[Sequence[dict]], rows: Sequence[Sequence[SteeringComponent]],
@@ -236,6 +231,7 @@ def answer_nll(model: Any, tokenizer: Any, chats: Sequence[Sequence[dict]], answ
     projection of the answer's hidden states after each layer on it (a float, or k floats), from
     the same forward pass."""
     device = next(model.parameters()).device
+    base, head = steering.base_model(model), steering.unembedding(model)  # model.model and lm_head for a Llama
     nlls: list[float] = []
     projs: list[dict[int, float]] = []
     for start in range(0, len(chats), batch_size):
@@ -246,7 +242,7 @@ def answer_nll(model: Any, tokenizer: Any, chats: Sequence[Sequence[dict]], answ
         ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
         with torch.inference_mode():
-            out = model.model(input_ids=ids, attention_mask=mask, output_hidden_states=probe is not None)
+            out = base(input_ids=ids, attention_mask=mask, output_hidden_states=probe is not None)
             last = out.last_hidden_state  # [batch, seq, d_model]
             for b, (p, s) in enumerate(zip(pids, seqs, strict=True)):
                 n = len(s) - len(p)
@@ -254,7 +250,7 @@ def answer_nll(model: Any, tokenizer: Any, chats: Sequence[Sequence[dict]], answ
                     nlls.append(float("nan"))
                 else:
                     # logits only where an answer token is predicted (the full [seq, vocab] is most of the cost)
-                    logp = model.lm_head(last[b, len(p) - 1 : len(s) - 1]).float().log_softmax(-1)  # [n, vocab]
+                    logp = head(last[b, len(p) - 1 : len(s) - 1]).float().log_softmax(-1)  # [n, vocab]
                     targets = torch.tensor(s[len(p) :], device=device)
                     nlls.append(float(-logp.gather(-1, targets[:, None]).mean()))
                 if probe is not None:

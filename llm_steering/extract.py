@@ -186,13 +186,8 @@ def _text_means(model: Any, tokenizer: Any, texts: list[str], layers: list[int],
                 got[layer] = ((hidden * keep).sum(1) / keep.sum(1)).cpu()  # [batch, d_model]
             return hook
 
-        handles = [layer_list[layer].register_forward_hook(hook_for(layer)) for layer in layers]
-        try:
-            with torch.inference_mode():
-                model(input_ids=ids, attention_mask=mask)
-        finally:
-            for handle in handles:
-                handle.remove()
+        with steering.forward_hooks((layer_list[layer], hook_for(layer)) for layer in layers), torch.inference_mode():
+            model(input_ids=ids, attention_mask=mask)
         for b, text in enumerate(chunk):
             cache[text] = torch.stack([got[layer][b] for layer in layers])  # [layers, d_model]
     return torch.stack([cache[t] for t in texts])

@@ -15,7 +15,8 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ def load_model(
     source = embedded_model_dir() if model_id is None else model_id
     try:
         if dtype is None:
-            dtype = torch.bfloat16 if device.type == "cuda" else cpu_dtype(source)
+            dtype = default_dtype(source, device.type)
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except OSError as exc:
@@ -75,18 +76,49 @@ def load_model(
     return model, tokenizer
 
 
+DTYPE_ENV = "STEERING_DTYPE"  # float32, bfloat16 or float16: overrides default_dtype in every backend
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_dtype(source: str | os.PathLike, device_type: str) -> torch.dtype:
+    """The dtype every backend loads `source` in, so that switching backends keeps a greedy answer.
+
+    $STEERING_DTYPE when set; else on a GPU the checkpoint's own 16-bit dtype (bfloat16 for a
+    float32 checkpoint), on the CPU float32 (`cpu_dtype`: a 16-bit checkpoint too big for float32
+    keeps its own dtype). The embedded model is float32 on the CPU in every backend.
+    """
+    name = os.environ.get(DTYPE_ENV, "").strip().lower()
+    if name:
+        if name not in DTYPES:
+            raise ValueError(f"{DTYPE_ENV}={name!r} is not a dtype: use one of {', '.join(DTYPES)}")
+        return DTYPES[name]
+    if device_type == "cpu":
+        return cpu_dtype(source)
+    stored = stored_dtype(source)
+    return stored if stored in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+def stored_dtype(source: str | os.PathLike) -> torch.dtype | None:
+    """The dtype a checkpoint's config.json says its weights are stored in (None when it says nothing)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source)
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = getattr(torch, stored, None)
+    return stored if isinstance(stored, torch.dtype) else None
+
+
 def cpu_dtype(source: str | os.PathLike) -> torch.dtype:
     """float32, unless the checkpoint is stored in 16 bits and its float32 copy would need more than
     half the memory available now: then its own dtype (Llama-3.1-8B is 16 GB in bfloat16, 32 GB in
     float32, which a 24 GB machine cannot hold)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(source)
-    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(stored, str):
-        stored = getattr(torch, stored, None)
+    stored = stored_dtype(source)
     if stored not in (torch.bfloat16, torch.float16):
         return torch.float32
+    config = AutoConfig.from_pretrained(source)
     with torch.device("meta"):  # shapes only: nothing allocated
         n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     need, avail = 4 * n_params, available_memory()
@@ -211,6 +243,56 @@ def decoder_layers(model: Any) -> tuple[str, Any]:
     )
 
 
+def base_model(model: Any) -> Any:
+    """The module that holds the decoder layers and ends with the final norm (`model.model` for Llama,
+    `model.transformer` for GPT-2): calling it gives the normed last hidden state."""
+    path, _ = decoder_layers(model)
+    obj = model
+    for part in path.split(".")[:-1]:
+        obj = getattr(obj, part)
+    return obj
+
+
+FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
+
+
+def final_norm(model: Any) -> torch.nn.Module:
+    """The norm applied after the last decoder layer, before the unembedding."""
+    base = base_model(model)
+    for name in FINAL_NORMS:
+        module = getattr(base, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    raise ValueError(f"cannot find the final norm of {type(model).__name__}: steering supports Llama-, GPT-2-, "
+                     "GPT-NeoX- and OPT-style models")
+
+
+def unembedding(model: Any) -> torch.nn.Module:
+    """The output projection from the residual stream to the vocabulary (`lm_head`)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Module):
+        raise ValueError(f"cannot find the unembedding of {type(model).__name__}: give a causal LM (…ForCausalLM)")
+    return head
+
+
+@contextmanager
+def forward_hooks(hooks: Iterable[tuple[torch.nn.Module, Any]]) -> Iterator[list[Any]]:
+    """Register each (module, forward hook) pair inside the block; all are removed on exit, however
+    it exits (also when registering one fails). Yields the handles.
+
+        >>> with forward_hooks([(decoder_layers(model)[1][3], hook)]):
+        ...     model(ids)
+    """
+    handles: list[Any] = []
+    try:
+        for module, hook in hooks:
+            handles.append(module.register_forward_hook(hook))
+        yield handles
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def layer_hidden(output: Any) -> torch.Tensor:
     """A decoder layer's hidden state: transformers 5 returns a tensor, older versions a tuple."""
     return output[0] if isinstance(output, tuple) else output
@@ -249,15 +331,17 @@ def check_length(model: Any, n_prompt: int) -> None:
 
 
 def generation_kwargs(
-    model: Any, tokenizer: Any, max_new_tokens: int, temperature: float, repetition_penalty: float
+    model: Any, tokenizer: Any, max_new_tokens: int, temperature: float, repetition_penalty: float,
+    top_p: float = 1.0,
 ) -> dict[str, Any]:
+    """transformers' generate() arguments for these settings (top_p 1 = off; it acts only when sampling)."""
     from transformers import GenerationConfig
 
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=temperature > 0,
         temperature=temperature if temperature > 0 else None,
-        top_p=None,
+        top_p=top_p if temperature > 0 and top_p < 1 else None,
         top_k=None,
         repetition_penalty=repetition_penalty,
         pad_token_id=tokenizer.pad_token_id,

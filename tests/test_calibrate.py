@@ -210,3 +210,55 @@ def steering_vectors_path():
 def test_candidate_fractions_scale_the_default():
     assert calibrate.candidate_fractions(0.2) == [0.12, 0.17, 0.22]
     assert calibrate.candidate_fractions(0.1, (1.0, 2.0)) == [0.1, 0.2]
+
+
+def tiny_other(arch: str):
+    """A tiny random GPT-2, GPT-NeoX or OPT: architectures decoder_layers accepts besides Llama."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(5)
+    model = {
+        "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=128, n_embd=32, n_layer=3, n_head=4, n_positions=256)),
+        "gpt_neox": lambda: GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=128, hidden_size=32, num_hidden_layers=3,
+                                                             num_attention_heads=4, intermediate_size=64,
+                                                             max_position_embeddings=256)),
+        "opt": lambda: OPTForCausalLM(OPTConfig(vocab_size=128, hidden_size=32, num_hidden_layers=3, ffn_dim=64,
+                                                num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=256)),
+    }[arch]().eval().requires_grad_(False)
+    model.generation_config.eos_token_id = 2
+    return model
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "opt"])
+def test_calibration_runs_on_every_architecture_decoder_layers_accepts(arch):
+    """It read model.model.layers and model.lm_head: AttributeError on GPT-2, GPT-NeoX and OPT."""
+    model, tok = tiny_other(arch), ToyTokenizer()
+    comp = SteeringComponent(1, unit(32, 7), strength=1.0, op="clamp")
+    cal = calibrate.calibrate_strength(model, tok, CHAT, comp, fractions=(0.5, 2.0), norm=3.0, nll_bound=1e9,
+                                       max_rep3=1.1, max_new_tokens=6)
+    assert cal.fraction == 2.0
+    assert cal.answer == tok.decode(single_answer(model, tok, CHAT, [comp.with_op("clamp", strength=6.0)], max_new_tokens=6))
+    answers = [[5, 9, 11]]
+    (nll,) = calibrate.answer_nll(model, tok, [CHAT], answers)
+    p = steering.chat_input_ids(tok, CHAT)
+    with torch.inference_mode():
+        logp = model(input_ids=torch.tensor([p + answers[0]])).logits[0].log_softmax(-1)
+    assert nll == pytest.approx(float(-torch.stack([logp[len(p) - 1 + i, t] for i, t in enumerate(answers[0])]).mean()), abs=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "opt"])
+def test_the_structure_helpers_find_layers_norm_and_unembedding(arch):
+    model = build_tiny_llama() if arch == "llama" else tiny_other(arch)
+    _, layers = steering.decoder_layers(model)
+    norm, head = steering.final_norm(model), steering.unembedding(model)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    seen = {}
+    hooks = [(layers[-1], lambda m, a, out: seen.__setitem__("last", steering.layer_hidden(out))),
+             (norm, lambda m, a, out: seen.__setitem__("normed", out))]
+    with steering.forward_hooks(hooks), torch.inference_mode():
+        logits = model(input_ids=ids).logits
+    assert sum(len(m._forward_hooks) for m in model.modules()) == 0  # removed on exit
+    torch.testing.assert_close(norm(seen["last"]), seen["normed"])
+    if arch != "opt":  # OPT projects out after its norm (an identity at these sizes, but a separate module)
+        torch.testing.assert_close(head(seen["normed"]), logits)
+    torch.testing.assert_close(head(steering.base_model(model)(input_ids=ids).last_hidden_state), logits)

@@ -89,6 +89,9 @@ def test_both_refuse_the_same_out_of_range_strengths(loaded, tmp_path, fraction)
 
 @pytest.mark.parametrize("n_words, n_turns", [(50, 0), (3000, 0), (400, 12)])
 def test_app_and_console_send_the_model_the_same_input(loaded, monkeypatch, n_words, n_turns):
+    from llm_steering.backends import Generation, Stream
+    from llm_steering.backends.hooks import HooksBackend
+
     app, la = loaded
     system = la.profile.generation.system_prompt
     history = []
@@ -100,11 +103,11 @@ def test_app_and_console_send_the_model_the_same_input(loaded, monkeypatch, n_wo
 
     seen = []
 
-    def record(model, tok, chat, comps, **kwargs):
+    def record(self, chat, comps, settings=None, cancel=None):
         seen.append(chat)
-        yield "ok"
+        return Stream(iter(["ok"]), Generation([]))
 
-    monkeypatch.setattr(steering, "stream_steered_answer_hf", record)
+    monkeypatch.setattr(HooksBackend, "stream", record)  # the console's backend: what it is asked
     console = console_for(la, system)
     console.history = list(history)
     console.ask(message)

@@ -414,7 +414,7 @@ def test_long_input_is_cut_and_old_exchanges_go_with_a_notice(embedded, shipped)
     assert [m["content"] for m in console.history if m["role"] == "user"] == ["And now?"]
 
 
-def test_ctrl_c_with_nnsight_returns_at_once_and_cancels_the_run(embedded, shipped):
+def test_ctrl_c_with_nnsight_ends_the_run_at_its_next_token(embedded, shipped):
     model, tok = embedded
     profile, vectors = shipped
     out = io.StringIO()
@@ -434,12 +434,11 @@ def test_ctrl_c_with_nnsight_returns_at_once_and_cancels_the_run(embedded, shipp
     threading.Thread(target=press_ctrl_c_once_the_answer_waits, daemon=True).start()
     t0 = time.monotonic()
     assert console.ask("Tell me a long story.") is None
-    assert console._background is not None
-    # the stopped run ends after its current token, far sooner than 300 tokens would take
-    assert console._background.wait(10) and time.monotonic() - t0 < 12
+    # the stopped run ended after its current token, far sooner than 300 tokens would take
+    assert time.monotonic() - t0 < 12
     settings.max_new_tokens = 4
     answer = console.ask("Tell me a story.")
-    assert answer and not console.busy()
+    assert answer
     assert console.history == [{"role": "user", "content": "Tell me a story."},
                                {"role": "assistant", "content": answer}]
 

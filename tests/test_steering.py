@@ -274,7 +274,7 @@ def test_an_over_long_prompt_is_refused(embedded):
 
 
 # ---------------------------------------------------------------------------
-# The embedded model: both backends, same tokens; traces; isolation; cancellation
+# The embedded model: traces, isolation, cancellation (the cross-backend suite: tests/test_backends.py)
 # ---------------------------------------------------------------------------
 
 PROMPT = [{"role": "user", "content": "Tell me a short story about a dog."}]
@@ -291,25 +291,6 @@ def hf_answer(model, tok, comps, **kw) -> tuple[str, SteeringTrace]:
 def unsteered(embedded):
     model, tok = embedded
     return hf_answer(model, tok, [])
-
-
-@pytest.mark.parametrize("case", ["add", "clamp", "cap", "ablate", "add_keepnorm", "clamp_keepnorm", "multi"])
-def test_backends_give_the_same_tokens_and_traces(embedded, unsteered, case):
-    model, tok = embedded
-    comps = comps_for(case)
-    text_hf, trace_hf = hf_answer(model, tok, comps)
-    text_nn, trace_nn = steering.generate_steered_answer(
-        model, tok, PROMPT, comps, max_new_tokens=N_TOKENS, return_trace=True
-    )
-    assert trace_hf.token_ids == trace_nn.token_ids
-    assert text_hf == text_nn
-    if case in ("add", "clamp", "add_keepnorm", "clamp_keepnorm", "multi"):
-        assert trace_hf.token_ids != unsteered[1].token_ids  # the steering did something
-    n_positions = len(trace_hf.token_ids) - 1
-    for a, b in zip(trace_hf.components, trace_nn.components, strict=True):
-        assert len(a.before) == len(b.before) == n_positions
-        torch.testing.assert_close(torch.tensor(a.after), torch.tensor(b.after), atol=1e-4, rtol=1e-5)
-    assert hooks_on(model) == 0
 
 
 def test_trace_shows_the_clamp_at_every_prompt_and_answer_position(embedded):
@@ -334,14 +315,10 @@ def test_steer_prompt_false_leaves_the_prompt_alone(embedded):
     model, tok = embedded
     comps = comps_for("clamp")
     _, trace = hf_answer(model, tok, comps, steer_prompt=False)
-    _, trace_nn = steering.generate_steered_answer(
-        model, tok, PROMPT, comps, max_new_tokens=N_TOKENS, steer_prompt=False, return_trace=True
-    )
     comp = trace.components[0]
     P = trace.prompt_len
     assert comp.before[:P] == comp.after[:P]
     assert all(abs(x - 60.0) < 1e-3 for x in comp.after[P:])
-    assert trace.token_ids == trace_nn.token_ids
 
 
 def test_concurrent_requests_each_get_their_own_answer(embedded, unsteered):
@@ -480,21 +457,6 @@ def test_components_are_stored_as_unit_float32():
     assert comp.vector.dtype == torch.float32
     assert math.isclose(float(comp.vector.norm()), 1.0, rel_tol=1e-6)
     assert comp.strength == 1.0 and isinstance(comp.strength, float)
-
-
-def test_nnsight_run_can_be_cancelled_from_another_thread(embedded):
-    model, tok = embedded
-    cancel = threading.Event()
-    timer = threading.Timer(1.0, cancel.set)
-    timer.start()
-    t0 = time.monotonic()
-    answer, trace = steering.generate_steered_answer(
-        model, tok, PROMPT, comps_for("add"), max_new_tokens=400, return_trace=True, cancel=cancel
-    )
-    timer.join()
-    assert time.monotonic() - t0 < 15  # 400 tokens would take far longer
-    n_answer = len(trace.token_ids) - trace.prompt_len
-    assert 0 < n_answer < 400 and answer.strip()
 
 
 def test_importing_steering_first_makes_openmp_threads_wait_passively():

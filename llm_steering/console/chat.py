@@ -5,17 +5,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import signal
 import sys
-import threading
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from llm_steering import steering
-from llm_steering import vllm_backend as steering_vllm
+from llm_steering.backends import Backend, GenerationSettings, backend_entry, check_backend, get_backend
 from llm_steering.catalog import Catalog, Feature
 from llm_steering.chat_history import chat_export, same_steering, unsteered_chat, visible_chat
 from llm_steering.chat_input import fit_chat
@@ -23,6 +20,7 @@ from llm_steering.config import load_config, load_steering_spec
 from llm_steering.console import cli as console_cli
 from llm_steering.console.cli import COLOURS, RESET, Painter, UsageError, build_parser, colour_enabled, one_line
 from llm_steering.console.commands import COMMANDS, parse_fraction, parse_steer_words  # noqa: F401  (parse_fraction: re-exported)
+from llm_steering.console.ctrl_c import Stopped, ctrl_c_stops
 from llm_steering.core import atomic_write
 from llm_steering.vectors import SteeringVectorSet
 
@@ -59,8 +57,7 @@ class Console:
         self.turns: list[dict[str, Any]] = []  # {user, answer, spec (SteeringSpec), unsteered (str | None)}
         self.history_mode = "same"  # what the model reads of turns made with other steering: chat_history.py
         self.compare_next = False
-        self._background: threading.Event | None = None  # set when a stopped nnsight answer ends
-        self._engine: Any = None  # the vLLM engine, for --backend vllm
+        self._backends: dict[str, Backend] = {}  # started on first use (backends/: the registry)
 
     # -- printing --------------------------------------------------------------
 
@@ -235,23 +232,14 @@ class Console:
 
     def _answer(self, chat: list[dict], comps: list, kind: str, labelled: bool = False) -> str | None:
         """Print one answer in `kind`'s colour; its text, or None if the user stopped it."""
-        if self.settings.backend == "nnsight":
-            try:
-                self._wait_for_background()
-            except Stopped:
-                self.notice("(stopped)")
-                return None
+        backend = self.backend()
         if labelled or self.interactive:
             self.out.write(self.paint(kind, f"{kind}> " if self.interactive else f"[{kind}]\n"))
         self.out.write(self.paint.start(kind))
         self.out.flush()
         pieces: list[str] = []
         try:
-            if self.settings.backend in ("hf", "vllm"):
-                self._stream(chat, comps, pieces)
-            else:
-                pieces.append(self._whole_nnsight(chat, comps))
-                self.out.write(pieces[-1])
+            self._stream(backend, chat, comps, pieces)
         except Stopped:
             self.out.write(self.paint.reset() + "\n")
             self.notice("(stopped: this exchange is not kept in the conversation)")
@@ -260,16 +248,14 @@ class Console:
         self.out.flush()
         return "".join(pieces)
 
-    def _generation_kwargs(self) -> dict[str, Any]:
+    def generation_settings(self) -> GenerationSettings:
         s = self.settings
-        return {"max_new_tokens": s.max_new_tokens, "temperature": s.temperature,
-                "repetition_penalty": s.repetition_penalty, "steer_prompt": self.steer_prompt}
+        return GenerationSettings(max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                                  repetition_penalty=s.repetition_penalty, steer_prompt=self.steer_prompt)
 
-    def _stream(self, chat: list[dict], comps: list, pieces: list[str]) -> None:
-        if self.settings.backend == "vllm":
-            stream = steering_vllm.stream_steered_answer_vllm(self.vllm_engine(), chat, comps, **self._generation_kwargs())
-        else:
-            stream = steering.stream_steered_answer_hf(self.model, self.tokenizer, chat, comps, **self._generation_kwargs())
+    def _stream(self, backend: Backend, chat: list[dict], comps: list, pieces: list[str]) -> None:
+        """Print the answer as it comes; Ctrl-C ends the generation (within a token) and raises Stopped."""
+        stream = backend.stream(chat, comps, self.generation_settings())
         with ctrl_c_stops():
             try:
                 for piece in stream:
@@ -279,59 +265,24 @@ class Console:
             except KeyboardInterrupt:
                 raise Stopped from None
             finally:
-                stream.close()  # stops the generation thread and removes the hooks
+                stream.close()  # ends the generation and removes its hooks
 
-    def vllm_engine(self) -> Any:
-        """The vLLM engine, started on first use (the catalog keeps using the transformers model)."""
-        if self._engine is None:
-            self.notice("starting the vLLM engine (about 30 s on a CPU)...")
-            self._engine = steering_vllm.VLLMEngine(self.catalog.profile.model_id)
-        return self._engine
+    def backend(self) -> Backend:
+        """The backend now chosen (settings.backend), started on first use."""
+        name = self.settings.backend
+        if name not in self._backends:
+            note = backend_entry(name).start_note
+            if note:
+                self.notice(note)
+            self._backends[name] = get_backend(name, self.model, self.tokenizer, self.catalog.profile.model_id,
+                                               verbose=self.settings.verbose)
+        return self._backends[name]
 
-    def _whole_nnsight(self, chat: list[dict], comps: list) -> str:
-        """The nnsight answer, computed in a worker thread so that Ctrl-C returns at once."""
-        result: dict[str, Any] = {}
-        done, cancel = threading.Event(), threading.Event()
-
-        def work() -> None:
-            try:
-                result["answer"] = steering.generate_steered_answer(
-                    self.model, self.tokenizer, chat, comps, cancel=cancel, **self._generation_kwargs()
-                )
-            except BaseException as exc:  # handed to the main thread below
-                result["error"] = exc
-            finally:
-                done.set()
-
-        threading.Thread(target=work, name="nnsight-answer", daemon=True).start()
-        # Wait on an Event, not Thread.join: a Ctrl-C inside join(timeout) can mark a
-        # running thread as finished (CPython bpo-45274).
-        try:
-            with ctrl_c_stops():
-                while not done.wait(0.1):
-                    pass
-        except KeyboardInterrupt:
-            cancel.set()  # the run ends after its current token
-            self._background = done
-            raise Stopped from None
-        if "error" in result:
-            raise result["error"]
-        return result["answer"]
-
-    def _wait_for_background(self) -> None:
-        if self.busy():
-            self.notice("waiting for the stopped nnsight answer to finish...")
-            try:
-                with ctrl_c_stops():
-                    while not self._background.wait(0.1):
-                        pass
-            except KeyboardInterrupt:
-                raise Stopped from None
-        self._background = None
-
-    def busy(self) -> bool:
-        """Whether a stopped nnsight answer is still running in the background."""
-        return self._background is not None and not self._background.is_set()
+    def close(self) -> None:
+        """Stop every backend started (an engine's processes)."""
+        backends, self._backends = self._backends, {}
+        for backend in backends.values():
+            backend.close()
 
     # -- the interactive loop --------------------------------------------------
 
@@ -391,36 +342,6 @@ class Console:
         return f"\001{COLOURS['user']}\002you> \001{RESET}{COLOURS['user']}\002"
 
 
-# ---------------------------------------------------------------------------
-# Ctrl-C
-# ---------------------------------------------------------------------------
-
-
-class Stopped(Exception):
-    """The user pressed Ctrl-C during an answer."""
-
-
-@contextmanager
-def ctrl_c_stops() -> Iterator[None]:
-    """Inside the block the first Ctrl-C raises KeyboardInterrupt; later ones are ignored
-    so that the clean-up (closing the generator, removing hooks) is never cut short."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pressed = [False]
-
-    def handler(signum: int, frame: Any) -> None:
-        if not pressed[0]:
-            pressed[0] = True
-            raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 @dataclass
 class Settings:
     """Generation settings of a chat (from the profile's defaults and the command line)."""
@@ -432,6 +353,7 @@ class Settings:
     system: str
     max_input_tokens: int
     compare: bool = False
+    verbose: bool = False  # a backend's own logs (vLLM's), on stderr
 
 
 # ---------------------------------------------------------------------------
@@ -449,6 +371,7 @@ def settings_from(args: argparse.Namespace, profile: Any) -> Settings:
         system=gen.system_prompt if args.system is None else args.system,
         max_input_tokens=gen.max_input_tokens,
         compare=args.compare,
+        verbose=getattr(args, "verbose", False),
     )
     if not math.isfinite(settings.temperature) or settings.temperature < 0:
         raise UsageError(f"--temperature must be a number >= 0 (0 is greedy), got {settings.temperature}")
@@ -484,6 +407,7 @@ def run(argv: Sequence[str] | None = None, read: Any = input) -> int:
         raise UsageError("--compare needs at least one --steer NAME STRENGTH [add|clamp] to compare with")
     profile = load_config(args.config).profile(args.profile)
     settings = settings_from(args, profile)
+    check_backend(settings.backend)  # before the model loads: vLLM missing, or a torchvision that breaks it
     if profile.vectors_path().is_file():  # unknown names fail before the model loads
         precheck = Catalog(profile, SteeringVectorSet.load(profile.vectors_path()))
         for key, _, _ in steers:
@@ -513,12 +437,7 @@ def run(argv: Sequence[str] | None = None, read: Any = input) -> int:
             pass
         console.loop(read)
         code = 0
-    if console._engine is not None:
-        console._engine.shutdown()
-    if console.busy():  # a stopped nnsight run: do not wait for it, and do not crash at shutdown
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    console.close()
     return code
 
 

@@ -142,6 +142,7 @@ def build_parser(argv: Sequence[str] | None = None) -> Parser:
     parser.add_argument("--backend", choices=BACKENDS, default="hf",
                         help="hf: forward hooks, streams the answer (default); nnsight: prints it when done; "
                              "vllm: the vLLM engine (requirements-vllm.txt), streams")
+    parser.add_argument("--verbose", action="store_true", help="show the backend's own logs (vLLM's), on stderr")
     parser.add_argument("--temperature", type=float, help="0 is greedy (default: the profile's)")
     parser.add_argument("--max-new-tokens", type=int, help="longest answer in tokens (default: the profile's)")
     parser.add_argument("--repetition-penalty", type=float, help="1 is off (default: the profile's)")

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from llm_steering.backends import check_backend
 from llm_steering.chat_history import HISTORY_MODES
 from llm_steering.config import FEATURE_OPS, save_steering_spec
 from llm_steering.console.cli import BACKENDS, STEER_USAGE
@@ -149,6 +150,7 @@ def _backend(c: Any, args: list[str], rest: str) -> None:
     if args:
         if args[0] not in BACKENDS:
             raise ValueError(f"usage: /backend {'|'.join(BACKENDS)}")
+        check_backend(args[0])  # refused at once when it cannot run here (vLLM not installed)
         c.settings.backend = args[0]
     c.notice(f"backend: {c.settings.backend}")
 

@@ -11,7 +11,7 @@ import os
 import sys
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import spaces  # before torch: on a ZeroGPU Space it must come first (a no-op el
 from spaces.config import Config
 
 from llm_steering import steering
+from llm_steering.backends import Backend, GenerationSettings, Stream, check_backend, get_backend
 from llm_steering.catalog import Catalog, Feature
 from llm_steering.config import ModelProfile, load_config
 from llm_steering.core import one_line
@@ -61,16 +62,16 @@ class App:
     model: Any
     tokenizer: Any
     catalog: Catalog
-    engine: Any = None  # a steering_vllm.VLLMEngine when STEERING_BACKEND=vllm
+    backend: Backend | None = None  # STEERING_BACKEND's, from the registry (None: the hooks backend)
 
-    def stream(self, chat: list[dict], components: list[SteeringComponent], cancel: threading.Event,
-               **kwargs: Any) -> Iterator[str]:
-        """One answer's text pieces from the configured backend (same meaning, same arguments)."""
-        if self.engine is not None:
-            from llm_steering import vllm_backend as steering_vllm
+    def __post_init__(self) -> None:
+        if self.backend is None:
+            object.__setattr__(self, "backend", get_backend("hf", self.model, self.tokenizer))
 
-            return steering_vllm.stream_steered_answer_vllm(self.engine, chat, components, **kwargs)
-        return steering.stream_steered_answer_hf(self.model, self.tokenizer, chat, components, cancel=cancel, **kwargs)
+    def stream(self, chat: list[dict], components: list[SteeringComponent], settings: GenerationSettings,
+               cancel: threading.Event) -> Stream:
+        """One answer from the configured backend: its text pieces, then `.result` (ids, finish, trace)."""
+        return self.backend.stream(chat, components, settings, cancel)
 
     @functools.cached_property
     def panel(self) -> ControlPanel:
@@ -100,14 +101,12 @@ def load_app(config_path: str | os.PathLike = CONFIG_PATH, profile_name: str | N
     else:
         model, tokenizer = steering.load_model(profile.model_id)
         catalog = Catalog.open(profile, model, tokenizer)
-    if BACKEND not in ("hf", "vllm"):
-        raise ValueError(f"STEERING_BACKEND={BACKEND!r} is unknown: use hf (forward hooks) or vllm")
-    engine = None
-    if BACKEND == "vllm":  # the catalog still measures norms on the transformers model
-        from llm_steering import vllm_backend as steering_vllm
-
-        engine = steering_vllm.VLLMEngine(profile.model_id)
-    return App(profile, model, tokenizer, catalog, engine)
+    try:
+        check_backend(BACKEND)
+    except ValueError as exc:
+        raise ValueError(f"STEERING_BACKEND={BACKEND}: {exc}") from None
+    # the catalog measures norms and effects.py scores answers on the transformers model, whatever the backend
+    return App(profile, model, tokenizer, catalog, get_backend(BACKEND, model, tokenizer, profile.model_id))
 
 
 LOADED: App | None = None  # set once by main() (or a test); the GPU function reads the model from here
@@ -147,18 +146,18 @@ def generate(
     for `stop_key` after `since` (StopFlags) or closing this generator ends both generations at
     their next layer. Everything yielded is picklable: on ZeroGPU it crosses a process boundary.
     """
-    kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, repetition_penalty=repetition_penalty)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature,
+                                  repetition_penalty=repetition_penalty, steer_prompt=steer_prompt, trace=True)
     cancel, done = threading.Event(), threading.Event()
     threading.Thread(target=STOPS.watch, args=(stop_key, since, cancel, done), daemon=True).start()
-    trace = SteeringTrace()
-    streams = [LOADED.stream(chat, components, cancel, steer_prompt=steer_prompt, trace=trace, **kwargs)]
+    streams = [LOADED.stream(chat, components, settings, cancel)]
     if unsteered_chat is not None:
-        streams.append(LOADED.stream(unsteered_chat, [], cancel, **kwargs))
+        streams.append(LOADED.stream(unsteered_chat, [], replace(settings, steer_prompt=True, trace=False), cancel))
     texts = [""] * len(streams)
     running = list(range(len(streams)))
     finished = False
     try:
-        while running and not cancel.is_set():
+        while running:  # after a Stop too: every backend then ends within a token, and its last text comes
             for i in list(running):  # both generate in their own threads; take turns reading them
                 piece = next(streams[i], None)
                 if piece is None:
@@ -166,17 +165,14 @@ def generate(
                 else:
                     texts[i] += piece
             yield texts[0], texts[1] if unsteered_chat is not None else None, None, False, None
-        finished = not cancel.is_set()
+        finished = all(stream.result.finish_reason != "cancelled" for stream in streams)
     finally:  # also when Stop closes this generator (then nothing more is yielded)
         done.set()
         for stream in streams:
             stream.close()  # ends the generation thread at its next layer and removes its hooks
         if not finished:
             log.info("generation stopped after %d characters; generation threads ended", len(texts[0]))
-    if not finished and len(trace.token_ids) <= trace.prompt_len and texts[0]:
-        # A generation cut mid-layer returns no ids: the text written so far, tokenized, stands in.
-        trace.token_ids = [*trace.token_ids[: trace.prompt_len],
-                           *LOADED.tokenizer(texts[0], add_special_tokens=False).input_ids]
+    trace = streams[0].result.trace  # prompt and answer ids, also when stopped (every backend keeps them)
     token_effects = None
     if components and len(trace.token_ids) > trace.prompt_len:
         from llm_steering import effects
