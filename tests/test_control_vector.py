@@ -9,6 +9,9 @@ same prompt, and a file one layer off must fail the same comparison. The console
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from llm_steering import control_vector, steering
@@ -21,6 +24,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+DEMO = str(ROOT / "demo.py")
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +100,66 @@ def test_what_llama_cpp_cannot_reach_is_refused(tmp_path):
     assert not list(tmp_path.iterdir())
     with pytest.raises(ValueError, match="not a llama.cpp control vector"):
         control_vector.read_control_vector(embedded_gguf_path())
+
+
+# ---------------------------------------------------------------------------
+# The console: --export-gguf and /export-gguf
+# ---------------------------------------------------------------------------
+
+
+def run_demo(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_COLOR": "1"}
+    return subprocess.run([sys.executable, DEMO, *args], cwd=str(ROOT), env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_one_shot_export_writes_the_file_and_exits_without_chatting(shipped, tmp_path):
+    _, vectors = shipped
+    path = tmp_path / "eiffel.gguf"
+    done = run_demo("--steer", "eiffel_tower", "0.255", "add", "--steer", "dinosaurs", "0.3", "add",
+                    "--export-gguf", str(path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == ""  # no chat, no answer
+    assert f"wrote {path}" in done.stderr and "--control-vector" in done.stderr
+    read = control_vector.read_control_vector(path)
+    for key, fraction in (("eiffel_tower", 0.255), ("dinosaurs", 0.3)):
+        comp = vectors.component(key, fraction, op="add")
+        np.testing.assert_allclose(read[comp.layer], (comp.strength * comp.vector).numpy(), rtol=1e-6, atol=1e-5)
+    assert sorted(read) == [12, 15]
+
+
+def test_one_shot_export_of_a_clamp_is_refused_with_exit_2(tmp_path):
+    path = tmp_path / "pirate.gguf"
+    done = run_demo("--steer", "pirate", "0.2", "--export-gguf", str(path))  # pirate's own op is clamp
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: 'pirate' uses clamp") and "cannot express" in lines[0], lines
+    assert done.stdout == "" and not path.exists()
+    for args, words in ((["--export-gguf", str(path)], "--steer NAME STRENGTH add"),
+                        (["--prompt", "Hi", "--steer", "cats", "0.3", "--export-gguf", str(path)], "no --prompt"),
+                        (["--steer", "cats", "0.3", "--export-gguf", str(tmp_path / "cats.json")], "*.gguf")):
+        done = run_demo(*args, timeout=60)
+        assert done.returncode == 2 and words in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_gguf_in_the_chat(shipped, tmp_path):
+    from test_demo import assert_clean_exit, quit_cleanly, say, spawn
+
+    _, vectors = shipped
+    child = spawn("--steer", "eiffel_tower", "0.255", "add")
+    try:
+        out = say(child, f"/export-gguf {tmp_path / 'eiffel.gguf'}")
+        assert f"wrote {tmp_path / 'eiffel.gguf'}, a llama.cpp control vector: layer 15" in out, out
+        comp = vectors.component("eiffel_tower", 0.255, op="add")
+        read = control_vector.read_control_vector(tmp_path / "eiffel.gguf")
+        np.testing.assert_allclose(read[15], (comp.strength * comp.vector).numpy(), rtol=1e-6, atol=1e-5)
+        say(child, "/steer pirate 0.2 clamp")
+        out = say(child, f"/export-gguf {tmp_path / 'pirate.gguf'}")
+        assert "error: 'pirate' uses clamp, which a llama.cpp control vector cannot express" in out, out
+        assert not (tmp_path / "pirate.gguf").exists()
+        assert "/export-gguf FILE" in say(child, "/help")
+        quit_cleanly(child)
+    finally:
+        child.close(force=True)
+    assert_clean_exit(child)
