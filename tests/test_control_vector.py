@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 from llm_steering import control_vector, steering
@@ -163,3 +164,35 @@ def test_export_gguf_in_the_chat(shipped, tmp_path):
     finally:
         child.close(force=True)
     assert_clean_exit(child)
+
+
+# ---------------------------------------------------------------------------
+# The app: the Share panel's button
+# ---------------------------------------------------------------------------
+
+
+def test_share_panel_exports_the_current_steering_as_gguf(shipped, tmp_path):
+    from browser import app_page, running_app, wait_for
+
+    _, vectors = shipped
+    with running_app(tmp_path / "server.log") as url, app_page(url) as page:
+        page.locator("#preset").get_by_label("Eiffel Tower").check()
+        wait_for(lambda: "Eiffel Tower" in page.locator("#summary").inner_text(), 10, "the preset's summary")
+        page.locator("#share-acc").get_by_text("Share", exact=True).click()
+        page.get_by_role("button", name="Export llama.cpp GGUF").click()
+        link = page.locator("#exported [data-testid='download-link']")
+        link.wait_for(timeout=15_000)
+        assert link.get_attribute("download") == "steering.gguf"
+        with urllib.request.urlopen(link.get_attribute("href"), timeout=10) as resp:
+            (tmp_path / "steering.gguf").write_bytes(resp.read())
+        comp = vectors.component("eiffel_tower", 0.255, op="add")  # the preset: eiffel_tower 0.255 add
+        read = control_vector.read_control_vector(tmp_path / "steering.gguf")
+        assert list(read) == [15]
+        np.testing.assert_allclose(read[15], (comp.strength * comp.vector).numpy(), rtol=1e-6, atol=1e-5)
+
+        page.locator("#preset").get_by_label("Pirate").check()  # pirate clamps
+        wait_for(lambda: "Pirate" in page.locator("#summary").inner_text(), 10, "the Pirate preset's summary")
+        page.get_by_role("button", name="Export llama.cpp GGUF").click()
+        page.get_by_text("'pirate' uses clamp, which a llama.cpp control vector cannot express").first.wait_for(
+            timeout=15_000)
+        assert "Traceback" not in page.content()
