@@ -138,6 +138,41 @@ def read_control_vector(path: str | os.PathLike) -> dict[int, np.ndarray]:
     return dict(sorted(out.items()))
 
 
+def llama_cpp_buffer(path: str | os.PathLike, n_embd: int, n_layer: int, scale: float = 1.0) -> np.ndarray:
+    """A control-vector file as llama.cpp's C API takes it: float32 [(n_layer - 1) x n_embd], block 1
+    first (llama.h: "an n_embd x n_layers buffer starting from layer 1"), scale × `direction.N` at block N,
+    as llama.cpp's own loader places it (common.cpp, common_control_vector_load_one)."""
+    buf = np.zeros((n_layer - 1, n_embd), dtype=np.float32)
+    for layer, vec in read_control_vector(path).items():
+        if not 1 <= layer < n_layer or vec.shape != (n_embd,):
+            raise ValueError(f"{Path(path).name}: direction.{layer} of size {vec.shape[0]} does not fit a model of "
+                             f"{n_layer} layers and hidden size {n_embd}")
+        buf[layer - 1] += scale * vec
+    return buf.reshape(-1)
+
+
+def apply_to_llama_cpp(llm: Any, path: str | os.PathLike | None, scale: float = 1.0) -> None:
+    """Steer a llama-cpp-python `Llama` with a control-vector file, as `--control-vector-scaled FILE scale`
+    does in llama-cli (layers 1 to n_layer); `path` None removes it. Resets the Llama's cache.
+
+        >>> llm = llama_cpp.Llama("SmolLM2-135M-Instruct.Q4_1.gguf"); apply_to_llama_cpp(llm, "eiffel.gguf")
+    """
+    import ctypes
+
+    import llama_cpp
+
+    n_embd, n_layer = llama_cpp.llama_model_n_embd(llm.model), llama_cpp.llama_model_n_layer(llm.model)
+    if path is None:
+        rc = llama_cpp.llama_set_adapter_cvec(llm.ctx, None, 0, n_embd, -1, -1)
+    else:
+        buf = llama_cpp_buffer(path, n_embd, n_layer, scale)  # llama.cpp copies it into its own tensors
+        rc = llama_cpp.llama_set_adapter_cvec(llm.ctx, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), buf.size,
+                                              n_embd, 1, n_layer)
+    if rc != 0:
+        raise ValueError(f"llama.cpp refused the control vector {path} (code {rc})")
+    llm.reset()  # the cached keys and values were computed with the old steering
+
+
 def describe(directions: dict[int, np.ndarray]) -> str:
     """One line on what was written: 'layer 15 (norm 43.9)', for the console and the app."""
     return ", ".join(f"layer {layer} (norm {float(np.linalg.norm(vec)):.1f})" for layer, vec in directions.items())
