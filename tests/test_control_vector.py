@@ -284,6 +284,11 @@ def test_export_gguf_in_the_chat(shipped, tmp_path):
         out = say(child, f"/export-gguf {tmp_path / 'pirate.gguf'}")
         assert "error: 'pirate' uses clamp, which a llama.cpp control vector cannot express" in out, out
         assert not (tmp_path / "pirate.gguf").exists()
+        say(child, "/unsteer pirate")
+        say(child, "/steer eiffel_tower auto")
+        out = say(child, f"/export-gguf {tmp_path / 'auto.gguf'}")
+        assert "error: an auto strength is picked per answer, so it cannot be exported" in out, out
+        assert not (tmp_path / "auto.gguf").exists()
         assert "/export-gguf FILE" in say(child, "/help")
         quit_cleanly(child)
     finally:
