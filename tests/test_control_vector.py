@@ -267,6 +267,8 @@ def test_one_shot_export_of_a_clamp_is_refused_with_exit_2(tmp_path):
         done = run_demo(*args, timeout=60)
         assert done.returncode == 2 and words in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not list(tmp_path.iterdir())
+    shown = run_demo("--help", timeout=60)
+    assert shown.returncode == 0 and "--export-gguf FILE" in shown.stdout and "llama.cpp" in shown.stdout
 
 
 def test_export_gguf_in_the_chat(shipped, tmp_path):
