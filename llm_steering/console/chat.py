@@ -19,8 +19,9 @@ from llm_steering.chat_input import fit_chat
 from llm_steering.config import load_config, load_steering_spec
 from llm_steering.console import cli as console_cli
 from llm_steering.console.cli import COLOURS, RESET, Painter, UsageError, build_parser, colour_enabled, one_line
-from llm_steering.console.commands import COMMANDS, parse_fraction, parse_steer_words  # noqa: F401  (parse_fraction: re-exported)
+from llm_steering.console.commands import COMMANDS, export_gguf, parse_fraction, parse_steer_words  # noqa: F401  (parse_fraction: re-exported)
 from llm_steering.console.ctrl_c import Stopped, ctrl_c_stops
+from llm_steering.control_vector import check_path
 from llm_steering.core import atomic_write
 from llm_steering.vectors import SteeringVectorSet
 
@@ -405,6 +406,10 @@ def run(argv: Sequence[str] | None = None, read: Any = input) -> int:
         raise UsageError("--prompt is empty: give a message to answer")
     if args.prompt is not None and args.compare and not steers:
         raise UsageError("--compare needs at least one --steer NAME STRENGTH [add|clamp] to compare with")
+    if args.export_gguf is not None:
+        check_path(args.export_gguf)  # a bad file name fails before the model loads
+        if args.prompt is not None or not steers:
+            raise UsageError("--export-gguf FILE writes the --steer steering and exits: give --steer NAME STRENGTH add, no --prompt")
     profile = load_config(args.config).profile(args.profile)
     settings = settings_from(args, profile)
     check_backend(settings.backend)  # before the model loads: vLLM missing, or a torchvision that breaks it
@@ -413,7 +418,7 @@ def run(argv: Sequence[str] | None = None, read: Any = input) -> int:
         for key, _, _ in steers:
             precheck.check(key)
 
-    interactive = args.prompt is None
+    interactive = args.prompt is None and args.export_gguf is None
     info = sys.stdout if interactive else sys.stderr
     if interactive:  # printed already when demo.py runs as a program, before torch was imported
         console_cli.announce(args.config, args.profile, info)
@@ -424,7 +429,10 @@ def run(argv: Sequence[str] | None = None, read: Any = input) -> int:
     for key, fraction, op in steers:
         console.steer(key, fraction, op)
 
-    if not interactive:
+    if args.export_gguf is not None:
+        export_gguf(console, args.export_gguf)
+        code = 0
+    elif not interactive:
         answer = console.ask(args.prompt, compare=args.compare)
         code = 0 if answer is not None else 130
     else:

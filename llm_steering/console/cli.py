@@ -149,6 +149,9 @@ def build_parser(argv: Sequence[str] | None = None) -> Parser:
     parser.add_argument("--system", help="system prompt ('' for none; default: the profile's)")
     parser.add_argument("--compare", action="store_true",
                         help="print the unsteered answer, then the steered one, each labelled (in the chat: every answer)")
+    parser.add_argument("--export-gguf", metavar="FILE",
+                        help="write the --steer steering as a llama.cpp control vector (FILE.gguf, for llama.cpp's "
+                             "--control-vector; add only) and exit without chatting")
     parser.add_argument("--profile", help="model profile in the config (default: its default profile)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="the demo config (default: demo.yaml here)")
     return parser
@@ -228,6 +231,7 @@ def help_epilog(config: str, profile: str | None) -> str:
         "Examples:",
         f"  python demo.py --steer {name} 0.5 --temperature 0      # chat, already steered",
         f'  python demo.py --prompt "Tell me about Paris" --steer {name} 0.5 clamp --compare',
+        f"  python demo.py --steer {name} 0.5 add --export-gguf {name}.gguf   # for llama.cpp's --control-vector",
     ]
     if others:
         lines.append(f"Other profiles: {', '.join(others)} (--profile NAME --help lists their features).")
@@ -265,5 +269,5 @@ def before_loading(argv: Sequence[str]) -> None:
         args = build_parser(argv).parse_args(argv)
     except UsageError:
         return
-    if args.prompt is None:
+    if args.prompt is None and args.export_gguf is None:
         announce(args.config, args.profile, sys.stdout)

@@ -16,10 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from llm_steering import control_vector
 from llm_steering.backends import check_backend
 from llm_steering.chat_history import HISTORY_MODES
 from llm_steering.config import FEATURE_OPS, save_steering_spec
 from llm_steering.console.cli import BACKENDS, STEER_USAGE
+from llm_steering.models import embedded_gguf_path
 
 # ---------------------------------------------------------------------------
 # Input words
@@ -165,6 +167,21 @@ def _save(c: Any, args: list[str], rest: str) -> None:
     c.notice(f"saved the steering to {args[0]}")
 
 
+def export_gguf(c: Any, path: str) -> None:
+    """Write the steering in force as a llama.cpp control vector (add only: control_vector.py says why)."""
+    if c.auto:
+        raise ValueError("an auto strength is picked per answer, so it cannot be exported: give it a strength "
+                         "first (/steer KEY 0.5)")
+    written = control_vector.export_for_model(c.model, c.components(), path, steer_prompt=c.steer_prompt)
+    model = embedded_gguf_path() if c.catalog.profile.model_id is None else "MODEL.gguf"
+    c.notice(f"wrote {path}, a llama.cpp control vector: {control_vector.describe(written)}. "
+             f"Run it with: llama-cli -m {model} --control-vector {path}")
+
+
+def _export_gguf(c: Any, args: list[str], rest: str) -> None:
+    export_gguf(c, rest.strip())
+
+
 def _save_chat(c: Any, args: list[str], rest: str) -> None:
     n = c.save_chat(args[0])
     c.notice(f"saved the chat ({n} turn{'s' if n != 1 else ''}, each with its steering) to {args[0]}")
@@ -245,6 +262,8 @@ COMMANDS: dict[str, Command] = {
     "/save-chat": Command("FILE", "save the chat as JSON: each turn's message, answer and the steering it was made with",
                           _save_chat, (1, 1)),
     "/load": Command("FILE", "load steering saved here or exported from the app", _load, (1, 1)),
+    "/export-gguf": Command("FILE", "save the steering as a llama.cpp control vector (FILE.gguf, add only), "
+                            "for llama.cpp's --control-vector", _export_gguf, (1, 10**6)),
     "/find": Command("[layer] <text>", "the SAE features that fire most on a text (profiles with an SAE)", _find,
                      (1, 10**6)),
     "/help": Command("", "this list", _help),

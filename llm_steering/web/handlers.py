@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from llm_steering import chat_history, steering
+from llm_steering import chat_history, control_vector, steering
 from llm_steering.chat_input import fit_chat, message_text
 from llm_steering.config import SteeringSpec, load_steering_spec, save_steering_spec
 from llm_steering.core import atomic_write, one_line, short_repr
@@ -287,6 +287,18 @@ def export_spec(app: App, fmt: str, *controls: Any) -> str:
             gr.Warning("No feature is switched on: the file will say 'no steering'.")
         path = Path(tempfile.mkdtemp(prefix="steering-")) / f"steering.{fmt}"
         save_steering_spec(spec, path)
+        return str(path)
+
+
+def export_gguf(app: App, *controls: Any) -> str:
+    """The current steering as a llama.cpp control vector (add only), a new temporary file for the browser."""
+    with user_errors("Export failed"):
+        values = app.panel.read(controls)
+        if auto_key(values):
+            raise ValueError("An auto strength is picked per answer, so it cannot be exported: untick auto first.")
+        spec = spec_from_controls(app, values)
+        path = Path(tempfile.mkdtemp(prefix="steering-")) / "steering.gguf"
+        control_vector.export_for_model(app.model, app.catalog.components(spec), path, steer_prompt=spec.steer_prompt)
         return str(path)
 
 

@@ -114,6 +114,7 @@ def share_panel(w: SimpleNamespace) -> None:
             w.export_json = gr.Button("Export JSON", size="sm", elem_id="export-json")
             w.export_yaml = gr.Button("Export YAML", size="sm", elem_id="export-yaml")
             w.export_chat = gr.Button("Export chat", size="sm", elem_id="export-chat")
+            w.export_gguf = gr.Button("Export llama.cpp GGUF", size="sm", elem_id="export-gguf")
             w.upload = gr.UploadButton("Import file", file_types=[".json", ".yaml", ".yml"], size="sm", elem_id="import")
         w.exported = gr.File(label="Exported file", interactive=False, elem_id="exported")
         w.spec_view = gr.Code(language="json", label="Current steering", interactive=False, elem_id="spec-view")
@@ -178,6 +179,7 @@ def share_events(app: App, w: SimpleNamespace) -> None:
     w.export_json.click(bind(h.export_spec, app, "json"), controls, w.exported, **HIDDEN)
     w.export_yaml.click(bind(h.export_spec, app, "yaml"), controls, w.exported, **HIDDEN)
     w.export_chat.click(bind(h.export_chat, app), [w.turns, w.system_prompt, w.history_mode], w.exported, **HIDDEN)
+    w.export_gguf.click(bind(h.export_gguf, app), controls, w.exported, **HIDDEN)
     w.upload.upload(bind(h.import_spec, app), w.upload, [*controls, w.preset, w.exported], **HIDDEN)
     w.share.click(None, [w.spec_view, w.msg, w.with_message], w.share_link, js=SHARE_LINK, **HIDDEN)
 
