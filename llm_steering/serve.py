@@ -1,126 +1,87 @@
-"""The OpenAI-compatible server for steered answers (usage: serve.py's docstring)."""
+"""The launcher of vLLM's own OpenAI-compatible server with steering (usage: serve.py's docstring).
+
+`main` turns the project's few options into vLLM's server arguments (the embedded model's
+converted directory, the dtype of the project's `load_model` policy, eager mode, the worker
+extension, the steering middleware) and runs vLLM's server in this process; any option it does
+not know goes to vLLM unchanged (`python serve.py --max-num-seqs 64`).
+"""
+
+from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import time
-import uuid
-from collections.abc import AsyncIterator
-from typing import Any
+import os
+import sys
+from pathlib import Path
 
-from llm_steering import steering  # before torch: it sets PyTorch's OpenMP wait policy
-from llm_steering import vllm_backend as steering_vllm
+from llm_steering import models
+from llm_steering.serving.middleware import DEFAULT_MAX_BODY, MAX_BODY_ENV, VECTORS_ENV
+from llm_steering.vllm_backend import WORKER_EXTENSION
 
-
-def build_app(engine: steering_vllm.VLLMEngine, vectors: steering.SteeringVectorSet | None, model_name: str) -> Any:
-    """The FastAPI app serving `engine`; `vectors` resolves the features a spec names."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
-
-    app = FastAPI(title="SAE steering chat (vLLM)")
-
-    @app.get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "llm-steering"}]}
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Any:
-        try:
-            body = await request.json()
-            kwargs = request_arguments(body, vectors, engine.model_id)
-            pieces = engine.stream_async(**kwargs)  # validates at call time
-        except (ValueError, TypeError, json.JSONDecodeError) as exc:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            return JSONResponse({"error": {"message": message, "type": "invalid_request_error"}}, status_code=400)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if body.get("stream"):
-            return StreamingResponse(sse_chunks(engine, pieces, rid, created, model_name), media_type="text/event-stream")
-        text = "".join([piece async for piece in on_engine_loop(engine, pieces)])
-        return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
-
-    return app
+MIDDLEWARE = "llm_steering.serving.middleware.SteeringMiddleware"
 
 
-def request_arguments(body: Any, vectors: steering.SteeringVectorSet | None, model_id: str) -> dict[str, Any]:
-    """`VLLMEngine.stream_async` arguments from an OpenAI chat request body; ValueError if malformed."""
-    if not isinstance(body, dict):
-        raise ValueError("the request body must be a JSON object")
-    messages = body.get("messages")
-    if not isinstance(messages, list):
-        raise ValueError("'messages' must be a list of {role, content} objects")
-    comps: list[steering.SteeringComponent] = []
-    steer_prompt = True
-    spec_data = body.get("steering")
-    if spec_data is not None:
-        spec = steering.SteeringSpec.from_dict(spec_data)
-        if vectors is None:
-            raise ValueError("this server has no steering vectors: start it with --vectors FILE")
-        if spec.model_id != model_id:
-            raise ValueError(f"this steering spec is for {spec.model_id!r}, but this server runs {model_id!r}")
-        comps = steering.spec_components(spec, vectors)
-        steer_prompt = spec.steer_prompt
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens", 256))
-    return {
-        "chat": messages, "components": comps, "steer_prompt": steer_prompt, "max_new_tokens": max_tokens,
-        "temperature": body.get("temperature", 0.0), "repetition_penalty": body.get("repetition_penalty", 1.0),
-        "seed": body.get("seed"),
-    }
-
-
-async def on_engine_loop(engine: steering_vllm.VLLMEngine, pieces: AsyncIterator[str]) -> AsyncIterator[str]:
-    """Iterate an engine stream (which lives on the engine's own loop) from the server's loop."""
-    try:
-        while True:
-            try:
-                yield await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(pieces.__anext__(), engine.loop))
-            except StopAsyncIteration:
-                return
-    finally:  # a client that went away: abort the request in the engine
-        await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(pieces.aclose(), engine.loop))
-
-
-async def sse_chunks(engine: steering_vllm.VLLMEngine, pieces: AsyncIterator[str], rid: str, created: int,
-                     model_name: str) -> AsyncIterator[str]:
-    """Server-sent `chat.completion.chunk` events, then `[DONE]`."""
-    def chunk(delta: dict, finish: str | None = None) -> str:
-        data = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-        return f"data: {json.dumps(data)}\n\n"
-
-    yield chunk({"role": "assistant", "content": ""})
-    try:
-        async for piece in on_engine_loop(engine, pieces):
-            yield chunk({"content": piece})
-    except Exception as exc:  # the stream has started: report in-band
-        yield f"data: {json.dumps({'error': {'message': str(exc).splitlines()[0] if str(exc) else type(exc).__name__}})}\n\n"
-        return
-    yield chunk({}, "stop")
-    yield "data: [DONE]\n\n"
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(description="vLLM's OpenAI-compatible server with per-request steering.",
+                                     epilog="Other options go to vLLM's server unchanged.")
     parser.add_argument("--model", default=None, help="hub id or local directory (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--vectors", default="steering_vectors.pt", help="steering vector file the specs' features come from")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
-    parser.add_argument("--dtype", default="auto", help="model dtype for vLLM (auto, float32, bfloat16, ...)")
-    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="number of workers the model is split over")
-    parser.add_argument("--max-model-len", type=int, default=None, help="longest prompt + answer in tokens")
+    parser.add_argument("--dtype", default=None,
+                        help="model dtype (default: as the library loads it: float32 on a CPU, bfloat16 on a GPU)")
     parser.add_argument("--served-model-name", default="default", help="the model name clients send")
-    args = parser.parse_args(argv)
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, help="largest request body (413 above)")
+    return parser.parse_known_args(argv)
 
-    import uvicorn
 
+def default_dtype(source: str | Path) -> str:
+    """The dtype `models.load_model` would use for `source` on this machine."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return "bfloat16"
+    return str(models.cpu_dtype(source)).removeprefix("torch.")
+
+
+def vllm_arguments(args: argparse.Namespace, rest: list[str]) -> list[str]:
+    """The arguments of vLLM's server for these options (after which `rest` comes unchanged)."""
+    from vllm.platforms import current_platform
+
+    path = str(models.embedded_model_dir()) if args.model is None else args.model
+    names = [args.served_model_name] + ([models.EMBEDDED_MODEL_ID] if args.model is None else [args.model])
+    out = ["--model", path, "--served-model-name", *dict.fromkeys(names), "--host", args.host, "--port", str(args.port),
+           "--dtype", args.dtype or default_dtype(path), "--enforce-eager",
+           "--worker-extension-cls", WORKER_EXTENSION, "--middleware", MIDDLEWARE]
+    if current_platform.is_cpu() and not any(a.startswith("--gpu-memory-utilization") for a in rest):
+        out += ["--gpu-memory-utilization", "0.3"]  # vLLM's default asks for 92% of the machine's memory
+    return out + rest
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, rest = parse_args(argv)
+    # The steering reads the V1 model runner's batch layout (vllm_backend); small KV cache on a CPU.
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    os.environ[VECTORS_ENV] = str(Path(args.vectors).resolve()) if args.vectors else ""
+    os.environ[MAX_BODY_ENV] = str(args.max_body_bytes)
     try:
-        vectors = steering.load_vectors(args.vectors) if args.vectors else None
-        engine = steering_vllm.VLLMEngine(args.model, dtype=args.dtype, tensor_parallel_size=args.tensor_parallel_size,
-                                          max_model_len=args.max_model_len)
-    except ValueError as exc:
-        raise SystemExit(f"serve.py: {exc}") from None
-    try:
-        uvicorn.run(build_app(engine, vectors, args.served_model_name), host=args.host, port=args.port)
-    finally:
-        engine.shutdown()
+        run_vllm_server(vllm_arguments(args, rest))
+    except KeyboardInterrupt:
+        pass
 
+
+def run_vllm_server(argv: list[str]) -> None:
+    """vLLM's `vllm serve` in this process (what `python -m vllm.entrypoints.openai.api_server` runs)."""
+    import uvloop
+    from vllm.entrypoints.launchers.api_server.entry import configure_logging_from_args, run_server
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_env_setup()
+    parser = make_arg_parser(FlexibleArgumentParser(prog="serve.py", description="vLLM's OpenAI-compatible server"))
+    vargs = parser.parse_args(argv)
+    configure_logging_from_args(vargs)
+    validate_parsed_serve_args(vargs)
+    print(f"serve.py: vLLM's OpenAI server on http://{vargs.host}:{vargs.port}/v1", file=sys.stderr, flush=True)
+    uvloop.run(run_server(vargs))

@@ -31,6 +31,7 @@ import asyncio
 import gc
 import hashlib
 import json
+import logging
 import os
 import threading
 import uuid
@@ -49,6 +50,7 @@ import torch
 
 EXTRA_KEY = "llm_steering"  # the key of a request's steering in SamplingParams.extra_args
 WORKER_EXTENSION = "llm_steering.vllm_backend.SteeringWorkerExtension"
+logger = logging.getLogger(__name__)
 
 
 def stream_steered_answer_vllm(
@@ -395,10 +397,21 @@ class _WorkerSteering:
         self.plan = plan or None
 
     def _parse(self, req_id: str) -> _RequestSteering | None:
-        params = self.runner.requests[req_id].sampling_params
-        spec = (getattr(params, "extra_args", None) or {}).get(EXTRA_KEY)
+        state = self.runner.requests[req_id]
+        spec = (getattr(state.sampling_params, "extra_args", None) or {}).get(EXTRA_KEY)
         if not spec:
             return None
+        try:  # the HTTP server (llm_steering.serving) sends it as a JSON string in vllm_xargs
+            spec = json.loads(spec) if isinstance(spec, str) else spec
+            if "steer_from" not in spec:
+                spec["steer_from"] = 0 if spec.get("steer_prompt", True) else state.num_prompt_tokens
+            return self._build(spec)
+        except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
+            # never let one request's bad steering end the engine (the server validates before this)
+            logger.warning("request %s: steering ignored, malformed: %s", req_id, _one_line(exc))
+            return None
+
+    def _build(self, spec: dict[str, Any]) -> _RequestSteering:
         comps = [_comp_from_dict(d) for d in spec["components"]]
         layers: dict[int, tuple[list[int], list[SteeringComponent], list[torch.Tensor]]] = {}
         for i, (comp, d) in enumerate(zip(comps, spec["components"], strict=True)):

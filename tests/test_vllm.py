@@ -1,7 +1,7 @@
 """vllm_backend.py's engine: per-request isolation in one batch, chunked prefill, TP=2, aborts, start errors.
 
 The cross-backend behaviour (same greedy tokens, traces, cancel, finish reasons, errors) is
-checked for every backend by tests/test_backends.py.
+checked for every backend by tests/test_backends.py; the HTTP server by tests/test_serve.py.
 
 Skipped when vLLM is not installed (see requirements-vllm.txt); CI installs it. One float32 engine
 on the embedded model serves most tests (engine start: 20-40 s). It runs with a small token budget
@@ -178,41 +178,6 @@ def test_tensor_parallel_2_matches_the_hooks_backend(tmp_path, monkeypatch):
             assert vllm_answer(eng, comps, chat=chat)[1].token_ids == hf[1].token_ids
     finally:
         eng.shutdown()
-
-
-# ---------------------------------------------------------------------------
-# serve.py: the OpenAI-compatible server
-# ---------------------------------------------------------------------------
-
-
-def test_server_streams_a_steered_answer_and_refuses_bad_specs_with_a_400(engine):
-    import json
-
-    from llm_steering import serve
-
-    from fastapi.testclient import TestClient
-
-    vectors = steering.load_vectors(Path(__file__).resolve().parent.parent / "steering_vectors.pt")
-    client = TestClient(serve.build_app(engine, vectors, "default"))
-    spec = steering.SteeringSpec(engine.model_id, (steering.ActiveFeature("pirate", 0.2, "clamp"),)).to_dict()
-    body = {"model": "default", "messages": PROMPT, "max_tokens": N_TOKENS, "temperature": 0, "stream": True, "steering": spec}
-    bad_specs = [{**spec, "format": "nope"}, {**spec, "features": [{"key": "no_such_feature", "fraction": 0.2}]},
-                 {**spec, "model_id": "other/model"}, "not a spec"]
-    for bad in bad_specs:
-        reply = client.post("/v1/chat/completions", json={**body, "steering": bad})
-        assert reply.status_code == 400
-        message = reply.json()["error"]["message"]
-        assert message and "\n" not in message
-    with client.stream("POST", "/v1/chat/completions", json=body) as reply:
-        assert reply.status_code == 200
-        events = [line[6:] for line in reply.iter_lines() if line.startswith("data: ")]
-    assert events[-1] == "[DONE]"
-    pieces = [json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1]]
-    assert len([p for p in pieces if p]) > 1  # streamed, piece by piece
-    comps = steering.spec_components(steering.SteeringSpec.from_dict(spec), vectors)
-    assert "".join(pieces) == "".join(engine.stream(PROMPT, comps, max_new_tokens=N_TOKENS))
-    assert "".join(pieces) != "".join(engine.stream(PROMPT, [], max_new_tokens=N_TOKENS))
-    assert engine.engine.get_num_unfinished_requests() == 0
 
 
 def test_the_app_and_the_console_stream_from_the_engine(embedded, engine):
