@@ -93,7 +93,13 @@ class SAEFormat:
     takes_trainer: ClassVar[bool] = False  # --trainer picks among trainer_N folders
 
     def candidates(self, src: SAESource, layer: int, hook_point: str | None) -> list[SAEFile]:
-        """The SAEs of this layout in `src` (a hub source may skip files that cannot be at `layer`)."""
+        """The SAEs of this layout in `src`: `candidate` for each file its `pattern` matches."""
+        found = (self.candidate(src, f, m, layer, hook_point) for f in src.files if (m := self.pattern.search(f)))
+        return [sae for sae in found if sae is not None]
+
+    def candidate(self, src: SAESource, file: str, match: re.Match, layer: int, hook_point: str | None) -> SAEFile | None:
+        """The SAE in `file` (its path matched `pattern` as `match`), or None to pass it over (a hub
+        source may skip files that cannot be at `layer`, to save their downloads)."""
         raise NotImplementedError
 
     def decoder(self, src: SAESource, sae: SAEFile, tensors: dict[str, TensorRef]) -> Decoder:

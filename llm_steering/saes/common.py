@@ -53,6 +53,13 @@ def skip_on_hub(src: SAESource, folder: str, layer: int, hook_point: str | None)
     return bool(numbers) and not numbers & wanted
 
 
+def config_beside(src: SAESource, file: str, name: str, layer: int, hook_point: str | None) -> str | None:
+    """The path of the config `name` beside `file`, or None when there is none (or, on the hub, when the
+    folder cannot be at `layer`)."""
+    rel = src.beside(file, name)
+    return None if rel not in src.files or skip_on_hub(src, rel, layer, hook_point) else rel
+
+
 def positive_int(value: Any, what: str, label: str) -> int:
     """An integer config value (k, top_k); a one-line error for anything else."""
     if isinstance(value, bool) or not isinstance(value, int | float) or value != int(value):

@@ -49,25 +49,17 @@ def _dict_class(trainer: dict, tensors: dict[str, TensorRef], label: str) -> str
     return "AutoEncoder"
 
 
-@register
+@register("andyrdt", r"(?:^|/)(([a-z][a-z_]*?)_layer_(\d+))/trainer_(\d+)/ae\.pt$",
+          looks_like="resid_post_layer_L/trainer_N/ae.pt", takes_trainer=True)
 class DictionaryLearning(SAEFormat):
-    name = "andyrdt"
-    pattern = re.compile(r"(?:^|/)(([a-z][a-z_]*?)_layer_(\d+))/trainer_(\d+)/ae\.pt$")
-    looks_like = "resid_post_layer_L/trainer_N/ae.pt"
-    takes_trainer = True
-
-    def candidates(self, src: SAESource, layer: int, hook_point: str | None) -> list[SAEFile]:
-        out = []
-        for f in src.files:
-            if m := self.pattern.search(f):
-                trainer = int(m.group(4))
-                cfg_rel = src.beside(f, "config.json")
-                model = None
-                if src.local is not None and cfg_rel in src.files:  # (on the hub: not worth a download per trainer)
-                    cfg = src.read_json(cfg_rel).get("trainer")
-                    model = cfg.get("lm_name") if isinstance(cfg, dict) else None
-                out.append(sae_file(src, f, self.name, m.group(1), rank=(trainer != 1, trainer), model_name=model))
-        return out
+    def candidate(self, src: SAESource, file: str, match: re.Match, layer: int, hook_point: str | None) -> SAEFile | None:
+        trainer = int(match.group(4))
+        cfg_rel = src.beside(file, "config.json")
+        model = None
+        if src.local is not None and cfg_rel in src.files:  # (on the hub: not worth a download per trainer)
+            cfg = src.read_json(cfg_rel).get("trainer")
+            model = cfg.get("lm_name") if isinstance(cfg, dict) else None
+        return sae_file(src, file, self.name, match.group(1), rank=(trainer != 1, trainer), model_name=model)
 
     def decoder(self, src: SAESource, sae: SAEFile, tensors: dict[str, TensorRef]) -> Decoder:
         dec = pick_decoder(tensors, [("decoder.weight", 1), ("W_dec", 0)], sae.label)

@@ -15,15 +15,11 @@ from llm_steering.saes.source import SAESource
 from llm_steering.saes.tensors import TensorRef
 
 
-@register
+@register("goodfire", r"(?:^|/)[^/]*-SAE-l(\d+)\.pth?$",
+          looks_like="*-SAE-l{L}.pth")
 class Goodfire(SAEFormat):
-    name = "goodfire"
-    pattern = re.compile(r"(?:^|/)[^/]*-SAE-l(\d+)\.pth?$")
-    looks_like = "*-SAE-l{L}.pth"
-
-    def candidates(self, src: SAESource, layer: int, hook_point: str | None) -> list[SAEFile]:
-        return [sae_file(src, f, self.name, f"blocks.{m.group(1)}.hook_resid_post")
-                for f in src.files if (m := self.pattern.search(f))]
+    def candidate(self, src: SAESource, file: str, match: re.Match, layer: int, hook_point: str | None) -> SAEFile | None:
+        return sae_file(src, file, self.name, f"blocks.{match.group(1)}.hook_resid_post")
 
     def decoder(self, src: SAESource, sae: SAEFile, tensors: dict[str, TensorRef]) -> Decoder:
         dec = pick_decoder(tensors, [("decoder_linear.weight", 1)], sae.label)

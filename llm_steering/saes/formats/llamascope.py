@@ -23,20 +23,13 @@ HOOKS = {"R": ("hook_resid_post", "hook_resid_post"), "A": ("hook_attn_out", "ho
          "M": ("hook_mlp_out", "hook_mlp_out"), "TC": ("ln2.hook_normalized", "hook_mlp_out")}
 
 
-@register
+@register("llamascope", r"(?:^|/)([^/]*?(?<![0-9A-Za-z])L(\d+)(TC|R|A|M)-[^/]*)/checkpoints/final\.safetensors$",
+          looks_like="*-L{L}R-*/checkpoints/final.safetensors")
 class LlamaScope(SAEFormat):
-    name = "llamascope"
-    pattern = re.compile(r"(?:^|/)([^/]*?(?<![0-9A-Za-z])L(\d+)(TC|R|A|M)-[^/]*)/checkpoints/final\.safetensors$")
-    looks_like = "*-L{L}R-*/checkpoints/final.safetensors"
-
-    def candidates(self, src: SAESource, layer: int, hook_point: str | None) -> list[SAEFile]:
-        out = []
-        for f in src.files:
-            if m := self.pattern.search(f):
-                hook_in, hook_out = (f"blocks.{m.group(2)}.{h}" for h in HOOKS[m.group(3)])
-                out.append(sae_file(src, f, self.name, hook_in, hook_out, rank=(len(f),),
-                                    architecture="transcoder" if m.group(3) == "TC" else "sae"))
-        return out
+    def candidate(self, src: SAESource, file: str, match: re.Match, layer: int, hook_point: str | None) -> SAEFile | None:
+        hook_in, hook_out = (f"blocks.{match.group(2)}.{h}" for h in HOOKS[match.group(3)])
+        return sae_file(src, file, self.name, hook_in, hook_out, rank=(len(file),),
+                        architecture="transcoder" if match.group(3) == "TC" else "sae")
 
     def decoder(self, src: SAESource, sae: SAEFile, tensors: dict[str, TensorRef]) -> Decoder:
         dec = pick_decoder(tensors, [("decoder.weight", 1)], sae.label)

@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 from llm_steering.saes.base import Decoder, Encoder, SAEFile, SAEFormat, sae_file
-from llm_steering.saes.common import check_config_shape, check_mirror, pick_decoder, positive_int, skip_on_hub
+from llm_steering.saes.common import check_config_shape, check_mirror, config_beside, pick_decoder, positive_int
 from llm_steering.saes.registry import register
 from llm_steering.saes.source import SAESource
 from llm_steering.saes.tensors import TensorRef
@@ -44,26 +44,20 @@ def is_transcoder(cfg: dict) -> bool:
     return "transcoder" in str(cfg.get("architecture", "")) or isinstance(cfg.get("d_out"), int)
 
 
-@register
+@register("saelens", r"(?:^|/)sae_weights\.safetensors$",
+          looks_like="cfg.json + sae_weights.safetensors")
 class SAELens(SAEFormat):
-    name = "saelens"
-    pattern = re.compile(r"(?:^|/)sae_weights\.safetensors$")
-    looks_like = "cfg.json + sae_weights.safetensors"
-
-    def candidates(self, src: SAESource, layer: int, hook_point: str | None) -> list[SAEFile]:
-        out = []
-        for f in src.files:
-            cfg_rel = src.beside(f, "cfg.json")
-            if not self.pattern.search(f) or cfg_rel not in src.files or skip_on_hub(src, cfg_rel, layer, hook_point):
-                continue
-            cfg = src.read_json(cfg_rel)
-            hook = hook_of(cfg, f"{src.name}/{cfg_rel}")
-            out_hook = _meta(cfg, "hook_name_out") if is_transcoder(cfg) else None
-            if is_transcoder(cfg) and not isinstance(out_hook, str):
-                raise ValueError(f"{src.name}/{cfg_rel} is a transcoder but names no output hook (metadata.hook_name_out)")
-            out.append(sae_file(src, f, self.name, hook, out_hook, architecture=str(cfg.get("architecture", "standard")),
-                                model_name=_meta(cfg, "model_name")))
-        return out
+    def candidate(self, src: SAESource, file: str, match: re.Match, layer: int, hook_point: str | None) -> SAEFile | None:
+        cfg_rel = config_beside(src, file, "cfg.json", layer, hook_point)
+        if cfg_rel is None:
+            return None
+        cfg = src.read_json(cfg_rel)
+        hook = hook_of(cfg, f"{src.name}/{cfg_rel}")
+        out_hook = _meta(cfg, "hook_name_out") if is_transcoder(cfg) else None
+        if is_transcoder(cfg) and not isinstance(out_hook, str):
+            raise ValueError(f"{src.name}/{cfg_rel} is a transcoder but names no output hook (metadata.hook_name_out)")
+        return sae_file(src, file, self.name, hook, out_hook, architecture=str(cfg.get("architecture", "standard")),
+                        model_name=_meta(cfg, "model_name"))
 
     def decoder(self, src: SAESource, sae: SAEFile, tensors: dict[str, TensorRef]) -> Decoder:
         dec = pick_decoder(tensors, [("W_dec", 0)], sae.label)

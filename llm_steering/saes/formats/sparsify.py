@@ -10,28 +10,20 @@ from __future__ import annotations
 import re
 
 from llm_steering.saes.base import Decoder, Encoder, SAEFile, SAEFormat, sae_file
-from llm_steering.saes.common import check_config_shape, check_mirror, pick_decoder, positive_int, skip_on_hub
+from llm_steering.saes.common import check_config_shape, check_mirror, config_beside, pick_decoder, positive_int
 from llm_steering.saes.registry import register
 from llm_steering.saes.source import SAESource
 from llm_steering.saes.tensors import TensorRef
 
 
-@register
+@register("sparsify", r"(?:^|/)([^/]+)/sae\.safetensors$",
+          looks_like="layers.L/sae.safetensors")
 class Sparsify(SAEFormat):
-    name = "sparsify"
-    pattern = re.compile(r"(?:^|/)([^/]+)/sae\.safetensors$")
-    looks_like = "layers.L/sae.safetensors"
-
-    def candidates(self, src: SAESource, layer: int, hook_point: str | None) -> list[SAEFile]:
-        out = []
-        for f in src.files:
-            cfg_rel = src.beside(f, "cfg.json")
-            if not self.pattern.search(f) or cfg_rel not in src.files or skip_on_hub(src, cfg_rel, layer, hook_point):
-                continue
-            if src.read_json(cfg_rel).get("transcode"):
-                continue  # a transcoder maps a module's input to its output: not an SAE of one stream
-            out.append(sae_file(src, f, self.name, f.rsplit("/", 2)[-2], architecture="topk"))
-        return out
+    def candidate(self, src: SAESource, file: str, match: re.Match, layer: int, hook_point: str | None) -> SAEFile | None:
+        cfg_rel = config_beside(src, file, "cfg.json", layer, hook_point)
+        if cfg_rel is None or src.read_json(cfg_rel).get("transcode"):
+            return None  # (a transcoder maps a module's input to its output: not an SAE of one stream)
+        return sae_file(src, file, self.name, match.group(1), architecture="topk")
 
     def decoder(self, src: SAESource, sae: SAEFile, tensors: dict[str, TensorRef]) -> Decoder:
         dec = pick_decoder(tensors, [("W_dec", 0)], sae.label)
