@@ -23,6 +23,7 @@ from typing import Any
 from llm_steering.core import (
     SPEC_VERSION,
     atomic_write,
+    check_header,
     check_name,
     is_finite_number,
     parse_layer_index,
@@ -417,10 +418,7 @@ class SteeringSpec:
 
     @classmethod
     def from_dict(cls, data: Any) -> SteeringSpec:
-        if not isinstance(data, dict) or data.get("format") != SPEC_FORMAT:
-            raise ValueError(f"not a steering spec: expected a mapping with format {SPEC_FORMAT!r}")
-        if data.get("version") != SPEC_VERSION:
-            raise ValueError(f"unsupported steering spec version {short_repr(data.get('version'))} (this code reads {SPEC_VERSION})")
+        check_header(data, SPEC_FORMAT, SPEC_VERSION, "steering spec")
         unknown = sorted(map(str, set(data) - {"format", "version", "model_id", "steer_prompt", "features"}))
         if unknown:
             raise ValueError(f"steering spec: unknown field {short_repr(unknown[0])}")

@@ -34,6 +34,14 @@ def one_line(exc: BaseException, limit: int = ERROR_LIMIT) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def check_header(data: Any, fmt: str, version: int, what: str) -> None:
+    """A one-line ValueError unless `data` is a mapping of format `fmt` at `version` (a file or spec header)."""
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise ValueError(f"not a {what}: expected a mapping with format {fmt!r}")
+    if data.get("version") != version:
+        raise ValueError(f"unsupported {what} version {short_repr(data.get('version'))} (this code reads version {version})")
+
+
 def is_finite_number(value: Any) -> bool:
     """A real int or float (not a bool), neither NaN nor infinite."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llm_steering.core import FILE_VERSION, atomic_write, check_name, is_finite_number, parse_layer_index
+from llm_steering.core import FILE_VERSION, atomic_write, check_header, check_name, is_finite_number, parse_layer_index
 from llm_steering.models import decoder_layers, forward_hooks, layer_hidden
 from llm_steering.steering import SteeringComponent
 
@@ -212,10 +212,7 @@ class SteeringVectorSet:
 
     @classmethod
     def _from_dict(cls, data: Any) -> SteeringVectorSet:
-        if not isinstance(data, dict) or data.get("format") != VECTORS_FORMAT:
-            raise ValueError(f"not a steering vector file (expected a dict with format {VECTORS_FORMAT!r})")
-        if data.get("version") != FILE_VERSION:
-            raise ValueError(f"unsupported version {data.get('version')!r} (this code reads version {FILE_VERSION})")
+        check_header(data, VECTORS_FORMAT, FILE_VERSION, "steering vector file")
         raw = data.get("vectors")
         if not isinstance(raw, list):
             raise ValueError("'vectors' must be a list")

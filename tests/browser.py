@@ -111,3 +111,14 @@ def wait_for(predicate, timeout: float, what: str, poll: float = 0.05):
     pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
+
+
+def download_export(page, button: str) -> tuple[str, bytes]:
+    """Open the Share panel, click an export button, and fetch the file it offers: (its name, its bytes)."""
+    if not page.locator("#exported").is_visible():
+        page.locator("#share-acc").get_by_text("Share", exact=True).click()
+    page.get_by_role("button", name=button).click()
+    link = page.locator("#exported [data-testid='download-link']")
+    link.wait_for(timeout=15_000)
+    with urllib.request.urlopen(link.get_attribute("href"), timeout=10) as resp:
+        return link.get_attribute("download"), resp.read()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import urllib.request
 import warnings
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from llm_steering.web.panel import GLOBAL
 
 import pytest
 import torch
-from browser import app_page, bot_texts, running_app, wait_for
+from browser import app_page, bot_texts, download_export, running_app, wait_for
 from conftest import write_small_saelens_sae
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,13 +75,9 @@ def test_browser_preset_streaming_compare_stop(server, tmp_path):
         assert len(bot_texts(page, "chat-steered")) == 1 and bot_texts(page, "chat-steered")[0].strip()
 
         # Share: export the steering as JSON, import another spec (a gradio upload).
-        page.locator("#share-acc").get_by_text("Share", exact=True).click()
-        page.get_by_role("button", name="Export JSON").click()
-        link = page.locator("#exported [data-testid='download-link']")
-        link.wait_for(timeout=15_000)
-        assert link.get_attribute("download") == "steering.json"
-        with urllib.request.urlopen(link.get_attribute("href"), timeout=10) as resp:
-            exported = json.loads(resp.read())
+        name, body = download_export(page, "Export JSON")
+        assert name == "steering.json"
+        exported = json.loads(body)
         assert exported["format"] == "llm-steering/spec"
         preset = next(p for p in steering.load_config(ROOT / "demo.yaml").profile().presets if p.name == "Eiffel Tower")
         assert exported["features"] == [{"key": f.key, "fraction": f.fraction, "op": f.op} for f in preset.features]

@@ -13,7 +13,6 @@ import ctypes
 import os
 import subprocess
 import sys
-import urllib.request
 from pathlib import Path
 
 from llm_steering import control_vector, steering
@@ -304,19 +303,15 @@ def test_export_gguf_in_the_chat(shipped, tmp_path):
 
 
 def test_share_panel_exports_the_current_steering_as_gguf(shipped, tmp_path):
-    from browser import app_page, running_app, wait_for
+    from browser import app_page, download_export, running_app, wait_for
 
     _, vectors = shipped
     with running_app(tmp_path / "server.log") as url, app_page(url) as page:
         page.locator("#preset").get_by_label("Eiffel Tower").check()
         wait_for(lambda: "Eiffel Tower" in page.locator("#summary").inner_text(), 10, "the preset's summary")
-        page.locator("#share-acc").get_by_text("Share", exact=True).click()
-        page.get_by_role("button", name="Export llama.cpp GGUF").click()
-        link = page.locator("#exported [data-testid='download-link']")
-        link.wait_for(timeout=15_000)
-        assert link.get_attribute("download") == "steering.gguf"
-        with urllib.request.urlopen(link.get_attribute("href"), timeout=10) as resp:
-            (tmp_path / "steering.gguf").write_bytes(resp.read())
+        name, body = download_export(page, "Export llama.cpp GGUF")
+        assert name == "steering.gguf"
+        (tmp_path / "steering.gguf").write_bytes(body)
         comp = vectors.component("eiffel_tower", 0.255, op="add")  # the preset: eiffel_tower 0.255 add
         read = control_vector.read_control_vector(tmp_path / "steering.gguf")
         assert list(read) == [15]
