@@ -19,7 +19,7 @@ import time
 import uuid
 
 from llm_steering import steering
-from llm_steering.backends import GenerationSettings, backend_names, get_backend
+from llm_steering.backends import Backend, GenerationSettings, backend_names, get_backend
 from llm_steering.backends.base import _REGISTRY
 from llm_steering.steering import SteeringComponent
 
@@ -51,6 +51,7 @@ def backend(name: str, embedded):
     if name not in _made:
         model, tok = embedded
         _made[name] = get_backend(name, model, tok, None, **ENGINE_OPTIONS.get(name, {}))
+        assert isinstance(_made[name], Backend) and _made[name].name == name
     return _made[name]
 
 
@@ -224,7 +225,7 @@ def test_stop_in_the_app_keeps_the_answer_tagged_with_its_effect_view(embedded, 
     comps = [catalog.resolve("pirate").component(0.2)]
     previous, app.LOADED = app.LOADED, app.App(profile, model, tok, catalog, be)
     key, since = uuid.uuid4().hex, time.time()
-    timer = threading.Timer(2.0, app.request_stop, args=(key,))
+    timer = threading.Timer(2.0, app.STOPS.request, args=(key,))  # what the Stop button does
     try:
         timer.start()
         *_, last = app.generate(PROMPT, comps, True, 0.0, 1.0, 300, None, key, since)
