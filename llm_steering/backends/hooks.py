@@ -168,24 +168,40 @@ def steer(model: Any, components: Sequence[SteeringComponent], steer_from: int =
 
 
 
-class HooksBackend(BackendBase):
+class InProcessBackend(BackendBase):
+    """A backend that steers the user's transformers model in this process (hooks, NNsight)."""
+
+    def __init__(self, model: Any, tokenizer: Any) -> None:
+        self.model, self.tokenizer = model, tokenizer
+
+    def begin(self, chat: Sequence[dict], components: Sequence[SteeringComponent],
+              settings: GenerationSettings | None) -> tuple[GenerationSettings, list[SteeringComponent], list[int], Generation]:
+        """The request checked: its settings, the components as applied, the prompt's ids, and its result to fill."""
+        s = settings or GenerationSettings()
+        comps, prompt_ids = check_request(self.model, self.tokenizer, chat, components, s)
+        return s, comps, prompt_ids, Generation(prompt_ids, trace=new_trace(comps, prompt_ids) if s.trace else None)
+
+    def stream(self, chat: Sequence[dict], components: Sequence[SteeringComponent],
+               settings: GenerationSettings | None = None, cancel: threading.Event | None = None) -> Stream:
+        s, comps, prompt_ids, result = self.begin(chat, components, settings)
+        return Stream(self.pieces(s, comps, prompt_ids, result, cancel), result)
+
+    def pieces(self, s: GenerationSettings, comps: list[SteeringComponent], prompt_ids: list[int], result: Generation,
+               cancel: threading.Event | None) -> Iterator[str]:
+        """The answer's text pieces, filling `result` as it goes."""
+        raise NotImplementedError
+
+
+class HooksBackend(InProcessBackend):
     """Forward hooks on the user's transformers model; streams."""
 
     name = "hf"
     streams = True
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
-        self.model, self.tokenizer = model, tokenizer
-
-    def stream(self, chat: Sequence[dict], components: Sequence[SteeringComponent],
-               settings: GenerationSettings | None = None, cancel: threading.Event | None = None) -> Stream:
-        s = settings or GenerationSettings()
-        comps, prompt_ids = check_request(self.model, self.tokenizer, chat, components, s)
-        result = Generation(prompt_ids, trace=new_trace(comps, prompt_ids) if s.trace else None)
-        request = _Request(cancel)
+    def pieces(self, s: GenerationSettings, comps: list[SteeringComponent], prompt_ids: list[int], result: Generation,
+               cancel: threading.Event | None) -> Iterator[str]:
         steer_from = 0 if s.steer_prompt else len(prompt_ids)
-        pieces = _stream(self.model, self.tokenizer, s, comps, request, steer_from, result)
-        return Stream(pieces, result)
+        return _stream(self.model, self.tokenizer, s, comps, _Request(cancel), steer_from, result)
 
 
 def hooks_backend(model: Any, tokenizer: Any, model_id: str | None = None, verbose: bool = False) -> HooksBackend:

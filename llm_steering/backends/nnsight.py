@@ -16,9 +16,9 @@ import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from llm_steering.backends.base import BackendBase, Generation, GenerationSettings, Stream, finish_reason, trim_trace
-from llm_steering.backends.hooks import _StopOnEvent, check_request
-from llm_steering.components import SteeringComponent, by_layer, device_vectors, new_trace, steer_hidden
+from llm_steering.backends.base import Generation, GenerationSettings, finish_reason, trim_trace
+from llm_steering.backends.hooks import InProcessBackend, _StopOnEvent
+from llm_steering.components import SteeringComponent, by_layer, device_vectors, steer_hidden
 from llm_steering.models import decoder_layers, eos_ids, generation_kwargs, layer_hidden
 from llm_steering.traces import SteeringTrace
 
@@ -67,21 +67,15 @@ def _unmount_nnsight_save() -> None:
 
 
 
-class NNsightBackend(BackendBase):
+class NNsightBackend(InProcessBackend):
     """NNsight interventions on a structural copy of the user's model; the whole answer at the end."""
 
     name = "nnsight"
     streams = False
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
-        self.model, self.tokenizer = model, tokenizer
-
-    def stream(self, chat: Sequence[dict], components: Sequence[SteeringComponent],
-               settings: GenerationSettings | None = None, cancel: threading.Event | None = None) -> Stream:
-        s = settings or GenerationSettings()
-        comps, prompt_ids = check_request(self.model, self.tokenizer, chat, components, s)
-        result = Generation(prompt_ids, trace=new_trace(comps, prompt_ids) if s.trace else None)
-        return Stream(self._pieces(comps, s, result, cancel), result)
+    def pieces(self, s: GenerationSettings, comps: list[SteeringComponent], prompt_ids: list[int], result: Generation,
+               cancel: threading.Event | None) -> Iterator[str]:
+        return self._pieces(comps, s, result, cancel)
 
     def _pieces(self, comps: list[SteeringComponent], s: GenerationSettings, result: Generation,
                 cancel: threading.Event | None) -> Iterator[str]:
