@@ -26,6 +26,7 @@ from llm_steering.core import (
     check_header,
     check_name,
     is_finite_number,
+    one_line,
     parse_layer_index,
     short_repr,
 )
@@ -94,7 +95,7 @@ def read_yaml_file(path: str | os.PathLike, what: str, missing_hint: str = "", m
             raise ValueError(f"{path} is {path.stat().st_size:,} bytes; a {what} is at most {max_bytes:,}")
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"cannot read {what} {path}: {str(exc).splitlines()[0][:100]}") from None
+        raise ValueError(f"cannot read {what} {path}: {one_line(exc, 100)}") from None
     return parse_yaml_text(text, f"{what} {path.name}", max_bytes, aliases)
 
 
@@ -427,11 +428,6 @@ class SteeringSpec:
             raise ValueError("steering spec: 'features' must be a list of at most 64 {key, fraction, op}")
         active = tuple(ActiveFeature.from_dict(item, "steering spec") for item in feats)
         return cls(model_id=data.get("model_id"), features=active, steer_prompt=data.get("steer_prompt", True))
-
-    @classmethod
-    def from_text(cls, text: str) -> SteeringSpec:
-        """A spec from JSON or YAML text sent by anyone (bounded, no aliases)."""
-        return cls.from_dict(parse_yaml_text(text, "the steering spec", MAX_SPEC_BYTES))
 
 
 def save_steering_spec(spec: SteeringSpec, path: str | os.PathLike) -> None:

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from llm_steering.core import is_finite_number, short_repr  # noqa: F401  (re-exported: older import sites)
+from llm_steering.core import is_finite_number, one_line, short_repr  # noqa: F401  (re-exported: older import sites)
 
 import torch
 
@@ -64,7 +64,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except OSError as exc:
         raise ValueError(
-            f"could not load model {source!r}: {str(exc).splitlines()[0]} "
+            f"could not load model {source!r}: {one_line(exc)} "
             "(give a hub id, a local model directory, or nothing for the embedded model)"
         ) from exc
     model.to(device).eval().requires_grad_(False)

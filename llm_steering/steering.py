@@ -28,7 +28,11 @@ from llm_steering.backends.hooks import (  # noqa: F401
     steer,
     stream_steered_answer_hf,
 )
-from llm_steering.backends.nnsight import NNsightBackend, generate_steered_answer  # noqa: F401
+from llm_steering.backends.nnsight import (  # noqa: F401
+    NNsightBackend,
+    generate_steered_answer,
+    generate_steered_answer_nnsight,
+)
 from llm_steering.components import (  # noqa: F401
     KEEPNORM,
     OPS,

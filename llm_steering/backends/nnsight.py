@@ -4,7 +4,7 @@ It returns the whole answer at the end (no streaming). It runs in a thread of it
 caller waiting for it can be interrupted (Ctrl-C) and cancel it: the run then ends after its
 current token, keeping the answer so far.
 
-    >>> answer, trace = generate_steered_answer(model, tok, chat, [comp], return_trace=True)
+    >>> answer, trace = generate_steered_answer_nnsight(model, tok, chat, [comp], return_trace=True)
     >>> trace.components[0].after[-1]
 """
 
@@ -162,7 +162,7 @@ def _run(model: Any, tokenizer: Any, comps: list[SteeringComponent], s: Generati
         trim_trace(trace)
 
 
-def generate_steered_answer(
+def generate_steered_answer_nnsight(
     model: Any,
     tokenizer: Any,
     chat: Sequence[dict],
@@ -184,7 +184,7 @@ def generate_steered_answer(
     event from another thread ends the generation after the current token; the call
     then returns the answer so far.
 
-        >>> answer, trace = generate_steered_answer(model, tok, chat, [comp], return_trace=True)
+        >>> answer, trace = generate_steered_answer_nnsight(model, tok, chat, [comp], return_trace=True)
         >>> trace.components[0].after[-1]
     """
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature,
@@ -192,3 +192,7 @@ def generate_steered_answer(
                                   clamp_intensity=clamp_intensity, trace=return_trace)
     result = NNsightBackend(model, tokenizer).generate(chat, components, settings, cancel)
     return (result.text, result.trace) if return_trace else result.text
+
+
+# The older name (it is the NNsight backend, beside generate_steered_answer_hf): kept for users' code.
+generate_steered_answer = generate_steered_answer_nnsight
