@@ -31,6 +31,7 @@ from pathlib import Path
 from llm_steering import steering
 
 import torch
+from bench_vllm import run_together
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["Tell me about your weekend.", "How do I boil an egg?", "Explain how a bank loan works.",
@@ -71,21 +72,14 @@ async def server_batch(url: str, n: int, tokens: int, specs: list[dict] | None) 
 def local_batch(answer, tok, n: int, tokens: int, comps: list[list] | None) -> tuple[int, float]:
     """N threads each running `answer(chat, comps, tokens)` on one model; (tokens, seconds)."""
     counts = [0] * n
-    barrier = threading.Barrier(n + 1)
 
-    def work(i: int) -> None:
+    def work(i: int, barrier: threading.Barrier) -> None:
         barrier.wait()
         text = answer(chat_for(i), comps[i] if comps else [], tokens)
         counts[i] = len(tok(text, add_special_tokens=False)["input_ids"])
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    start = time.perf_counter()
-    for t in threads:
-        t.join()
-    return sum(counts), time.perf_counter() - start
+    seconds = run_together(n, work)
+    return sum(counts), seconds
 
 
 def start_server(args: argparse.Namespace) -> subprocess.Popen:

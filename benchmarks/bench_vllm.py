@@ -47,23 +47,28 @@ def run_batch(backend: Backend, n: int, tokens: int, d_model: int, n_layers: int
               steered: bool = True) -> tuple[list[list[int]], float]:
     """N concurrent answers on `backend`; (each answer's token ids, seconds)."""
     answers: list[list[int]] = [[] for _ in range(n)]
-    barrier = threading.Barrier(n + 1)
     settings = GenerationSettings(max_new_tokens=tokens)
 
-    def work(i: int) -> None:
+    def work(i: int, barrier: threading.Barrier) -> None:
         chat = [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}]
         comps = steering_for(i, d_model, n_layers, steered)
         barrier.wait()
         answers[i] = backend.generate(chat, comps, settings).token_ids
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    return answers, run_together(n, work)
+
+
+def run_together(n: int, work) -> float:
+    """Seconds for `work(i, barrier)` in n threads at once, timed from when all n reach `barrier.wait()`."""
+    barrier = threading.Barrier(n + 1)
+    threads = [threading.Thread(target=work, args=(i, barrier)) for i in range(n)]
     for t in threads:
         t.start()
     barrier.wait()
     start = time.perf_counter()
     for t in threads:
         t.join()
-    return answers, time.perf_counter() - start
+    return time.perf_counter() - start
 
 
 def main() -> None:
