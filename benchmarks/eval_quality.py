@@ -67,6 +67,7 @@ from llm_steering.steering import SteeringComponent
 import torch
 from eval_quality_report import cmd_auto_report, cmd_curves_json, cmd_report
 from sweep_vectors import KEYWORDS
+from tint import cmd_tint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -357,8 +358,14 @@ def main() -> None:
     cj.add_argument("--settings", required=True, help="JSON {concept: {variant, fraction}}: the shipped settings")
     cj.add_argument("--out", default=str(ROOT / "llm_steering" / "data" / "strength_curves.json"))
     cj.add_argument("--command", default=" ".join(["python", *sys.argv]), help="the command recorded in the file")
+    tin = sub.add_parser("tint", help="tint (mention AND addresses the question AND fluent) per concept, tuning and held-out")
+    tin.add_argument("files", nargs="+")
+    tin.add_argument("--settings", help='JSON {concept: {"variant", "fraction"}}: report these; default: pick by tuning tint')
+    tin.add_argument("--pick-out", help="write the settings reported (picked or given) here as JSON")
+    tin.add_argument("--curves", action="store_true", help="tint against strength, tuning and held-out side by side")
+    tin.add_argument("--keep-incomplete", action="store_true", help="keep prompts that lack some settings")
     args = parser.parse_args()
-    {"run": cmd_run, "report": cmd_report, "check": cmd_check, "cost": cmd_cost, "auto": cmd_auto,
+    {"tint": cmd_tint, "run": cmd_run, "report": cmd_report, "check": cmd_check, "cost": cmd_cost, "auto": cmd_auto,
      "auto-report": cmd_auto_report, "curves-json": cmd_curves_json}[args.cmd](args)
 
 
