@@ -200,7 +200,7 @@ def cmd_run(args) -> None:
                 proj = dict(zip(KEYWORDS, pr[PROBE_LAYER], strict=True)) if isinstance(pr[PROBE_LAYER], list) else {}
                 out.write(json.dumps({"set": args.set, "concept": c, "variant": variant, "fraction": f, "prompt": p,
                                       "layer": None if c is None else layer_of[c], "text": text, "n_tokens": len(a),
-                                      "nll": nll, "probe": proj}) + "\n")
+                                      "nll": nll, "probe": proj, "vectors": Path(args.vectors).name}) + "\n")
             out.flush()
             done = start + len(part)
             print(f"  {done}/{len(idx)} ({'answer-only' if flag else 'prompt+answer'}) {time.time() - t0:.0f} s", file=sys.stderr, flush=True)

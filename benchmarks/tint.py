@@ -32,6 +32,7 @@ from sweep_vectors import KEYWORDS, mentions
 FLUENT_NLL = 2.5  # x the unsteered answers' mean NLL (issue 21)
 MAX_REP3 = 0.2
 OVERLAP_MIN = 0.1  # signal B: share of the unsteered answer's content words kept
+SHIPPED_VECTORS = "steering_vectors.pt"  # rows without a "vectors" field were made with it
 HANDCHECK = Path(__file__).resolve().parent / "results" / "addresses_handcheck.jsonl"
 
 
@@ -63,6 +64,12 @@ def answer_tint(row: dict, base_row: dict, base_mean_nll: float, threshold: floa
             "fluent": fluent, "tint": m and a and fluent}
 
 
+def setting_name(row: dict) -> str:
+    """The variant, and the vectors file when it is not the shipped one: "clamp", "clamp@woven_vectors.pt"."""
+    vectors = row.get("vectors", SHIPPED_VECTORS)
+    return row["variant"] if vectors == SHIPPED_VECTORS else f"{row['variant']}@{vectors}"
+
+
 def tint_table(rows: list[dict]) -> tuple[dict, dict]:
     """{(set, concept, variant, fraction): {n, mention, probe, addresses, addresses_b, fluent, tint, tint_b, tint_probe,
     eiffel, agree_ab}} (rates) and {set: unsteered rates of addresses A and B}."""
@@ -82,7 +89,7 @@ def tint_table(rows: list[dict]) -> tuple[dict, dict]:
             f["tint_probe"] = f["probe"] and f["addresses"] and f["fluent"]
             f["eiffel"] = names_eiffel(r["text"])
             f["agree_ab"] = f["addresses"] == f["addresses_b"]
-            groups[(r["set"], r["concept"], r["variant"], r["fraction"])].append(f)
+            groups[(r["set"], r["concept"], setting_name(r), r["fraction"])].append(f)
     table = {k: {"n": len(fs)} | {name: sum(f[name] for f in fs) / len(fs) for name in fs[0]} for k, fs in groups.items()}
     unsteered = {}
     for st in mean_nll:
@@ -91,12 +98,12 @@ def tint_table(rows: list[dict]) -> tuple[dict, dict]:
     return table, unsteered
 
 
-def handcheck_agreement(rows: list[dict], path: Path = HANDCHECK) -> dict[str, float]:
-    """Agreement of signals A and B with the hand-checked judgements (and with each other) on that sample."""
-    base = {(r["set"], r["prompt"]): r for r in rows if r["concept"] is None}
+def handcheck_agreement(path: Path = HANDCHECK) -> dict[str, float]:
+    """Agreement of signals A and B with the hand-checked judgements (and with each other) on that sample
+    (30 tuning answers at the first shipped defaults, drawn with random.seed(21), each with its unsteered answer)."""
     judged = [json.loads(line) for line in open(path)]
     a = [addresses_prompt(j["prompt"], j["text"]) for j in judged]
-    b = [addresses_base(j["text"], base[(j["set"], j["prompt"])]["text"]) for j in judged]
+    b = [addresses_base(j["text"], j["base_text"]) for j in judged]
     h = [j["addresses"] for j in judged]
     n = len(judged)
     return {"n": n, "hand_yes": sum(h), "a_vs_hand": sum(x == y for x, y in zip(a, h, strict=True)) / n,
@@ -115,7 +122,7 @@ def cmd_tint(args) -> None:
     table, unsteered = tint_table(rows)
     for st, u in sorted(unsteered.items()):
         print(f"unsteered {st}: {u['addresses']:.0%} of {u['n']} answers address the question (signal A)")
-    h = handcheck_agreement(rows)
+    h = handcheck_agreement()
     steered = [m for m in table.values()]
     agree = sum(m["agree_ab"] * m["n"] for m in steered) / max(1, sum(m["n"] for m in steered))
     print(f"signals A and B agree on {agree:.0%} of all {sum(m['n'] for m in steered)} steered answers; on the {h['n']} "
