@@ -33,6 +33,10 @@
     # the shipped settings' strength curves on the tuning set (llm_steering/data/strength_curves.json):
     .venv/bin/python benchmarks/eval_quality.py curves-json benchmarks/results/grid_tuning_every3.jsonl \
         benchmarks/results/grid_tuning_rest.jsonl benchmarks/results/grid2_tuning.jsonl --settings benchmarks/results/picks.json
+    # tint (issue 21: mentions the concept AND addresses the question AND fluent; benchmarks/tint.py), picked on
+    # tuning tint, tuning and held-out side by side; the other runs behind docs/quality.md's tint section are there:
+    .venv/bin/python benchmarks/eval_quality.py tint benchmarks/results/grid*.jsonl benchmarks/results/tint_heldout_dinosaurs.jsonl \
+        --keep-incomplete --curves --pick-out benchmarks/results/picks.json
     # check once that batched answers are the library's single answers; time calibration against one answer:
     nice -n 10 .venv/bin/python benchmarks/eval_quality.py check
     nice -n 10 .venv/bin/python benchmarks/eval_quality.py cost --concept pirate --op clamp --fractions 0.12 0.17 0.22
