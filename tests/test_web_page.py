@@ -24,6 +24,7 @@ SHOTS = ROOT / "tests" / "screenshots"
 QUESTION = "What should I cook for dinner tonight?"
 LONG_QUESTION = "Summarize the above in one sentence."
 TOKENS = 24
+TAG = ".message.thought [data-testid='bot']"  # an answer's steering tag: the plain message after it
 
 
 def greedy_config(tmp_path: Path, max_new_tokens: int = TOKENS) -> Path:
@@ -91,7 +92,7 @@ def send(page, text: str) -> None:
 
 def answers_done(page, n: int, chat: str = "chat-steered", timeout: float = 90) -> int:
     """Wait until the chat holds `n` finished answers (a finished answer shows its steering tag)."""
-    wait_for(lambda: page.locator(f"#{chat} [data-testid='bot'] .steer-tag").count() >= n, timeout,
+    wait_for(lambda: page.locator(f"#{chat} {TAG}").count() >= n, timeout,
              f"{n} finished answers in #{chat}")
     return n
 
@@ -112,7 +113,7 @@ def exported_chat(page) -> dict:
 
 
 def tags(page, chat: str = "chat-steered") -> list[str]:
-    return page.locator(f"#{chat} [data-testid='bot'] .steer-tag").all_inner_texts()
+    return page.locator(f"#{chat} {TAG}").all_inner_texts()
 
 
 def upload(page, path: Path) -> None:
@@ -172,7 +173,7 @@ def test_a_long_message_is_shown_as_typed_keeps_its_question_and_shows_progress(
     assert re.search(r"Reading your message \([\d,]+ tokens\)", note[0]), note
     # The notice of what the model did not read: seen while the prompt is read or the answer written.
     wait_for(lambda: toasts.extend(toast_texts(page)) or any("left out" in t for t in toasts)
-             or page.locator("#chat-steered [data-testid='bot'] .steer-tag").count() >= 1, 90, "the notice or the answer")
+             or page.locator(f"#chat-steered {TAG}").count() >= 1, 90, "the notice or the answer")
     toasts.extend(toast_texts(page))
     assert any("left out" in t for t in toasts), toasts
     answers_done(page, 1)

@@ -163,8 +163,10 @@ def steering_events(app: App, demo: gr.Blocks, w: SimpleNamespace) -> None:
         control.change(bind(h.describe, app), controls, [w.summary, w.spec_view], queue=False,
                        trigger_mode="always_last", **HIDDEN)  # an import changes ~45 controls at once
     for i, feature in enumerate(app.features):
-        slider = app.panel.widget(feature.key, "fraction")
-        slider.change(bind(h.check_strength, app, i), slider, slider, **HIDDEN)  # queued: warnings show
+        slider, in_force = app.panel.widget(feature.key, "fraction"), gr.State(None)
+        slider.change(bind(h.check_strength, app, i), [slider, in_force], [slider, in_force],
+                      **HIDDEN)  # queued: warnings show
+    demo.load(None, None, None, js=COMMIT_STRENGTH, **HIDDEN)  # a typed strength counts when the editing ends
     demo.load(bind(h.describe, app), controls, [w.summary, w.spec_view], **HIDDEN)
     demo.load(bind(h.restore_from_link, app), w.url_query, [*controls, w.preset, w.msg], **HIDDEN,
               js="() => window.location.search")
@@ -208,6 +210,19 @@ SHARE_LINK = """(spec, message, withMessage) => {
   if (spec && spec.trim()) url.searchParams.set('steering', JSON.stringify(JSON.parse(spec)));
   if (withMessage && message && message.trim()) url.searchParams.set('message', message);
   return url.toString();
+}"""
+
+# gradio sends a slider's number box at every keystroke ("999" arrives as 9, 99, 999) and clamps it
+# when it loses focus. This holds a typed strength back until Enter or leaving the box, then sends
+# it as it is, so check_strength sees what was typed and answers once.
+COMMIT_STRENGTH = """() => {
+  const box = e => e.target instanceof HTMLInputElement && e.target.type === 'number' && e.target.closest('.strength');
+  let passing = false;
+  const send = input => { passing = true; input.dispatchEvent(new Event('input', {bubbles: true})); passing = false; };
+  document.addEventListener('input', e => { if (box(e) && !passing) e.stopImmediatePropagation(); }, true);
+  document.addEventListener('blur', e => { if (box(e)) e.stopImmediatePropagation(); }, true);
+  document.addEventListener('change', e => { if (box(e)) send(e.target); }, true);
+  document.addEventListener('keydown', e => { if (box(e) && e.key === 'Enter') send(e.target); }, true);
 }"""
 
 FOLD_ON_PHONE = """() => {

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llm_steering.catalog import Feature
+from llm_steering.core import format_fraction, round_fraction
 from llm_steering.web.views import FractionSlider, strength_label
 
 import gradio as gr
@@ -41,8 +42,9 @@ class Control:
 
 def _slider(feature: Feature, catalog: Any) -> Any:
     default = feature.default_fraction
-    return FractionSlider(*catalog.fraction_range(feature), value=round(default, 2), step=0.01, label="strength",
-                          info=f"default {default:.2f} ({strength_label(feature, default)})")
+    return FractionSlider(*catalog.fraction_range(feature), value=round_fraction(default), step=0.001,
+                          label="strength", elem_classes="strength",
+                          info=f"default {format_fraction(default)} ({strength_label(feature, default)})")
 
 
 # The per-feature controls, in the order they are listed to gradio. `on` is drawn as the card's
@@ -152,6 +154,9 @@ class ControlPanel:
                     for control in row:
                         self.widgets[feature.key, control.field] = control.widget(feature, catalog)
         on.change(lambda checked: gr.update(visible=checked), on, details, queue=False, api_visibility="private")
+        auto, slider = self.widgets[feature.key, "auto"], self.widgets[feature.key, "fraction"]
+        auto.change(lambda ticked: gr.update(interactive=not ticked), auto, slider, queue=False,
+                    api_visibility="private")  # auto picks the strength: the slider is not used
         return on
 
     def render_custom(self, visible: bool, sae_source: str | None, vectors_file: str, extra_names: list[str]) -> None:
