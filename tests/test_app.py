@@ -21,6 +21,7 @@ import pytest
 import torch
 from browser import app_page, bot_texts, download_export, running_app, wait_for
 from conftest import write_small_saelens_sae
+from test_web_page import open_effects
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,6 +55,7 @@ def test_browser_preset_streaming_compare_stop(server, tmp_path):
         assert "at layer" in page.locator("#summary").inner_text()
 
         # Send: the answer streams in (several growing partial texts), then the intensity view fills.
+        open_effects(page)
         page.locator("#msg textarea").fill("Tell me about your perfect weekend.")
         page.locator("#send").click()
         seen: list[str] = []
@@ -73,7 +75,7 @@ def test_browser_preset_streaming_compare_stop(server, tmp_path):
         wait_for(lambda: page.locator("#effects .toks .tok").count() == 0, 20, "Retry to start a new answer")
         wait_for(lambda: page.locator("#effects .toks .tok").count() > 0, 60, "the retried answer")
         assert page.locator("#chat-steered [data-testid='user']").all_inner_texts() == ["Tell me about your perfect weekend."]
-        assert len(bot_texts(page, "chat-steered")) == 1 and bot_texts(page, "chat-steered")[0].strip()
+        assert len(bot_texts(page, "chat-steered")) == 2 and bot_texts(page, "chat-steered")[0].strip()  # answer, tag
 
         # Share: export the steering as JSON, import another spec (a gradio upload).
         name, body = download_export(page, "Export JSON")

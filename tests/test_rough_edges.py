@@ -19,6 +19,7 @@ from test_web_page import (
     answers_done,
     feature,
     greedy_config,
+    open_effects,
     profile,
     send,
     summary,
@@ -226,6 +227,7 @@ def test_the_effect_view_renders_markdown(server, browser):
         send(page, "Give me a recipe for pancakes in markdown.")
         answers_done(page, 1)
         assert page.locator("#chat-steered strong").count(), "no bold text in the answer to check with"
+        open_effects(page)
         view = page.locator("#effects")
         wait_for(lambda: view.locator(".tok").count() > 0, 20, "the effect view")
         assert "**" not in view.inner_text(), view.inner_text()
@@ -277,5 +279,84 @@ def test_features_that_together_break_the_text_get_a_warning_before_sending(serv
         assert "lower" in summary(page).lower(), summary(page)
         send(page, QUESTION)
         wait_for(lambda: [t for t in toast_texts(page) if "break" in t.lower()], 20, "the warning on sending")
+    finally:
+        page.context.close()
+
+
+# ---------------------------------------------------------------------------
+# 6 and the design pass: the layout at 1440x900 and at 390x844
+# ---------------------------------------------------------------------------
+
+BROKEN_WORDS = """sel => [...document.querySelectorAll(sel)].flatMap(el => {
+  const walker = document.createTreeWalker(el, NodeFilter.SHOW_TEXT);
+  const broken = [];
+  for (let node; (node = walker.nextNode());) {
+    for (const m of node.textContent.matchAll(/\\S+/g)) {
+      const range = document.createRange();
+      range.setStart(node, m.index); range.setEnd(node, m.index + m[0].length);
+      const lines = new Set([...range.getClientRects()].filter(r => r.width > 0).map(r => Math.round(r.top)));
+      if (lines.size > 1) broken.push(m[0]);
+    }
+  }
+  return broken;
+})"""
+
+
+def box_of(page, selector: str) -> dict:
+    return page.locator(selector).first.bounding_box()
+
+
+def test_the_desktop_page_shows_presets_chat_and_steering_at_once(server, browser):
+    page = opened(server, browser)
+    try:
+        page.locator("#preset").get_by_label("Eiffel Tower").check()
+        wait_for(lambda: "Eiffel Tower" in summary(page), 10, "the summary")
+        page.wait_for_timeout(800)
+        preset_text = page.locator("#preset").inner_text()
+        assert sum(p.description in preset_text for p in profile().presets) <= 1, preset_text  # not all on one line
+        on_card = page.locator("#catalog .feature").first
+        for what, box in [("presets", box_of(page, "#preset")), ("chat", box_of(page, "#chat-steered")),
+                          ("the switched-on feature", on_card.bounding_box()), ("Share", box_of(page, "#share-acc")),
+                          ("Advanced", box_of(page, "#advanced"))]:
+            assert box["y"] >= 0 and box["y"] + box["height"] <= DESKTOP[1], (what, box)
+        off = [c.bounding_box()["height"] for c in page.locator("#catalog .feature").all()
+               if c.is_visible() and not c.locator("input[type='checkbox']").first.is_checked()]
+        assert off and max(off) <= 44, off  # a switched-off feature is one line
+        send(page, QUESTION)
+        answers_done(page, 1)
+        label, first = box_of(page, "#chat-steered label, #chat-steered [data-testid='block-label']"), \
+            box_of(page, "#chat-steered [data-testid='bot']")
+        assert label["y"] + label["height"] <= first["y"] or label["x"] + label["width"] <= first["x"], (label, first)
+        answer = page.locator("#chat-steered [data-testid='bot']").first.inner_text().strip()
+        assert not page.locator("#effects").is_visible() or answer[:40] not in page.locator("#effects").inner_text()
+        height = page.evaluate("document.documentElement.scrollHeight")
+        assert height <= 1300, height
+        page.locator("#compare").get_by_role("checkbox").check()
+        page.locator("#chat-plain").wait_for(state="visible", timeout=10_000)
+        page.wait_for_timeout(500)
+        widths = [box_of(page, f"#{c}")["width"] for c in ("chat-steered", "chat-plain")]
+        assert min(widths) >= 500, widths
+    finally:
+        page.context.close()
+
+
+def test_the_phone_page_wraps_words_whole_and_keeps_stop_beside_send(server, browser):
+    page = opened(server, browser, "phone")
+    try:
+        page.locator("#features-acc").get_by_text("Features", exact=False).first.click()
+        feature(page, "Pirate").check()
+        wait_for(lambda: "Pirate" in summary(page), 10, "the summary")
+        page.wait_for_timeout(800)
+        assert page.evaluate(BROKEN_WORDS, "#catalog label, #chat-actions button, #msg-row button") == []
+        send_box, stop_box = box_of(page, "#send"), box_of(page, "#stop")
+        assert abs(send_box["y"] - stop_box["y"]) < 5, (send_box, stop_box)
+        new_chat = box_of(page, "#clear")
+        assert new_chat["height"] <= 40, new_chat
+        send(page, QUESTION)
+        answers_done(page, 1)
+        open_effects(page)
+        wait_for(lambda: page.locator("#effects .tok").count() > 0, 20, "the effect view")
+        text = page.locator("#effects").inner_text()
+        assert "Hover" not in text and "Tap" in text, text
     finally:
         page.context.close()

@@ -97,6 +97,13 @@ def answers_done(page, n: int, chat: str = "chat-steered", timeout: float = 90) 
     return n
 
 
+def open_effects(page) -> None:
+    """Unfold the effect view (folded by default: the chat already shows the answer)."""
+    if not page.locator("#effects").is_visible():
+        page.locator("#effects-acc").get_by_text("Colour the last answer", exact=False).first.click()
+        page.locator("#effects").wait_for(state="visible", timeout=10_000)
+
+
 def answer_texts(page, chat: str = "chat-steered") -> list[str]:
     return page.locator(f"#{chat} [data-testid='bot']").all_inner_texts()
 
@@ -187,6 +194,7 @@ def test_the_effect_view_reads_right_for_a_newcomer(page):
     wait_for(lambda: "Cats" in summary(page), 10, "the summary")
     send(page, QUESTION)
     answers_done(page, 1)
+    open_effects(page)
     view = page.locator("#effects")
     wait_for(lambda: view.locator(".tok").count() > 0, 20, "the effect view")
     text = view.inner_text()
@@ -266,6 +274,7 @@ def test_stopped_and_length_capped_answers_are_marked(page):
     wait_for(lambda: len((answer_texts(page) or [""])[-1].split()) > 5, 60, "the answer to start")
     page.locator("#stop").click()
     wait_for(lambda: tags(page) and "stopped" in tags(page)[-1].lower(), 30, "a 'stopped' tag")
+    open_effects(page)
     wait_for(lambda: "Stopped" in page.locator("#effects").inner_text(), 20, "the effect view after Stop")
     assert "appears" not in page.locator("#effects").inner_text()
     set_max_new_tokens(page, 8)
@@ -345,6 +354,7 @@ def test_a_newcomers_path(server, browser, tmp_path, size):
         send(page, "Tell me about your perfect weekend.")
         answers_done(page, 1)
         assert "Eiffel Tower" in tags(page)[0]
+        open_effects(page)
         wait_for(lambda: page.locator("#effects .toks .tok").count() > 0, 20, "the effect view")
         page.screenshot(path=str(shots / "02-answer.png"), full_page=True)
 
@@ -406,12 +416,12 @@ def test_a_vector_of_the_file_the_profile_does_not_list_can_be_steered_by_name(b
         page = open_page(browser, url)
         try:
             assert feature(page, "Shakespeare").is_visible() and feature(page, "Coffee").count() == 0
+            page.locator("#custom-on").get_by_role("checkbox").check()  # unfolds the custom card
             key = page.locator("#custom-key input").first
             key.click()
             options = page.get_by_role("option")
             wait_for(lambda: options.count() == 7, 10, "the unlisted vectors as choices")
             page.get_by_role("option", name="coffee").click()
-            page.locator("#custom-on").get_by_role("checkbox").check()
             wait_for(lambda: "Coffee" in summary(page), 15, "the summary to show the added vector")
             send(page, QUESTION)
             answers_done(page, 1)

@@ -93,7 +93,8 @@ def _legend(features: Sequence[tuple[Any, str, float | None]]) -> str:
     swatch = "<span class='tok' style='background:rgba({},0.6)'>&nbsp;{}&nbsp;</span>"
     return (f"Steering: {', '.join(names)}. " + swatch.format(ORANGE, "orange") + " the steering made the word more "
             "likely, " + swatch.format(BLUE, "blue") + " less likely, darker = more; no colour: the model would have "
-            "written it anyway. Hover a word for how much.")
+            "written it anyway. <span class='hover-hint'>Hover a word for how much.</span>"
+            "<span class='tap-hint'>Tap a word for how much.</span> <span class='tap-note'></span>")
 
 
 def _token_span(body: str, text: str, effect: float | None) -> str:

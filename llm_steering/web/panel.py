@@ -165,13 +165,16 @@ class ControlPanel:
             self.widgets[CUSTOM, "on"] = gr.Checkbox(
                 label="Another feature", value=False, elem_id="custom-on",
                 info="an SAE feature by layer:index" if sae_source else f"a vector of {vectors_file} by name")
-            with gr.Row(elem_classes="feature-row"):
-                self.widgets[CUSTOM, "key"] = gr.Dropdown(
-                    extra_names, value=None, allow_custom_value=True, elem_id="custom-key", scale=2, min_width=140,
-                    label="layer:index (e.g. 15:21576)" if sae_source else "name")
-                self.widgets[CUSTOM, "op"] = gr.Radio(OPS, value="clamp", label="how", scale=1, min_width=110)
-            self.widgets[CUSTOM, "fraction"] = FractionSlider(-1.0, 2.0, value=0.5, step=0.01, label="strength",
-                                                              elem_id="custom-strength")
+            with gr.Column(elem_classes="feature-details", visible=False) as details:  # unfolded when ticked
+                with gr.Row(elem_classes="feature-row"):
+                    self.widgets[CUSTOM, "key"] = gr.Dropdown(
+                        extra_names, value=None, allow_custom_value=True, elem_id="custom-key", scale=2, min_width=140,
+                        label="layer:index (e.g. 15:21576)" if sae_source else "name")
+                    self.widgets[CUSTOM, "op"] = gr.Radio(OPS, value="clamp", label="how", scale=1, min_width=110)
+                self.widgets[CUSTOM, "fraction"] = FractionSlider(-1.0, 2.0, value=0.5, step=0.001, label="strength",
+                                                                  elem_id="custom-strength", elem_classes="strength")
+        self.widgets[CUSTOM, "on"].change(lambda checked: gr.update(visible=checked), self.widgets[CUSTOM, "on"],
+                                          details, queue=False, api_visibility="private")
 
     def render_steer_prompt(self) -> Any:
         self.widgets[GLOBAL, "steer_prompt"] = gr.Checkbox(label="Steer the prompt too (not only the answer)",

@@ -230,25 +230,45 @@ def turn_messages(catalog: Catalog, turns: list[dict], unsteered: bool = False,
 
 
 CSS = """
-.gradio-container { max-width: 1400px !important; }
+.gradio-container { max-width: 1480px !important; }
 #header h1 { margin-bottom: 0.1em; }
 #header p { font-size: 0.95em; margin: 0.2em 0; }
-.feature { padding: 2px 6px; }
-.feature-row { align-items: end; gap: 6px; }
-#catalog label span, #catalog .feature-on span { white-space: normal; overflow-wrap: anywhere; }
+#chats .wrapper > label[data-testid='block-label'] { position: static; margin: 4px 0 2px 4px; }
 #chats .message.thought .prose { display: inline-block; font-size: 0.78em; color: var(--body-text-color-subdued);
   border: 1px solid var(--border-color-primary); border-radius: 9px; padding: 0 7px; margin-top: 2px; }
 #chats .message.thought .prose p { margin: 0; }
+.comparing #steer-panel { flex: 0 0 330px !important; min-width: 330px !important; }
+#preset-note p { margin: 0 0 0 4px; }
+#catalog { gap: 4px; }
+#catalog .feature { border: 1px solid var(--border-color-primary); border-radius: 8px; box-shadow: none; padding: 0; }
+#catalog .feature .styler { --block-border-width: 0px; }
+#catalog .feature-on { display: flex; align-items: baseline; gap: 10px; padding: 5px 10px !important; min-height: 0; }
+#catalog .feature-on .checkbox-container { flex: 0 0 auto; }
+#catalog .feature-on .info-text { margin: 0; font-size: 0.8em; color: var(--body-text-color-subdued); min-width: 0;
+  white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+#catalog label span { white-space: normal; overflow-wrap: break-word; }
+.feature-details { padding: 0 8px 6px 8px; }
+.feature-row { align-items: end; gap: 6px; flex-wrap: wrap; }
 .muted { color: var(--body-text-color-subdued); font-size: 0.85em; }
 .intensity { margin-bottom: 0.6em; }
 .toks { line-height: 1.9; white-space: pre-wrap; }
 .tok { border-radius: 3px; padding: 1px 0; }
+.toks code { font-size: 0.92em; }
 .effect-note { margin-top: 0.4em; }
+.tap-hint { display: none; }
+.tap-note { font-weight: 600; }
+@media (hover: none) { .hover-hint { display: none; } .tap-hint { display: inline; } }
+#chat-actions button, #msg-row button { white-space: nowrap; }
 @media (max-width: 700px) {
   #main { flex-direction: column; }
   #steer-panel { order: -1; }
   #chats { flex-wrap: wrap; }
   #chats > * { min-width: 100% !important; flex: 1 1 100% !important; }
   #chat-actions { flex-wrap: wrap; }
+  #msg-row { flex-wrap: nowrap !important; gap: 6px; }
+  #msg-row > #msg { min-width: 0 !important; flex: 1 1 auto !important; }
+  #msg-row > button { min-width: 58px !important; flex: 0 0 auto !important; }
+  #more-row { flex-wrap: wrap; }
+  #more-row > * { min-width: 100% !important; }
 }
 """
