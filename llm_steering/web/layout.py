@@ -175,7 +175,6 @@ def chat_events(app: App, demo: gr.Blocks, w: SimpleNamespace) -> None:
                   cancels=running, queue=False, **HIDDEN)
     w.chatbot.clear(lambda: ([], [], NO_EFFECTS), None, [w.turns, w.unsteered, w.effects], cancels=running, **HIDDEN)
     w.compare.change(lambda on: gr.update(visible=on), w.compare, w.unsteered, queue=False, **HIDDEN)
-    w.compare.change(None, w.compare, None, js=COMPARING, **HIDDEN)  # wider chats while comparing
     with w.examples:  # here: the preset radio must exist first
         examples = [[text, name] for text, name in zip(EXAMPLES, [*app.presets, NO_PRESET, NO_PRESET, NO_PRESET],
                                                        strict=False)]
@@ -241,8 +240,6 @@ SHARE_LINK = """(spec, message, withMessage) => {
   if (withMessage && message && message.trim()) url.searchParams.set('message', message);
   return url.toString();
 }"""
-
-COMPARING = "(on) => { document.body.classList.toggle('comparing', on); return []; }"
 
 # A tap on a word of the effect view says what a mouse pointer's tooltip says (touch screens have none).
 TAP_WORDS = """() => document.addEventListener('click', e => {

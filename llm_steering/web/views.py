@@ -231,13 +231,16 @@ def turn_messages(catalog: Catalog, turns: list[dict], unsteered: bool = False,
 
 CSS = """
 .gradio-container { max-width: 1480px !important; }
+.gradio-container > .main.fillable { max-width: 1480px !important; padding-left: 16px !important; padding-right: 16px !important; }
 #header h1 { margin-bottom: 0.1em; }
 #header p { font-size: 0.95em; margin: 0.2em 0; }
 #chats .wrapper > label[data-testid='block-label'] { position: static; margin: 4px 0 2px 4px; }
 #chats .message.thought .prose { display: inline-block; font-size: 0.78em; color: var(--body-text-color-subdued);
   border: 1px solid var(--border-color-primary); border-radius: 9px; padding: 0 7px; margin-top: 2px; }
 #chats .message.thought .prose p { margin: 0; }
-.comparing #steer-panel { flex: 0 0 330px !important; min-width: 330px !important; }
+#main:has(#chat-plain) > #steer-panel { flex: 0 0 330px !important; min-width: 330px !important; }  /* comparing */
+#main:has(#chat-plain) > #chat-col { flex: 1 1 0 !important; }
+#chats > * { flex: 1 1 0 !important; }
 #preset-note p { margin: 0 0 0 4px; }
 #catalog { gap: 4px; }
 #catalog .feature { border: 1px solid var(--border-color-primary); border-radius: 8px; box-shadow: none; padding: 0; }
