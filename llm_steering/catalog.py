@@ -33,7 +33,7 @@ from llm_steering.config import (
     SteeringSpec,
     parse_yaml_text,
 )
-from llm_steering.core import human_name, is_finite_number, parse_layer_index, short_repr
+from llm_steering.core import human_name, is_finite_number, parse_layer_index, round_fraction, short_repr
 from llm_steering.steering import SteeringComponent
 from llm_steering.vectors import SAE_HINT, SteeringVector, SteeringVectorSet, measure_layer_norms
 
@@ -217,7 +217,7 @@ class Catalog:
 
     def spec(self, active: dict[str, tuple[float, str | None]], steer_prompt: bool = True) -> SteeringSpec:
         """A SteeringSpec for this model from {key: (fraction, op or None)}."""
-        features = tuple(ActiveFeature(key, round(float(frac), 4), op) for key, (frac, op) in active.items())
+        features = tuple(ActiveFeature(key, round_fraction(frac), op) for key, (frac, op) in active.items())
         return SteeringSpec(model_id=self.vectors.model_id, features=features, steer_prompt=bool(steer_prompt))
 
     def active(self, spec: SteeringSpec) -> dict[str, tuple[Feature, float, str]]:
