@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -12,14 +13,22 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _benchmark(name: str):
+    """A benchmark script as a module, by file (the scripts import each other by name: sweep_vectors,
+    eval_quality_report, then tint, each registered before the next one imports it)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 @pytest.fixture(scope="module")
 def tint():
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmark scripts import each other by name
-    try:
-        import tint as module
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return module
+    for name in ("sweep_vectors", "eval_quality_report"):
+        _benchmark(name)
+    return _benchmark("tint")
 
 
 UNSTEERED = {"set": "tuning", "concept": None, "variant": None, "fraction": 0.0, "prompt": "How do I train a puppy to sit?",
