@@ -57,13 +57,15 @@ import torch
 
 
 def extract_contrastive(model: Any, tokenizer: Any, concepts: dict[str, dict], layers: Sequence[int] | None,
-                        method: str = "mean", source: str = "") -> list[SteeringVector]:
+                        method: str = "mean", source: str = "", cache: dict | None = None) -> list[SteeringVector]:
     """One unit vector per concept and layer: mean(positive activations) - mean(negative ones).
 
     Activations are the residual stream after each layer, averaged over the tokens of a
     text (the first token left out), then over the texts. `method="pca"` takes the first
     principal component of the paired differences (positive i - negative i), with the
-    sign of the mean difference. `layers=None` uses each concept's own `layer`.
+    sign of the mean difference. `layers=None` uses each concept's own `layer`. `cache` ({text: mean
+    activations after each layer used}) is read and filled; pass one only for calls on the same model
+    and layers (concepts.py keeps the neutral texts' means so).
 
         >>> concepts = load_concepts("concepts.yaml")
         >>> extract_contrastive(model, tok, concepts, [9])[0].name
@@ -84,7 +86,7 @@ def extract_contrastive(model: Any, tokenizer: Any, concepts: dict[str, dict], l
     for layer in all_layers:
         if not 0 <= layer < n_layers:
             raise ValueError(f"layer {layer} is out of range: this model has {n_layers} layers (0-{n_layers - 1})")
-    cache: dict[str, dict[int, torch.Tensor]] = {}
+    cache = {} if cache is None else cache  # text -> [layers, d_model]
     many = layers is not None and len(set(layers)) > 1
     out = []
     for name, concept in concepts.items():
