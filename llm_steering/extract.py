@@ -287,7 +287,11 @@ def _sae_vectors(args: argparse.Namespace, print_only: bool) -> tuple[list[Steer
             found = find_features(args.sae_source, layer, args.find, loaded["model"], loaded["tok"], args.top_k,
                                   args.sae_format, args.hook_point, args.trainer,
                                   allow_other_model=args.allow_other_model, model_id=args.model)
-            _print_found(args.sae_source, layer, found)
+            vecs = extract_sae_features(args.sae_source, [(f.layer, f.index) for f in found], args.sae_format,
+                                        args.hook_point, args.trainer, model=load,
+                                        model_id=args.model or steering.EMBEDDED_MODEL_ID,
+                                        allow_other_model=args.allow_other_model) if found else []
+            _print_found(args.sae_source, layer, found, [_lens_words(loaded["model"], loaded["tok"], v) for v in vecs])
             features += [(f.layer, f.index) for f in found]
         if print_only:
             return None
@@ -312,12 +316,22 @@ def _sae_vectors(args: argparse.Namespace, print_only: bool) -> tuple[list[Steer
     return vectors, model, loaded["tok"], model_id
 
 
-def _print_found(source: str, layer: int, found: list) -> None:
+def _print_found(source: str, layer: int, found: list, words: list[str]) -> None:
+    """Each found feature: its key, activations, dashboard link, and the tokens its direction pushes up."""
     if not found:
         print(f"layer {layer}: no feature fires on the text")
-    for f in found:
+    for f, pushes in zip(found, words, strict=True):
         url = neuronpedia_url(f.layer, f.index, source)
-        print(f"{f.key:>12}  mean {f.mean:9.4f}  max {f.max:9.4f}" + (f"  {url}" if url else ""))
+        print(f"{f.key:>12}  mean {f.mean:9.4f}  max {f.max:9.4f}  pushes up: {pushes}" + (f"  {url}" if url else ""))
+
+
+def _lens_words(model: Any, tokenizer: Any, vector: SteeringVector) -> str:
+    """The tokens a feature's direction promotes most (lens.py), or why they cannot be shown (another model's width)."""
+    from llm_steering.lens import token_words, top_tokens
+
+    if vector.vector.numel() != steering.hidden_size(model):
+        return "(not shown: this SAE is for a model of another width)"
+    return ", ".join(token_words(top_tokens(model, tokenizer, vector.vector, k=6).promoted))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

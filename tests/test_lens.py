@@ -64,3 +64,26 @@ def test_the_lens_works_on_a_tiny_model_and_refuses_bad_k(tiny_llama):
     for k in (0, 101, 2.5, True):
         with pytest.raises(ValueError, match="k must be a whole number"):
             lens.top_tokens(tiny_llama, Tok(), unit(32, 1), k=k)
+
+
+def test_extract_find_prints_each_features_promoted_tokens(embedded, tmp_path, capsys):
+    """`extract_steering_vectors.py --find`: beside each found feature, the tokens its direction pushes up,
+    equal to lens.top_tokens of the feature's decoder direction on the model."""
+    from llm_steering import extract
+    from llm_steering.saes import extract_sae_features
+
+    from conftest import write_small_saelens_sae
+
+    write_small_saelens_sae(tmp_path / "saes", layer=3, d_model=576, d_sae=16, seed=3)
+    text = "The Eiffel Tower in Paris is tall."
+    code = extract.main(["--sae-source", str(tmp_path / "saes"), "--layers", "3", "--find", text, "--top-k", "3"])
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0
+    rows = [line for line in out if "pushes up:" in line]
+    assert len(rows) == 3
+    model, tok = embedded
+    for row in rows:
+        key = row.split()[0]
+        [vec] = extract_sae_features(str(tmp_path / "saes"), [tuple(map(int, key.split(":")))])
+        words = ", ".join(lens.token_words(lens.top_tokens(model, tok, vec.vector, k=6).promoted))
+        assert f"pushes up: {words}" in row
