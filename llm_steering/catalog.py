@@ -38,6 +38,8 @@ from llm_steering.core import human_name, is_finite_number, parse_layer_index, s
 from llm_steering.steering import SteeringComponent
 from llm_steering.vectors import SAE_HINT, SteeringVector, SteeringVectorSet, measure_layer_norms
 
+CONCEPT_BUILDER: list[Any] = []  # concepts.py registers make_concept here (it sits above the catalog, beside extract.py)
+CONCEPT_MEMO = 32  # concepts a catalog keeps built from specs' recipes (by recipe: the same recipe, the same vector)
 FRACTION_RANGE = (-1.0, 2.0)  # in units of the layer's typical norm; widened to hold defaults and presets
 RAW_DEFAULT = (0.5, "clamp")  # fraction and op of an SAE feature the profile does not list
 
@@ -105,6 +107,7 @@ class Catalog:
     tokenizer: Any = None
     extracted: dict[tuple[int, int], SteeringVector] = field(default_factory=dict)
     measured_norms: dict[int, float] = field(default_factory=dict)
+    built: dict[str, SteeringVector] = field(default_factory=dict)  # concept recipe (JSON) -> its vector, for_spec's memo
 
     @classmethod
     def open(cls, profile: ModelProfile, model: Any, tokenizer: Any) -> Catalog:
@@ -161,7 +164,29 @@ class Catalog:
                                  "give your concept another name")
         added = SteeringVectorSet(self.vectors.model_id, self.vectors.hidden_size, list(vectors))
         return Catalog(self.profile, self.vectors.merged(added), self.model, self.tokenizer, self.extracted,
-                       self.measured_norms)
+                       self.measured_norms, self.built)
+
+    def for_spec(self, spec: SteeringSpec) -> Catalog:
+        """This catalog, or a new one with the concepts `spec` carries built from their recipes (a share
+        link, an imported file, another session's export). Built vectors are kept per recipe
+        (CONCEPT_MEMO of them), never listed here: a concept reaches only the answers whose spec carries it."""
+        import json
+
+        missing = [r for r in spec.concepts if self.concepts.get(r.name) != r]
+        if not missing:
+            return self
+        if not CONCEPT_BUILDER:
+            raise ValueError(f"this steering carries your own concept {missing[0].name!r}, which this program cannot "
+                             "build: import llm_steering.concepts")
+        vectors = []
+        for recipe in missing:
+            memo = json.dumps(recipe.to_dict(), sort_keys=True)
+            if memo not in self.built:
+                while len(self.built) >= CONCEPT_MEMO:
+                    self.built.pop(next(iter(self.built)))
+                self.built[memo] = CONCEPT_BUILDER[0](self, recipe).vector
+            vectors.append(self.built[memo])
+        return self.with_concepts(vectors)
 
     def top_tokens(self, key: str, k: int = 8) -> Any:
         """What a feature does: the tokens its direction promotes and suppresses most (lens.top_tokens,
@@ -257,12 +282,15 @@ class Catalog:
                             concepts=recipes)
 
     def active(self, spec: SteeringSpec) -> dict[str, tuple[Feature, float, str]]:
-        """{feature key: (feature, fraction, op)} for a spec, every part checked; for this model only."""
+        """{feature key: (feature, fraction, op)} for a spec, every part checked; for this model only.
+        The concepts the spec carries are built from their recipes (for_spec)."""
         if spec.model_id != self.vectors.model_id:
             raise ValueError(
                 f"this steering is for {spec.model_id!r}, but this chat runs {self.vectors.model_id!r}: "
                 "choose the profile for that model"
             )
+        if (catalog := self.for_spec(spec)) is not self:
+            return catalog.active(spec)
         out: dict[str, tuple[Feature, float, str]] = {}
         for item in spec.features:
             feature = self.resolve(item.key)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llm_steering import models
-from llm_steering.catalog import Catalog, Feature, recipe_of
+from llm_steering.catalog import CONCEPT_BUILDER, Catalog, Feature, recipe_of
 from llm_steering.config import SteeringSpec
 from llm_steering.extract import extract_contrastive
 from llm_steering.recipe import CONCEPT_LIMITS, CONCEPT_TEMPLATES, ConceptRecipe  # noqa: F401  (re-exported)
@@ -104,12 +104,11 @@ def make_concept(catalog: Catalog, recipe: ConceptRecipe) -> Feature:
 
 def catalog_for(catalog: Catalog, spec: SteeringSpec) -> Catalog:
     """The catalog with every concept a spec carries (a share link, an imported file) built on its model;
-    a concept already there with the same recipe is reused, so this is cheap to call on every spec."""
-    new = []
-    for recipe in spec.concepts:
-        if catalog.concepts.get(recipe.name) != recipe:
-            new.append(make_concept(catalog, recipe).vector)
-    return catalog.with_concepts(new) if new else catalog
+    a concept already there, or built before from the same recipe, is reused (Catalog.for_spec)."""
+    return catalog.for_spec(spec)
+
+
+CONCEPT_BUILDER[:] = [make_concept]  # Catalog.active builds the concepts a spec carries with it
 
 
 def concept_layer(catalog: Catalog, recipe: ConceptRecipe) -> int:

@@ -128,3 +128,23 @@ def test_the_console_line_reads_a_name_a_template_and_sentences():
     assert recipe == ConceptRecipe("paris", ("We walked along the Seine.", "The Louvre was full."), "style")
     with pytest.raises(ValueError, match="usage: /concept NAME"):
         concepts.parse_concept_line("no colon here")
+
+
+def test_the_shared_catalog_steers_with_a_specs_concept_without_listing_it(shared, monkeypatch):
+    """A share link's spec carries the recipe: the shared catalog builds it for that spec only (kept per
+    recipe, so the next answer does not build it again) and lists nothing new."""
+    from llm_steering import catalog as catalog_module
+    from llm_steering.config import ActiveFeature
+
+    before = [f.key for f in shared.features]
+    recipe = ConceptRecipe("visitor_tower", FIVE)
+    spec = SteeringSpec(shared.vectors.model_id, (ActiveFeature("visitor_tower", 0.3),), concepts=(recipe,))
+    [comp] = shared.components(spec)
+    assert comp.name == "visitor_tower" and comp.strength == pytest.approx(0.3 * shared.norm(15))
+    assert [f.key for f in shared.features] == before and "visitor_tower" not in shared.vectors.names
+    clash = SteeringSpec(shared.vectors.model_id, (ActiveFeature("pirate", 0.3),), concepts=(ConceptRecipe("pirate", FIVE),))
+    with pytest.raises(ValueError, match="the name 'pirate' is taken"):
+        shared.components(clash)
+    monkeypatch.setattr(catalog_module, "CONCEPT_BUILDER", [lambda *a: pytest.fail("built again")])
+    [again] = shared.components(spec)
+    torch.testing.assert_close(again.vector, comp.vector, atol=0, rtol=0)

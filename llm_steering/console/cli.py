@@ -146,7 +146,7 @@ def build_parser(argv: Sequence[str] | None = None) -> Parser:
         help="steer with a feature of the profile (NAME as listed below) or an SAE feature (layer:index); "
              "STRENGTH is a fraction of the layer's typical residual norm (0.5 = half, negative steers away; "
              "default: the feature's own, listed below); add or clamp chooses the op (default: the feature's own). "
-             "Repeatable, e.g. --steer eiffel_tower --steer pirate 0.1 add",
+             "Repeatable: --steer NAME --steer NAME 0.1 add steers with two features.",
     )
     parser.add_argument("--backend", choices=BACKENDS, default="hf",
                         help="hf: forward hooks, streams the answer (default); nnsight: prints it when done; "
