@@ -726,16 +726,22 @@ def test_a_concept_from_five_sentences_is_made_kept_listed_and_steers(embedded, 
     assert result.stdout.strip() == steered.strip()
 
 
+def small_console(embedded, shipped, **kw) -> tuple[demo.Console, io.StringIO]:
+    """An in-process chat on the shipped profile (greedy, two tokens), printing into one buffer."""
+    model, tok = embedded
+    catalog = demo.Catalog(*shipped)
+    catalog.attach(model, tok)
+    out = io.StringIO()
+    return demo.Console(model, tok, catalog, demo.Settings("hf", 0.0, 2, 1.0, "", 2048), out=out, info=out,
+                        interactive=True, **kw), out
+
+
 def test_features_name_shows_the_tokens_a_shipped_feature_pushes_up_and_down(embedded, shipped):
     from llm_steering.lens import token_words, top_tokens
 
     model, tok = embedded
     profile, vectors = shipped
-    catalog = demo.Catalog(profile, vectors)
-    catalog.attach(model, tok)
-    out = io.StringIO()
-    console = demo.Console(model, tok, catalog, demo.Settings("hf", 0.0, 2, 1.0, "", 2048), out=out, info=out,
-                           interactive=True)
+    console, out = small_console(embedded, shipped)
     console.command("/features pirate")
     lens = top_tokens(model, tok, vectors.get("pirate").vector)
     text = clean(out.getvalue())
@@ -750,11 +756,8 @@ def test_steer_without_a_strength_takes_the_features_default(embedded, shipped):
     """/steer NAME and --steer NAME (issue 21): the default of /features, not a fixed 0.5."""
     model, tok = embedded
     profile, vectors = shipped
-    catalog = demo.Catalog(profile, vectors)
-    catalog.attach(model, tok)
-    out = io.StringIO()
-    console = demo.Console(model, tok, catalog, demo.Settings("hf", 0.0, 2, 1.0, "", 2048), out=out, info=out,
-                           interactive=True)
+    console, out = small_console(embedded, shipped)
+    catalog = console.catalog
     console.command("/steer pirate")
     console.command("/steer eiffel_tower clamp")
     default = {k: catalog.resolve(k).default_fraction for k in ("pirate", "eiffel_tower")}
@@ -795,14 +798,40 @@ def test_slash_help_wraps_with_a_hanging_indent_at_the_terminal_width(tmp_path):
 
 
 def test_backend_vllm_is_refused_at_once_when_vllm_cannot_be_imported(embedded, shipped, monkeypatch):
-    model, tok = embedded
-    profile, vectors = shipped
-    catalog = demo.Catalog(profile, vectors)
-    catalog.attach(model, tok)
-    out = io.StringIO()
-    console = demo.Console(model, tok, catalog, demo.Settings("hf", 0.0, 2, 1.0, "", 2048), out=out, info=out,
-                           interactive=True)
+    console, _ = small_console(embedded, shipped)
     monkeypatch.setitem(sys.modules, "vllm", None)  # as if vLLM were not installed
     with pytest.raises(ValueError, match=r"^backend vllm cannot run here: vLLM is not installed: see requirements-vllm"):
         console.command("/backend vllm")
     assert console.settings.backend == "hf"
+
+
+def test_bad_concepts_and_a_hostile_concepts_file_are_one_line_and_change_nothing(embedded, shipped, tmp_path):
+    from llm_steering.console.own_concepts import load_user_concepts
+
+    path = tmp_path / "smollm2-concepts.pt"
+    console, out = small_console(embedded, shipped, concepts_file=path)
+    for line, message in (("/concept no colon here", "usage: /concept NAME"),
+                          ("/concept Bad Name: a b", "concept name .Bad. is not valid: use snake_case"),
+                          ("/concept x: " + "word " * 100, "at most 300 characters"),
+                          ("/concept x: " + " | ".join(["a b"] * 30), "give 1 to 20 example sentences"),
+                          ("/concept x poem: a b", "template 'poem' is unknown"),
+                          ("/concept x: |  | ", "give 1 to 20 example sentences")):
+        with pytest.raises(ValueError, match=message) as info:
+            console.command(line)
+        assert "\n" not in str(info.value)
+    assert not path.exists() and not console.active and list(tmp_path.iterdir()) == []
+    # a file that is not a vectors file (or one with a pickle that asks for code): a notice, the chat goes on
+    path.write_bytes(b"PK\x03\x04 not really a zip" + os.urandom(64))
+    catalog, note = load_user_concepts(console.catalog, path)
+    assert catalog is console.catalog and note.startswith(f"your concepts in {path} are not loaded: ")
+    assert "\n" not in note
+    junk = path.read_bytes()
+    console.command("/concept mine: We climbed the Eiffel Tower at sunset. | Paris at night.")  # made, not kept there
+    assert path.read_bytes() == junk and [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert "mine" in console.active and "kept for this chat only: " in clean(out.getvalue())
+    path.unlink()
+    console.command("/concept mine: We climbed the Eiffel Tower at sunset. | Paris at night.")
+    assert steering.load_vectors(path).names == ["mine"] and [p.name for p in tmp_path.iterdir()] == [path.name]
+    helped = subprocess.run([sys.executable, DEMO, "--help"], cwd=str(ROOT), capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "STEERING_DATA_DIR": str(tmp_path)})
+    assert helped.returncode == 0 and re.search(r"^  mine  Mine: your topic: ", helped.stdout, re.M)

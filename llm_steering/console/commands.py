@@ -167,9 +167,8 @@ def _concept(c: Any, args: list[str], rest: str) -> None:
         c.notice(templates_text())
         return
     recipe = parse_concept_line(rest)
-    feature, c.catalog, seconds = make_and_keep(c.catalog, recipe, c.concepts_file)
+    feature, c.catalog, seconds, kept = make_and_keep(c.catalog, recipe, c.concepts_file)
     c.steer(feature.key)
-    kept = f"kept in {c.concepts_file}" if c.concepts_file else "kept for this chat only"
     c.notice(f"made your concept {feature.title} ({feature.key}) from {len(recipe.sentences)} sentences in {seconds:.1f} s "
              f"({kept}); steering with it at its default {feature.default_fraction:.3g} x norm, {feature.default_op}, "
              f"layer {feature.layer}")

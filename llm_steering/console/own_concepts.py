@@ -40,17 +40,23 @@ def load_user_concepts(catalog: Catalog, path: Path | None) -> tuple[Catalog, st
     return catalog, f"your concepts (from {path}): {', '.join(v.name for v in mine)}"
 
 
-def make_and_keep(catalog: Catalog, recipe: ConceptRecipe, path: Path | None) -> tuple[Feature, Catalog, float]:
+def make_and_keep(catalog: Catalog, recipe: ConceptRecipe, path: Path | None) -> tuple[Feature, Catalog, float, str]:
     """Make the concept, add it to the catalog and (with a path) to the user's file, atomically;
-    returns the feature, the new catalog and the seconds it took."""
+    returns the feature, the new catalog, the seconds it took and where it is kept. A file that
+    cannot be read is never overwritten: the concept is then kept for this chat only, and the note says why."""
     started = time.monotonic()
     feature = make_concept(catalog, recipe)
+    kept = "kept for this chat only"
     if path is not None:
         norms = {feature.layer: catalog.norm(feature.layer)}
         new = SteeringVectorSet(catalog.vectors.model_id, catalog.vectors.hidden_size, [feature.vector], norms)
-        old = SteeringVectorSet.load(path) if Path(path).is_file() else None
-        (old.merged(new) if old is not None else new).save(path)  # atomic: a failed write leaves the old file
-    return feature, catalog.with_concepts([feature.vector]), time.monotonic() - started
+        try:
+            old = SteeringVectorSet.load(path) if Path(path).is_file() else None
+            (old.merged(new) if old is not None else new).save(path)  # atomic: a failed write leaves the old file
+            kept = f"kept in {path}"
+        except (ValueError, OSError) as exc:
+            kept = f"kept for this chat only: {one_line(exc, 160)}; move that file away to keep your concepts"
+    return feature, catalog.with_concepts([feature.vector]), time.monotonic() - started, kept
 
 
 def templates_text() -> str:
