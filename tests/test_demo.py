@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ PROMPT = "you> "
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\001\002\r]")
 TOKENS = 8
 QUESTION = "Tell me about your weekend."
+NO_CONCEPTS = {"STEERING_DATA_DIR": tempfile.mkdtemp(prefix="no-concepts-")}  # never the tester's own concepts file
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +76,7 @@ def clean(text: str) -> str:
 
 def spawn(*args: str, env: dict | None = None, wait: bool = True, columns: int = 200) -> pexpect.spawn:
     """Start the chat in a pseudo-terminal `columns` wide; with `wait`, return once it shows its prompt."""
-    full_env = {**os.environ, "TERM": "dumb", "COLUMNS": str(columns), "HF_HUB_OFFLINE": "1"}
+    full_env = {**os.environ, "TERM": "dumb", "COLUMNS": str(columns), "HF_HUB_OFFLINE": "1", **NO_CONCEPTS}
     full_env.pop("NO_COLOR", None)
     full_env.update(env or {})
     child = pexpect.spawn(sys.executable, [DEMO, *args], cwd=str(ROOT), env=full_env, encoding="utf-8",
@@ -106,7 +108,7 @@ def assert_clean_exit(child: pexpect.spawn) -> None:
 
 def start_one_shot(*args: str, env: dict | None = None) -> subprocess.Popen:
     """Start `demo.py ARGS` with stdout and stderr captured (not a terminal)."""
-    env = {**{k: v for k, v in os.environ.items() if k != "NO_COLOR"}, **(env or {})}
+    env = {**{k: v for k, v in os.environ.items() if k != "NO_COLOR"}, **NO_CONCEPTS, **(env or {})}
     env["HF_HUB_OFFLINE"] = "1"
     return subprocess.Popen([sys.executable, DEMO, *args], cwd=str(ROOT), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
