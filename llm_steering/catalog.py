@@ -34,7 +34,7 @@ from llm_steering.config import (
     SteeringSpec,
     parse_yaml_text,
 )
-from llm_steering.core import human_name, is_finite_number, parse_layer_index, short_repr
+from llm_steering.core import human_name, is_finite_number, parse_layer_index, round_fraction, short_repr
 from llm_steering.steering import SteeringComponent
 from llm_steering.vectors import SAE_HINT, SteeringVector, SteeringVectorSet, measure_layer_norms
 
@@ -276,7 +276,7 @@ class Catalog:
 
     def spec(self, active: dict[str, tuple[float, str | None]], steer_prompt: bool = True) -> SteeringSpec:
         """A SteeringSpec for this model from {key: (fraction, op or None)}."""
-        features = tuple(ActiveFeature(key, round(float(frac), 4), op) for key, (frac, op) in active.items())
+        features = tuple(ActiveFeature(key, round_fraction(frac), op) for key, (frac, op) in active.items())
         recipes = tuple(r for name, r in self.concepts.items() if name in active)  # what rebuilds them elsewhere
         return SteeringSpec(model_id=self.vectors.model_id, features=features, steer_prompt=bool(steer_prompt),
                             concepts=recipes)

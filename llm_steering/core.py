@@ -99,3 +99,18 @@ def atomic_write(path: str | os.PathLike, write: Any) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+FRACTION_DECIMALS = 3  # the one rounding rule of strengths (fractions of a layer's typical norm)
+
+
+def round_fraction(fraction: float) -> float:
+    """A strength as the project keeps it: rounded to 3 decimals (0.2549 -> 0.255), the same for
+    the display, the tags, the summary, export and import, so a file re-imports exactly."""
+    return round(float(fraction), FRACTION_DECIMALS) + 0.0  # + 0.0: no "-0.0"
+
+
+def format_fraction(fraction: float) -> str:
+    """A strength as the pages write it: `round_fraction`, at least two decimals ("0.20", "0.255")."""
+    text = f"{round_fraction(fraction):.{FRACTION_DECIMALS}f}".rstrip("0")
+    return text + "0" * max(0, 2 - len(text.split(".")[1]))

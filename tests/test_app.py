@@ -13,13 +13,15 @@ import warnings
 from pathlib import Path
 
 from llm_steering import chat_history, steering
-from llm_steering.web import handlers
+from llm_steering.core import format_fraction, round_fraction
+from llm_steering.web import handlers, views
 from llm_steering.web.panel import GLOBAL
 
 import pytest
 import torch
 from browser import app_page, bot_texts, download_export, running_app, wait_for
 from conftest import write_small_saelens_sae
+from test_web_page import open_effects
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,6 +55,7 @@ def test_browser_preset_streaming_compare_stop(server, tmp_path):
         assert "at layer" in page.locator("#summary").inner_text()
 
         # Send: the answer streams in (several growing partial texts), then the intensity view fills.
+        open_effects(page)
         page.locator("#msg textarea").fill("Tell me about your perfect weekend.")
         page.locator("#send").click()
         seen: list[str] = []
@@ -72,7 +75,7 @@ def test_browser_preset_streaming_compare_stop(server, tmp_path):
         wait_for(lambda: page.locator("#effects .toks .tok").count() == 0, 20, "Retry to start a new answer")
         wait_for(lambda: page.locator("#effects .toks .tok").count() > 0, 60, "the retried answer")
         assert page.locator("#chat-steered [data-testid='user']").all_inner_texts() == ["Tell me about your perfect weekend."]
-        assert len(bot_texts(page, "chat-steered")) == 1 and bot_texts(page, "chat-steered")[0].strip()
+        assert len(bot_texts(page, "chat-steered")) == 2 and bot_texts(page, "chat-steered")[0].strip()  # answer, tag
 
         # Share: export the steering as JSON, import another spec (a gradio upload).
         name, body = download_export(page, "Export JSON")
@@ -211,9 +214,11 @@ def test_turns_the_model_and_the_unsteered_side_see(app_module):
     unsteered = chat_history.unsteered_chat(turns).messages
     assert [m["content"] for m in unsteered] == ["b", "B-plain", "c", "C-plain"]
     shown = handlers.turn_messages(loaded.catalog, turns)
-    assert shown[1]["content"].startswith("A-pirate") and "Pirate · clamp 0.20" in shown[1]["content"]
-    assert "no steering" in shown[3]["content"]
-    assert [m["content"].split("\n")[0] for m in handlers.turn_messages(loaded.catalog, turns, unsteered=True)] == ["c", "C-plain"]
+    # each answer, then its tag as a plain-text message of its own (no markup for Copy or screen readers)
+    assert [m["content"] for m in shown[:3]] == ["a", "A-pirate", "Pirate · clamp 0.20"]
+    assert shown[5]["content"] == "no steering" and not any("<" in m["content"] for m in shown)
+    assert [m["content"] for m in handlers.turn_messages(loaded.catalog, turns, unsteered=True)] == [
+        "c", "C-plain", "no steering (compared)"]
 
 
 def test_gradio6_message_content_and_steering_parsing(app_module):
@@ -378,7 +383,7 @@ def test_auto_picks_the_strength_then_answers_at_it(app_module, capsys):
     *_, last = handlers.respond(la, message, [], system, 0.0, 1.1, 12, False, mode, "", *controls)
     shown = capsys.readouterr().out  # gr.Info outside a browser session prints its message
     chat = [{"role": "system", "content": system}, {"role": "user", "content": message}]
-    tried = calibrate.candidate_fractions(feature.default_fraction)
+    tried = sorted({round_fraction(f) for f in calibrate.candidate_fractions(feature.default_fraction)})
     cal = calibrate.calibrate_strength(la.model, la.tokenizer, chat, feature.component(1.0), fractions=tried,
                                        norm=feature.norm, max_new_tokens=12, repetition_penalty=1.1)
     chosen = cal.fraction if cal.found else min(tried)
@@ -386,17 +391,39 @@ def test_auto_picks_the_strength_then_answers_at_it(app_module, capsys):
                                                    max_new_tokens=12, repetition_penalty=1.1)
     turn = last[1][-1]
     assert turn["answer"] == expected and turn["auto"] == "pirate"
-    assert turn["steering"]["features"] == [{"key": "pirate", "fraction": round(chosen, 4), "op": feature.default_op}]
-    assert f"Auto: Pirate at {chosen:.2f}" in shown
+    # one rounding rule: the strengths tried, the one chosen, the tag and the spec all read the same
+    assert turn["steering"]["features"] == [{"key": "pirate", "fraction": round_fraction(chosen), "op": feature.default_op}]
+    assert f"Auto: Pirate at {format_fraction(chosen)} (tried {', '.join(map(format_fraction, tried))};" in shown
+    assert f"Pirate · {feature.default_op} {format_fraction(chosen)} (auto)" in views.turn_messages(la.catalog, [turn])[-1]["content"]
+
+
+def test_features_that_together_break_the_text_are_named_from_the_curves(app_module):
+    """Issue 21: each feature uses up strength / (where its measured curve crosses the quality bar);
+    past 1 in all a warning names the features to lower. Synthetic curves in the file's schema."""
+    la = app_module.LOADED
+    cats, coffee = (next(f for f in la.features if f.key == k) for k in ("cats", "coffee"))
+    curves = {k: [{"fraction": 0.2, "mention_rate": 0.5, "nll_ratio": 1.5, "rep3": 0.0},
+                  {"fraction": 0.6, "mention_rate": 0.9, "nll_ratio": 3.5, "rep3": 0.1}] for k in ("cats", "coffee")}
+    assert abs(views.break_fraction(cats, cats.default_op, curves) - 0.4) < 1e-9  # 1.5 -> 3.5 crosses 2.5 at 0.4
+    assert views.break_fraction(cats, "clamp" if cats.default_op == "add" else "add", curves) == 2 * cats.default_fraction
+
+    def spec(cats_at: float, coffee_at: float) -> steering.SteeringSpec:
+        return la.catalog.spec({"cats": (cats_at, cats.default_op), "coffee": (coffee_at, coffee.default_op)})
+
+    assert views.break_warning(la.catalog, spec(0.15, 0.15), curves) is None  # 0.375 + 0.375 of the way
+    warning = views.break_warning(la.catalog, spec(0.3, 0.15), curves)  # 0.75 + 0.375
+    assert warning and warning.startswith("Together") and warning.endswith("lower Cats."), warning
+    assert views.break_warning(la.catalog, spec(0.45, 0.45), curves).endswith("lower Cats, Coffee.")  # both must come down
+    assert "\n" not in warning and views.break_warning(la.catalog, spec(0.15, 0.15), {}) is None
 
 
 def test_strength_words_follow_the_measured_curve_and_else_the_default(app_module):
     from llm_steering.web.views import strength_label
 
     pirate = next(f for f in app_module.LOADED.features if f.key == "pirate")
-    curve = {"pirate": [{"fraction": 0.1, "mention_rate": 0.1, "nll_ratio": 1.2, "rep3": 0.0},
+    curve = {"pirate": [{"fraction": 0.1, "mention_rate": 0.1, "nll_ratio": 1.5, "rep3": 0.0},
                         {"fraction": 0.2, "mention_rate": 0.5, "nll_ratio": 1.8, "rep3": 0.0},
-                        {"fraction": 0.3, "mention_rate": 0.9, "nll_ratio": 3.0, "rep3": 0.1}]}
+                        {"fraction": 0.3, "mention_rate": 0.9, "nll_ratio": 3.5, "rep3": 0.1}]}
     assert [strength_label(pirate, f, "clamp", curve) for f in (0.0, -0.2, 0.1, 0.2, 0.24, 0.3)] == [
         "off", "away from it", "subtle", "clear", "strong", "breaks the text"]
     # beyond the measured fractions, or another op: from the fraction relative to the default (0.2)

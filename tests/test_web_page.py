@@ -24,6 +24,7 @@ SHOTS = ROOT / "tests" / "screenshots"
 QUESTION = "What should I cook for dinner tonight?"
 LONG_QUESTION = "Summarize the above in one sentence."
 TOKENS = 24
+TAG = ".message.thought [data-testid='bot']"  # an answer's steering tag: the plain message after it
 
 
 def greedy_config(tmp_path: Path, max_new_tokens: int = TOKENS) -> Path:
@@ -91,9 +92,16 @@ def send(page, text: str) -> None:
 
 def answers_done(page, n: int, chat: str = "chat-steered", timeout: float = 90) -> int:
     """Wait until the chat holds `n` finished answers (a finished answer shows its steering tag)."""
-    wait_for(lambda: page.locator(f"#{chat} [data-testid='bot'] .steer-tag").count() >= n, timeout,
+    wait_for(lambda: page.locator(f"#{chat} {TAG}").count() >= n, timeout,
              f"{n} finished answers in #{chat}")
     return n
+
+
+def open_effects(page) -> None:
+    """Unfold the effect view (folded by default: the chat already shows the answer)."""
+    if not page.locator("#effects").is_visible():
+        page.locator("#effects-acc").get_by_text("Colour the last answer", exact=False).first.click()
+        page.locator("#effects").wait_for(state="visible", timeout=10_000)
 
 
 def answer_texts(page, chat: str = "chat-steered") -> list[str]:
@@ -112,7 +120,7 @@ def exported_chat(page) -> dict:
 
 
 def tags(page, chat: str = "chat-steered") -> list[str]:
-    return page.locator(f"#{chat} [data-testid='bot'] .steer-tag").all_inner_texts()
+    return page.locator(f"#{chat} {TAG}").all_inner_texts()
 
 
 def upload(page, path: Path) -> None:
@@ -172,7 +180,7 @@ def test_a_long_message_is_shown_as_typed_keeps_its_question_and_shows_progress(
     assert re.search(r"Reading your message \([\d,]+ tokens\)", note[0]), note
     # The notice of what the model did not read: seen while the prompt is read or the answer written.
     wait_for(lambda: toasts.extend(toast_texts(page)) or any("left out" in t for t in toasts)
-             or page.locator("#chat-steered [data-testid='bot'] .steer-tag").count() >= 1, 90, "the notice or the answer")
+             or page.locator(f"#chat-steered {TAG}").count() >= 1, 90, "the notice or the answer")
     toasts.extend(toast_texts(page))
     assert any("left out" in t for t in toasts), toasts
     answers_done(page, 1)
@@ -186,6 +194,7 @@ def test_the_effect_view_reads_right_for_a_newcomer(page):
     wait_for(lambda: "Cats" in summary(page), 10, "the summary")
     send(page, QUESTION)
     answers_done(page, 1)
+    open_effects(page)
     view = page.locator("#effects")
     wait_for(lambda: view.locator(".tok").count() > 0, 20, "the effect view")
     text = view.inner_text()
@@ -265,6 +274,7 @@ def test_stopped_and_length_capped_answers_are_marked(page):
     wait_for(lambda: len((answer_texts(page) or [""])[-1].split()) > 5, 60, "the answer to start")
     page.locator("#stop").click()
     wait_for(lambda: tags(page) and "stopped" in tags(page)[-1].lower(), 30, "a 'stopped' tag")
+    open_effects(page)
     wait_for(lambda: "Stopped" in page.locator("#effects").inner_text(), 20, "the effect view after Stop")
     assert "appears" not in page.locator("#effects").inner_text()
     set_max_new_tokens(page, 8)
@@ -344,6 +354,7 @@ def test_a_newcomers_path(server, browser, tmp_path, size):
         send(page, "Tell me about your perfect weekend.")
         answers_done(page, 1)
         assert "Eiffel Tower" in tags(page)[0]
+        open_effects(page)
         wait_for(lambda: page.locator("#effects .toks .tok").count() > 0, 20, "the effect view")
         page.screenshot(path=str(shots / "02-answer.png"), full_page=True)
 
@@ -405,12 +416,12 @@ def test_a_vector_of_the_file_the_profile_does_not_list_can_be_steered_by_name(b
         page = open_page(browser, url)
         try:
             assert feature(page, "Shakespeare").is_visible() and feature(page, "Coffee").count() == 0
+            page.locator("#custom-on").get_by_role("checkbox").check()  # unfolds the custom card
             key = page.locator("#custom-key input").first
             key.click()
             options = page.get_by_role("option")
             wait_for(lambda: options.count() == 7, 10, "the unlisted vectors as choices")
             page.get_by_role("option", name="coffee").click()
-            page.locator("#custom-on").get_by_role("checkbox").check()
             wait_for(lambda: "Coffee" in summary(page), 15, "the summary to show the added vector")
             send(page, QUESTION)
             answers_done(page, 1)

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
+from llm_steering.core import format_fraction
 from llm_steering.effects import token_texts
 
 # The view's scale, the same for every answer so a colour means the same thing everywhere.
@@ -57,12 +59,15 @@ def effect_html(
         return UNSTEERED
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     texts = token_texts(tokenizer, answer)
-    spans = []
-    for i, (tid, text) in enumerate(zip(answer, texts, strict=True)):
-        if tid in special or not text:
-            continue
+    shown = [i for i, tid in enumerate(answer) if tid not in special and texts[i]]
+    marks = markdown_marks("".join(texts[i] for i in shown))
+    spans, at = [], 0
+    for i in shown:
         effect = effects[i] if i < len(effects) else None
-        spans.append(_token_span(text, effect))
+        body = _styled(marks[at : at + len(texts[i])])
+        at += len(texts[i])
+        if body:
+            spans.append(_token_span(body, texts[i], effect))
     notes = []
     if len(effects) < len(answer):
         measured = len("".join(texts[: len(effects)]).split())
@@ -83,17 +88,18 @@ def _legend(features: Sequence[tuple[Any, str, float | None]]) -> str:
         base = str(op).removesuffix("_keepnorm")  # keeping the norm is a detail a newcomer does not need
         how = OP_WORDS.get(base, base)
         if fraction is not None and base in ("add", "clamp"):
-            how += f" at {fraction:g}"
+            how += f" at {format_fraction(fraction)}"
         names.append(f"<b>{html.escape(str(title))}</b> ({html.escape(how)})")
     swatch = "<span class='tok' style='background:rgba({},0.6)'>&nbsp;{}&nbsp;</span>"
     return (f"Steering: {', '.join(names)}. " + swatch.format(ORANGE, "orange") + " the steering made the word more "
             "likely, " + swatch.format(BLUE, "blue") + " less likely, darker = more; no colour: the model would have "
-            "written it anyway. Hover a word for how much.")
+            "written it anyway. <span class='hover-hint'>Hover a word for how much.</span>"
+            "<span class='tap-hint'>Tap a word for how much.</span> <span class='tap-note'></span>")
 
 
-def _token_span(text: str, effect: float | None) -> str:
+def _token_span(body: str, text: str, effect: float | None) -> str:
+    """One token: `body` its HTML (markdown rendered), `text` its raw text."""
     words = effect_words(effect)
-    body = html.escape(text)
     if effect is None or abs(effect) < NEUTRAL or not math.isfinite(effect):
         return f'<span class="tok" title="{html.escape(words)}">{body}</span>'
     strength = min((abs(effect) - NEUTRAL) / (FULL - NEUTRAL), 1.0)
@@ -121,3 +127,66 @@ def _times(ratio: float) -> str:
 
 def _count(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+# -- markdown, as the chat renders it: each character of the answer with its style, markers hidden --
+
+MARK_RULES = [  # (pattern, style of group 1); what lies outside group 1 is markup, hidden
+    (re.compile(r"`([^`\n]+)`"), "code"),
+    (re.compile(r"\*\*(?=\S)(.+?)(?<=\S)\*\*|__(?=\S)(.+?)(?<=\S)__"), "b"),
+    (re.compile(r"(?<![*\w])\*(?=[^\s*])(.+?)(?<=[^\s*])\*(?!\*)|(?<![_\w])_(?=\S)(.+?)(?<=\S)_(?!\w)"), "i"),
+    (re.compile(r"^(?:#{1,6}) (.*)$", re.M), "b"),
+]
+FENCE = re.compile(r"^ {0,3}(```|~~~).*(?:\n|$)", re.M)
+BULLET = re.compile(r"^(\s*)[-*+] (?=\S)", re.M)
+TAGS = {"code": "code", "b": "b", "i": "i"}
+
+
+def markdown_marks(text: str) -> list[tuple[str, frozenset]]:
+    """Each character of `text` as (what is shown, its styles): code fences, `code`, **bold**,
+    *italic*, # headings and list bullets rendered as the chat does, their markers shown as ""."""
+    shown, styles = list(text), [set() for _ in text]
+    plain, start, in_code = [], 0, False  # the stretches outside fenced code blocks
+    for fence in FENCE.finditer(text):  # a fence line is hidden; what lies between two is code
+        if in_code:
+            for k in range(start, fence.start()):
+                styles[k].add("code")
+        else:
+            plain.append((start, fence.start()))
+        for k in range(fence.start(), fence.end()):
+            shown[k] = ""
+        in_code, start = not in_code, fence.end()
+    if in_code:  # an unclosed block runs to the end, as in the chat
+        for k in range(start, len(text)):
+            styles[k].add("code")
+    else:
+        plain.append((start, len(text)))
+    for lo, hi in plain:
+        for m in BULLET.finditer(text, lo, hi):
+            shown[m.end() - 2] = "•"
+        for pattern, style in MARK_RULES:
+            for m in pattern.finditer(text, lo, hi):
+                group = next(g for g in range(1, (m.lastindex or 0) + 1) if m.group(g) is not None)
+                if any("code" in styles[k] for k in range(m.start(), m.end())) and style != "code":
+                    continue
+                for k in range(m.start(), m.end()):
+                    if m.start(group) <= k < m.end(group):
+                        styles[k].add(style)
+                    else:
+                        shown[k] = ""
+    return [(c, frozenset(s)) for c, s in zip(shown, styles, strict=True)]
+
+
+def _styled(marks: list[tuple[str, frozenset]]) -> str:
+    """HTML for a token's characters: runs of one style escaped and wrapped in <b>, <i>, <code>."""
+    out, k = [], 0
+    while k < len(marks):
+        style, run = marks[k][1], []
+        while k < len(marks) and marks[k][1] == style:
+            run.append(marks[k][0])
+            k += 1
+        text = html.escape("".join(run))
+        for name in sorted(style):
+            text = f"<{TAGS[name]}>{text}</{TAGS[name]}>" if text else text
+        out.append(text)
+    return "".join(out)

@@ -7,6 +7,7 @@ controls' values last, read by name through the app's `ControlPanel` (panel.py).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import html
 import json
@@ -20,7 +21,7 @@ from typing import Any
 from llm_steering import chat_history, control_vector, steering
 from llm_steering.chat_input import fit_chat, message_text
 from llm_steering.config import SteeringSpec, load_steering_spec, save_steering_spec
-from llm_steering.core import atomic_write, one_line, short_repr
+from llm_steering.core import atomic_write, format_fraction, one_line, round_fraction
 from llm_steering.effects import hit_length_limit
 from llm_steering.steering import SteeringComponent
 from llm_steering.web.app import (
@@ -34,7 +35,7 @@ from llm_steering.web.app import (
 )
 from llm_steering.web.effect_view import effect_html
 from llm_steering.web.panel import CUSTOM, GLOBAL, KEEPNORM, PanelValues
-from llm_steering.web.views import summary_markdown, turn_messages
+from llm_steering.web.views import break_warning, summary_markdown, turn_messages
 
 import gradio as gr
 
@@ -112,12 +113,20 @@ def respond(app: App, message: str, turns: list | None, system_prompt: str, temp
         if compare:
             unsteered_chat, _ = model_chat(app, system_prompt or "", chat_history.unsteered_chat(turns).messages,
                                            message.strip())
+        warning = break_warning(app.catalog, spec)
+        if warning:
+            gr.Warning(warning)
         key = auto_key(values)
-        if key is not None:
-            spec, components = auto_steering(app, chat, spec, components, key, float(repetition_penalty), int(max_new_tokens))
         turn = {"user": message, "answer": "", "steering": spec.to_dict(), "unsteered": "" if compare else None,
                 "stopped": False, "capped_at": None, "auto": key, "done": False}
         turns.append(turn)
+        if key is not None:  # the calibration takes seconds: the chat says what it does meanwhile
+            for step in auto_steering(app, chat, spec, components, key, float(repetition_penalty), int(max_new_tokens)):
+                if isinstance(step, str):
+                    yield "", turns, *draw(app, turns, step), gr.skip()
+                else:
+                    spec, components = step
+            turn["steering"] = spec.to_dict()
         prompt_tokens = len(steering.chat_input_ids(app.tokenizer, chat))
         pending = f"*Reading your message ({prompt_tokens:,} tokens)…*" if prompt_tokens > LONG_PROMPT else None
         waiting = "<p class='muted'>Writing the answer…</p>" if components else gr.skip()
@@ -150,23 +159,31 @@ def draw(app: App, turns: list[dict], pending: str | None = None) -> tuple[list[
 
 
 def auto_steering(app: App, chat: list[dict], spec: SteeringSpec, components: list[SteeringComponent], key: str,
-                  repetition_penalty: float, max_new_tokens: int) -> tuple[SteeringSpec, list[SteeringComponent]]:
-    """"Auto" for `key`: one batched calibration picks its strength; the spec and components at it."""
+                  repetition_penalty: float, max_new_tokens: int) -> Iterator[str | tuple]:
+    """"Auto" for `key`: one batched calibration picks its strength. Yields a note of what it does
+    (with the seconds so far) twice a second while it runs, then (the spec, the components) at it."""
     from llm_steering import calibrate
 
     active = app.catalog.active(spec)
     i = list(active).index(key)
     feature, _, op = active[key]
-    tried = calibrate.candidate_fractions(feature.default_fraction)
-    fraction, found, seconds = auto_strength(
-        chat, feature.component(1.0, op), components[:i] + components[i + 1 :], tried, feature.norm,
-        spec.steer_prompt, repetition_penalty, max_new_tokens,
-    )
+    tried = sorted({round_fraction(f) for f in calibrate.candidate_fractions(feature.default_fraction)})
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        job = pool.submit(auto_strength, chat, feature.component(1.0, op), components[:i] + components[i + 1 :],
+                          tried, feature.norm, spec.steer_prompt, repetition_penalty, max_new_tokens)
+        started = time.monotonic()
+        while not job.done():
+            yield (f"*Auto strength: trying {feature.title} at {', '.join(map(format_fraction, tried))} and keeping "
+                   f"the strongest that stays fluent… {time.monotonic() - started:.0f} s*")
+            with contextlib.suppress(concurrent.futures.TimeoutError):
+                job.result(timeout=0.5)
+        fraction, found, seconds = job.result()
+    fraction = round_fraction(fraction)  # the strength the tag shows is the one used
     components = [*components[:i], feature.component(fraction, op), *components[i + 1 :]]
-    gr.Info(f"Auto: {feature.title} at {fraction:.2f} (tried {', '.join(f'{f:g}' for f in tried)}; "
+    gr.Info(f"Auto: {feature.title} at {format_fraction(fraction)} (tried {', '.join(map(format_fraction, tried))}; "
             f"{seconds:.1f} s){'' if found else ', the weakest: none stayed fluent enough'}.")
-    spec = app.catalog.spec({k: (fraction if k == key else frac, o) for k, (_, frac, o) in active.items()}, spec.steer_prompt)
-    return spec, components
+    yield app.catalog.spec({k: (fraction if k == key else frac, o) for k, (_, frac, o) in active.items()},
+                           spec.steer_prompt), components
 
 
 def retry(app: App, turns: list | None, *args: Any) -> Iterator[tuple]:
@@ -200,7 +217,7 @@ def controls_update(app: App, spec: SteeringSpec) -> list:
         values[f.key, "on"], values[f.key, "auto"] = f.key in active, False
         if f.key in active:
             fraction, op = active[f.key]
-            values[f.key, "fraction"], values[f.key, "op"] = fraction, op.removesuffix(KEEPNORM)
+            values[f.key, "fraction"], values[f.key, "op"] = round_fraction(fraction), op.removesuffix(KEEPNORM)
             values[f.key, "keepnorm"] = op.endswith(KEEPNORM)
     if custom:
         if active[custom[0]][1].endswith(KEEPNORM):
@@ -213,7 +230,7 @@ def controls_update(app: App, spec: SteeringSpec) -> list:
 def matching_preset(app: App, spec: SteeringSpec) -> str | None:
     """The preset `spec` is ("None" for no steering), or None when it is none of them."""
     def settings(s: SteeringSpec) -> tuple:
-        return s.steer_prompt, sorted((f.key, round(frac, 4), op) for f, frac, op in app.catalog.active(s).values())
+        return s.steer_prompt, sorted((f.key, round_fraction(frac), op) for f, frac, op in app.catalog.active(s).values())
 
     if not spec.features:
         return NO_PRESET
@@ -242,7 +259,7 @@ def steer_found(app: App, key: str | None) -> list:
     with user_errors("Steering that feature failed"):
         feature = app.catalog.resolve(key)
     return app.panel.updates({(CUSTOM, "on"): True, (CUSTOM, "key"): feature.key,
-                              (CUSTOM, "fraction"): round(feature.default_fraction, 2),
+                              (CUSTOM, "fraction"): round_fraction(feature.default_fraction),
                               (CUSTOM, "op"): feature.default_op})
 
 
@@ -258,25 +275,30 @@ def describe(app: App, *controls: Any) -> tuple[str, str]:
     """The summary under the catalog and the spec shown in the Share box (a bad strength: a note;
     `check_strength` warns and sets it back)."""
     try:
-        spec = spec_from_controls(app, app.panel.read(controls))
+        values = app.panel.read(controls)
+        spec = spec_from_controls(app, values)
     except ValueError as exc:
         return f"**Steering for the next answer:** ⚠ {html.escape(one_line(exc))}", gr.skip()
-    return summary_markdown(app.catalog, spec), json.dumps(spec.to_dict(), indent=2)
+    auto = {key for key in values.enabled() if values[key, "auto"]}
+    return summary_markdown(app.catalog, spec, auto), json.dumps(spec.to_dict(), indent=2)
 
 
-def check_strength(app: App, index: int, value: Any) -> Any:
-    """A strength typed out of range into feature `index`'s box: a readable warning, and the box set
-    back to the feature's default (never silently used, never the slider's end)."""
+def check_strength(app: App, index: int, value: Any, in_force: float | None) -> tuple[Any, float]:
+    """A strength typed into feature `index`'s box, checked when the editing ends (layout.py's
+    COMMIT_STRENGTH): a valid one is the value in force; an empty, non-numeric or out-of-range one
+    gets a readable warning and the box shows the value in force again (never silently used,
+    never the slider's end). Returns (the box, the value in force)."""
     feature = app.features[index]
+    in_force = round_fraction(feature.default_fraction if in_force is None else in_force)
     try:
-        app.catalog.check_fraction(feature, value)
-        return gr.skip()
+        return gr.skip(), round_fraction(app.catalog.check_fraction(feature, value))
     except ValueError:
         lo, hi = app.catalog.fraction_range(feature)
-        default = round(feature.default_fraction, 2)
-        gr.Warning(f"Strength {short_repr(value)} for {feature.title} is outside {lo:g} to {hi:g}: "
-                   f"set back to {default:.2f}, its default.")
-        return default
+        what = (f"The strength box for {feature.title} is empty or not a number"
+                if not isinstance(value, float) or value != value
+                else f"Strength {value:g} for {feature.title} is outside {lo:g} to {hi:g}")
+        gr.Warning(f"{what}: type a number from {lo:g} to {hi:g}. It stays at {format_fraction(in_force)}.")
+        return in_force, in_force
 
 
 def export_spec(app: App, fmt: str, *controls: Any) -> str:

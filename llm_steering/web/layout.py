@@ -8,6 +8,7 @@ and addressed by the app's `ControlPanel` (panel.py); nothing here counts widget
 from __future__ import annotations
 
 import functools
+import html
 import uuid
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -22,6 +23,7 @@ import gradio as gr
 bind = functools.partial  # a partial, not a lambda: gradio must still see which handlers are generators
 HIDDEN = {"api_visibility": "private"}
 GENERATING = {"concurrency_id": "generate", "concurrency_limit": CONCURRENCY}  # one limit for UI and API
+ANSWERING = {**GENERATING, "show_progress": "hidden"}  # the chat says what happens (reading, auto, writing)
 
 
 def build_demo(app: App) -> gr.Blocks:
@@ -33,15 +35,16 @@ def build_demo(app: App) -> gr.Blocks:
         with gr.Row(equal_height=False, elem_id="main"):
             with gr.Column(scale=3, elem_id="chat-col"):
                 chat_column(w)
+                with gr.Row(elem_id="more-row"):  # beside the chat they act on, not under the feature list
+                    share_panel(w)
+                    advanced_panel(app, w)
+                effects_and_examples(w)
             with gr.Column(scale=2, elem_id="steer-panel"):
-                w.preset = gr.Radio([NO_PRESET, *app.presets], value=NO_PRESET, label="Presets", elem_id="preset",
-                                    info=" · ".join(f"{p.name}: {p.description}" for p in app.profile.presets) or None)
+                w.preset = gr.Radio([NO_PRESET, *app.presets], value=NO_PRESET, label="Presets", elem_id="preset")
+                w.preset_note = gr.Markdown(preset_note(app, NO_PRESET), elem_id="preset-note")
                 w.summary = gr.Markdown(elem_id="summary")
                 feature_cards(app)
-                if app.profile.sae_source:  # any feature of the profile's SAEs, by layer:index
-                    find_panel(app, w)
-                share_panel(w)
-                advanced_panel(app, w)
+                find_slot(app, w)
         w.url_query = gr.Textbox(visible=False)
         chat_events(app, demo, w)
         steering_events(app, demo, w)
@@ -60,10 +63,14 @@ def header(app: App) -> None:
             gr.Markdown(f"{DESCRIPTION}\n<span class='muted'>{model_line}</span>")
 
 
+CHAT_HEIGHT = "min(56vh, 640px)"  # at 1440x900 the chat, the message box and Share/Advanced fit on one screen
+
+
 def chat_column(w: SimpleNamespace) -> None:
     with gr.Row(elem_id="chats"):
-        w.chatbot = gr.Chatbot(label="Steered", height=420, elem_id="chat-steered", buttons=["copy"])
-        w.unsteered = gr.Chatbot(label="Unsteered", height=420, visible=False, elem_id="chat-plain", buttons=["copy"])
+        w.chatbot = gr.Chatbot(label="Steered", height=CHAT_HEIGHT, elem_id="chat-steered", buttons=["copy"])
+        w.unsteered = gr.Chatbot(label="Unsteered", height=CHAT_HEIGHT, visible=False, elem_id="chat-plain",
+                                 buttons=["copy"])
     with gr.Row(elem_id="msg-row"):
         w.msg = gr.Textbox(label="Message", placeholder="Type a message and press Enter", show_label=False, scale=5,
                            elem_id="msg", max_lines=8)
@@ -73,9 +80,29 @@ def chat_column(w: SimpleNamespace) -> None:
         w.retry = gr.Button("Retry", size="sm", elem_id="retry", min_width=60)
         w.clear = gr.Button("New chat", size="sm", elem_id="clear", min_width=60)
         w.compare = gr.Checkbox(label="Compare with the unsteered model", value=False, elem_id="compare")
-    with gr.Accordion("What the steering changed in the last answer", open=True, elem_id="effects-acc"):
+
+
+def effects_and_examples(w: SimpleNamespace) -> None:
+    """The effect view, folded (the chat already shows the answer; opened, it colours it), then examples."""
+    with gr.Accordion("Colour the last answer by what the steering changed", open=False, elem_id="effects-acc"):
         w.effects = gr.HTML(NO_EFFECTS, elem_id="effects")
     w.examples = gr.Column(elem_id="examples")
+
+
+def preset_note(app: App, name: str | None) -> str:
+    """The line under the presets: the chosen preset's description (one at a time, not all run together)."""
+    preset = app.presets.get(name or "")
+    if preset is None:
+        return "<span class='muted'>Pick a preset, or switch features on below.</span>"
+    return f"<span class='muted'>{html.escape(preset.name)}: {html.escape(preset.description or '')}</span>"
+
+
+def find_slot(app: App, w: SimpleNamespace) -> None:
+    """Under the features: finding features from text. On a profile with SAEs, the SAE finder;
+    on one without, the place for making a concept of one's own (web/concept_panel.py)."""
+    with gr.Column(elem_id="find-slot"):
+        if app.profile.sae_source:  # any feature of the profile's SAEs, by layer:index
+            find_panel(app, w)
 
 
 def feature_cards(app: App) -> None:
@@ -140,9 +167,9 @@ def chat_events(app: App, demo: gr.Blocks, w: SimpleNamespace) -> None:
               w.history_mode, w.session_key, *app.panel.inputs()]
     outputs = [w.msg, w.turns, w.chatbot, w.unsteered, w.effects]
     demo.load(lambda: uuid.uuid4().hex, None, w.session_key, queue=False, **HIDDEN)
-    running = [w.send.click(bind(h.respond, app), inputs, outputs, **HIDDEN, **GENERATING),
-               w.msg.submit(bind(h.respond, app), inputs, outputs, **HIDDEN, **GENERATING),
-               w.retry.click(bind(h.retry, app), inputs[1:], outputs, **HIDDEN, **GENERATING)]
+    running = [w.send.click(bind(h.respond, app), inputs, outputs, **HIDDEN, **ANSWERING),
+               w.msg.submit(bind(h.respond, app), inputs, outputs, **HIDDEN, **ANSWERING),
+               w.retry.click(bind(h.retry, app), inputs[1:], outputs, **HIDDEN, **ANSWERING)]
     w.stop.click(h.request_stop, w.session_key, None, queue=False, **HIDDEN)  # the answer so far stays, marked
     w.clear.click(lambda: ([], [], [], NO_EFFECTS, ""), None, [w.turns, w.chatbot, w.unsteered, w.effects, w.msg],
                   cancels=running, queue=False, **HIDDEN)
@@ -158,13 +185,17 @@ def steering_events(app: App, demo: gr.Blocks, w: SimpleNamespace) -> None:
     """Presets, the summary and the Share box's spec, strength checks, a shared link, finding features."""
     controls = app.panel.inputs()
     w.preset.change(bind(h.apply_preset, app), w.preset, controls, queue=False, **HIDDEN)
+    w.preset.change(bind(preset_note, app), w.preset, w.preset_note, queue=False, **HIDDEN)
     for control in controls:
         control.input(lambda: None, None, w.preset, queue=False, **HIDDEN)  # a manual change leaves the preset
         control.change(bind(h.describe, app), controls, [w.summary, w.spec_view], queue=False,
                        trigger_mode="always_last", **HIDDEN)  # an import changes ~45 controls at once
     for i, feature in enumerate(app.features):
-        slider = app.panel.widget(feature.key, "fraction")
-        slider.change(bind(h.check_strength, app, i), slider, slider, **HIDDEN)  # queued: warnings show
+        slider, in_force = app.panel.widget(feature.key, "fraction"), gr.State(None)
+        slider.change(bind(h.check_strength, app, i), [slider, in_force], [slider, in_force],
+                      **HIDDEN)  # queued: warnings show
+    demo.load(None, None, None, js=COMMIT_STRENGTH, **HIDDEN)  # a typed strength counts when the editing ends
+    demo.load(None, None, None, js=TAP_WORDS, **HIDDEN)
     demo.load(bind(h.describe, app), controls, [w.summary, w.spec_view], **HIDDEN)
     demo.load(bind(h.restore_from_link, app), w.url_query, [*controls, w.preset, w.msg], **HIDDEN,
               js="() => window.location.search")
@@ -208,6 +239,26 @@ SHARE_LINK = """(spec, message, withMessage) => {
   if (spec && spec.trim()) url.searchParams.set('steering', JSON.stringify(JSON.parse(spec)));
   if (withMessage && message && message.trim()) url.searchParams.set('message', message);
   return url.toString();
+}"""
+
+# A tap on a word of the effect view says what a mouse pointer's tooltip says (touch screens have none).
+TAP_WORDS = """() => document.addEventListener('click', e => {
+  const tok = e.target.closest && e.target.closest('#effects .tok[title]');
+  const note = tok && document.querySelector('#effects .tap-note');
+  if (note) note.textContent = '"' + tok.textContent.trim() + '": ' + tok.title;
+})"""
+
+# gradio sends a slider's number box at every keystroke ("999" arrives as 9, 99, 999) and clamps it
+# when it loses focus. This holds a typed strength back until Enter or leaving the box, then sends
+# it as it is, so check_strength sees what was typed and answers once.
+COMMIT_STRENGTH = """() => {
+  const box = e => e.target instanceof HTMLInputElement && e.target.type === 'number' && e.target.closest('.strength');
+  let passing = false;
+  const send = input => { passing = true; input.dispatchEvent(new Event('input', {bubbles: true})); passing = false; };
+  document.addEventListener('input', e => { if (box(e) && !passing) e.stopImmediatePropagation(); }, true);
+  document.addEventListener('blur', e => { if (box(e)) e.stopImmediatePropagation(); }, true);
+  document.addEventListener('change', e => { if (box(e)) send(e.target); }, true);
+  document.addEventListener('keydown', e => { if (box(e) && e.key === 'Enter') send(e.target); }, true);
 }"""
 
 FOLD_ON_PHONE = """() => {

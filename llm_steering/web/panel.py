@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llm_steering.catalog import Feature
+from llm_steering.core import format_fraction, round_fraction
 from llm_steering.web.views import FractionSlider, strength_label
 
 import gradio as gr
@@ -41,8 +42,9 @@ class Control:
 
 def _slider(feature: Feature, catalog: Any) -> Any:
     default = feature.default_fraction
-    return FractionSlider(*catalog.fraction_range(feature), value=round(default, 2), step=0.01, label="strength",
-                          info=f"default {default:.2f} ({strength_label(feature, default)})")
+    return FractionSlider(*catalog.fraction_range(feature), value=round_fraction(default), step=0.001,
+                          label="strength", elem_classes="strength",
+                          info=f"default {format_fraction(default)} ({strength_label(feature, default)})")
 
 
 # The per-feature controls, in the order they are listed to gradio. `on` is drawn as the card's
@@ -152,6 +154,9 @@ class ControlPanel:
                     for control in row:
                         self.widgets[feature.key, control.field] = control.widget(feature, catalog)
         on.change(lambda checked: gr.update(visible=checked), on, details, queue=False, api_visibility="private")
+        auto, slider = self.widgets[feature.key, "auto"], self.widgets[feature.key, "fraction"]
+        auto.change(lambda ticked: gr.update(interactive=not ticked), auto, slider, queue=False,
+                    api_visibility="private")  # auto picks the strength: the slider is not used
         return on
 
     def render_custom(self, visible: bool, sae_source: str | None, vectors_file: str, extra_names: list[str]) -> None:
@@ -160,13 +165,16 @@ class ControlPanel:
             self.widgets[CUSTOM, "on"] = gr.Checkbox(
                 label="Another feature", value=False, elem_id="custom-on",
                 info="an SAE feature by layer:index" if sae_source else f"a vector of {vectors_file} by name")
-            with gr.Row(elem_classes="feature-row"):
-                self.widgets[CUSTOM, "key"] = gr.Dropdown(
-                    extra_names, value=None, allow_custom_value=True, elem_id="custom-key", scale=2, min_width=140,
-                    label="layer:index (e.g. 15:21576)" if sae_source else "name")
-                self.widgets[CUSTOM, "op"] = gr.Radio(OPS, value="clamp", label="how", scale=1, min_width=110)
-            self.widgets[CUSTOM, "fraction"] = FractionSlider(-1.0, 2.0, value=0.5, step=0.01, label="strength",
-                                                              elem_id="custom-strength")
+            with gr.Column(elem_classes="feature-details", visible=False) as details:  # unfolded when ticked
+                with gr.Row(elem_classes="feature-row"):
+                    self.widgets[CUSTOM, "key"] = gr.Dropdown(
+                        extra_names, value=None, allow_custom_value=True, elem_id="custom-key", scale=2, min_width=140,
+                        label="layer:index (e.g. 15:21576)" if sae_source else "name")
+                    self.widgets[CUSTOM, "op"] = gr.Radio(OPS, value="clamp", label="how", scale=1, min_width=110)
+                self.widgets[CUSTOM, "fraction"] = FractionSlider(-1.0, 2.0, value=0.5, step=0.001, label="strength",
+                                                                  elem_id="custom-strength", elem_classes="strength")
+        self.widgets[CUSTOM, "on"].change(lambda checked: gr.update(visible=checked), self.widgets[CUSTOM, "on"],
+                                          details, queue=False, api_visibility="private")
 
     def render_steer_prompt(self) -> Any:
         self.widgets[GLOBAL, "steer_prompt"] = gr.Checkbox(label="Steer the prompt too (not only the answer)",

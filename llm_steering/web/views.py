@@ -13,9 +13,11 @@ import functools
 import html
 import json
 from pathlib import Path
+from typing import Any
 
 from llm_steering.catalog import Catalog, Feature
 from llm_steering.config import SteeringSpec
+from llm_steering.core import format_fraction, round_fraction
 
 import gradio as gr
 
@@ -48,8 +50,15 @@ class FractionSlider(gr.Slider):
     def get_block_name(cls) -> str:
         return "slider"
 
-    def preprocess(self, payload: float) -> float:
-        return float(payload)
+    def preprocess(self, payload: Any) -> float | str | None:
+        """The number typed; None for an empty box, the text itself when it is not a number
+        (the handlers' check turns both into a readable warning, never a crash)."""
+        if payload is None or isinstance(payload, bool):
+            return None
+        try:
+            return float(payload)
+        except (TypeError, ValueError):
+            return str(payload)[:40]
 
 
 # Strength words: from each feature's measured curve where one exists (benchmarks/results/
@@ -104,19 +113,71 @@ def strength_label(feature: Feature, fraction: float, op: str | None = None,
     return "subtle" if ratio < 0.6 else "clear" if ratio < 1.3 else "strong" if ratio < 2.0 else "breaks the text"
 
 
-def summary_markdown(catalog: Catalog, spec: SteeringSpec) -> str:
-    """What the next answer will be steered with: names, strengths in words, absolute strengths."""
+def summary_markdown(catalog: Catalog, spec: SteeringSpec, auto: set[str] | frozenset = frozenset()) -> str:
+    """What the next answer will be steered with: names, strengths in words, absolute strengths;
+    `auto`: the keys whose strength is picked for each answer; last, a warning when the features
+    together likely break the text (`break_warning`)."""
     if not spec.features:
         return "**Steering for the next answer:** none (the unsteered model)."
     lines = ["**Steering for the next answer:**"]
     for feature, fraction, op in catalog.active(spec).values():
+        if feature.key in auto:
+            lines.append(f"- **{html.escape(feature.title)}** · {op} · auto — *its strength is picked for each "
+                         "answer (a few seconds first)*")
+            continue
         lines.append(
-            f"- **{html.escape(feature.title)}** · {op} · {fraction:.2f} — *{strength_label(feature, fraction, op)}* "
-            f"<span class='muted'>({fraction * feature.norm:.1f} at layer {feature.layer})</span>"
+            f"- **{html.escape(feature.title)}** · {op} · {format_fraction(fraction)} — "
+            f"*{strength_label(feature, fraction, op)}* "
+            f"<span class='muted'>({round_fraction(fraction) * feature.norm:.1f} at layer {feature.layer})</span>"
         )
     if not spec.steer_prompt:
         lines.append("- answer tokens only (the prompt is not steered)")
+    warning = break_warning(catalog, spec, skip=auto)
+    if warning:
+        lines.append(f"\n⚠ {html.escape(warning)}")
     return "\n".join(lines)
+
+
+def break_fraction(feature: Feature, op: str, curves: dict[str, list[dict]] | None = None) -> float:
+    """The strength at which `feature` alone starts to break the text: where its measured curve
+    (strength_curves.json) first crosses the quality bar (NLL ratio or rep3), interpolated; without
+    a curve, or when nothing measured broke, twice its default (strength_label's rule)."""
+    curves = strength_curves() if curves is None else curves
+    points = curves.get(feature.key) if op == feature.default_op else None
+    fallback = 2 * feature.default_fraction if feature.default_fraction > 0 else 1.0
+    prev = None
+    for p in points or []:
+        nll, rep3 = p.get("nll_ratio"), p.get("rep3")
+        breaks = (isinstance(nll, (int, float)) and nll > BREAKS_NLL) or (isinstance(rep3, (int, float)) and rep3 >= BREAKS_REP3)
+        if breaks and p["fraction"] > 0:
+            if prev is None or not isinstance(nll, (int, float)) or not isinstance(prev.get("nll_ratio"), (int, float)):
+                return p["fraction"]
+            t = (BREAKS_NLL - prev["nll_ratio"]) / ((nll - prev["nll_ratio"]) or 1.0)
+            return prev["fraction"] + min(max(t, 0.0), 1.0) * (p["fraction"] - prev["fraction"])
+        prev = p
+    return fallback
+
+
+def break_warning(catalog: Catalog, spec: SteeringSpec, curves: dict[str, list[dict]] | None = None,
+                  skip: set[str] | frozenset = frozenset()) -> str | None:
+    """A one-line warning when the switched-on features together likely break the text, naming
+    which to lower; None when they likely do not. Each feature uses up strength / its
+    `break_fraction` of what the text takes; past 1 in all, it likely breaks (a rough rule: the
+    curves were measured one feature at a time). `skip`: keys whose strength is not known yet (auto)."""
+    shares = {feature.title: abs(fraction) / break_fraction(feature, op, curves)
+              for feature, fraction, op in catalog.active(spec).values() if feature.key not in skip}
+    total = sum(shares.values())
+    if total < 1.0:
+        return None
+    lower, left = [], total
+    for title, share in sorted(shares.items(), key=lambda kv: -kv[1]):
+        if left < 1.0:
+            break
+        lower.append(title)
+        left -= share
+    together = "Together these features" if len(shares) > 1 else "This strength"
+    return (f"{together} will likely break the text ({total:.0%} of what the measured curves allow): "
+            f"lower {', '.join(lower)}.")
 
 
 def steering_tag(catalog: Catalog, steering: dict | None, stopped: bool = False, capped_at: int | None = None,
@@ -131,7 +192,7 @@ def steering_tag(catalog: Catalog, steering: dict | None, stopped: bool = False,
     if active:
         words = []
         for feature, fraction, op in active.values():
-            words.append(f"{feature.title} · {op} {fraction:.2f}" + (" (auto)" if auto == feature.key else ""))
+            words.append(f"{feature.title} · {op} {format_fraction(fraction)}" + (" (auto)" if auto == feature.key else ""))
         parts.append(", ".join(words) + ("" if spec.steer_prompt else " · answer only"))
     else:
         parts.append("no steering")
@@ -146,7 +207,7 @@ def turn_messages(catalog: Catalog, turns: list[dict], unsteered: bool = False,
                   pending: str | None = None) -> list[dict]:
     """Chatbot messages for `turns` (each: user, answer, steering, unsteered, stopped, capped_at, auto):
     what was typed, each answer with its steering tag; `unsteered` shows the compare side (only the
-    turns that have an unsteered answer). `pending`: the text shown while the last answer is
+    turns that have an unsteered answer), each tag a plain-text message after its answer. `pending`: the text shown while the last answer is
     being read or written."""
     out: list[dict] = []
     for i, turn in enumerate(turns):
@@ -156,36 +217,61 @@ def turn_messages(catalog: Catalog, turns: list[dict], unsteered: bool = False,
         last = i == len(turns) - 1
         out.append({"role": "user", "content": turn["user"]})
         body = text or ""
-        if body.count("```") % 2:
-            body += "\n```"  # close an open code block, so the tag is not inside it
         if last and turn.get("done") is False:
             out.append({"role": "assistant", "content": body or (pending or "")})
             continue
         tag = ("no steering (compared)" if unsteered else
                steering_tag(catalog, turn.get("steering"), turn.get("stopped", False), turn.get("capped_at"), turn.get("auto")))
-        out.append({"role": "assistant", "content": f"{body}\n\n<span class='steer-tag'>{html.escape(tag)}</span>"})
+        # The tag is a message of its own, plain text: never inside the answer's code block, and
+        # Copy and screen readers get words, not markup. The chat shows it under the answer (TAG_CSS).
+        out.append({"role": "assistant", "content": body})
+        out.append({"role": "assistant", "content": tag})
     return out
 
 
 CSS = """
-.gradio-container { max-width: 1400px !important; }
+.gradio-container { max-width: 1480px !important; }
+.gradio-container > .main.fillable { max-width: 1480px !important; padding-left: 16px !important; padding-right: 16px !important; }
 #header h1 { margin-bottom: 0.1em; }
 #header p { font-size: 0.95em; margin: 0.2em 0; }
-.feature { padding: 2px 6px; }
-.feature-row { align-items: end; gap: 6px; }
-#catalog label span, #catalog .feature-on span { white-space: normal; overflow-wrap: anywhere; }
-.steer-tag { display: inline-block; font-size: 0.78em; color: var(--body-text-color-subdued);
-  border: 1px solid var(--border-color-primary); border-radius: 9px; padding: 0 7px; }
+#chats .wrapper > label[data-testid='block-label'] { position: static; margin: 4px 0 2px 4px; }
+#chats .message.thought .prose { display: inline-block; font-size: 0.78em; color: var(--body-text-color-subdued);
+  border: 1px solid var(--border-color-primary); border-radius: 9px; padding: 0 7px; margin-top: 2px; }
+#chats .message.thought .prose p { margin: 0; }
+#main:has(#chat-plain) > #steer-panel { flex: 0 0 330px !important; min-width: 330px !important; }  /* comparing */
+#main:has(#chat-plain) > #chat-col { flex: 1 1 0 !important; }
+#chats > * { flex: 1 1 0 !important; }
+#preset-note p { margin: 0 0 0 4px; }
+#catalog { gap: 4px; }
+#catalog .feature { border: 1px solid var(--border-color-primary); border-radius: 8px; box-shadow: none; padding: 0; }
+#catalog .feature .styler { --block-border-width: 0px; }
+#catalog .feature-on { display: flex; align-items: baseline; gap: 10px; padding: 5px 10px !important; min-height: 0; }
+#catalog .feature-on .checkbox-container { flex: 0 0 auto; }
+#catalog .feature-on .info-text { margin: 0; font-size: 0.8em; color: var(--body-text-color-subdued); min-width: 0;
+  white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+#catalog label span { white-space: normal; overflow-wrap: break-word; }
+.feature-details { padding: 0 8px 6px 8px; }
+.feature-row { align-items: end; gap: 6px; flex-wrap: wrap; }
 .muted { color: var(--body-text-color-subdued); font-size: 0.85em; }
 .intensity { margin-bottom: 0.6em; }
 .toks { line-height: 1.9; white-space: pre-wrap; }
 .tok { border-radius: 3px; padding: 1px 0; }
+.toks code { font-size: 0.92em; }
 .effect-note { margin-top: 0.4em; }
+.tap-hint { display: none; }
+.tap-note { font-weight: 600; }
+@media (hover: none) { .hover-hint { display: none; } .tap-hint { display: inline; } }
+#chat-actions button, #msg-row button { white-space: nowrap; }
 @media (max-width: 700px) {
   #main { flex-direction: column; }
   #steer-panel { order: -1; }
   #chats { flex-wrap: wrap; }
   #chats > * { min-width: 100% !important; flex: 1 1 100% !important; }
   #chat-actions { flex-wrap: wrap; }
+  #msg-row { flex-wrap: nowrap !important; gap: 6px; }
+  #msg-row > #msg { min-width: 0 !important; flex: 1 1 auto !important; }
+  #msg-row > button { min-width: 58px !important; flex: 0 0 auto !important; }
+  #more-row { flex-wrap: wrap; }
+  #more-row > * { min-width: 100% !important; }
 }
 """
