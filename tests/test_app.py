@@ -21,7 +21,7 @@ import pytest
 import torch
 from browser import app_page, bot_texts, download_export, running_app, wait_for
 from conftest import write_small_saelens_sae
-from test_web_page import open_effects
+from test_web_page import answer_texts, open_effects, tags
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,25 +108,25 @@ def test_browser_preset_streaming_compare_stop(server, tmp_path):
         page.locator("#msg textarea").fill("Write a long story about a dog who goes on a journey.")
         page.locator("#send").click()
         # The unsteered chat holds only unsteered answers: this one (the earlier answer was steered).
-        wait_for(lambda: len(bot_texts(page, "chat-plain")) == 1 and bot_texts(page, "chat-plain")[-1].strip()
-                  and len(bot_texts(page, "chat-steered")) == 2 and bot_texts(page, "chat-steered")[-1].strip(),
+        wait_for(lambda: len(answer_texts(page, "chat-plain")) == 1 and answer_texts(page, "chat-plain")[-1].strip()
+                  and len(answer_texts(page, "chat-steered")) == 2 and answer_texts(page, "chat-steered")[-1].strip(),
                   60, "both answers to start streaming")
         page.locator("#stop").click()
         wait_for(lambda: "generation threads ended" in log_path.read_text(), 20, "the server to end the generation")
         # The stopped answer's last update (its tag, after the effect view is computed) may take a while
         # on a loaded machine; then the browser may still be drawing updates sent before it: wait for
         # the tag, then until the chats settle.
-        wait_for(lambda: "stopped" in bot_texts(page, "chat-steered")[-1], 60, "the answer to be tagged as stopped")
+        wait_for(lambda: len(tags(page)) == 2 and "stopped" in tags(page)[-1], 60, "the answer to be tagged as stopped")
         snapshots = [None]
 
         def settled() -> bool:
-            snapshots.append((bot_texts(page, "chat-steered")[-1], bot_texts(page, "chat-plain")[-1]))
+            snapshots.append((answer_texts(page, "chat-steered")[-1], answer_texts(page, "chat-plain")[-1]))
             return snapshots[-1] == snapshots[-2]
 
         wait_for(settled, 20, "the chats to stop changing", poll=0.7)
         stopped = snapshots[-1]
         page.wait_for_timeout(2000)
-        assert (bot_texts(page, "chat-steered")[-1], bot_texts(page, "chat-plain")[-1]) == stopped
+        assert (answer_texts(page, "chat-steered")[-1], answer_texts(page, "chat-plain")[-1]) == stopped
         assert len(stopped[0].split()) < 300, "the answer ran to the end: Stop did not stop it"
         page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
         assert (tmp_path / "app.png").stat().st_size > 10_000

@@ -241,7 +241,7 @@ def test_the_legend_names_features_as_people_read_them():
                                           ("Ocean", "add_keepnorm", 0.25), ("Dragons", "ablate", None)])
     legend = html.split("<div class='toks'")[0]
     assert "<b>Eiffel Tower</b> (added at 0.35)" in legend
-    assert "<b>Pirate Talk</b> (held at 0.5)" in legend
+    assert "<b>Pirate Talk</b> (held at 0.50)" in legend  # one rounding rule: core.format_fraction
     assert "<b>Ocean</b> (added at 0.25)" in legend and "<b>Dragons</b> (removed)" in legend
     assert "eiffel_tower" not in html and "norm" not in html and "172" not in html
     assert "more likely" in legend and "would have written it anyway" in legend

@@ -105,7 +105,8 @@ def open_effects(page) -> None:
 
 
 def answer_texts(page, chat: str = "chat-steered") -> list[str]:
-    return page.locator(f"#{chat} [data-testid='bot']").all_inner_texts()
+    """The answers, without their tags (each tag is the plain message after its answer)."""
+    return page.locator(f"#{chat} .message:not(.thought) > [data-testid='bot']").all_inner_texts()
 
 
 def exported_chat(page) -> dict:

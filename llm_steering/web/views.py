@@ -238,7 +238,7 @@ CSS = """
 #chats .message.thought .prose { display: inline-block; font-size: 0.78em; color: var(--body-text-color-subdued);
   border: 1px solid var(--border-color-primary); border-radius: 9px; padding: 0 7px; margin-top: 2px; }
 #chats .message.thought .prose p { margin: 0; }
-#main:has(#chat-plain) > #steer-panel { flex: 0 0 330px !important; min-width: 330px !important; }  /* comparing */
+#main:has(#chat-plain) > #steer-panel { flex: 0 0 360px !important; min-width: 360px !important; }  /* comparing */
 #main:has(#chat-plain) > #chat-col { flex: 1 1 0 !important; }
 #chats > * { flex: 1 1 0 !important; }
 #preset-note p { margin: 0 0 0 4px; }
@@ -251,7 +251,8 @@ CSS = """
   white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
 #catalog label span { white-space: normal; overflow-wrap: break-word; }
 .feature-details { padding: 0 8px 6px 8px; }
-.feature-row { align-items: end; gap: 6px; flex-wrap: wrap; }
+.feature-row { align-items: end; gap: 6px; flex-wrap: wrap !important; }
+.feature-row .form > .block { min-width: min(125px, 100%) !important; }  /* wrap, never clip "auto strength" */
 .muted { color: var(--body-text-color-subdued); font-size: 0.85em; }
 .intensity { margin-bottom: 0.6em; }
 .toks { line-height: 1.9; white-space: pre-wrap; }
