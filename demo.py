@@ -7,7 +7,7 @@
     python demo.py --prompt "Tell me about Paris" --steer eiffel_tower 0.5 --compare
     python demo.py --profile llama31_8b --steer 15:21576 0.5    # an SAE feature, extracted on demand
 
-`--steer NAME STRENGTH [add|clamp]` (repeatable) takes the same words as the chat's /steer:
+`--steer NAME [STRENGTH] [add|clamp]` (repeatable) takes the same words as the chat's /steer:
 a strength is a fraction of the layer's typical residual norm (0.5 = half; negative steers
 away), the unit of the app's slider, and each feature uses its own op (add or clamp) unless
 a third word names one. In the chat, type /help for the commands (/temperature, /max-tokens

@@ -28,6 +28,7 @@ from llm_steering.chat_input import fit_chat, message_text  # noqa: F401  (their
 from llm_steering.config import (
     MAX_SPEC_BYTES,
     ActiveFeature,
+    ConceptRecipe,
     FeatureConfig,
     ModelProfile,
     SteeringSpec,
@@ -37,6 +38,8 @@ from llm_steering.core import human_name, is_finite_number, parse_layer_index, r
 from llm_steering.steering import SteeringComponent
 from llm_steering.vectors import SAE_HINT, SteeringVector, SteeringVectorSet, measure_layer_norms
 
+CONCEPT_BUILDER: list[Any] = []  # concepts.py registers make_concept here (it sits above the catalog, beside extract.py)
+CONCEPT_MEMO = 32  # concepts a catalog keeps built from specs' recipes (by recipe: the same recipe, the same vector)
 FRACTION_RANGE = (-1.0, 2.0)  # in units of the layer's typical norm; widened to hold defaults and presets
 RAW_DEFAULT = (0.5, "clamp")  # fraction and op of an SAE feature the profile does not list
 
@@ -104,6 +107,7 @@ class Catalog:
     tokenizer: Any = None
     extracted: dict[tuple[int, int], SteeringVector] = field(default_factory=dict)
     measured_norms: dict[int, float] = field(default_factory=dict)
+    built: dict[str, SteeringVector] = field(default_factory=dict)  # concept recipe (JSON) -> its vector, for_spec's memo
 
     @classmethod
     def open(cls, profile: ModelProfile, model: Any, tokenizer: Any) -> Catalog:
@@ -138,8 +142,60 @@ class Catalog:
 
     @functools.cached_property
     def features(self) -> list[Feature]:
-        """The profile's features, in demo.yaml's order (resolved once)."""
-        return [self.resolve(f.name if self.in_file(f.name) else feat_key(f)) for f in self.profile.features]
+        """The profile's features, in demo.yaml's order, then the user's own concepts (resolved once)."""
+        shipped = [self.resolve(f.name if self.in_file(f.name) else feat_key(f)) for f in self.profile.features]
+        return shipped + [self.resolve(name) for name in self.concepts]
+
+    # -- the user's own concepts (concepts.py makes them) ---------------------------
+
+    @property
+    def concepts(self) -> dict[str, ConceptRecipe]:
+        """{name: recipe} of the user's own concepts in this catalog (vectors that carry a recipe)."""
+        return {v.name: recipe for v in self.vectors.vectors if (recipe := recipe_of(v)) is not None}
+
+    def with_concepts(self, vectors: Sequence[SteeringVector]) -> Catalog:
+        """A catalog with these concept vectors added (same name: replaced), sharing the model, its norms
+        and extracted SAE features; this one is left as it was (a session's concepts stay its own)."""
+        for vec in vectors:
+            if recipe_of(vec) is None:
+                raise ValueError(f"{vec.name!r} is not a concept (it has no recipe): make it with concepts.make_concept")
+            if self.profile_feature(vec.name) is not None or (self.in_file(vec.name) and vec.name not in self.concepts):
+                raise ValueError(f"the name {vec.name!r} is taken by a feature of profile {self.profile.name!r}: "
+                                 "give your concept another name")
+        added = SteeringVectorSet(self.vectors.model_id, self.vectors.hidden_size, list(vectors))
+        return Catalog(self.profile, self.vectors.merged(added), self.model, self.tokenizer, self.extracted,
+                       self.measured_norms, self.built)
+
+    def for_spec(self, spec: SteeringSpec) -> Catalog:
+        """This catalog, or a new one with the concepts `spec` carries built from their recipes (a share
+        link, an imported file, another session's export). Built vectors are kept per recipe
+        (CONCEPT_MEMO of them), never listed here: a concept reaches only the answers whose spec carries it."""
+        import json
+
+        missing = [r for r in spec.concepts if self.concepts.get(r.name) != r]
+        if not missing:
+            return self
+        if not CONCEPT_BUILDER:
+            raise ValueError(f"this steering carries your own concept {missing[0].name!r}, which this program cannot "
+                             "build: import llm_steering.concepts")
+        vectors = []
+        for recipe in missing:
+            memo = json.dumps(recipe.to_dict(), sort_keys=True)
+            if memo not in self.built:
+                while len(self.built) >= CONCEPT_MEMO:
+                    self.built.pop(next(iter(self.built)))
+                self.built[memo] = CONCEPT_BUILDER[0](self, recipe).vector
+            vectors.append(self.built[memo])
+        return self.with_concepts(vectors)
+
+    def top_tokens(self, key: str, k: int = 8) -> Any:
+        """What a feature does: the tokens its direction promotes and suppresses most (lens.top_tokens,
+        through the model's own final norm and unembedding; cached)."""
+        from llm_steering.lens import top_tokens
+
+        if self.model is None:
+            raise ValueError("the tokens a feature promotes need the model: load it first")
+        return top_tokens(self.model, self.tokenizer, self.resolve(key).vector.vector, k)
 
     def in_file(self, key: str) -> SteeringVector | None:
         try:
@@ -174,7 +230,10 @@ class Catalog:
             default_fraction, op, description = config.strength / norm, config.op, config.description
             canonical, label = config.name, config.label
         else:
-            (default_fraction, op), description = RAW_DEFAULT, vector.description
+            meta = vector.metadata  # a concept records its own default (concepts.py says where it comes from)
+            default_fraction, op = (float(meta["default_fraction"]), str(meta.get("default_op", "add"))) \
+                if is_finite_number(meta.get("default_fraction")) else RAW_DEFAULT
+            description = vector.description
             canonical = f"{layer_index[0]}:{layer_index[1]}" if layer_index else vector.name
             label = ""
         return Feature(canonical, vector, norm, default_fraction, op, description, label)
@@ -218,15 +277,20 @@ class Catalog:
     def spec(self, active: dict[str, tuple[float, str | None]], steer_prompt: bool = True) -> SteeringSpec:
         """A SteeringSpec for this model from {key: (fraction, op or None)}."""
         features = tuple(ActiveFeature(key, round_fraction(frac), op) for key, (frac, op) in active.items())
-        return SteeringSpec(model_id=self.vectors.model_id, features=features, steer_prompt=bool(steer_prompt))
+        recipes = tuple(r for name, r in self.concepts.items() if name in active)  # what rebuilds them elsewhere
+        return SteeringSpec(model_id=self.vectors.model_id, features=features, steer_prompt=bool(steer_prompt),
+                            concepts=recipes)
 
     def active(self, spec: SteeringSpec) -> dict[str, tuple[Feature, float, str]]:
-        """{feature key: (feature, fraction, op)} for a spec, every part checked; for this model only."""
+        """{feature key: (feature, fraction, op)} for a spec, every part checked; for this model only.
+        The concepts the spec carries are built from their recipes (for_spec)."""
         if spec.model_id != self.vectors.model_id:
             raise ValueError(
                 f"this steering is for {spec.model_id!r}, but this chat runs {self.vectors.model_id!r}: "
                 "choose the profile for that model"
             )
+        if (catalog := self.for_spec(spec)) is not self:
+            return catalog.active(spec)
         out: dict[str, tuple[Feature, float, str]] = {}
         for item in spec.features:
             feature = self.resolve(item.key)
@@ -325,6 +389,19 @@ class Catalog:
                 )
             self.extracted[(layer, index)] = found[0]
         return self.extracted[(layer, index)]
+
+
+def recipe_of(vector: SteeringVector) -> ConceptRecipe | None:
+    """The recipe a concept's vector carries in its metadata (None: not a user's concept)."""
+    import json
+
+    text = vector.metadata.get("recipe")
+    if not isinstance(text, str):
+        return None
+    try:
+        return ConceptRecipe.from_dict(json.loads(text))
+    except ValueError:  # json.JSONDecodeError is a ValueError too
+        return None
 
 
 def feat_key(feat: FeatureConfig) -> str:

@@ -30,6 +30,7 @@ from llm_steering.core import (
     parse_layer_index,
     short_repr,
 )
+from llm_steering.recipe import CONCEPT_LIMITS, CONCEPT_TEMPLATES, ConceptRecipe  # noqa: F401  (part of the spec)
 
 SPEC_FORMAT = "llm-steering/spec"
 FEATURE_OPS = ("add", "clamp")  # the ops a feature is switched on with by name (demo.yaml, --steer, /steer)
@@ -398,6 +399,7 @@ class SteeringSpec:
     model_id: str
     features: tuple[ActiveFeature, ...]
     steer_prompt: bool = True
+    concepts: tuple[ConceptRecipe, ...] = ()  # the user's own concepts among the features: how to rebuild them
 
     def __post_init__(self) -> None:
         if not isinstance(self.model_id, str) or not self.model_id or len(self.model_id) > 300:
@@ -410,24 +412,39 @@ class SteeringSpec:
         object.__setattr__(self, "features", feats)
         if not isinstance(self.steer_prompt, bool):
             raise ValueError(f"steer_prompt must be true or false, got {short_repr(self.steer_prompt)}")
+        concepts = tuple(self.concepts)
+        if not all(isinstance(c, ConceptRecipe) for c in concepts):
+            raise ValueError("a steering spec's concepts must be ConceptRecipe objects")
+        if len(concepts) > CONCEPT_LIMITS["per_spec"] or len({c.name for c in concepts}) != len(concepts):
+            raise ValueError(f"a steering spec carries at most {CONCEPT_LIMITS['per_spec']} concepts, each name once")
+        object.__setattr__(self, "concepts", concepts)
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "format": SPEC_FORMAT, "version": SPEC_VERSION, "model_id": self.model_id,
             "steer_prompt": self.steer_prompt, "features": [f.to_dict() for f in self.features],
         }
+        if self.concepts:  # only when there are some: older readers keep reading plain specs
+            out["concepts"] = [c.to_dict() for c in self.concepts]
+        return out
 
     @classmethod
     def from_dict(cls, data: Any) -> SteeringSpec:
         check_header(data, SPEC_FORMAT, SPEC_VERSION, "steering spec")
-        unknown = sorted(map(str, set(data) - {"format", "version", "model_id", "steer_prompt", "features"}))
+        unknown = sorted(map(str, set(data) - {"format", "version", "model_id", "steer_prompt", "features", "concepts"}))
         if unknown:
             raise ValueError(f"steering spec: unknown field {short_repr(unknown[0])}")
         feats = data.get("features")
         if not isinstance(feats, list) or len(feats) > 64:
             raise ValueError("steering spec: 'features' must be a list of at most 64 {key, fraction, op}")
         active = tuple(ActiveFeature.from_dict(item, "steering spec") for item in feats)
-        return cls(model_id=data.get("model_id"), features=active, steer_prompt=data.get("steer_prompt", True))
+        concepts = data.get("concepts", [])
+        if not isinstance(concepts, list) or len(concepts) > CONCEPT_LIMITS["per_spec"]:
+            raise ValueError(f"steering spec: 'concepts' must be a list of at most {CONCEPT_LIMITS['per_spec']} "
+                             "{name, sentences, template}")
+        recipes = tuple(ConceptRecipe.from_dict(item) for item in concepts)
+        return cls(model_id=data.get("model_id"), features=active, steer_prompt=data.get("steer_prompt", True),
+                   concepts=recipes)
 
 
 def save_steering_spec(spec: SteeringSpec, path: str | os.PathLike) -> None:

@@ -57,13 +57,15 @@ import torch
 
 
 def extract_contrastive(model: Any, tokenizer: Any, concepts: dict[str, dict], layers: Sequence[int] | None,
-                        method: str = "mean", source: str = "") -> list[SteeringVector]:
+                        method: str = "mean", source: str = "", cache: dict | None = None) -> list[SteeringVector]:
     """One unit vector per concept and layer: mean(positive activations) - mean(negative ones).
 
     Activations are the residual stream after each layer, averaged over the tokens of a
     text (the first token left out), then over the texts. `method="pca"` takes the first
     principal component of the paired differences (positive i - negative i), with the
-    sign of the mean difference. `layers=None` uses each concept's own `layer`.
+    sign of the mean difference. `layers=None` uses each concept's own `layer`. `cache` ({text: mean
+    activations after each layer used}) is read and filled; pass one only for calls on the same model
+    and layers (concepts.py keeps the neutral texts' means so).
 
         >>> concepts = load_concepts("concepts.yaml")
         >>> extract_contrastive(model, tok, concepts, [9])[0].name
@@ -84,7 +86,7 @@ def extract_contrastive(model: Any, tokenizer: Any, concepts: dict[str, dict], l
     for layer in all_layers:
         if not 0 <= layer < n_layers:
             raise ValueError(f"layer {layer} is out of range: this model has {n_layers} layers (0-{n_layers - 1})")
-    cache: dict[str, dict[int, torch.Tensor]] = {}
+    cache = {} if cache is None else cache  # text -> [layers, d_model]
     many = layers is not None and len(set(layers)) > 1
     out = []
     for name, concept in concepts.items():
@@ -285,7 +287,11 @@ def _sae_vectors(args: argparse.Namespace, print_only: bool) -> tuple[list[Steer
             found = find_features(args.sae_source, layer, args.find, loaded["model"], loaded["tok"], args.top_k,
                                   args.sae_format, args.hook_point, args.trainer,
                                   allow_other_model=args.allow_other_model, model_id=args.model)
-            _print_found(args.sae_source, layer, found)
+            vecs = extract_sae_features(args.sae_source, [(f.layer, f.index) for f in found], args.sae_format,
+                                        args.hook_point, args.trainer, model=load,
+                                        model_id=args.model or steering.EMBEDDED_MODEL_ID,
+                                        allow_other_model=args.allow_other_model) if found else []
+            _print_found(args.sae_source, layer, found, [_lens_words(loaded["model"], loaded["tok"], v) for v in vecs])
             features += [(f.layer, f.index) for f in found]
         if print_only:
             return None
@@ -310,12 +316,22 @@ def _sae_vectors(args: argparse.Namespace, print_only: bool) -> tuple[list[Steer
     return vectors, model, loaded["tok"], model_id
 
 
-def _print_found(source: str, layer: int, found: list) -> None:
+def _print_found(source: str, layer: int, found: list, words: list[str]) -> None:
+    """Each found feature: its key, activations, dashboard link, and the tokens its direction pushes up."""
     if not found:
         print(f"layer {layer}: no feature fires on the text")
-    for f in found:
+    for f, pushes in zip(found, words, strict=True):
         url = neuronpedia_url(f.layer, f.index, source)
-        print(f"{f.key:>12}  mean {f.mean:9.4f}  max {f.max:9.4f}" + (f"  {url}" if url else ""))
+        print(f"{f.key:>12}  mean {f.mean:9.4f}  max {f.max:9.4f}  pushes up: {pushes}" + (f"  {url}" if url else ""))
+
+
+def _lens_words(model: Any, tokenizer: Any, vector: SteeringVector) -> str:
+    """The tokens a feature's direction promotes most (lens.py), or why they cannot be shown (another model's width)."""
+    from llm_steering.lens import token_words, top_tokens
+
+    if vector.vector.numel() != steering.hidden_size(model):
+        return "(not shown: this SAE is for a model of another width)"
+    return ", ".join(token_words(top_tokens(model, tokenizer, vector.vector, k=6).promoted))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

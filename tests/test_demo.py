@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ PROMPT = "you> "
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\001\002\r]")
 TOKENS = 8
 QUESTION = "Tell me about your weekend."
+NO_CONCEPTS = {"STEERING_DATA_DIR": tempfile.mkdtemp(prefix="no-concepts-")}  # never the tester's own concepts file
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +74,13 @@ def clean(text: str) -> str:
     return ANSI.sub("", text)
 
 
-def spawn(*args: str, env: dict | None = None, wait: bool = True) -> pexpect.spawn:
-    """Start the chat in a pseudo-terminal; with `wait`, return once it shows its prompt."""
-    full_env = {**os.environ, "TERM": "dumb", "COLUMNS": "200", "HF_HUB_OFFLINE": "1"}
+def spawn(*args: str, env: dict | None = None, wait: bool = True, columns: int = 200) -> pexpect.spawn:
+    """Start the chat in a pseudo-terminal `columns` wide; with `wait`, return once it shows its prompt."""
+    full_env = {**os.environ, "TERM": "dumb", "COLUMNS": str(columns), "HF_HUB_OFFLINE": "1", **NO_CONCEPTS}
     full_env.pop("NO_COLOR", None)
     full_env.update(env or {})
     child = pexpect.spawn(sys.executable, [DEMO, *args], cwd=str(ROOT), env=full_env, encoding="utf-8",
-                          timeout=90, dimensions=(50, 200))
+                          timeout=90, dimensions=(50, columns))
     child.logfile_read = io.StringIO()  # everything the program printed
     if wait:
         child.expect_exact(PROMPT)
@@ -104,9 +106,9 @@ def assert_clean_exit(child: pexpect.spawn) -> None:
     assert "Traceback" not in child.logfile_read.getvalue()
 
 
-def start_one_shot(*args: str) -> subprocess.Popen:
+def start_one_shot(*args: str, env: dict | None = None) -> subprocess.Popen:
     """Start `demo.py ARGS` with stdout and stderr captured (not a terminal)."""
-    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    env = {**{k: v for k, v in os.environ.items() if k != "NO_COLOR"}, **NO_CONCEPTS, **(env or {})}
     env["HF_HUB_OFFLINE"] = "1"
     return subprocess.Popen([sys.executable, DEMO, *args], cwd=str(ROOT), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -120,8 +122,8 @@ def finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def run_one_shot(*args: str) -> subprocess.CompletedProcess:
-    return finish(start_one_shot(*args))
+def run_one_shot(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return finish(start_one_shot(*args, env=env))
 
 
 # ---------------------------------------------------------------------------
@@ -512,7 +514,7 @@ def test_help_lists_the_features_at_once_without_loading_torch(shipped):
     assert result.returncode == 0, result.stderr
     assert elapsed < 2, f"--help took {elapsed:.1f} s"
     text = result.stdout
-    assert "--steer NAME STRENGTH [add|clamp]" in text
+    assert "--steer NAME [STRENGTH] [add|clamp]" in text
     for feature in profile.features:
         line = next((ln for ln in text.splitlines() if ln.split()[:1] == [feature.name]), None)
         assert line is not None, f"{feature.name} is not listed in --help:\n{text}"
@@ -554,8 +556,8 @@ def test_one_shot_steer_takes_an_op(embedded, shipped):
     "args, message",
     [
         (["--steer", "pirate", "0.3", "clmp"], "unknown op 'clmp': use add or clamp"),
-        (["--steer", "pirate", "0.3", "clamp", "extra"], "--steer takes NAME STRENGTH [add|clamp]"),
-        (["--steer", "pirate"], "--steer takes NAME STRENGTH [add|clamp]"),
+        (["--steer", "pirate", "0.3", "clamp", "extra"], "--steer takes NAME [STRENGTH] [add|clamp]"),
+        (["--steer", "pirate", "0.3", "0.4"], "--steer pirate 0.3 0.4: unknown op '0.4': use add or clamp"),
     ],
 )
 def test_a_bad_steer_op_is_one_line_and_exit_code_2(args, message):
@@ -655,3 +657,183 @@ def test_each_turn_keeps_its_steering_and_compare_unsteered_never_sees_steered_t
         (q3, a3, unsteered.to_dict(), None), (q4, a4, unsteered.to_dict(), None),
     ]
     assert config.SteeringSpec.from_dict(saved["turns"][0]["steering"]) == with_pirate
+
+
+# ---------------------------------------------------------------------------
+# Your own concept (/concept), what a feature does (/features NAME), defaults without a number
+# ---------------------------------------------------------------------------
+
+FIVE = (  # five sentences about the Eiffel Tower, as a newcomer would type them
+    "The Eiffel Tower stands in the middle of Paris.", "We climbed the Eiffel Tower at sunset.",
+    "Gustave Eiffel built the iron tower for the 1889 World's Fair.",
+    "From the top of the Eiffel Tower you can see all of Paris.", "The Eiffel Tower sparkles with lights at night.",
+)
+
+
+def concept_reference(embedded, shipped, prompt: str, fraction: float | None = None):
+    """The concept my_tower made in-process from FIVE, its promoted words, and the greedy answer it steers."""
+    from llm_steering.concepts import make_concept
+    from llm_steering.lens import token_words
+    from llm_steering.recipe import ConceptRecipe
+
+    model, tok = embedded
+    profile, vectors = shipped
+    catalog = demo.Catalog(profile, vectors)
+    catalog.attach(model, tok)
+    feature = make_concept(catalog, ConceptRecipe("my_tower", FIVE))
+    chat = [{"role": "system", "content": profile.generation.system_prompt}, {"role": "user", "content": prompt}]
+    comps = [feature.component(feature.default_fraction if fraction is None else fraction, "add")]
+    answer = steering.generate_steered_answer_hf(model, tok, chat, comps, max_new_tokens=TOKENS, temperature=0.0,
+                                                 repetition_penalty=profile.generation.repetition_penalty)
+    return feature, token_words(catalog.with_concepts([feature.vector]).top_tokens("my_tower").promoted), answer
+
+
+def test_a_concept_from_five_sentences_is_made_kept_listed_and_steers(embedded, shipped, tmp_path):
+    """/concept in the chat: made in seconds, switched on at its default, in /features (with what it does),
+    kept in the user's file, listed by --help and steered with by --steer NAME in a new process."""
+    env = {"STEERING_DATA_DIR": str(tmp_path)}
+    child = spawn("--temperature", "0", "--max-new-tokens", str(TOKENS), env=env, wait=False)
+    try:
+        feature, words, steered = concept_reference(embedded, shipped, QUESTION)
+        unsteered = reference(embedded, *shipped, QUESTION, [])
+        assert steered != unsteered  # else the check below proves nothing
+        child.expect_exact(PROMPT)
+        out = say(child, "/find the Eiffel Tower")  # the default model has no SAE: say what to do instead
+        assert ("error: profile 'smollm2' has no SAE to search for features; make your own concept from a few "
+                "sentences instead: /concept NAME: sentence | sentence | ...") in out
+        started = time.monotonic()
+        out = say(child, "/concept my_tower: " + " | ".join(FIVE))
+        assert time.monotonic() - started < 30
+        assert "made your concept My Tower (my_tower) from 5 sentences in" in out
+        assert f"steering with it at its default {feature.default_fraction:.3g} x norm, add, layer 15" in out
+        assert f"it pushes up: {', '.join(words)} (/features my_tower" in out
+        assert (tmp_path / "smollm2-concepts.pt").is_file()
+        assert re.search(r"^\s+my_tower\s+My Tower: your topic: The Eiffel Tower stands", say(child, "/features"), re.M)
+        out = say(child, "/features my_tower")
+        assert f"pushes up:   {', '.join(words)}\n" in out and "layer 15, default 0.225" in out
+        assert f"steered> {steered}\n" in say(child, QUESTION)
+        out = say(child, "/concept eiffel_tower: a b c")
+        assert "error: the name 'eiffel_tower' is taken by a feature of profile 'smollm2'" in out
+        quit_cleanly(child)
+    finally:
+        child.close(force=True)
+    assert_clean_exit(child)
+    helped = subprocess.run([sys.executable, DEMO, "--help"], cwd=str(ROOT), capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "NO_COLOR": "1", **env})
+    assert re.search(r"^  my_tower  My Tower: your topic: The Eiffel Tower stands .*\(default 0.225, add; your concept\)",
+                     helped.stdout, re.M), helped.stdout
+    result = run_one_shot("--prompt", QUESTION, "--steer", "my_tower", "--temperature", "0", "--max-new-tokens",
+                          str(TOKENS), env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == steered.strip()
+
+
+def small_console(embedded, shipped, **kw) -> tuple[demo.Console, io.StringIO]:
+    """An in-process chat on the shipped profile (greedy, two tokens), printing into one buffer."""
+    model, tok = embedded
+    catalog = demo.Catalog(*shipped)
+    catalog.attach(model, tok)
+    out = io.StringIO()
+    return demo.Console(model, tok, catalog, demo.Settings("hf", 0.0, 2, 1.0, "", 2048), out=out, info=out,
+                        interactive=True, **kw), out
+
+
+def test_features_name_shows_the_tokens_a_shipped_feature_pushes_up_and_down(embedded, shipped):
+    from llm_steering.lens import token_words, top_tokens
+
+    model, tok = embedded
+    profile, vectors = shipped
+    console, out = small_console(embedded, shipped)
+    console.command("/features pirate")
+    lens = top_tokens(model, tok, vectors.get("pirate").vector)
+    text = clean(out.getvalue())
+    assert text.startswith("Pirate (pirate): Pirates, ships and treasure")
+    assert f"pushes up:   {', '.join(token_words(lens.promoted))}\n" in text
+    assert f"pushes down: {', '.join(token_words(lens.suppressed))}\n" in text
+    with pytest.raises(ValueError, match="unknown feature 'nope'"):
+        console.command("/features nope")
+
+
+def test_steer_without_a_strength_takes_the_features_default(embedded, shipped):
+    """/steer NAME and --steer NAME (issue 21): the default of /features, not a fixed 0.5."""
+    model, tok = embedded
+    profile, vectors = shipped
+    console, out = small_console(embedded, shipped)
+    catalog = console.catalog
+    console.command("/steer pirate")
+    console.command("/steer eiffel_tower clamp")
+    default = {k: catalog.resolve(k).default_fraction for k in ("pirate", "eiffel_tower")}
+    assert {k: (frac, op) for k, (_, frac, op) in console.active.items()} == {
+        "pirate": (default["pirate"], "clamp"), "eiffel_tower": (default["eiffel_tower"], "clamp")}
+    assert demo.parse_steer_words(["pirate"]) == ("pirate", None, None)
+    assert demo.parse_steer_words(["pirate", "add"]) == ("pirate", None, "add")
+    assert demo.parse_steer_words(["pirate", "-0.2", "clamp"]) == ("pirate", -0.2, "clamp")
+    fraction = default["pirate"]
+    expected = reference(embedded, profile, vectors, QUESTION, [("pirate", fraction, None)])
+    result = run_one_shot("--prompt", QUESTION, "--steer", "pirate", "--temperature", "0", "--max-new-tokens", str(TOKENS))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected.strip()
+
+
+def test_help_examples_use_the_features_defaults():
+    """--help's examples name no strength: the defaults are re-picked, and --steer NAME takes them."""
+    result = subprocess.run([sys.executable, DEMO, "--help"], cwd=str(ROOT), capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "NO_COLOR": "1"})
+    examples = result.stdout.split("Examples:")[1]
+    assert "--steer eiffel_tower" in examples
+    assert not re.search(r"--steer \S+ -?[0-9.]+", examples), examples
+
+
+def test_slash_help_wraps_with_a_hanging_indent_at_the_terminal_width(tmp_path):
+    """/help at 120 columns: no line runs past the edge (where the terminal would wrap it to column 0)."""
+    child = spawn(columns=120, env={"STEERING_DATA_DIR": str(tmp_path)})
+    try:
+        lines = say(child, "/help").strip("\n").splitlines()[1:]
+        quit_cleanly(child)
+    finally:
+        child.close(force=True)
+    assert len(lines) > 20 and lines[0].startswith("Commands")
+    assert max(map(len, lines)) <= 120, max(lines, key=len)
+    assert all(ln.startswith("  ") for ln in lines[1:-2]), lines  # every command and its continuation lines indented
+    continued = [ln for ln in lines if ln.startswith("  " + " " * 20)]
+    assert continued and all(ln[:32].strip() == "" for ln in continued)  # a hanging indent under the help column
+
+
+def test_backend_vllm_is_refused_at_once_when_vllm_cannot_be_imported(embedded, shipped, monkeypatch):
+    console, _ = small_console(embedded, shipped)
+    monkeypatch.setitem(sys.modules, "vllm", None)  # as if vLLM were not installed
+    with pytest.raises(ValueError, match=r"^backend vllm cannot run here: vLLM is not installed: see requirements-vllm"):
+        console.command("/backend vllm")
+    assert console.settings.backend == "hf"
+
+
+def test_bad_concepts_and_a_hostile_concepts_file_are_one_line_and_change_nothing(embedded, shipped, tmp_path):
+    from llm_steering.console.own_concepts import load_user_concepts
+
+    path = tmp_path / "smollm2-concepts.pt"
+    console, out = small_console(embedded, shipped, concepts_file=path)
+    for line, message in (("/concept no colon here", "usage: /concept NAME"),
+                          ("/concept Bad Name: a b", "concept name .Bad. is not valid: use snake_case"),
+                          ("/concept x: " + "word " * 100, "at most 300 characters"),
+                          ("/concept x: " + " | ".join(["a b"] * 30), "give 1 to 20 example sentences"),
+                          ("/concept x poem: a b", "template 'poem' is unknown"),
+                          ("/concept x: |  | ", "give 1 to 20 example sentences")):
+        with pytest.raises(ValueError, match=message) as info:
+            console.command(line)
+        assert "\n" not in str(info.value)
+    assert not path.exists() and not console.active and list(tmp_path.iterdir()) == []
+    # a file that is not a vectors file (or one with a pickle that asks for code): a notice, the chat goes on
+    path.write_bytes(b"PK\x03\x04 not really a zip" + os.urandom(64))
+    catalog, note = load_user_concepts(console.catalog, path)
+    assert catalog is console.catalog and note.startswith(f"your concepts in {path} are not loaded: ")
+    assert "\n" not in note
+    junk = path.read_bytes()
+    console.command("/concept mine: We climbed the Eiffel Tower at sunset. | Paris at night.")  # made, not kept there
+    assert path.read_bytes() == junk and [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert "mine" in console.active and "kept for this chat only: " in clean(out.getvalue())
+    path.unlink()
+    console.command("/concept mine: We climbed the Eiffel Tower at sunset. | Paris at night.")
+    assert steering.load_vectors(path).names == ["mine"] and [p.name for p in tmp_path.iterdir()] == [path.name]
+    helped = subprocess.run([sys.executable, DEMO, "--help"], cwd=str(ROOT), capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "STEERING_DATA_DIR": str(tmp_path)})
+    assert helped.returncode == 0 and re.search(r"^  mine  Mine: your topic: ", helped.stdout, re.M)

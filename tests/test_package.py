@@ -1,6 +1,6 @@
 """The package: its layers (no module imports upward, checked from the source) and its install.
 
-    bottom (torch-free)   llm_steering.core, .config, .chat_history, .console.cli
+    bottom (torch-free)   llm_steering.core, .config, .recipe, .chat_history, .console.cli
     library               every other module directly in llm_steering/ (and its non-UI subpackages)
     front ends            llm_steering.console (the console chat), llm_steering.web (the app: the only
                           place besides the root app.py that imports gradio)
@@ -20,8 +20,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "llm_steering"
-BOTTOM = {"llm_steering", "llm_steering.core", "llm_steering.config", "llm_steering.chat_history", "llm_steering.console",
-          "llm_steering.console.cli"}
+BOTTOM = {"llm_steering", "llm_steering.core", "llm_steering.config", "llm_steering.recipe", "llm_steering.chat_history",
+          "llm_steering.console", "llm_steering.console.cli"}
 FRONT_ENDS = ("llm_steering.console", "llm_steering.web")
 UI_LIBRARIES = ("gradio", "spaces")
 HEAVY = ("torch", "transformers", "nnsight", "vllm", "gradio", "safetensors", "numpy")

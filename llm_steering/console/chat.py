@@ -16,11 +16,13 @@ from llm_steering.backends import Backend, GenerationSettings, backend_entry, ch
 from llm_steering.catalog import Catalog, Feature
 from llm_steering.chat_history import chat_export, same_steering, unsteered_chat, visible_chat
 from llm_steering.chat_input import fit_chat
+from llm_steering.concepts import catalog_for
 from llm_steering.config import load_config, load_steering_spec
 from llm_steering.console import cli as console_cli
 from llm_steering.console.cli import COLOURS, RESET, Painter, UsageError, build_parser, colour_enabled, one_line
 from llm_steering.console.commands import COMMANDS, export_gguf, parse_fraction, parse_steer_words  # noqa: F401  (parse_fraction: re-exported)
 from llm_steering.console.ctrl_c import Stopped, ctrl_c_stops
+from llm_steering.console.own_concepts import load_user_concepts
 from llm_steering.control_vector import check_path
 from llm_steering.core import atomic_write
 from llm_steering.vectors import SteeringVectorSet
@@ -47,8 +49,9 @@ class Console:
     """
 
     def __init__(self, model: Any, tokenizer: Any, catalog: Catalog, settings: Settings,
-                 out: TextIO, info: TextIO, interactive: bool) -> None:
+                 out: TextIO, info: TextIO, interactive: bool, concepts_file: Path | None = None) -> None:
         self.model, self.tokenizer, self.catalog, self.settings = model, tokenizer, catalog, settings
+        self.concepts_file = concepts_file  # the user's own concepts (/concept), None: kept for this chat only
         self.out, self.info, self.interactive = out, info, interactive
         self.paint = Painter(colour_enabled(out))
         self.paint_info = Painter(colour_enabled(info))
@@ -120,9 +123,10 @@ class Console:
     def load(self, path: str) -> None:
         """Replace the steering with a spec file's; nothing changes if any part of it is bad."""
         spec = load_steering_spec(path)
-        active = self.catalog.active(spec)
+        catalog = catalog_for(self.catalog, spec)  # the concepts it carries, rebuilt from their recipes
+        active = catalog.active(spec)
         steering.validate_components(self.model, [f.component(frac, op) for f, frac, op in active.values()])
-        self.active, self.steer_prompt = active, spec.steer_prompt
+        self.catalog, self.active, self.steer_prompt = catalog, active, spec.steer_prompt
 
     # -- the conversation --------------------------------------------------------
 
@@ -405,16 +409,17 @@ def run(argv: Sequence[str] | None = None, read: Any = input) -> int:
     if args.prompt is not None and not args.prompt.strip():
         raise UsageError("--prompt is empty: give a message to answer")
     if args.prompt is not None and args.compare and not steers:
-        raise UsageError("--compare needs at least one --steer NAME STRENGTH [add|clamp] to compare with")
+        raise UsageError("--compare needs at least one --steer NAME [STRENGTH] [add|clamp] to compare with")
     if args.export_gguf is not None:
         check_path(args.export_gguf)  # a bad file name fails before the model loads
         if args.prompt is not None or not steers:
-            raise UsageError("--export-gguf FILE writes the --steer steering and exits: give --steer NAME STRENGTH add, no --prompt")
+            raise UsageError("--export-gguf FILE writes the --steer steering and exits: give --steer NAME [STRENGTH] add, no --prompt")
     profile = load_config(args.config).profile(args.profile)
     settings = settings_from(args, profile)
     check_backend(settings.backend)  # before the model loads: vLLM missing, or a torchvision that breaks it
+    concepts_file = console_cli.user_concepts_path(profile.name)
     if profile.vectors_path().is_file():  # unknown names fail before the model loads
-        precheck = Catalog(profile, SteeringVectorSet.load(profile.vectors_path()))
+        precheck, _ = load_user_concepts(Catalog(profile, SteeringVectorSet.load(profile.vectors_path())), concepts_file)
         for key, _, _ in steers:
             precheck.check(key)
 
@@ -425,7 +430,11 @@ def run(argv: Sequence[str] | None = None, read: Any = input) -> int:
     quiet_libraries()
     model, tokenizer = steering.load_model(profile.model_id)
     catalog = Catalog.open(profile, model, tokenizer)  # a missing SAE profile file: its features extracted now
-    console = Console(model, tokenizer, catalog, settings, out=sys.stdout, info=info, interactive=interactive)
+    catalog, note = load_user_concepts(catalog, concepts_file)
+    console = Console(model, tokenizer, catalog, settings, out=sys.stdout, info=info, interactive=interactive,
+                      concepts_file=concepts_file)
+    if note and interactive:
+        console.notice(note)
     for key, fraction, op in steers:
         console.steer(key, fraction, op)
 

@@ -28,7 +28,16 @@ from llm_steering.core import human_name, one_line  # noqa: F401  (one_line: re-
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "demo.yaml"  # the checkout: beside demo.py
 BACKENDS = ("hf", "nnsight", "vllm")
-STEER_USAGE = "NAME STRENGTH [add|clamp]"
+STEER_USAGE = "NAME [STRENGTH] [add|clamp]"
+DATA_ENV = "STEERING_DATA_DIR"  # where the user's own concepts are kept (one vectors file per profile)
+
+
+def user_concepts_path(profile: str) -> Path:
+    """The user's vectors file of their own concepts for a profile: $STEERING_DATA_DIR, else
+    $XDG_DATA_HOME/llm-steering, else ~/.local/share/llm-steering; named after the profile."""
+    base = os.environ.get(DATA_ENV) or str(Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+                                           / "llm-steering")
+    return Path(base).expanduser() / f"{profile}-concepts.pt"
 
 
 # ---------------------------------------------------------------------------
@@ -106,11 +115,11 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 class _SteerAction(argparse.Action):
-    """--steer NAME STRENGTH [add|clamp], repeatable: two or three words each."""
+    """--steer NAME [STRENGTH] [add|clamp], repeatable: one to three words each."""
 
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
                  option_string: str | None = None) -> None:
-        if len(values) not in (2, 3):
+        if len(values) not in (1, 2, 3):
             parser.error(f"--steer takes {STEER_USAGE}, got {' '.join(values)!r}")
         setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), list(values)])
 
@@ -135,9 +144,9 @@ def build_parser(argv: Sequence[str] | None = None) -> Parser:
     parser.add_argument(
         "--steer", nargs="+", action=_SteerAction, default=[],
         help="steer with a feature of the profile (NAME as listed below) or an SAE feature (layer:index); "
-             "STRENGTH is a fraction of the layer's typical residual norm (0.5 = half, negative steers away); "
-             "add or clamp chooses the op (default: the feature's own). Repeatable, e.g. "
-             "--steer eiffel_tower 0.5 clamp --steer pirate 0.2",
+             "STRENGTH is a fraction of the layer's typical residual norm (0.5 = half, negative steers away; "
+             "default: the feature's own, listed below); add or clamp chooses the op (default: the feature's own). "
+             "Repeatable: --steer NAME --steer NAME 0.1 add steers with two features.",
     )
     parser.add_argument("--backend", choices=BACKENDS, default="hf",
                         help="hf: forward hooks, streams the answer (default); nnsight: prints it when done; "
@@ -169,14 +178,36 @@ def read_layer_norms(path: Path) -> dict[int, float]:
     torch for it: the file's pickle is read with an unpickler that builds no tensor and allows
     nothing but the OrderedDict of the format."""
     try:
+        return {int(k): float(v) for k, v in (read_light(path).get("layer_norms") or {}).items()}
+    except Exception:  # missing, not a zip, an old format: --help shows absolute strengths instead
+        return {}
+
+
+def read_light(path: Path) -> dict:
+    """A vectors file's data without its tensors (each vector None), or {} when it cannot be read cheaply."""
+    try:
         with zipfile.ZipFile(path) as archive:
             pkl = next(n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl"))
             if archive.getinfo(pkl).file_size > 10_000_000:
                 return {}
             data = _NormsOnly(io.BytesIO(archive.read(pkl))).load()
-        return {int(k): float(v) for k, v in (data.get("layer_norms") or {}).items()}
-    except Exception:  # missing, not a zip, an old format: --help shows absolute strengths instead
+        return data if isinstance(data, dict) else {}
+    except Exception:  # missing, not a zip, an old format
         return {}
+
+
+def user_concept_lines(profile: str) -> list[str]:
+    """--help's lines for the user's own concepts of a profile (read without torch), each with its default."""
+    lines = []
+    for item in read_light(user_concepts_path(profile)).get("vectors") or []:
+        meta = item.get("metadata") if isinstance(item, dict) else None
+        if not isinstance(meta, dict) or not isinstance(meta.get("recipe"), str):
+            continue
+        fraction, op = meta.get("default_fraction"), meta.get("default_op", "add")
+        default = f"{fraction:.3g}" if isinstance(fraction, (int, float)) else "?"
+        lines.append(f"  {item.get('name')}  {human_name(str(item.get('name')))}: {item.get('description', '')} "
+                     f"(default {default}, {op}; your concept)")
+    return lines
 
 
 class _NormsOnly(pickle.Unpickler):
@@ -217,7 +248,9 @@ def help_epilog(config: str, profile: str | None) -> str:
         title = f.label or human_name(f.name)
         described = f"{title}: {f.description}" if f.description else title
         lines.append(f"  {f.name:<{width}}  {described} (default {default}, {f.op})")
-    if not features:
+    mine = user_concept_lines(prof.name)
+    lines += mine
+    if not features and not mine:
         lines.append("  (none listed)")
     if prof.sae_source:
         lines.append(f"  layer:index (e.g. 15:21576) steers any feature of the SAEs in {prof.sae_source}")
@@ -228,10 +261,12 @@ def help_epilog(config: str, profile: str | None) -> str:
     lines += [
         "",
         "Strengths are fractions of the layer's typical residual norm (0.5 = half), as on the app's slider.",
+        "Without a STRENGTH, --steer takes the feature's default (above).",
         "Examples:",
-        f"  python demo.py --steer {name} 0.5 --temperature 0      # chat, already steered",
-        f'  python demo.py --prompt "Tell me about Paris" --steer {name} 0.5 clamp --compare',
-        f"  python demo.py --steer {name} 0.5 add --export-gguf {name}.gguf   # for llama.cpp's --control-vector",
+        f"  python demo.py --steer {name} --temperature 0      # chat, already steered at the default",
+        f'  python demo.py --prompt "Tell me about Paris" --steer {name} --compare',
+        f"  python demo.py --steer {name} add --export-gguf {name}.gguf   # for llama.cpp's --control-vector",
+        "Your own concept, from a few sentences: in the chat, /concept NAME: sentence | sentence | ...",
     ]
     if others:
         lines.append(f"Other profiles: {', '.join(others)} (--profile NAME --help lists their features).")

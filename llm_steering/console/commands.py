@@ -12,6 +12,8 @@ the key (eiffel_tower) that commands take beside them.
 from __future__ import annotations
 
 import math
+import shutil
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -46,14 +48,26 @@ def parse_op(text: str) -> str:
     return op
 
 
-def parse_steer_words(words: list[str]) -> tuple[str, float, str | None]:
-    """`--steer NAME STRENGTH [add|clamp]`'s words: (key, fraction, op or None for the feature's own)."""
-    if len(words) not in (2, 3):
+def parse_steer_words(words: list[str]) -> tuple[str, float | None, str | None]:
+    """`--steer NAME [STRENGTH] [add|clamp]`'s words: (key, fraction or None for the feature's default,
+    op or None for the feature's own)."""
+    if len(words) not in (1, 2, 3):
         raise ValueError(f"--steer takes {STEER_USAGE}, got {' '.join(words)!r}")
     try:
-        return words[0], parse_fraction(words[1]), parse_op(words[2]) if len(words) == 3 else None
+        return (words[0], *strength_and_op(words[1:]))
     except ValueError as exc:
         raise ValueError(f"--steer {' '.join(words)}: {exc}") from None
+
+
+def strength_and_op(words: list[str]) -> tuple[float | None, str | None]:
+    """The words after a feature's name: [STRENGTH] [add|clamp], each optional (None: the feature's own)."""
+    if len(words) == 2:
+        return parse_fraction(words[0]), parse_op(words[1])
+    if len(words) == 1:
+        return (None, parse_op(words[0])) if words[0].lower() in FEATURE_OPS else (parse_fraction(words[0]), None)
+    if words:
+        raise ValueError(f"takes {STEER_USAGE}")
+    return None, None
 
 
 def parse_temperature(text: str) -> float:
@@ -103,8 +117,10 @@ class Command:
 
 def _steer(c: Any, args: list[str], rest: str) -> None:
     auto = len(args) >= 2 and args[1].lower() == "auto"
-    fraction = parse_fraction(args[1]) if len(args) >= 2 and not auto else None
-    op = parse_op(args[2]) if len(args) == 3 else None
+    if auto:
+        fraction, op = None, parse_op(args[2]) if len(args) == 3 else None
+    else:  # a strength, an op, both or neither (the feature's default and own op)
+        fraction, op = strength_and_op(args[1:])
     feature = c.steer(args[0], fraction, op, auto=auto)
     _, fraction, op = c.active[feature.key]
     name = f"{feature.title} ({feature.key})"
@@ -126,6 +142,12 @@ def _clear(c: Any, args: list[str], rest: str) -> None:
 
 
 def _features(c: Any, args: list[str], rest: str) -> None:
+    if args:  # /features NAME: what it does
+        from llm_steering.console.own_concepts import feature_details
+
+        feature = c.catalog.resolve(args[0])
+        c.notice("\n".join(feature_details(c.catalog, feature, c.catalog.top_tokens(feature.key))))
+        return
     c.notice(f"features of profile {c.catalog.profile.name!r} (key to type, name: description; layer, default "
              "strength and op):")
     lines = [f"  {f.key:<18} {f.title}: {f.description}; layer {f.layer}, default {f.default_fraction:.3g} {f.default_op}"
@@ -133,7 +155,31 @@ def _features(c: Any, args: list[str], rest: str) -> None:
              for f in c.catalog.features]
     if c.catalog.profile.sae_source:
         lines.append(f"  layer:index (e.g. 15:21576) steers any feature of the SAEs in {c.catalog.profile.sae_source}")
+    lines.append("/features NAME shows what one does (the tokens it pushes up and down); /concept makes your own")
     c.notice("\n".join(lines))
+
+
+def _concept(c: Any, args: list[str], rest: str) -> None:
+    from llm_steering.concepts import parse_concept_line
+    from llm_steering.console.own_concepts import make_and_keep, templates_text
+
+    if not rest:
+        c.notice(templates_text())
+        return
+    recipe = parse_concept_line(rest)
+    feature, c.catalog, seconds, kept = make_and_keep(c.catalog, recipe, c.concepts_file)
+    c.steer(feature.key)
+    c.notice(f"made your concept {feature.title} ({feature.key}) from {len(recipe.sentences)} sentences in {seconds:.1f} s "
+             f"({kept}); steering with it at its default {feature.default_fraction:.3g} x norm, {feature.default_op}, "
+             f"layer {feature.layer}")
+    c.notice(f"it pushes up: {', '.join(_words(c, feature.key))} (/features {feature.key} for more; "
+             f"/steer {feature.key} 0.4 for stronger, /unsteer {feature.key} to stop)")
+
+
+def _words(c: Any, key: str, n: int = 8) -> list[str]:
+    from llm_steering.lens import token_words
+
+    return token_words(c.catalog.top_tokens(key).promoted[:n])
 
 
 def _active(c: Any, args: list[str], rest: str) -> None:
@@ -228,6 +274,10 @@ def _load(c: Any, args: list[str], rest: str) -> None:
 
 
 def _find(c: Any, args: list[str], rest: str) -> None:
+    if not c.catalog.profile.sae_source:
+        raise ValueError(f"profile {c.catalog.profile.name!r} has no SAE to search for features; make your own "
+                         "concept from a few sentences instead: /concept NAME: sentence | sentence | ... "
+                         "(/concept alone shows how)")
     layers = [int(args[0])] if args[0].isdigit() and len(args) > 1 else None
     text = rest.split(None, 1)[1] if layers else rest
     found = c.catalog.find(text, layers)
@@ -235,7 +285,8 @@ def _find(c: Any, args: list[str], rest: str) -> None:
         c.notice("no feature fires on that text")
         return
     c.notice(f"features that fire most on that text (steer one with /steer {found[0].key}):")
-    c.notice("\n".join(f"  {f.key:<12} mean {f.mean:8.3f}  max {f.max:8.3f}  {f.url or ''}".rstrip() for f in found))
+    c.notice("\n".join(f"  {f.key:<12} mean {f.mean:8.3f}  max {f.max:8.3f}  {f.url or ''}".rstrip()
+                        + f"\n      pushes up: {', '.join(_words(c, f.key, 6))}" for f in found))
 
 
 def _help(c: Any, args: list[str], rest: str) -> None:
@@ -248,7 +299,11 @@ COMMANDS: dict[str, Command] = {
                       _steer, (1, 3)),
     "/unsteer": Command("<name|layer:index>", "stop steering with one feature", _unsteer, (1, 1)),
     "/clear": Command("", "stop all steering", _clear),
-    "/features": Command("", "the features of this profile, with descriptions", _features),
+    "/features": Command("[name]", "the features of this profile, with descriptions; with a name: what it does "
+                         "(its default, layer and the tokens it pushes up and down)", _features, (0, 1)),
+    "/concept": Command("NAME [topic|style|persona]: sentence | ...", "make your own concept from a few example "
+                        "sentences, kept in your concepts file and switched on at its default; alone: how",
+                        _concept, (0, 10**6)),
     "/active": Command("", "what is steered now", _active),
     "/compare": Command("[message]", "answer the next message twice: unsteered, then steered", _compare, (0, 10**6)),
     "/temperature": Command("[value]", "show or set the temperature (0 is greedy)", _temperature, (0, 1)),
@@ -270,13 +325,25 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-def help_text() -> str:
-    """/help, made from COMMANDS."""
-    width = max(len(f"{name} {cmd.args}") for name, cmd in COMMANDS.items())
-    lines = ["Commands (strengths are fractions of the layer's typical residual norm: 0.5 = half):"]
-    lines += [f"  {f'{name} {cmd.args}':<{width}}   {cmd.help}" for name, cmd in COMMANDS.items()]
-    lines.append("Each answer keeps the steering it was made with; /compare's unsteered side reads only unsteered turns.")
+def help_text(columns: int | None = None) -> str:
+    """/help, made from COMMANDS, wrapped at the terminal's width (`columns`) with a hanging indent."""
+    columns = max(60, columns or shutil.get_terminal_size((100, 24)).columns) - 1
+    usages = {name: f"{name} {cmd.args}".strip() for name, cmd in COMMANDS.items()}
+    width = max(len(u) for u in usages.values() if len(u) <= max(20, columns // 4))  # longer ones get a line of their own
+    lines = _wrap("Commands (strengths are fractions of the layer's typical residual norm: 0.5 = half):", columns, "", "  ")
+    for name, cmd in COMMANDS.items():
+        usage = usages[name]
+        head = f"  {usage:<{width}}   " if len(usage) <= width else f"  {usage}\n  {'':<{width}}   "
+        *first, last = head.split("\n")
+        lines += first + _wrap(last + cmd.help, columns, "", " " * len(last))
+    lines += _wrap("Each answer keeps the steering it was made with; /compare's unsteered side reads only unsteered "
+                   "turns.", columns, "", "  ")
     lines.append("exit, quit or Ctrl-D end the chat; Ctrl-C stops an answer.")
     return "\n".join(lines)
+
+
+def _wrap(text: str, columns: int, first: str, rest: str) -> list[str]:
+    return textwrap.wrap(text, columns, initial_indent=first, subsequent_indent=rest, break_on_hyphens=False,
+                         drop_whitespace=True) or [text]
 
 

@@ -33,6 +33,8 @@ from llm_steering.web.app import (
     generate,
     user_errors,
 )
+from llm_steering.web.concept_panel import as_value as concepts_value
+from llm_steering.web.concept_panel import session_catalog
 from llm_steering.web.effect_view import effect_html
 from llm_steering.web.panel import CUSTOM, GLOBAL, KEEPNORM, PanelValues
 from llm_steering.web.views import break_warning, summary_markdown, turn_messages
@@ -66,15 +68,16 @@ def model_chat(app: App, system_prompt: str, history: list[dict], message: str) 
 
 def spec_from_controls(app: App, values: PanelValues) -> SteeringSpec:
     """The switched-on features (the catalog's and the custom one), each strength checked."""
+    catalog = session_catalog(app, values)  # with the session's own concept (concept_panel.py): the spec carries it
     active = {
-        f.key: (app.catalog.check_fraction(f, values[f.key, "fraction"]), values.op(f.key))
+        f.key: (catalog.check_fraction(f, values[f.key, "fraction"]), values.op(f.key))
         for f in app.features if values[f.key, "on"]
     }
     custom = values.custom_key()
     if custom:
-        feature = app.catalog.resolve(custom)
-        active[feature.key] = (app.catalog.check_fraction(feature, values[CUSTOM, "fraction"]), values[CUSTOM, "op"])
-    return app.catalog.spec(active, values.steer_prompt)
+        feature = catalog.resolve(custom)
+        active[feature.key] = (catalog.check_fraction(feature, values[CUSTOM, "fraction"]), values[CUSTOM, "op"])
+    return catalog.spec(active, values.steer_prompt)
 
 
 
@@ -213,6 +216,8 @@ def controls_update(app: App, spec: SteeringSpec) -> list:
         raise ValueError(f"feature {custom[-1]!r} has no control in this app (one custom feature at a time); "
                          f"available: {', '.join(sorted(keys))}")
     values: dict[tuple[str, str], Any] = {(GLOBAL, "steer_prompt"): spec.steer_prompt, (CUSTOM, "on"): bool(custom)}
+    if spec.concepts:  # a file's or a link's own concepts become this session's
+        values[GLOBAL, "concepts"] = concepts_value(spec.concepts)
     for f in app.features:
         values[f.key, "on"], values[f.key, "auto"] = f.key in active, False
         if f.key in active:
@@ -350,7 +355,7 @@ def import_spec(app: App, upload: str | None) -> list:
         reason = one_line(exc).replace(f"steering spec {name} ", "it ").replace(f"{name}: ", "").rstrip(".")
         gr.Warning(f"Could not import {name}: {reason}. Export a steering file from this app to see the format.")
         return skip
-    gr.Info(f"Imported steering: {', '.join(app.catalog.resolve(f.key).title for f in spec.features) or 'none'}.")
+    gr.Info(f"Imported steering: {', '.join(app.catalog.for_spec(spec).resolve(f.key).title for f in spec.features) or 'none'}.")
     return [*updates, matching_preset(app, spec), None]
 
 

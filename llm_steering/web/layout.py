@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 from types import SimpleNamespace
 
+from llm_steering.web import concept_panel
 from llm_steering.web import handlers as h
 from llm_steering.web.app import CONCURRENCY, MAX_NEW_TOKENS, NO_PRESET, ON_ZERO_GPU, App
 from llm_steering.web.effect_view import EMPTY as NO_EFFECTS
@@ -48,6 +49,7 @@ def build_demo(app: App) -> gr.Blocks:
         w.url_query = gr.Textbox(visible=False)
         chat_events(app, demo, w)
         steering_events(app, demo, w)
+        concept_panel.events(app, w)
         share_events(app, w)
         api(app)
     return demo
@@ -103,6 +105,7 @@ def find_slot(app: App, w: SimpleNamespace) -> None:
     with gr.Column(elem_id="find-slot"):
         if app.profile.sae_source:  # any feature of the profile's SAEs, by layer:index
             find_panel(app, w)
+        concept_panel.render(app, w, open_=not app.profile.sae_source)
 
 
 def feature_cards(app: App) -> None:

@@ -16,12 +16,14 @@ widget `render` makes for it) plus the code that uses its value.
 
 from __future__ import annotations
 
+import html
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from llm_steering.catalog import Feature
 from llm_steering.core import format_fraction, round_fraction
+from llm_steering.lens import token_words
 from llm_steering.web.views import FractionSlider, strength_label
 
 import gradio as gr
@@ -60,9 +62,16 @@ FEATURE_CONTROLS = (
     Control("keepnorm", lambda f: False, lambda f, c: gr.Checkbox(label="keep the norm", value=False, scale=1,
                                                                   min_width=130)),
 )
+def feature_tokens(feature: Feature, catalog: Any, n: int = 8) -> str:
+    """A card's line of what the feature does: the tokens it pushes up and down (lens.py)."""
+    lens = catalog.top_tokens(feature.key, n)
+    up, down = (html.escape(", ".join(token_words(t))) for t in (lens.promoted, lens.suppressed))
+    return f"<span class='muted'>pushes up: <b>{up}</b> · down: {down}</span>"
+
+
 KEEPNORM = "_keepnorm"  # the op suffix the "keep the norm" box adds (add_keepnorm, clamp_keepnorm)
 CUSTOM_DEFAULTS = {"on": False, "key": None, "fraction": 0.5, "op": "clamp"}
-GLOBAL_DEFAULTS = {"steer_prompt": True}
+GLOBAL_DEFAULTS = {"steer_prompt": True, "concepts": ""}  # concepts: the session's own (concept_panel.py)
 
 
 class PanelValues(dict):
@@ -153,6 +162,7 @@ class ControlPanel:
                 with gr.Row(elem_classes="feature-row"):
                     for control in row:
                         self.widgets[feature.key, control.field] = control.widget(feature, catalog)
+                gr.Markdown(feature_tokens(feature, catalog), elem_classes="feature-tokens")  # what it does (lens.py)
         on.change(lambda checked: gr.update(visible=checked), on, details, queue=False, api_visibility="private")
         auto, slider = self.widgets[feature.key, "auto"], self.widgets[feature.key, "fraction"]
         auto.change(lambda ticked: gr.update(interactive=not ticked), auto, slider, queue=False,
@@ -161,7 +171,7 @@ class ControlPanel:
 
     def render_custom(self, visible: bool, sae_source: str | None, vectors_file: str, extra_names: list[str]) -> None:
         """The "Another feature" card: an SAE feature by layer:index, or another vector of the file by name."""
-        with gr.Group(elem_classes="feature", visible=visible, elem_id="custom"):
+        with gr.Group(elem_classes="feature", visible=visible, elem_id="custom") as self.custom_group:
             self.widgets[CUSTOM, "on"] = gr.Checkbox(
                 label="Another feature", value=False, elem_id="custom-on",
                 info="an SAE feature by layer:index" if sae_source else f"a vector of {vectors_file} by name")

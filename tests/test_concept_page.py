@@ -1,0 +1,143 @@
+"""The app's own concept and what a feature does, in headless Chromium on the embedded model.
+
+Five sentences in the "Make your own concept" panel (in the find panel's place on a profile
+without SAEs) steer the next answer within 30 s of the click; the concept survives export and
+import, and a share link opened in a fresh browser context; another visitor never gets it. Every
+feature card shows the tokens its direction pushes up, equal to lens.py's computation. The app runs
+greedy with short answers, so answers are checked token for token against the library.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from llm_steering import steering
+from llm_steering.catalog import Catalog
+from llm_steering.concepts import make_concept
+from llm_steering.lens import token_words, top_tokens
+from llm_steering.recipe import ConceptRecipe
+
+import pytest
+from browser import chromium, open_page, running_app, wait_for
+from test_web_page import TOKENS, answers_done, exported_chat, greedy_config, send, summary, upload
+
+ROOT = Path(__file__).resolve().parent.parent
+QUESTION = "Tell me about your weekend."
+FIVE = ("The Eiffel Tower stands in the middle of Paris.", "We climbed the Eiffel Tower at sunset.",
+        "Gustave Eiffel built the iron tower for the 1889 World's Fair.",
+        "From the top of the Eiffel Tower you can see all of Paris.", "The Eiffel Tower sparkles with lights at night.")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("concept")
+    with running_app(tmp / "server.log", STEERING_CONFIG=str(greedy_config(tmp))) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with chromium() as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def shared(embedded):
+    model, tok = embedded
+    return Catalog.open(steering.load_config(ROOT / "demo.yaml").profile(), model, tok)
+
+
+def reference(shared, feature=None) -> str:
+    """The greedy answer to QUESTION, steered with `feature` at its default (None: unsteered)."""
+    gen = shared.profile.generation
+    chat = [{"role": "system", "content": gen.system_prompt}, {"role": "user", "content": QUESTION}]
+    comps = [feature.component(feature.default_fraction)] if feature is not None else []
+    return steering.generate_steered_answer_hf(shared.model, shared.tokenizer, chat, comps, max_new_tokens=TOKENS,
+                                               temperature=0.0, repetition_penalty=gen.repetition_penalty)
+
+
+def exported_file(page, button: str, name: str) -> tuple[str, bytes]:
+    """Click an export button and fetch the file it offers, once it is that file (not an earlier export)."""
+    import urllib.request
+
+    page.get_by_role("button", name=button).click()
+    link = page.locator("#exported [data-testid='download-link']")
+    wait_for(lambda: link.count() and link.first.get_attribute("download") == name, 15, name)
+    with urllib.request.urlopen(link.first.get_attribute("href"), timeout=10) as resp:
+        return name, resp.read()
+
+
+def last_answer(page) -> dict:
+    return exported_chat(page)["turns"][-1]
+
+
+def test_a_concept_from_five_sentences_steers_survives_export_import_and_a_link(server, browser, shared, tmp_path):
+    feature = make_concept(shared, ConceptRecipe("my_tower", FIVE))
+    steered, plain = reference(shared, feature), reference(shared)
+    assert steered != plain  # else the checks below prove nothing
+    page = open_page(browser, server)
+    try:
+        assert page.locator("#concept-make").is_visible()  # open in the find panel's place: no SAE here
+        page.locator("#concept-name textarea, #concept-name input").first.fill("my_tower")
+        page.locator("#concept-text textarea").fill("\n".join(FIVE))
+        clicked = time.monotonic()
+        page.locator("#concept-make").click()
+        wait_for(lambda: "My Tower" in summary(page), 30, "the concept switched on")
+        assert page.locator("#custom-on input").is_checked()
+        send(page, QUESTION)
+        answers_done(page, 1)
+        assert time.monotonic() - clicked < 30
+        turn = last_answer(page)
+        assert turn["answer"] == steered
+        assert turn["steering"]["concepts"] == [ConceptRecipe("my_tower", FIVE).to_dict()]
+        name, data = exported_file(page, "Export JSON", "steering.json")
+        exported = json.loads(data)
+        assert exported["features"] == [{"key": "my_tower", "fraction": 0.225, "op": "add"}]
+        assert exported["concepts"] == turn["steering"]["concepts"]
+        (tmp_path / name).write_bytes(data)
+        page.locator("#msg textarea").fill(QUESTION)
+        page.locator("#share-link-btn").click()
+        box = page.locator("#share-link textarea, #share-link input").first
+        link = wait_for(lambda: box.input_value(), 10, "the share link")
+    finally:
+        page.context.close()
+    for how in ("import", "link", "another visitor"):
+        fresh = open_page(browser, link if how == "link" else server)  # a new context: no cookies, no state
+        try:
+            if how == "import":
+                upload(fresh, tmp_path / name)
+            if how == "another visitor":
+                fresh.wait_for_timeout(1500)
+                assert "My Tower" not in summary(fresh) and not fresh.locator("#custom").is_visible()
+                send(fresh, QUESTION)
+            else:
+                wait_for(lambda fresh=fresh: "My Tower" in summary(fresh), 30, f"the concept back after the {how}")
+                if how == "import":
+                    send(fresh, QUESTION)
+                else:
+                    assert fresh.locator("#msg textarea").input_value() == QUESTION
+                    fresh.locator("#send").click()
+            answers_done(fresh, 1)
+            assert last_answer(fresh)["answer"] == (plain if how == "another visitor" else steered), how
+        finally:
+            fresh.context.close()
+
+
+def test_every_feature_card_shows_the_tokens_it_pushes_up_and_down(server, browser, shared):
+    page = open_page(browser, server)
+    try:
+        for feature in shared.features:
+            lens = top_tokens(shared.model, shared.tokenizer, feature.vector.vector, k=8)
+            card = page.locator("#catalog .feature").filter(has=page.get_by_role("checkbox", name=feature.title,
+                                                                                  exact=True))
+            card.get_by_role("checkbox", name=feature.title, exact=True).check()
+            tokens = card.locator("[data-testid='markdown'].feature-tokens")
+            wait_for(lambda tokens=tokens: tokens.is_visible(), 10, f"{feature.key}'s tokens")
+            text = tokens.inner_text()
+            assert f"pushes up: {', '.join(token_words(lens.promoted))}" in text, (feature.key, text)
+            assert f"down: {', '.join(token_words(lens.suppressed))}" in text, (feature.key, text)
+            card.get_by_role("checkbox", name=feature.title, exact=True).uncheck()
+    finally:
+        page.context.close()
