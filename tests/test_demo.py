@@ -21,6 +21,7 @@ from pathlib import Path
 from llm_steering import steering
 from llm_steering.console import chat as demo
 from llm_steering.console import commands as console_commands
+from llm_steering.core import format_fraction, round_fraction
 
 import pexpect
 import pytest
@@ -487,11 +488,14 @@ def test_steer_auto_calibrates_each_answer_and_answers_at_that_strength(embedded
     answer = console.ask(QUESTION)
     feature = catalog.resolve("pirate")
     chat = [{"role": "system", "content": settings.system}, {"role": "user", "content": QUESTION}]
-    tried = calibrate.candidate_fractions(feature.default_fraction)
+    tried = [round_fraction(f) for f in calibrate.candidate_fractions(feature.default_fraction)]
     cal = calibrate.calibrate_strength(model, tok, chat, feature.component(1.0), fractions=tried, norm=feature.norm,
                                        max_new_tokens=12, repetition_penalty=1.1)
     chosen = cal.fraction if cal.found else min(tried)
-    assert f"auto: Pirate at {chosen:.3g} x norm" in out.getvalue()  # the human name
+    text = out.getvalue()
+    words = ", ".join(format_fraction(f) for f in tried)  # one rounding rule, as the app writes strengths
+    # it says what it does before the seconds of calibration, then what it chose (the human name)
+    assert text.index(f"auto: trying Pirate at {words} x norm") < text.index(f"auto: Pirate at {format_fraction(chosen)} x norm")
     assert answer == steering.generate_steered_answer_hf(model, tok, chat, [feature.component(chosen)], max_new_tokens=12,
                                                          repetition_penalty=1.1)
     assert "[strength|auto]" in console_commands.help_text()

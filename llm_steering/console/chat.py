@@ -24,7 +24,7 @@ from llm_steering.console.commands import COMMANDS, export_gguf, parse_fraction,
 from llm_steering.console.ctrl_c import Stopped, ctrl_c_stops
 from llm_steering.console.own_concepts import load_user_concepts
 from llm_steering.control_vector import check_path
-from llm_steering.core import atomic_write
+from llm_steering.core import atomic_write, format_fraction, round_fraction
 from llm_steering.vectors import SteeringVectorSet
 
 DEFAULT_CONFIG = console_cli.DEFAULT_CONFIG
@@ -223,7 +223,9 @@ class Console:
 
         feature, _, op = self.active[key]
         others = [f.component(frac, o) for k, (f, frac, o) in self.active.items() if k != key]
-        tried = calibrate.candidate_fractions(feature.default_fraction)
+        tried = [round_fraction(f) for f in calibrate.candidate_fractions(feature.default_fraction)]
+        words = ", ".join(format_fraction(f) for f in tried)
+        self.notice(f"auto: trying {feature.title} at {words} x norm (one greedy run of each; the answer follows)")
         cal = calibrate.calibrate_strength(
             self.model, self.tokenizer, chat, feature.component(1.0, op), fractions=tried, norm=feature.norm,
             other_components=others, max_new_tokens=min(self.settings.max_new_tokens, 48),
@@ -232,7 +234,7 @@ class Console:
         chosen = cal.fraction if cal.found else min(tried)
         self.active[key] = (feature, chosen, op)
         within = "" if cal.found else f"; none stayed within NLL ratio {calibrate.DEFAULT_NLL_BOUND}, so the weakest"
-        self.notice(f"auto: {feature.title} at {chosen:.3g} x norm (tried {', '.join(f'{f:g}' for f in tried)} in "
+        self.notice(f"auto: {feature.title} at {format_fraction(chosen)} x norm (tried {words} in "
                     f"{cal.seconds:.1f} s{within})")
 
     def _answer(self, chat: list[dict], comps: list, kind: str, labelled: bool = False) -> str | None:
