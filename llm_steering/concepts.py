@@ -35,7 +35,7 @@ from llm_steering.recipe import CONCEPT_LIMITS, CONCEPT_TEMPLATES, ConceptRecipe
 from llm_steering.steering import SteeringVector
 
 NEUTRALS_PATH = Path(__file__).resolve().parent / "data" / "concept_neutrals.json"
-FALLBACK_DEFAULT = 0.225  # the median of the embedded profile's tuned contrastive defaults (demo.yaml), for profiles with none
+FALLBACK_DEFAULT = 0.19  # the median of the embedded profile's tuned contrastive defaults (demo.yaml), for profiles with none
 _NEUTRAL_MEANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(template, layer): {text: means}}
 
 
@@ -73,7 +73,7 @@ def make_concept(catalog: Catalog, recipe: ConceptRecipe) -> Feature:
 
         >>> feature = make_concept(catalog, ConceptRecipe("pirate_talk", ("Arr matey!", ...), "persona"))
         >>> feature.default_fraction, feature.default_op
-        (0.225, 'add')
+        (0.19, 'add')
     """
     if not isinstance(recipe, ConceptRecipe):
         raise ValueError("make_concept takes a ConceptRecipe (name, sentences, template, layer)")
@@ -124,7 +124,7 @@ def concept_layer(catalog: Catalog, recipe: ConceptRecipe) -> int:
 
 def default_fraction(catalog: Catalog) -> float:
     """A concept's default strength: the median of the tuned defaults of the profile's contrastive
-    features (the shipped profile: 0.225, between pirate's 0.2 and shakespeare's 0.25), so it follows
+    features (the shipped profile: 0.19, between dragons' 0.18 and pirate's and space's 0.2), so it follows
     when those are re-tuned; FALLBACK_DEFAULT for a profile without any."""
     shipped = [f.default_fraction for f in catalog.features if f.vector.index is None and f.key not in catalog.concepts]
     return round(statistics.median(shipped), 3) if shipped else FALLBACK_DEFAULT

@@ -94,7 +94,7 @@ def test_a_concept_from_five_sentences_steers_survives_export_import_and_a_link(
         assert turn["steering"]["concepts"] == [ConceptRecipe("my_tower", FIVE).to_dict()]
         name, data = exported_file(page, "Export JSON", "steering.json")
         exported = json.loads(data)
-        assert exported["features"] == [{"key": "my_tower", "fraction": 0.225, "op": "add"}]
+        assert exported["features"] == [{"key": "my_tower", "fraction": feature.default_fraction, "op": "add"}]
         assert exported["concepts"] == turn["steering"]["concepts"]
         (tmp_path / name).write_bytes(data)
         page.locator("#msg textarea").fill(QUESTION)

@@ -714,7 +714,7 @@ def test_a_concept_from_five_sentences_is_made_kept_listed_and_steers(embedded, 
         assert (tmp_path / "smollm2-concepts.pt").is_file()
         assert re.search(r"^\s+my_tower\s+My Tower: your topic: The Eiffel Tower stands", say(child, "/features"), re.M)
         out = say(child, "/features my_tower")
-        assert f"pushes up:   {', '.join(words)}\n" in out and "layer 15, default 0.225" in out
+        assert f"pushes up:   {', '.join(words)}\n" in out and f"layer 15, default {feature.default_fraction:g}" in out
         assert f"steered> {steered}\n" in say(child, QUESTION)
         out = say(child, "/concept eiffel_tower: a b c")
         assert "error: the name 'eiffel_tower' is taken by a feature of profile 'smollm2'" in out
@@ -724,7 +724,8 @@ def test_a_concept_from_five_sentences_is_made_kept_listed_and_steers(embedded, 
     assert_clean_exit(child)
     helped = subprocess.run([sys.executable, DEMO, "--help"], cwd=str(ROOT), capture_output=True, text=True, timeout=60,
                             env={**os.environ, "NO_COLOR": "1", **env})
-    assert re.search(r"^  my_tower  My Tower: your topic: The Eiffel Tower stands .*\(default 0.225, add; your concept\)",
+    assert re.search(r"^  my_tower  My Tower: your topic: The Eiffel Tower stands .*\(default "
+                     + re.escape(f"{feature.default_fraction:g}") + r", add; your concept\)",
                      helped.stdout, re.M), helped.stdout
     result = run_one_shot("--prompt", QUESTION, "--steer", "my_tower", "--temperature", "0", "--max-new-tokens",
                           str(TOKENS), env=env)

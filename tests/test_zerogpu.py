@@ -20,6 +20,7 @@ from llm_steering import steering
 from llm_steering.web import handlers
 
 import pytest
+import torch
 
 FORK = multiprocessing.get_context("fork")  # what spaces uses
 
@@ -122,6 +123,41 @@ def test_a_stop_from_before_the_answer_started_is_ignored(app_module):
         proc.join(10)
 
 
+def _concept_worker(app, recipe, res_queue) -> None:
+    """What spaces does for a plain @spaces.GPU function: call it in the forked worker, send back the result."""
+    try:
+        res_queue.put(("ok", pickle.dumps(app.concept_on_gpu(recipe))))
+    except Exception as exc:  # noqa: BLE001
+        res_queue.put(("error", repr(exc)))
+
+
+def test_your_own_concept_is_made_in_the_gpu_worker_and_crosses_back(app_module):
+    """On ZeroGPU the model runs only inside @spaces.GPU: the concept panel and share links make a concept
+    there (app.concept_on_gpu, on the loaded catalog) and get back its feature and its tokens, pickled.
+    (Before the next test: as on a Space, the main process must not have generated before the fork; a
+    CPU forward in a worker forked after a threaded generate in its parent hangs in OpenMP.)"""
+    from llm_steering import concepts, lens
+    from llm_steering.recipe import ConceptRecipe
+
+    app = app_module
+    recipe = ConceptRecipe("my_tower", ("The Eiffel Tower stands in Paris.", "We climbed the Eiffel Tower at night.",
+                                        "Gustave Eiffel built the iron tower in 1889."), "topic")
+    res_queue = FORK.Queue()
+    proc = FORK.Process(target=_concept_worker, args=(app, recipe, res_queue), daemon=True)
+    proc.start()
+    try:
+        kind, value = res_queue.get(timeout=120)
+    finally:
+        proc.join(10)
+    assert kind == "ok", value
+    feature, tokens = pickle.loads(value)
+    here = concepts.make_concept(app.LOADED.catalog, recipe)  # the same recipe, made in this process
+    assert feature.key == "my_tower" and feature.layer == here.layer and feature.default_fraction == here.default_fraction
+    assert torch.allclose(feature.vector.vector, here.vector.vector, atol=1e-5)
+    assert tokens == lens.top_tokens(app.LOADED.model, app.LOADED.tokenizer, here.vector.vector)
+    assert "my_tower" not in [f.key for f in app.LOADED.catalog.features]  # the shared catalog never lists it
+
+
 def test_what_crosses_the_boundary_survives_pickling(app_module):
     """Arguments (components, chats) and every kind of yield round-trip through pickle."""
     app = app_module
@@ -136,3 +172,4 @@ def test_what_crosses_the_boundary_survives_pickling(app_module):
         assert pickle.loads(pickle.dumps(piece)) == piece
     trace = pieces[-1][2]
     assert pickle.loads(pickle.dumps(trace)) == trace and trace.components[0].after
+

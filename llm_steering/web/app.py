@@ -20,9 +20,12 @@ from spaces.config import Config
 
 from llm_steering import steering
 from llm_steering.backends import Backend, GenerationSettings, Stream, check_backend, get_backend
-from llm_steering.catalog import Catalog, Feature
+from llm_steering.catalog import CONCEPT_BUILDER, Catalog, Feature
+from llm_steering.concepts import make_concept
 from llm_steering.config import ModelProfile, load_config
 from llm_steering.core import one_line
+from llm_steering.lens import TokenLens, top_tokens
+from llm_steering.recipe import ConceptRecipe
 from llm_steering.steering import SteeringComponent, SteeringTrace
 from llm_steering.web.panel import ControlPanel
 from llm_steering.web.stop_flags import StopFlags
@@ -97,6 +100,9 @@ def load_app(config_path: str | os.PathLike = CONFIG_PATH, profile_name: str | N
     if ON_ZERO_GPU:  # no CUDA work outside @spaces.GPU: measure on the CPU, then hand the weights over
         model, tokenizer = steering.load_model(profile.model_id, device="cpu", dtype=torch.bfloat16)
         catalog = Catalog.open(profile, model, tokenizer)
+        for feature in catalog.features:  # the cards' tokens (lens.py caches them per vector), on the CPU now
+            catalog.top_tokens(feature.key)
+        CONCEPT_BUILDER[:] = [lambda _catalog, recipe: concept_on_gpu(recipe)[0]]  # share links, imports
         model.to("cuda")
     else:
         model, tokenizer = steering.load_model(profile.model_id)
@@ -195,6 +201,16 @@ def auto_strength(chat: list[dict], component: SteeringComponent, others: list[S
         max_new_tokens=min(max_new_tokens, 48), repetition_penalty=repetition_penalty, steer_prompt=steer_prompt,
     )
     return (cal.fraction if cal.found else min(fractions)), cal.found, cal.seconds
+
+
+@spaces.GPU(duration=30)
+def concept_on_gpu(recipe: ConceptRecipe, catalog: Catalog | None = None) -> tuple[Feature, TokenLens]:
+    """Your own concept (concepts.make_concept) and the tokens it pushes up and down, made where the
+    model may run: on a ZeroGPU Space only inside this function (its worker returns both pickled, so
+    `catalog` is left out there: the loaded one is used); elsewhere in-process, on `catalog`."""
+    catalog = catalog if catalog is not None else LOADED.catalog
+    feature = make_concept(catalog, recipe)
+    return feature, top_tokens(catalog.model, catalog.tokenizer, feature.vector.vector)
 
 
 # ---------------------------------------------------------------------------

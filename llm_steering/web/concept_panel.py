@@ -22,12 +22,12 @@ from types import SimpleNamespace
 from typing import Any
 
 from llm_steering.catalog import Catalog
-from llm_steering.concepts import TEMPLATES, make_concept
+from llm_steering.concepts import TEMPLATES
 from llm_steering.config import MAX_SPEC_BYTES, SteeringSpec, parse_yaml_text
 from llm_steering.core import format_fraction, round_fraction
 from llm_steering.recipe import CONCEPT_LIMITS, ConceptRecipe
-from llm_steering.web.app import App, user_errors
-from llm_steering.web.panel import CUSTOM, GLOBAL, PanelValues, feature_tokens
+from llm_steering.web.app import ON_ZERO_GPU, App, concept_on_gpu, user_errors
+from llm_steering.web.panel import CUSTOM, GLOBAL, PanelValues, lens_line
 
 import gradio as gr
 
@@ -96,9 +96,9 @@ def make(app: App, name: str, template: str, text: str, *controls: Any) -> list:
         recipe = ConceptRecipe(str(name or "").strip(), tuple(str(text or "")[:20_000].splitlines()),
                                template or "topic")
         kept = [r for r in stored(values) if r.name != recipe.name][-(CONCEPT_LIMITS["per_spec"] - 1):] + [recipe]
-        feature = make_concept(app.catalog, recipe)
-        catalog = app.catalog.with_concepts([feature.vector])
-        tokens = feature_tokens(feature, catalog)
+        # on a ZeroGPU Space the model runs only in the GPU function's worker (the loaded catalog there)
+        feature, lens = concept_on_gpu(recipe) if ON_ZERO_GPU else concept_on_gpu(recipe, app.catalog)
+        tokens = lens_line(lens)
     fraction = round_fraction(feature.default_fraction)
     note = (f"**{html.escape(feature.title)}** is on below at {format_fraction(fraction)} ({feature.default_op}, "
             f"layer {feature.layer}), made from {len(recipe.sentences)} sentences in "

@@ -64,7 +64,11 @@ FEATURE_CONTROLS = (
 )
 def feature_tokens(feature: Feature, catalog: Any, n: int = 8) -> str:
     """A card's line of what the feature does: the tokens it pushes up and down (lens.py)."""
-    lens = catalog.top_tokens(feature.key, n)
+    return lens_line(catalog.top_tokens(feature.key, n))
+
+
+def lens_line(lens: Any) -> str:
+    """The tokens a direction pushes up and down (a lens.TokenLens), as a card's line."""
     up, down = (html.escape(", ".join(token_words(t))) for t in (lens.promoted, lens.suppressed))
     return f"<span class='muted'>pushes up: <b>{up}</b> · down: {down}</span>"
 
