@@ -79,7 +79,9 @@ def test_a_concept_from_five_sentences_steers_survives_export_import_and_a_link(
     assert steered != plain  # else the checks below prove nothing
     page = open_page(browser, server)
     try:
-        assert page.locator("#concept-make").is_visible()  # open in the find panel's place: no SAE here
+        assert not page.locator("#concept-make").is_visible()  # closed, so the page stays one screen tall
+        page.locator("#concept").get_by_text("Make your own concept").first.click()  # in the find panel's place
+        page.locator("#concept-make").wait_for(state="visible", timeout=10_000)
         page.locator("#concept-name textarea, #concept-name input").first.fill("my_tower")
         page.locator("#concept-text textarea").fill("\n".join(FIVE))
         clicked = time.monotonic()

@@ -260,7 +260,7 @@ def test_one_shot_export_of_a_clamp_is_refused_with_exit_2(tmp_path):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: 'pirate' uses clamp") and "cannot express" in lines[0], lines
     assert done.stdout == "" and not path.exists()
-    for args, words in ((["--export-gguf", str(path)], "--steer NAME STRENGTH add"),
+    for args, words in ((["--export-gguf", str(path)], "--steer NAME [STRENGTH] add"),
                         (["--prompt", "Hi", "--steer", "cats", "0.3", "--export-gguf", str(path)], "no --prompt"),
                         (["--steer", "cats", "0.3", "--export-gguf", str(tmp_path / "cats.json")], "*.gguf")):
         done = run_demo(*args, timeout=60)

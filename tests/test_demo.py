@@ -243,12 +243,13 @@ def test_an_interrupted_answer_ends_its_thread_and_removes_its_hooks(embedded, s
     catalog.attach(model, tok)
     console = demo.Console(model, tok, catalog, settings, out=out, info=out, interactive=True)
     console.steer("eiffel_tower", 0.5)
+    before = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a job started with &
     assert console.ask("Tell me a long story.") is None
     assert out.sent and "(stopped" in out.text
     assert hooks_on(model) == 0
     assert not [t for t in threading.enumerate() if t.name == "steered-generation"]
     assert console.history == []
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # the console's handler is gone again
 
 
 # ---------------------------------------------------------------------------
@@ -427,9 +428,11 @@ def test_ctrl_c_with_nnsight_ends_the_run_at_its_next_token(embedded, shipped):
     catalog.attach(model, tok)
     console = demo.Console(model, tok, catalog, settings, out=out, info=out, interactive=True)
 
+    before = signal.getsignal(signal.SIGINT)
+
     def press_ctrl_c_once_the_answer_waits():
         deadline = time.monotonic() + 60
-        while signal.getsignal(signal.SIGINT) is signal.default_int_handler and time.monotonic() < deadline:
+        while signal.getsignal(signal.SIGINT) is before and time.monotonic() < deadline:
             time.sleep(0.01)
         time.sleep(0.5)  # let the run get going
         os.kill(os.getpid(), signal.SIGINT)

@@ -124,18 +124,24 @@ def test_a_stop_from_before_the_answer_started_is_ignored(app_module):
 
 
 def _concept_worker(app, recipe, res_queue) -> None:
-    """What spaces does for a plain @spaces.GPU function: call it in the forked worker, send back the result."""
-    try:
-        res_queue.put(("ok", pickle.dumps(app.concept_on_gpu(recipe))))
-    except Exception as exc:  # noqa: BLE001
-        res_queue.put(("error", repr(exc)))
+    """What spaces 0.51.3 does for a plain @spaces.GPU function (thread_wrapper / run_task): call it in a
+    fresh thread of the forked worker (not its main thread, whose OpenMP pool died in the fork) and send
+    back the result, pickled."""
+    def run_task() -> None:
+        try:
+            res_queue.put(("ok", pickle.dumps(app.concept_on_gpu(recipe))))
+        except Exception as exc:  # noqa: BLE001
+            res_queue.put(("error", repr(exc)))
+
+    with ThreadPoolExecutor() as executor:
+        executor.submit(run_task)
 
 
 def test_your_own_concept_is_made_in_the_gpu_worker_and_crosses_back(app_module):
     """On ZeroGPU the model runs only inside @spaces.GPU: the concept panel and share links make a concept
     there (app.concept_on_gpu, on the loaded catalog) and get back its feature and its tokens, pickled.
-    (Before the next test: as on a Space, the main process must not have generated before the fork; a
-    CPU forward in a worker forked after a threaded generate in its parent hangs in OpenMP.)"""
+    (As spaces does, the worker runs it in a fresh thread: the forked main thread's OpenMP pool is dead, and
+    a forward there hangs once the parent has run a threaded one, as the whole suite's earlier tests have.)"""
     from llm_steering import concepts, lens
     from llm_steering.recipe import ConceptRecipe
 

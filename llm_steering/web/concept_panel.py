@@ -8,7 +8,7 @@ controls builds them through `session_catalog`, and every spec made from the con
 recipe (export, import, share links rebuild it). Nothing is added to the shared catalog: another
 visitor's answers never see a concept unless their own steering carries it.
 
-    >>> render(app, w, open_=True); events(app, w)     # inside build_demo
+    >>> render(app, w); events(app, w)     # inside build_demo
     >>> session_catalog(app, values).resolve("my_tower")
 """
 
@@ -58,11 +58,11 @@ def as_value(recipes: list[ConceptRecipe] | tuple[ConceptRecipe, ...]) -> str:
     return json.dumps([r.to_dict() for r in recipes], ensure_ascii=False)
 
 
-def render(app: App, w: SimpleNamespace, open_: bool) -> None:
-    """The panel (in the find slot: open on a profile without SAEs) and the session's hidden store."""
+def render(app: App, w: SimpleNamespace) -> None:
+    """The panel (in the find slot, closed so that the page stays one screen tall) and the session's hidden store."""
     app.panel.widgets[GLOBAL, CONCEPTS] = gr.Textbox(visible=False, elem_id="concepts-store")
     example = TEMPLATES["topic"].example
-    with gr.Accordion("Make your own concept", open=open_, elem_id="concept"):
+    with gr.Accordion("Make your own concept", open=False, elem_id="concept"):
         gr.Markdown("<span class='muted'>A name and a few example sentences (one a line): the concept is "
                     "made in seconds and switched on below, in the last card.</span>")
         with gr.Row():

@@ -105,7 +105,7 @@ def find_slot(app: App, w: SimpleNamespace) -> None:
     with gr.Column(elem_id="find-slot"):
         if app.profile.sae_source:  # any feature of the profile's SAEs, by layer:index
             find_panel(app, w)
-        concept_panel.render(app, w, open_=not app.profile.sae_source)
+        concept_panel.render(app, w)
 
 
 def feature_cards(app: App) -> None:
