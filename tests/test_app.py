@@ -335,7 +335,9 @@ def test_hostile_requests_get_short_errors_fast_and_the_app_keeps_serving(server
                {"role": "assistant", "content": "ok"} for i in range(20_000)]
     t0 = time.monotonic()
     answer = client.predict("Say hi.", history=history, api_name="/chat", **small)
-    assert answer.strip() and time.monotonic() - t0 < 10
+    # 8.7 s on 2 idle cores, 13 s with another job on them (the app's cut reads only the newest 200 messages;
+    # the 20,000 go through gradio's client and server); a cut that re-tokenized growing prefixes takes hours
+    assert answer.strip() and time.monotonic() - t0 < 30
     # ... and the app still answers normally.
     assert client.predict("Say hi.", api_name="/chat", **small).strip()
 
