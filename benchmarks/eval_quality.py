@@ -368,6 +368,7 @@ def main() -> None:
     tin.add_argument("--pick-out", help="write the settings reported (picked or given) here as JSON")
     tin.add_argument("--curves", action="store_true", help="tint against strength, tuning and held-out side by side")
     tin.add_argument("--keep-incomplete", action="store_true", help="keep prompts that lack some settings")
+    tin.add_argument("--ceiling", action="store_true", help="per concept, the prompts on which some setting in the files tints")
     args = parser.parse_args()
     {"tint": cmd_tint, "run": cmd_run, "report": cmd_report, "check": cmd_check, "cost": cmd_cost, "auto": cmd_auto,
      "auto-report": cmd_auto_report, "curves-json": cmd_curves_json}[args.cmd](args)

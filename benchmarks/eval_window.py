@@ -39,13 +39,7 @@ def windowed_row_steering(first: int):
             raise ValueError("the window is for answer-only rows: give --flags answer")
         owner = threading.get_ident()
         _, layers = steering.decoder_layers(model)
-        param = next(model.parameters())
-        by_layer: dict[int, list[tuple[list[SteeringComponent], list[torch.Tensor]]]] = {}
-        for b, comps in enumerate(rows):
-            for c in comps:
-                per_row = by_layer.setdefault(c.layer, [([], []) for _ in rows])
-                per_row[b][0].append(c)
-                per_row[b][1].append(c.vector.to(device=param.device, dtype=param.dtype))
+        by_layer = calibrate.rows_by_layer(model, rows)
 
         def hook_for(per_row):
             seen = [0]

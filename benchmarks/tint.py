@@ -70,9 +70,9 @@ def setting_name(row: dict) -> str:
     return row["variant"] if vectors == SHIPPED_VECTORS else f"{row['variant']}@{vectors}"
 
 
-def tint_table(rows: list[dict]) -> tuple[dict, dict]:
-    """{(set, concept, variant, fraction): {n, mention, probe, addresses, addresses_b, fluent, tint, tint_b, tint_probe,
-    eiffel, agree_ab}} (rates) and {set: unsteered rates of addresses A and B}."""
+def row_flags(rows: list[dict]) -> tuple[list[tuple[dict, dict[str, bool]]], dict, dict[str, float]]:
+    """Each steered row with its answer_tint flags (and tint_b, tint_probe, eiffel, agree_ab); the unsteered
+    rows {(set, prompt): row}; the unsteered mean NLL per set."""
     base = {(r["set"], r["prompt"]): r for r in rows if r["concept"] is None}
     mean_nll = {}
     for st in {s for s, _ in base}:
@@ -80,7 +80,7 @@ def tint_table(rows: list[dict]) -> tuple[dict, dict]:
         mean_nll[st] = sum(nlls) / len(nlls)
     tun = [b for (s, _), b in base.items() if s == "tuning"]
     thresholds = {c: max(b["probe"][c] for b in tun) for c in KEYWORDS} if tun else {}
-    groups: dict[tuple, list[dict]] = defaultdict(list)
+    flagged = []
     for r in rows:
         if r["concept"] is not None:
             b = base[(r["set"], r["prompt"])]
@@ -89,7 +89,17 @@ def tint_table(rows: list[dict]) -> tuple[dict, dict]:
             f["tint_probe"] = f["probe"] and f["addresses"] and f["fluent"]
             f["eiffel"] = names_eiffel(r["text"])
             f["agree_ab"] = f["addresses"] == f["addresses_b"]
-            groups[(r["set"], r["concept"], setting_name(r), r["fraction"])].append(f)
+            flagged.append((r, f))
+    return flagged, base, mean_nll
+
+
+def tint_table(rows: list[dict]) -> tuple[dict, dict]:
+    """{(set, concept, variant, fraction): {n, mention, probe, addresses, addresses_b, fluent, tint, tint_b, tint_probe,
+    eiffel, agree_ab}} (rates) and {set: unsteered rates of addresses A and B}."""
+    flagged, base, mean_nll = row_flags(rows)
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r, f in flagged:
+        groups[(r["set"], r["concept"], setting_name(r), r["fraction"])].append(f)
     table = {k: {"n": len(fs)} | {name: sum(f[name] for f in fs) / len(fs) for name in fs[0]} for k, fs in groups.items()}
     unsteered = {}
     for st in mean_nll:
@@ -140,6 +150,42 @@ def cmd_tint(args) -> None:
         print(f"wrote {args.pick_out}")
     if args.curves:
         curves(table, {k[:2] for k in chosen.values()} if args.settings else None)
+    if args.ceiling:
+        ceiling(rows)
+
+
+def ceiling(rows: list[dict]) -> None:
+    """The best any single setting could do is below this: per concept, the share of prompts on which at
+    least one of the settings in the files tints (an oracle that picks the setting per prompt after seeing
+    the answers), with the number of settings it chose from."""
+    flagged, _, _ = row_flags(rows)
+    hit: dict[tuple, bool] = defaultdict(bool)
+    tried: dict[tuple, set] = defaultdict(set)
+    for r, f in flagged:
+        hit[(r["set"], r["concept"], r["prompt"])] |= f["tint"]
+        tried[(r["set"], r["concept"])].add((setting_name(r), r["fraction"]))
+    print("\n| concept | tuning: prompts where some setting tints (settings tried) | held-out: same |")
+    print("|---|---|---|")
+    tot: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for c in KEYWORDS:
+        cells = []
+        for st in ("tuning", "heldout"):
+            h = [v for (s, cc, _), v in hit.items() if s == st and cc == c]
+            tot[st][0] += sum(h)
+            tot[st][1] += len(h)
+            cells.append(f"{sum(h)} of {len(h)} ({sum(h) / len(h):.0%}; {len(tried[(st, c)])})" if h else "-")
+        print(f"| `{c}` | {cells[0]} | {cells[1]} |")
+    for st, (t, n) in tot.items():
+        print(f"ceiling {st}: {t} of {n} prompt-concept pairs tint under some setting ({t / max(1, n):.0%})")
+    for st in ("tuning", "heldout"):
+        named: dict[str, list[bool]] = defaultdict(lambda: [False, False])
+        for r, f in flagged:
+            if r["set"] == st and r["concept"] == "eiffel_tower":
+                named[r["prompt"]][0] |= f["eiffel"]
+                named[r["prompt"]][1] |= f["eiffel"] and f["fluent"]
+        if named:
+            print(f"eiffel_tower {st}: some setting names the Eiffel Tower on {sum(a for a, _ in named.values())} of "
+                  f"{len(named)} prompts, fluently on {sum(b for _, b in named.values())}")
 
 
 FMT = "{tint:.0%} ({mention:.0%} / {addresses:.0%} / {fluent:.0%}) B {tint_b:.0%} probe {tint_probe:.0%}"

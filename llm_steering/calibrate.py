@@ -151,6 +151,18 @@ def rep3(text: str) -> float:
 # ---------------------------------------------------------------------------
 
 
+def rows_by_layer(model: Any, rows: Sequence[Sequence[SteeringComponent]]) -> dict[int, list[tuple[list[SteeringComponent], list[torch.Tensor]]]]:
+    """{layer: for each batch row, (its components at that layer, their vectors on the model's device and dtype)}."""
+    param = next(model.parameters())
+    by_layer: dict[int, list[tuple[list[SteeringComponent], list[torch.Tensor]]]] = {}
+    for b, comps in enumerate(rows):
+        for c in comps:
+            per_row = by_layer.setdefault(c.layer, [([], []) for _ in rows])
+            per_row[b][0].append(c)
+            per_row[b][1].append(c.vector.to(device=param.device, dtype=param.dtype))
+    return by_layer
+
+
 @contextmanager
 def row_steering(model: Any, rows: Sequence[Sequence[SteeringComponent]], steer_prompt: bool = True) -> Iterator[None]:
     """Forward hooks that steer batch row b with rows[b] (a list of components; empty = unsteered).
@@ -164,15 +176,7 @@ def row_steering(model: Any, rows: Sequence[Sequence[SteeringComponent]], steer_
     """
     owner = threading.get_ident()
     _, layers = steering.decoder_layers(model)
-    param = next(model.parameters())
-    by_layer: dict[int, list[tuple[list[SteeringComponent], list[torch.Tensor]]]] = {}
-    for comps in rows:
-        for c in comps:
-            by_layer.setdefault(c.layer, [([], []) for _ in rows])
-    for b, comps in enumerate(rows):
-        for c in comps:
-            by_layer[c.layer][b][0].append(c)
-            by_layer[c.layer][b][1].append(c.vector.to(device=param.device, dtype=param.dtype))
+    by_layer = rows_by_layer(model, rows)
 
     def hook_for(per_row: list[tuple[list[SteeringComponent], list[torch.Tensor]]]):
         seen = [0]
