@@ -21,6 +21,12 @@ residual stream can be expected to do.
     nice -n 10 .venv/bin/python benchmarks/eval_adaptive.py release -- --set heldout \
         --per-concept benchmarks/results/release_picks.json --flags answer release --fractions 1.0 \
         --out benchmarks/results/release_heldout.jsonl   # the tuning picks (tint --pick-out), ops without flags
+    # the same release with no keywords: let go once the answer's own component along the concept, at the
+    # steering layer before the edit, reaches kappa x the strength (one run per kappa; rows say projK*100)
+    nice -n 10 .venv/bin/python benchmarks/eval_adaptive.py release -- --set tuning --every 3 \
+        --per-concept benchmarks/base_settings.json --flags answer release proj40 --kappa 0.4 \
+        --fractions 1.5 2.0 2.5 3.0 --out benchmarks/results/release_proj_tuning_every3.jsonl
+    .venv/bin/python benchmarks/eval_adaptive.py levels benchmarks/results/release_tuning_every3.jsonl   # how sure a detector
     nice -n 10 .venv/bin/python benchmarks/eval_adaptive.py prompted --set tuning --every 3 \
         --out benchmarks/results/prompted_tuning_every3.jsonl
     nice -n 10 .venv/bin/python benchmarks/eval_adaptive.py prompted --set heldout --out benchmarks/results/prompted_heldout.jsonl
@@ -67,11 +73,17 @@ def asked_chat(prompt: str, concept: str, how: str) -> list[dict]:
     return [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
 
 
-def released_once_mentioned(tokenizer: Any):
+def released_once_mentioned(tokenizer: Any, kappa: float | None = None):
     """calibrate.row_steering, answer-only, with each row let go once its answer mentions the row's concept
     (the components' name). The answer so far is read in a pre-hook on the embeddings (each decode pass
     feeds the newest token), up to its last space, so a word still being written ("cat" of "category")
-    does not count; from the pass that feeds the token after the mention, the row is unsteered."""
+    does not count; from the pass that feeds the token after the mention, the row is unsteered.
+
+    With `kappa`, no keywords: a row is let go at the first answer position whose own component along
+    the concept (at the steering layer, before the edit) reaches kappa x the component's strength. That
+    reads only the residual stream, so it is the form a `SteeringComponent` op could take on every
+    backend (SAE features have no keywords). Before the edit, a position's component at the steering
+    layer depends on the text so far, not on the earlier edits (they act on later layers only)."""
 
     @contextlib.contextmanager
     def row_steering(model: Any, rows: Sequence[Sequence[SteeringComponent]], steer_prompt: bool = True) -> Iterator[None]:
@@ -92,7 +104,7 @@ def released_once_mentioned(tokenizer: Any):
                 return
             for b in range(ids.shape[0]):
                 answer[b].append(int(ids[b, -1]))
-                if not released[b]:
+                if not released[b] and kappa is None:
                     text = tokenizer.decode(answer[b], skip_special_tokens=True)
                     released[b] = mentions(text[: text.rfind(" ")], concepts[b])
 
@@ -104,6 +116,10 @@ def released_once_mentioned(tokenizer: Any):
                 if threading.get_ident() != owner or passes[0] <= 1:
                     return None
                 hidden = steering.layer_hidden(output)
+                if kappa is not None:
+                    for b, (comps, vecs) in enumerate(per_row[: hidden.shape[0]]):
+                        if comps and not released[b]:
+                            released[b] = float(hidden[b, -1].float() @ vecs[0].float()) >= kappa * comps[0].strength
                 parts = [steering.steer_hidden(hidden[b : b + 1], comps, vecs) if comps and not released[b] else hidden[b : b + 1]
                          for b, (comps, vecs) in enumerate(per_row[: hidden.shape[0]])]
                 return steering.with_hidden(output, torch.cat(parts, dim=0))
@@ -123,6 +139,13 @@ def released_once_mentioned(tokenizer: Any):
 
 
 def cmd_release(rest: list[str]) -> None:
+    kappa = None
+    if "--kappa" in rest:  # ours, not eval_quality run's
+        i = rest.index("--kappa")
+        kappa = float(rest[i + 1])
+        del rest[i : i + 2]
+        if f"proj{round(kappa * 100)}" not in rest:
+            sys.exit(f"add proj{round(kappa * 100)} to --flags, so the rows say which threshold made them")
     if "release" not in rest:
         sys.exit("add release to --flags, so the rows say how they were made")
     model_tok: dict[str, Any] = {}
@@ -130,7 +153,7 @@ def cmd_release(rest: list[str]) -> None:
 
     def load_model(*a: Any, **k: Any):  # eval_quality's run loads the model; keep its tokenizer for the hook
         model_tok["pair"] = load(*a, **k)
-        calibrate.row_steering = released_once_mentioned(model_tok["pair"][1])  # generate_rows looks it up at call time
+        calibrate.row_steering = released_once_mentioned(model_tok["pair"][1], kappa)  # generate_rows looks it up at call time
         return model_tok["pair"]
 
     steering.load_model = load_model
@@ -193,6 +216,41 @@ def cmd_check(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
+def cmd_levels(args: argparse.Namespace) -> None:
+    """How well the concept's own component finds a mention: on keyword-release rows (every `--every`-th), the
+    answer is fed back through the unsteered model, and at the steering layer (before any edit, where a
+    position's component depends on the text alone) its component along the concept is read per answer
+    token, as a multiple of the row's strength. Printed per concept: the highest value in the three tokens
+    up to the first mention, the highest before them, and the highest in answers that never mention it."""
+    model, tok = steering.load_model()
+    vset = steering.load_vectors(eval_quality.ROOT / "steering_vectors.pt")
+    norms = {int(L): float(n) for L, n in vset.layer_norms.items()}
+    rows = [r for r in map(json.loads, open(args.release)) if r["concept"]][:: args.every]
+    seen: dict[str, dict[str, list[float]]] = {c: {"at": [], "before": [], "never": []} for c in KEYWORDS}
+    for r in rows:
+        c, layer = r["concept"], vset.get(r["concept"]).layer
+        comp = SteeringComponent(layer, vset.get(c).vector, strength=r["fraction"] * norms[layer])
+        prompt = tok.apply_chat_template(eval_quality.chat(r["prompt"]), add_generation_prompt=True, return_tensors="pt",
+                                         return_dict=True)["input_ids"]
+        answer = tok(r["text"], add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            hidden = model(torch.cat([prompt, answer], 1), output_hidden_states=True).hidden_states[layer + 1]
+        level = (hidden[0, prompt.shape[1]:].float() @ comp.vector) / comp.strength
+        first = next((i for i in range(answer.shape[1]) if mentions(tok.decode(answer[0, : i + 1]), c)), None)
+        if first is None:
+            seen[c]["never"].append(float(level.max()))
+        else:
+            seen[c]["at"].append(float(level[max(0, first - 2) : first + 1].max()))
+            seen[c]["before"].append(float(level[: max(1, first - 2)].max()))
+
+    def median(xs: list[float]) -> str:
+        return f"{sorted(xs)[len(xs) // 2]:.2f} (n={len(xs)})" if xs else "-"
+
+    print("| concept | at the first mention | before it | answers that never mention it |\n|---|---|---|---|")
+    for c, d in seen.items():
+        print(f"| `{c}` | {median(d['at'])} | {median(d['before'])} | {median(d['never'])} |")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "release":
         cmd_release([a for a in sys.argv[2:] if a != "--"])
@@ -210,8 +268,11 @@ def main() -> None:
     chk = sub.add_parser("check", help="release rows agree with answer-only rows up to the first mention")
     chk.add_argument("release")
     chk.add_argument("answer_only")
+    lv = sub.add_parser("levels", help="the concept's pre-edit component (x strength) at first mentions and in answers without one")
+    lv.add_argument("release")
+    lv.add_argument("--every", type=int, default=3, help="read every n-th steered row")
     args = parser.parse_args()
-    {"prompted": cmd_prompted, "check": cmd_check}[args.cmd](args)
+    {"prompted": cmd_prompted, "check": cmd_check, "levels": cmd_levels}[args.cmd](args)
 
 
 if __name__ == "__main__":
