@@ -52,7 +52,7 @@ from llm_steering.steering import SteeringComponent
 
 import eval_quality
 import torch
-from sweep_vectors import KEYWORDS, mentions
+from sweep_vectors import KEYWORDS, first_mention, mentions
 
 # What the unsteered model is asked, per concept: a topic to mention, or a style to answer in.
 TOPICS = {"eiffel_tower": "the Eiffel Tower", "cats": "cats", "space": "outer space", "ocean": "the ocean",
@@ -126,14 +126,12 @@ def released_once_mentioned(tokenizer: Any, kappa: float | None = None):
 
             return hook
 
-        embed = model.get_input_embeddings()
-        hooks = [embed.register_forward_pre_hook(read_answer)]
+        reader = model.get_input_embeddings().register_forward_pre_hook(read_answer)
         try:
             with steering.forward_hooks((layers[L], hook_for(p)) for L, p in by_layer.items()):
                 yield
         finally:
-            for h in hooks:
-                h.remove()
+            reader.remove()
 
     return row_steering
 
@@ -148,13 +146,12 @@ def cmd_release(rest: list[str]) -> None:
             sys.exit(f"add proj{round(kappa * 100)} to --flags, so the rows say which threshold made them")
     if "release" not in rest:
         sys.exit("add release to --flags, so the rows say how they were made")
-    model_tok: dict[str, Any] = {}
     load = steering.load_model
 
     def load_model(*a: Any, **k: Any):  # eval_quality's run loads the model; keep its tokenizer for the hook
-        model_tok["pair"] = load(*a, **k)
-        calibrate.row_steering = released_once_mentioned(model_tok["pair"][1], kappa)  # generate_rows looks it up at call time
-        return model_tok["pair"]
+        model, tok = load(*a, **k)
+        calibrate.row_steering = released_once_mentioned(tok, kappa)  # generate_rows looks it up at call time
+        return model, tok
 
     steering.load_model = load_model
     sys.argv = [sys.argv[0], "run", *rest]
@@ -193,8 +190,6 @@ def cmd_check(args: argparse.Namespace) -> None:
     """Release rows against plain answer-only rows of the same concept, strength and prompt: where the plain
     answer never mentions the concept the two must be equal; where it does, they must agree up to its first
     mention (the release changes nothing before it)."""
-    import re
-
     plain = {(r["concept"], round(r["fraction"], 4), r["prompt"]): r["text"] for r in map(json.loads, open(args.answer_only))
              if r["concept"] and r["variant"].endswith("+answer")}
     n = equal = prefix = 0
@@ -204,12 +199,12 @@ def cmd_check(args: argparse.Namespace) -> None:
             continue
         n += 1
         b = r["text"]
-        starts = [m.start() for k in KEYWORDS[r["concept"]] for m in re.finditer(rf"(?<![a-z]){re.escape(k)}(?![a-z])", a.lower())]
-        if not starts:
+        start = first_mention(a, r["concept"])
+        if start is None:
             equal += a == b
             continue
         common = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-        prefix += common >= min(starts)
+        prefix += common >= start
     print(f"{n} answers with an answer-only twin: {equal} of the twins that never mention the concept are equal, "
           f"{prefix} of those that do agree up to the first mention ({n - equal - prefix} break the rule)")
     if n == 0 or equal + prefix != n:

@@ -72,9 +72,15 @@ KEYWORDS = {
 # ---------------------------------------------------------------------------
 
 
-def mentions(text: str, concept: str) -> bool:
+def first_mention(text: str, concept: str) -> int | None:
+    """Where in `text` the concept's first keyword (a whole word, any case) starts; None without one."""
     low = text.lower()
-    return any(re.search(rf"(?<![a-z]){re.escape(k)}(?![a-z])", low) for k in KEYWORDS[concept])
+    starts = [m.start() for k in KEYWORDS[concept] if (m := re.search(rf"(?<![a-z]){re.escape(k)}(?![a-z])", low))]
+    return min(starts, default=None)
+
+
+def mentions(text: str, concept: str) -> bool:
+    return first_mention(text, concept) is not None
 
 
 def chat(prompt: str) -> list[dict]:
