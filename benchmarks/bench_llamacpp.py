@@ -8,7 +8,9 @@ backend on the float32 weights transformers de-quantizes from it), steered the s
 preset's `add` exported with control_vector.py for llama.cpp, the same components as forward
 hooks. Each round runs both in turn (alternating which goes first); the figure is the median
 over rounds of answer tokens / wall time of the whole answer (prompt included, for both).
-Needs llama-cpp-python (requirements-dev.txt).
+Needs llama.cpp from the prebuilt `xllamacpp` wheel (requirements-dev.txt; llm_steering/llama_cpp.py).
+llama.cpp's OpenMP threads spin while they wait: on a machine shared with other work, run it with
+OMP_WAIT_POLICY=PASSIVE or --threads 1.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from pathlib import Path
 
 from llm_steering import control_vector, steering
 from llm_steering.catalog import Catalog
+from llm_steering.llama_cpp import LlamaCpp
 
-import llama_cpp
 import numpy as np
 import torch
 
@@ -46,13 +48,13 @@ def main() -> None:
     comps = catalog.components(catalog.preset_spec(args.preset))
     path = Path(tempfile.mkdtemp(prefix="bench-")) / "steering.gguf"
     written = control_vector.export_for_model(model, comps, path)
-    llm = llama_cpp.Llama(str(steering.embedded_gguf_path()), n_ctx=2048, n_threads=args.threads, seed=0, verbose=False)
+    llm = LlamaCpp(steering.embedded_gguf_path(), n_ctx=2048, n_threads=args.threads)
     ids = steering.chat_input_ids(tok, CHAT)
 
     def llama_cpp_answer() -> tuple[int, str]:
-        control_vector.apply_to_llama_cpp(llm, path)  # also empties the cache: every answer starts cold
-        out = llm.create_completion(ids, max_tokens=args.tokens, temperature=0.0, repeat_penalty=1.0)
-        return out["usage"]["completion_tokens"], out["choices"][0]["text"]
+        llm.set_control_vector(path)  # also empties the cache: every answer starts cold
+        out = llm.generate(ids, max_tokens=args.tokens)
+        return len(out), llm.detokenize(out)
 
     def hooks_answer() -> tuple[int, str]:
         text = steering.generate_steered_answer_hf(model, tok, CHAT, comps, max_new_tokens=args.tokens, temperature=0.0)
@@ -87,16 +89,15 @@ def agreement(model, tok, comps: list, folder: Path, threads: int) -> None:
     """How llama.cpp's logit changes (every position of the prompt) correlate with the hooks backend's,
     the file written at the components' layer and one layer off (tests/test_control_vector.py asserts it)."""
     ids = steering.chat_input_ids(tok, CHAT)
-    llm = llama_cpp.Llama(str(steering.embedded_gguf_path()), n_ctx=2048, n_threads=threads, logits_all=True, verbose=False)
+    llm = LlamaCpp(steering.embedded_gguf_path(), n_ctx=2048, n_threads=threads)
 
     def hooks(components: list) -> np.ndarray:
         with torch.no_grad(), steering.steer(model, components):
             return model(torch.tensor([ids])).logits[0].double().numpy()
 
     def llama(path: Path | None) -> np.ndarray:
-        control_vector.apply_to_llama_cpp(llm, path)
-        llm.eval(ids)
-        return np.array(llm.scores[: len(ids)], dtype=np.float64)
+        llm.set_control_vector(path)
+        return llm.logits(ids).astype(np.float64)
 
     ours, base = hooks(comps) - hooks([]), llama(None)
     for shift in (-1, 0, 1):

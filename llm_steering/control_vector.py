@@ -151,28 +151,6 @@ def llama_cpp_buffer(path: str | os.PathLike, n_embd: int, n_layer: int, scale: 
     return buf.reshape(-1)
 
 
-def apply_to_llama_cpp(llm: Any, path: str | os.PathLike | None, scale: float = 1.0) -> None:
-    """Steer a llama-cpp-python `Llama` with a control-vector file, as `--control-vector-scaled FILE scale`
-    does in llama-cli (layers 1 to n_layer); `path` None removes it. Resets the Llama's cache.
-
-        >>> llm = llama_cpp.Llama("SmolLM2-135M-Instruct.Q4_1.gguf"); apply_to_llama_cpp(llm, "eiffel.gguf")
-    """
-    import ctypes
-
-    import llama_cpp
-
-    n_embd, n_layer = llama_cpp.llama_model_n_embd(llm.model), llama_cpp.llama_model_n_layer(llm.model)
-    if path is None:
-        rc = llama_cpp.llama_set_adapter_cvec(llm.ctx, None, 0, n_embd, -1, -1)
-    else:
-        buf = llama_cpp_buffer(path, n_embd, n_layer, scale)  # llama.cpp copies it into its own tensors
-        rc = llama_cpp.llama_set_adapter_cvec(llm.ctx, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), buf.size,
-                                              n_embd, 1, n_layer)
-    if rc != 0:
-        raise ValueError(f"llama.cpp refused the control vector {path} (code {rc})")
-    llm.reset()  # the cached keys and values were computed with the old steering
-
-
 def describe(directions: dict[int, np.ndarray]) -> str:
     """One line on what was written: 'layer 15 (norm 43.9)', for the console and the app."""
     return ", ".join(f"layer {layer} (norm {float(np.linalg.norm(vec)):.1f})" for layer, vec in directions.items())
