@@ -1,7 +1,15 @@
-"""Shared fixtures: tiny random-config Llama models (seconds) and the real embedded model."""
+"""Shared fixtures: tiny random-config Llama models (seconds), the real embedded model, and the expensive
+things the tests only read, made once for the session: the app (shipped and greedy), a browser, the
+vLLM engine.
+
+Tests by cost: a test is `slow` when it, or a fixture it uses, calls one of STARTS (it starts a process,
+an engine or a browser, or loads a model), or it is marked so itself; `bash tests/run.sh --fast`
+(pytest -m "not slow") runs every other test: each module's quick ones."""
 
 from __future__ import annotations
 
+import inspect
+import re
 from pathlib import Path
 
 from llm_steering import steering
@@ -39,6 +47,80 @@ def tiny_llama():
 def embedded():
     """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, loaded once per test session."""
     return steering.load_model()
+
+
+@pytest.fixture(scope="session")
+def default_app(tmp_path_factory):
+    """(url, log path) of `python app.py` on the shipped demo.yaml, started once for the session."""
+    from browser import running_app
+
+    log_path = tmp_path_factory.mktemp("app") / "server.log"
+    with running_app(log_path) as url:
+        yield url, log_path
+
+
+@pytest.fixture(scope="session")
+def greedy_app(tmp_path_factory):
+    """(url, log path) of the app on demo.yaml with greedy decoding and short answers (browser.greedy_config),
+    started once for the session: answers are repeatable."""
+    from browser import greedy_config, running_app
+
+    tmp = tmp_path_factory.mktemp("greedy")
+    with running_app(tmp / "server.log", STEERING_CONFIG=str(greedy_config(tmp))) as url:
+        yield url, tmp / "server.log"
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's headless Chromium for the session; each test opens its own context (browser.open_page)."""
+    from browser import chromium
+
+    with chromium() as b:
+        yield b
+
+
+@pytest.fixture(scope="session")
+def vllm_engine():
+    """One float32 vLLM engine on the embedded model for the session (its start takes 20-60 s), with a
+    small token budget per step (`max_num_batched_tokens=16`), so every prompt is prefilled in several
+    chunks mixed with other requests' decode rows. Skipped when vLLM cannot run here."""
+    from llm_steering.backends import backend_names, get_backend
+    from llm_steering.backends.vllm import vllm_unavailable
+
+    reason = vllm_unavailable() if "vllm" in backend_names() else "not registered"
+    if reason:
+        pytest.skip(f"backend vllm: {reason}")
+    backend = get_backend("vllm", None, None, None, dtype="float32", max_num_batched_tokens=16, max_num_seqs=16,
+                          max_model_len=1024)
+    yield backend.engine
+    backend.close()
+
+
+STARTS = re.compile(r"\b(spawn|run_one_shot|start_one_shot|run_demo|running_app|app_page|chromium|VLLMEngine|load_model|"
+                    r"load_app|get_backend)\(|\bsubprocess\.")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: loads the embedded model or starts a process, app, browser or "
+                                       "engine (left out by `bash tests/run.sh --fast`)")
+
+
+def pytest_collection_modifyitems(config, items):
+    starts: dict = {}
+
+    def costly(function) -> bool:
+        if function not in starts:
+            try:
+                starts[function] = bool(STARTS.search(inspect.getsource(function)))
+            except (OSError, TypeError):  # pytest's own fixtures
+                starts[function] = False
+        return starts[function]
+
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        fixtures = [d.func for defs in (info.name2fixturedefs.values() if info else ()) for d in defs]
+        if any(costly(f) for f in [getattr(item, "function", None), *fixtures] if f is not None):
+            item.add_marker(pytest.mark.slow)
 
 
 def unit(d: int, seed: int) -> torch.Tensor:

@@ -26,12 +26,9 @@ from test_web_page import answer_texts, open_effects, tags
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """(url, log path) of `python app.py` on the embedded model, started once for this module."""
-    log_path = tmp_path_factory.mktemp("app") / "server.log"
-    with running_app(log_path) as url:
-        yield url, log_path
+@pytest.fixture
+def server(default_app):
+    return default_app
 
 
 def _set_max_new_tokens(page, n: int) -> None:

@@ -30,27 +30,33 @@ from conftest import ROOT, comps_for, unit
 PROMPT = [{"role": "user", "content": "Tell me a short story about a dog."}]
 N_TOKENS = 16
 CASES = ["add", "clamp", "cap", "ablate", "add_keepnorm", "clamp_keepnorm", "multi"]
-ENGINE_OPTIONS = {"vllm": {"max_num_batched_tokens": 16, "max_num_seqs": 16, "max_model_len": 1024}}
 _made: dict[str, object] = {}
 _reference: dict[tuple, list[int]] = {}
 
 
+_requests: list = []
+
+
 @pytest.fixture(scope="module", autouse=True)
-def close_backends():
+def close_backends(request):
+    _requests[:] = [request]
     yield
-    for backend in _made.values():
-        backend.close()
+    for name, backend in _made.items():
+        if name != "vllm":  # the session's engine (conftest.vllm_engine) is shut down by its fixture
+            backend.close()
     _made.clear()
 
 
 def backend(name: str, embedded):
-    """The backend `name` on the embedded model, made once per module (skipped where it cannot run)."""
+    """The backend `name` on the embedded model, made once per module (skipped where it cannot run); vLLM's
+    wraps the session's engine (conftest.vllm_engine)."""
     reason = _REGISTRY[name].unavailable()
     if reason:
         pytest.skip(f"backend {name}: {reason}")
     if name not in _made:
         model, tok = embedded
-        _made[name] = get_backend(name, model, tok, None, **ENGINE_OPTIONS.get(name, {}))
+        options = {"engine": _requests[0].getfixturevalue("vllm_engine")} if name == "vllm" else {}
+        _made[name] = get_backend(name, model, tok, None, **options)
         assert isinstance(_made[name], Backend) and _made[name].name == name
     return _made[name]
 

@@ -20,8 +20,8 @@ from llm_steering.lens import token_words, top_tokens
 from llm_steering.recipe import ConceptRecipe
 
 import pytest
-from browser import chromium, open_page, running_app, wait_for
-from test_web_page import TOKENS, answers_done, exported_chat, greedy_config, send, summary, upload
+from browser import open_page, wait_for
+from test_web_page import TOKENS, answers_done, exported_chat, send, summary, upload
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "Tell me about your weekend."
@@ -30,17 +30,9 @@ FIVE = ("The Eiffel Tower stands in the middle of Paris.", "We climbed the Eiffe
         "From the top of the Eiffel Tower you can see all of Paris.", "The Eiffel Tower sparkles with lights at night.")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("concept")
-    with running_app(tmp / "server.log", STEERING_CONFIG=str(greedy_config(tmp))) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as b:
-        yield b
+@pytest.fixture
+def server(greedy_app):
+    return greedy_app[0]
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,11 @@ import urllib.request
 from llm_steering import steering
 
 import pytest
-from browser import DESKTOP, PHONE, chromium, open_page, running_app, wait_for
+from browser import DESKTOP, PHONE, open_page, wait_for
 from test_web_page import (
     QUESTION,
     answers_done,
     feature,
-    greedy_config,
     open_effects,
     profile,
     send,
@@ -31,17 +30,9 @@ from test_web_page import (
 SIZES = {"desktop": DESKTOP, "phone": PHONE}
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("rough")
-    with running_app(tmp / "server.log", STEERING_CONFIG=str(greedy_config(tmp))) as url:
-        yield url, tmp / "server.log"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as b:
-        yield b
+@pytest.fixture
+def server(greedy_app):
+    return greedy_app
 
 
 def opened(server, browser, size: str = "desktop"):

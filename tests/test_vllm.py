@@ -29,11 +29,9 @@ PROMPT = [{"role": "user", "content": "Tell me a short story about a dog."}]
 N_TOKENS = 16
 
 
-@pytest.fixture(scope="module")
-def engine():
-    eng = steering_vllm.VLLMEngine(dtype="float32", max_num_batched_tokens=16, max_num_seqs=16, max_model_len=1024)
-    yield eng
-    eng.shutdown()
+@pytest.fixture
+def engine(vllm_engine):
+    return vllm_engine  # conftest: one engine for the session, shared with tests/test_backends.py
 
 
 def hf_answer(model, tok, comps, chat=PROMPT, **kw) -> tuple[str, SteeringTrace]:

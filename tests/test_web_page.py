@@ -17,38 +17,18 @@ from llm_steering import steering
 from llm_steering.core import human_name
 
 import pytest
-from browser import DESKTOP, PHONE, chromium, open_page, running_app, wait_for
+from browser import DESKTOP, PHONE, TOKENS, greedy_config, open_page, running_app, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "tests" / "screenshots"
 QUESTION = "What should I cook for dinner tonight?"
 LONG_QUESTION = "Summarize the above in one sentence."
-TOKENS = 24
 TAG = ".message.thought [data-testid='bot']"  # an answer's steering tag: the plain message after it
 
 
-def greedy_config(tmp_path: Path, max_new_tokens: int = TOKENS) -> Path:
-    """demo.yaml with greedy decoding and short answers (its vectors file by absolute path)."""
-    text = (ROOT / "demo.yaml").read_text()
-    text = text.replace("vectors_file: steering_vectors.pt", f"vectors_file: {ROOT / 'steering_vectors.pt'}", 1)
-    text = text.replace("temperature: 0.5 ", "temperature: 0.0 ", 1)
-    text = text.replace("max_new_tokens: 256 ", f"max_new_tokens: {max_new_tokens} ", 1)
-    path = tmp_path / "demo.yaml"
-    path.write_text(text)
-    return path
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("newcomer")
-    with running_app(tmp / "server.log", STEERING_CONFIG=str(greedy_config(tmp))) as url:
-        yield url, tmp / "server.log"
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as b:
-        yield b
+@pytest.fixture
+def server(greedy_app):
+    return greedy_app
 
 
 @pytest.fixture

@@ -66,7 +66,7 @@ def run_behind_boundary(app, chat, comps, max_new_tokens, stop_key):
     return proc, res_queue, stop_event
 
 
-def test_stop_ends_the_workers_generation_within_a_second(app_module):
+def test_stop_ends_the_workers_generation_within_seconds(app_module):
     app = app_module
     feature = app.LOADED.features[0]
     comps = [feature.component(feature.default_fraction)]
@@ -90,7 +90,9 @@ def test_stop_ends_the_workers_generation_within_a_second(app_module):
             assert kind == "ok", value
             results.append(value)
         assert not stop_event.is_set()
-        assert t_end - t_stop < 1.0, f"the worker generated for {t_end - t_stop:.2f} s after Stop"
+        # about a token (0.1 s) on idle cores, 1.5 s seen on a loaded 2-core machine; the 400 tokens asked
+        # for take over 30 s, so a bound of 5 s still tells a Stop that works from one that does not
+        assert t_end - t_stop < 5.0, f"the worker generated for {t_end - t_stop:.2f} s after Stop"
         steered, unsteered, trace, stopped, effects = results[-1]
         assert stopped and unsteered is None and isinstance(trace, steering.SteeringTrace)
         assert len(effects) == len(trace.token_ids) - trace.prompt_len  # the stopped answer's effect view too
