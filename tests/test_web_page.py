@@ -396,7 +396,8 @@ def test_a_vector_of_the_file_the_profile_does_not_list_can_be_steered_by_name(b
     with running_app(tmp_path / "server.log", STEERING_CONFIG=str(tmp_path / "demo.yaml")) as url:
         page = open_page(browser, url)
         try:
-            assert feature(page, "Shakespeare").is_visible() and feature(page, "Coffee").count() == 0
+            feature(page, "Shakespeare").wait_for(state="visible", timeout=30_000)  # the cards render after the box
+            assert feature(page, "Coffee").count() == 0
             page.locator("#custom-on").get_by_role("checkbox").check()  # unfolds the custom card
             key = page.locator("#custom-key input").first
             key.click()
