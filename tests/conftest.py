@@ -4,7 +4,11 @@ vLLM engine.
 
 Tests by cost: a test is `slow` when it, or a fixture it uses, calls one of STARTS (it starts a process,
 an engine or a browser, or loads a model), or it is marked so itself; `bash tests/run.sh --fast`
-(pytest -m "not slow") runs every other test: each module's quick ones."""
+(pytest -m "not slow") runs every other test: each module's quick ones.
+
+tests/run.sh runs the suite on two pytest-xdist workers (`--dist loadgroup`). A test that uses an
+expensive fixture shared beyond one test (an app, the engine, a module's server) is put in that
+fixture's xdist group, so each is made once, in one worker; everything else goes to whichever worker is free."""
 
 from __future__ import annotations
 
@@ -100,6 +104,9 @@ STARTS = re.compile(r"\b(spawn|run_one_shot|start_one_shot|run_demo|running_app|
                     r"load_app|get_backend)\(|\bsubprocess\.")
 
 
+CHEAP_SHARED = {"embedded", "browser"}  # made in seconds: each worker makes its own
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: loads the embedded model or starts a process, app, browser or "
                                        "engine (left out by `bash tests/run.sh --fast`)")
@@ -118,9 +125,16 @@ def pytest_collection_modifyitems(config, items):
 
     for item in items:
         info = getattr(item, "_fixtureinfo", None)
-        fixtures = [d.func for defs in (info.name2fixturedefs.values() if info else ()) for d in defs]
-        if any(costly(f) for f in [getattr(item, "function", None), *fixtures] if f is not None):
+        defs = [d for ds in (info.name2fixturedefs.values() if info else ()) for d in ds]
+        if any(costly(f) for f in [getattr(item, "function", None), *(d.func for d in defs)] if f is not None):
             item.add_marker(pytest.mark.slow)
+        shared = sorted(f"{d.baseid}::{d.argname}" if d.scope == "module" else d.argname for d in defs
+                        if d.scope in ("module", "session") and d.argname not in CHEAP_SHARED and costly(d.func))
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "vllm" in params.values():  # test_backends' conformance suite on vLLM wraps the session's engine
+            shared = ["vllm_engine"]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
 
 
 def unit(d: int, seed: int) -> torch.Tensor:

@@ -31,7 +31,9 @@ if [ ! -x /usr/bin/chromium ]; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null
 fi
 .venv/bin/ruff check .
-args=()
+# Two workers: much of the suite waits on the processes it starts (app, console, engine, browser), so
+# two cores stay busier; tests sharing an app or engine run in one worker (tests/conftest.py).
+args=(-n "${STEERING_TEST_WORKERS:-2}" --dist loadgroup)
 for a in "$@"; do
   if [ "$a" = "--fast" ]; then args+=(-m "not slow"); else args+=("$a"); fi
 done

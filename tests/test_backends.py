@@ -308,9 +308,6 @@ def test_a_torchvision_that_breaks_vllm_is_named_with_what_to_uninstall(tmp_path
 
 def test_one_shot_console_gives_the_same_answer_on_vllm_and_hf_and_prints_only_it():
     pytest.importorskip("vllm", reason="vLLM is not installed")
-    for backend_made in _made.values():  # one vLLM engine at a time on this machine
-        backend_made.close()
-    _made.clear()
     args = ["--prompt", "Tell me about your weekend.", "--steer", "pirate", "0.3", "--temperature", "0",
             "--max-new-tokens", "24"]
     runs = {name: subprocess.run([sys.executable, "demo.py", "--backend", name, *args], cwd=ROOT, capture_output=True,

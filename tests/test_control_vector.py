@@ -282,11 +282,11 @@ def test_export_gguf_in_the_chat(shipped, tmp_path):
 # ---------------------------------------------------------------------------
 
 
-def test_share_panel_exports_the_current_steering_as_gguf(shipped, tmp_path):
-    from browser import app_page, download_export, running_app, wait_for
+def test_share_panel_exports_the_current_steering_as_gguf(shipped, default_app, tmp_path):
+    from browser import app_page, download_export, wait_for
 
     _, vectors = shipped
-    with running_app(tmp_path / "server.log") as url, app_page(url) as page:
+    with app_page(default_app[0]) as page:
         page.locator("#preset").get_by_label("Eiffel Tower").check()
         wait_for(lambda: "Eiffel Tower" in page.locator("#summary").inner_text(), 10, "the preset's summary")
         name, body = download_export(page, "Export llama.cpp GGUF")

@@ -78,8 +78,9 @@ def run_concurrently(engine, jobs: list[tuple[list, list]], **kw) -> list[list[i
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
     for t in threads:
         t.start()
+    deadline = time.monotonic() + 300  # one bound for all of them, not 300 s each
     for t in threads:
-        t.join(timeout=300)
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
     assert all(r is not None for r in results)
     return results
 
