@@ -1,7 +1,8 @@
-"""catalog.py: the app and the console read every input the same way, by construction.
+"""catalog.py: the app, the console and the library read every input the same way.
 
 The same steering specs and the same long inputs go through the app's handlers and the
-console's chat; both must build the same components and send the model the same input.
+console's chat; both must build the same components and send the model the same input. The
+same specs also go through the library's `steering.spec_components`.
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ def test_app_and_console_build_the_same_components(loaded, tmp_path, features):
     controls = [default if isinstance(u, skip) else u for u, default in zip(updates, la.panel.pack({}), strict=True)]
     from_app = [comp_tuple(c) for c in la.catalog.components(handlers.spec_from_controls(la, la.panel.read(controls)))]
     assert from_app == from_console and from_app
+    spec = steering.SteeringSpec.from_dict(spec_dict)
+    vectors_path = la.profile.vectors_path()
+    from_library = [comp_tuple(c) for c in steering.spec_components(spec, steering.load_vectors(vectors_path))]
+    assert from_library == from_app
 
 
 @pytest.mark.parametrize("fraction", [2.5, -1.5, 11.0])
@@ -85,6 +90,10 @@ def test_both_refuse_the_same_out_of_range_strengths(loaded, tmp_path, fraction)
     with pytest.raises(ValueError, match="out of range") as from_api:
         la.catalog.components(la.catalog.parse_steering(path.read_text()))
     assert str(from_api.value) == str(from_console.value)
+    spec = steering.SteeringSpec.from_dict(json.loads(path.read_text()))
+    with pytest.raises(ValueError, match="out of range") as from_library:
+        steering.spec_components(spec, steering.load_vectors(la.profile.vectors_path()))
+    assert str(from_library.value) == str(from_console.value)
 
 
 @pytest.mark.parametrize("n_words, n_turns", [(50, 0), (3000, 0), (400, 12)])

@@ -8,7 +8,8 @@ does that). For every POST it:
 - refuses booleans where vLLM's lax validation would read `true` as 1 (`seed`, `n`, `max_tokens`, ...);
 - on /v1/chat/completions and /v1/completions, takes the request's steering (the top-level
   `steering` field, or `vllm_xargs.steering` as a JSON string), validates it with the app's
-  bounds (the spec format, at most 64 features, fractions -1..2, features from the vectors file
+  bounds and resolves it as the app does (catalog.Catalog.components: the spec format, at most 64
+  features, each feature's fraction range and own op, features from the vectors file
   `LLM_STEERING_VECTORS`, layers and sizes of the served model), resolves it to components and
   hands them to the worker extension in `vllm_xargs["llm_steering"]` (a JSON string: vLLM's
   xargs hold flat values only), with the prefix cache salted by the steering.
@@ -25,8 +26,8 @@ import os
 from typing import Any
 
 from llm_steering import vllm_backend
-from llm_steering.catalog import FRACTION_RANGE
-from llm_steering.config import MAX_SPEC_BYTES, SteeringSpec, spec_components
+from llm_steering.catalog import catalog_for_vectors
+from llm_steering.config import MAX_SPEC_BYTES, SteeringSpec
 from llm_steering.core import short_repr
 
 VECTORS_ENV = "LLM_STEERING_VECTORS"
@@ -85,7 +86,7 @@ class SteeringMiddleware:
             return body
         state = scope["app"].state
         try:
-            comps = spec_components(spec, await self._vectors_for(spec))
+            comps = catalog_for_vectors(await self._vectors_for(spec), file_only=True).components(spec)
         except ValueError as exc:  # an unknown feature, vectors of another model
             raise RequestError(400, str(exc), "steering") from None
         check_components(comps, state.engine_client.model_config.hf_text_config)
@@ -135,15 +136,9 @@ def take_spec(data: dict) -> SteeringSpec | None:
     if len(json.dumps(raw)) > MAX_SPEC_BYTES:
         raise RequestError(400, f"the steering spec is over {MAX_SPEC_BYTES} bytes", "steering")
     try:
-        spec = SteeringSpec.from_dict(raw)
+        return SteeringSpec.from_dict(raw)  # fractions: each feature's own range, checked by the catalog
     except ValueError as exc:
         raise RequestError(400, str(exc), "steering") from None
-    lo, hi = FRACTION_RANGE
-    for feat in spec.features:
-        if not lo <= feat.fraction <= hi:
-            raise RequestError(400, f"feature {feat.key!r}: fraction must be between {lo:g} and {hi:g} "
-                                    f"(units of the layer's typical norm), got {feat.fraction:g}", "steering")
-    return spec
 
 
 def check_components(comps: list, config: Any) -> None:
