@@ -282,10 +282,10 @@ class VLLMEngine:
             await gen.aclose()  # aborts the request if it is still running
             result.finish_reason = reason if reason in ("stop", "length") else "cancelled"
             if trace_key is not None:  # also for a cancelled answer: the positions it ran
-                rows = (await self.engine.collective_rpc("steering_pop_trace", args=(trace_key,)))[0]
+                per_worker = await self.engine.collective_rpc("steering_pop_trace", args=(trace_key,))
                 trace = result.trace
                 trace.token_ids[:] = [*result.prompt_ids, *result.token_ids]
-                for comp, r in zip(trace.components, rows or [[]] * len(comps), strict=True):
+                for comp, r in zip(trace.components, merge_trace_rows(per_worker, len(comps)), strict=True):
                     comp.before[:], comp.after[:] = [float(x[1]) for x in r], [float(x[2]) for x in r]
                 trim_trace(trace)
 
@@ -327,6 +327,16 @@ def wire_component(comp: SteeringComponent) -> WireComponent:
     return WireComponent(layer=comp.layer, op=comp.op, strength=comp.strength, cap_min=comp.cap_min,
                          cap_max=comp.cap_max, scale=comp.scale, name=comp.name,
                          vector=WireComponent.encode_vector(comp.vector.numpy()))
+
+
+def merge_trace_rows(per_worker: list, n_components: int) -> list[list[tuple[int, float, float]]]:
+    """One component's (position, before, after) rows from every worker: tensor-parallel workers record
+    the same rows, pipeline-parallel ones each the rows of the layers they hold."""
+    merged: list[dict[int, tuple]] = [{} for _ in range(n_components)]
+    for rows in per_worker:
+        for into, comp_rows in zip(merged, rows or [[]] * n_components, strict=True):
+            into.update({int(row[0]): row for row in comp_rows})
+    return [[row for _, row in sorted(m.items())] for m in merged]
 
 
 def legacy_settings(clamp_intensity: bool, max_new_tokens: int, temperature: float, repetition_penalty: float,
