@@ -101,6 +101,8 @@ class SteeringMiddleware:
             return body
         check_integer_fields(data)
         xargs = data.get("vllm_xargs")
+        if xargs is not None and not isinstance(xargs, dict):
+            raise RequestError(400, f"vllm_xargs must be an object of flat values, got {short_repr(xargs)}", "vllm_xargs")
         if isinstance(xargs, dict) and EXTRA_KEY in xargs:
             raise RequestError(400, f"vllm_xargs.{EXTRA_KEY} is reserved: send the steering as 'steering' "
                                     "(or vllm_xargs.steering)", "vllm_xargs")
@@ -111,7 +113,7 @@ class SteeringMiddleware:
             raise RequestError(400, f"{scope['path']} takes no steering: use /v1/chat/completions", "steering")
         engine = scope["app"].state.engine_client
         record = await self._record(spec, engine.model_config.hf_text_config)
-        data.setdefault("vllm_xargs", {})[EXTRA_KEY] = record.sign()
+        data["vllm_xargs"] = {**(data.get("vllm_xargs") or {}), EXTRA_KEY: record.sign()}
         salt = record.cache_salt()
         data["cache_salt"] = salt + str(data["cache_salt"]) if data.get("cache_salt") else salt
         await self._install(engine)
