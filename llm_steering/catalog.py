@@ -21,6 +21,7 @@ import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from llm_steering import models
@@ -30,8 +31,10 @@ from llm_steering.config import (
     ActiveFeature,
     ConceptRecipe,
     FeatureConfig,
+    GenerationDefaults,
     ModelProfile,
     SteeringSpec,
+    load_config,
     parse_yaml_text,
 )
 from llm_steering.core import human_name, is_finite_number, parse_layer_index, round_fraction, short_repr
@@ -41,7 +44,8 @@ from llm_steering.vectors import SAE_HINT, SteeringVector, SteeringVectorSet, me
 CONCEPT_BUILDER: list[Any] = []  # concepts.py registers make_concept here (it sits above the catalog, beside extract.py)
 CONCEPT_MEMO = 32  # concepts a catalog keeps built from specs' recipes (by recipe: the same recipe, the same vector)
 FRACTION_RANGE = (-1.0, 2.0)  # in units of the layer's typical norm; widened to hold defaults and presets
-RAW_DEFAULT = (0.5, "clamp")  # fraction and op of an SAE feature the profile does not list
+RAW_DEFAULT = (0.5, "clamp")
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "demo.yaml"  # the checkout's (the console's default too)  # fraction and op of an SAE feature the profile does not list
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,7 @@ class Catalog:
     extracted: dict[tuple[int, int], SteeringVector] = field(default_factory=dict)
     measured_norms: dict[int, float] = field(default_factory=dict)
     built: dict[str, SteeringVector] = field(default_factory=dict)  # concept recipe (JSON) -> its vector, for_spec's memo
+    file_only: bool = False  # features come from the vectors file only (the server: no SAE read per request)
 
     @classmethod
     def open(cls, profile: ModelProfile, model: Any, tokenizer: Any) -> Catalog:
@@ -164,7 +169,7 @@ class Catalog:
                                  "give your concept another name")
         added = SteeringVectorSet(self.vectors.model_id, self.vectors.hidden_size, list(vectors))
         return Catalog(self.profile, self.vectors.merged(added), self.model, self.tokenizer, self.extracted,
-                       self.measured_norms, self.built)
+                       self.measured_norms, self.built, self.file_only)
 
     def for_spec(self, spec: SteeringSpec) -> Catalog:
         """This catalog, or a new one with the concepts `spec` carries built from their recipes (a share
@@ -377,6 +382,9 @@ class Catalog:
         return layer_index
 
     def _extract(self, layer: int, index: int) -> SteeringVector:
+        if self.file_only:
+            raise ValueError(f"feature {layer}:{index} is not in this vectors file ({', '.join(self.vectors.names)}): "
+                             "add it to the file with extract_steering_vectors.py")
         if (layer, index) not in self.extracted:
             self._sae_key(f"{layer}:{index}")
             from llm_steering.saes import extract_sae_features
@@ -389,6 +397,40 @@ class Catalog:
                 )
             self.extracted[(layer, index)] = found[0]
         return self.extracted[(layer, index)]
+
+
+def catalog_for_vectors(vectors: SteeringVectorSet, profile: ModelProfile | None = None,
+                        file_only: bool = False) -> Catalog:
+    """A catalog without the model over a vectors file: `profile`, else demo.yaml's profile for the file's
+    model (a bare one when there is none), so a spec means what it means in the app and the console.
+
+        >>> comps = catalog_for_vectors(load_vectors("steering_vectors.pt")).components(spec)
+    """
+    return Catalog(profile or profile_for_model(vectors.model_id), vectors, file_only=file_only)
+
+
+def spec_components(spec: SteeringSpec, vectors: SteeringVectorSet, profile: ModelProfile | None = None) -> list[SteeringComponent]:
+    """The SteeringComponents a spec describes, resolved as the app and the console resolve it
+    (Catalog.components: a feature without an op gets its own, fractions within its range).
+
+        >>> comps = spec_components(load_steering_spec("pirate.json"), load_vectors("steering_vectors.pt"))
+    """
+    return catalog_for_vectors(vectors, profile).components(spec)
+
+
+def profile_for_model(model_id: str | None, config_path: str | Path | None = None) -> ModelProfile:
+    """demo.yaml's profile for `model_id` (the default profile's when several), else a bare profile."""
+    path = Path(config_path) if config_path else DEFAULT_CONFIG
+    if path.is_file():
+        config = load_config(path)
+        names = [config.default_profile, *config.profiles]
+        for name in dict.fromkeys(names):
+            prof = config.profile(name)
+            if (prof.model_id or models.EMBEDDED_MODEL_ID) == model_id:
+                return prof
+    return ModelProfile(name=str(model_id), model_id=model_id, vectors_file="", sae_source=None, sae_format=None,
+                        reduced_strengths=False, features=(), presets=(), generation=GenerationDefaults(),
+                        config_dir=path.parent)
 
 
 def recipe_of(vector: SteeringVector) -> ConceptRecipe | None:

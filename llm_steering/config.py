@@ -479,13 +479,3 @@ def load_steering_spec(path: str | os.PathLike) -> SteeringSpec:
     except ValueError as exc:
         raise ValueError(f"{path.name}: {exc}") from None
 
-
-def spec_components(spec: SteeringSpec, vectors: Any) -> list:
-    """The SteeringComponents a spec describes, from a SteeringVectorSet: strength = fraction x the
-    layer's norm; a feature without an op is added.
-
-        >>> comps = spec_components(load_steering_spec("pirate.json"), load_vectors("steering_vectors.pt"))
-    """
-    if spec.model_id != vectors.model_id:
-        raise ValueError(f"this steering spec is for {spec.model_id!r}, but the vectors are for {vectors.model_id!r}: switch model first")
-    return [vectors.component(f.key, f.fraction, op=f.op or "add") for f in spec.features]

@@ -14,8 +14,16 @@ import sys
 from pathlib import Path
 
 from llm_steering import models
-from llm_steering.serving.middleware import DEFAULT_MAX_BODY, MAX_BODY_ENV, VECTORS_ENV
-from llm_steering.vllm_backend import WORKER_EXTENSION
+from llm_steering.backends.vllm.engine import VALIDATOR, vllm_dtype
+from llm_steering.backends.vllm.worker import WORKER_EXTENSION
+from llm_steering.serving.middleware import (
+    BODY_TIMEOUT_ENV,
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_MAX_BODY,
+    MAX_BODY_ENV,
+    VECTORS_ENV,
+)
+from llm_steering.serving.timeouts import DEFAULT_HEADER_TIMEOUT, HEADER_TIMEOUT_ENV
 
 MIDDLEWARE = "llm_steering.serving.middleware.SteeringMiddleware"
 
@@ -28,19 +36,15 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--dtype", default=None,
-                        help="model dtype (default: as the library loads it: float32 on a CPU, bfloat16 on a GPU)")
+                        help="model dtype (default: as every backend loads it, models.default_dtype: $STEERING_DTYPE, "
+                             "else float32 on a CPU, the checkpoint's 16-bit dtype on a GPU)")
     parser.add_argument("--served-model-name", default="default", help="the model name clients send")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY, help="largest request body (413 above)")
+    parser.add_argument("--body-timeout", type=float, default=DEFAULT_BODY_TIMEOUT,
+                        help="seconds a request body may take to arrive (408 after)")
+    parser.add_argument("--header-timeout", type=float, default=DEFAULT_HEADER_TIMEOUT,
+                        help="seconds a connection may take to send its request headers (closed after)")
     return parser.parse_known_args(argv)
-
-
-def default_dtype(source: str | Path) -> str:
-    """The dtype `models.load_model` would use for `source` on this machine."""
-    from vllm.platforms import current_platform
-
-    if not current_platform.is_cpu():
-        return "bfloat16"
-    return str(models.cpu_dtype(source)).removeprefix("torch.")
 
 
 def vllm_arguments(args: argparse.Namespace, rest: list[str]) -> list[str]:
@@ -50,8 +54,8 @@ def vllm_arguments(args: argparse.Namespace, rest: list[str]) -> list[str]:
     path = str(models.embedded_model_dir()) if args.model is None else args.model
     names = [args.served_model_name] + ([models.EMBEDDED_MODEL_ID] if args.model is None else [args.model])
     out = ["--model", path, "--served-model-name", *dict.fromkeys(names), "--host", args.host, "--port", str(args.port),
-           "--dtype", args.dtype or default_dtype(path), "--enforce-eager",
-           "--worker-extension-cls", WORKER_EXTENSION, "--middleware", MIDDLEWARE]
+           "--dtype", args.dtype or vllm_dtype(path), "--enforce-eager",
+           "--worker-extension-cls", WORKER_EXTENSION, "--middleware", MIDDLEWARE, "--logits-processors", VALIDATOR]
     if current_platform.is_cpu() and not any(a.startswith("--gpu-memory-utilization") for a in rest):
         out += ["--gpu-memory-utilization", "0.3"]  # vLLM's default asks for 92% of the machine's memory
     return out + rest
@@ -59,11 +63,13 @@ def vllm_arguments(args: argparse.Namespace, rest: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     args, rest = parse_args(argv)
-    # The steering reads the V1 model runner's batch layout (vllm_backend); small KV cache on a CPU.
+    # The steering reads the V1 model runner's batch layout (backends/vllm/patches.py); small KV cache on a CPU.
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     os.environ[VECTORS_ENV] = str(Path(args.vectors).resolve()) if args.vectors else ""
     os.environ[MAX_BODY_ENV] = str(args.max_body_bytes)
+    os.environ[BODY_TIMEOUT_ENV] = str(args.body_timeout)
+    os.environ[HEADER_TIMEOUT_ENV] = str(args.header_timeout)
     try:
         run_vllm_server(vllm_arguments(args, rest))
     except KeyboardInterrupt:

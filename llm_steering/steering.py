@@ -78,7 +78,8 @@ from llm_steering.traces import ComponentTrace, SteeringTrace  # noqa: F401
 _REEXPORTS = {
     "vectors": ("SteeringVector", "SteeringVectorSet", "load_vectors", "measure_layer_norms", "components_from_file",
                 "load_saes_from_file"),
-    "config": ("DemoConfig", "ModelProfile", "FeatureConfig", "SPEC_FORMAT", "parse_yaml_text", "spec_components", "Preset", "GenerationDefaults", "ActiveFeature",
+    "catalog": ("spec_components", "catalog_for_vectors"),
+    "config": ("DemoConfig", "ModelProfile", "FeatureConfig", "SPEC_FORMAT", "parse_yaml_text", "Preset", "GenerationDefaults", "ActiveFeature",
                "SteeringSpec", "load_config", "save_steering_spec", "load_steering_spec", "read_yaml_file"),
 }
 

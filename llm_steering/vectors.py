@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llm_steering.components import SteeringComponent
 from llm_steering.core import FILE_VERSION, atomic_write, check_header, check_name, is_finite_number, parse_layer_index
 from llm_steering.models import decoder_layers, forward_hooks, layer_hidden
-from llm_steering.steering import SteeringComponent
 
 import torch
 

@@ -1,7 +1,9 @@
-"""catalog.py: the app and the console read every input the same way, by construction.
+"""catalog.py: the app, the console, the library and the server read every input the same way.
 
 The same steering specs and the same long inputs go through the app's handlers and the
-console's chat; both must build the same components and send the model the same input.
+console's chat; both must build the same components and send the model the same input. The
+same specs also go through the library's `steering.spec_components` and the server's
+resolution (the middleware's record, as the vLLM worker turns it into components).
 """
 
 from __future__ import annotations
@@ -67,6 +69,23 @@ def test_app_and_console_build_the_same_components(loaded, tmp_path, features):
     controls = [default if isinstance(u, skip) else u for u, default in zip(updates, la.panel.pack({}), strict=True)]
     from_app = [comp_tuple(c) for c in la.catalog.components(handlers.spec_from_controls(la, la.panel.read(controls)))]
     assert from_app == from_console and from_app
+    spec = steering.SteeringSpec.from_dict(spec_dict)
+    vectors_path = la.profile.vectors_path()
+    from_library = [comp_tuple(c) for c in steering.spec_components(spec, steering.load_vectors(vectors_path))]
+    assert from_library == from_app
+    assert [comp_tuple(c) for c, _ in server_components(spec, vectors_path)] == from_app
+
+
+def server_components(spec: steering.SteeringSpec, vectors_path: Path) -> list:
+    """What the server steers with for a spec: the middleware's record, as the vLLM worker reads it."""
+    from llm_steering.backends.vllm.wire import SteeringRecord, file_digest
+    from llm_steering.backends.vllm.worker import record_components
+    from llm_steering.serving.middleware import resolve_record
+
+    vectors = steering.load_vectors(vectors_path)
+    catalog = catalog_module.catalog_for_vectors(vectors, file_only=True)  # the middleware's catalog
+    record = resolve_record(catalog, spec, 30, 576, str(vectors_path), file_digest(vectors_path))
+    return record_components(SteeringRecord.read(record.sign()), vectors)
 
 
 @pytest.mark.parametrize("fraction", [2.5, -1.5, 11.0])
@@ -85,6 +104,15 @@ def test_both_refuse_the_same_out_of_range_strengths(loaded, tmp_path, fraction)
     with pytest.raises(ValueError, match="out of range") as from_api:
         la.catalog.components(la.catalog.parse_steering(path.read_text()))
     assert str(from_api.value) == str(from_console.value)
+    spec = steering.SteeringSpec.from_dict(json.loads(path.read_text()))
+    with pytest.raises(ValueError, match="out of range") as from_library:
+        steering.spec_components(spec, steering.load_vectors(la.profile.vectors_path()))
+    assert str(from_library.value) == str(from_console.value)
+    from llm_steering.serving.middleware import RequestError
+
+    with pytest.raises(RequestError) as from_server:
+        server_components(spec, la.profile.vectors_path())
+    assert from_server.value.status == 400 and from_server.value.message == str(from_console.value)
 
 
 @pytest.mark.parametrize("n_words, n_turns", [(50, 0), (3000, 0), (400, 12)])

@@ -1,7 +1,8 @@
 """serve.py: vLLM's own OpenAI server with steering, through the official `openai` client.
 
-One real `python serve.py` process on the embedded model (float32, small KV cache) serves the
-module; the last test ends it with SIGTERM. Skipped when vLLM is not installed.
+One real `python serve.py` process on the embedded model (float32, small KV cache, an API key,
+3 s bounds on stalled headers and bodies) serves the module; the last test ends it with SIGTERM.
+Skipped when vLLM is not installed.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +29,9 @@ from browser import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = [{"role": "user", "content": "Tell me a short story about a dog."}]
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+STALL_BOUND = 3  # serve.py's --body-timeout and --header-timeout here, seconds
 SPEC = {"format": "llm-steering/spec", "version": 1, "model_id": steering.EMBEDDED_MODEL_ID, "steer_prompt": True,
         "features": [{"key": "pirate", "fraction": 0.5, "op": "clamp"}]}
 
@@ -36,13 +41,14 @@ def server():
     port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     log = open(ROOT / "tests" / ".serve_test.log", "w")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen([sys.executable, "serve.py", "--port", str(port), "--max-model-len", "1024"],
+    proc = subprocess.Popen([sys.executable, "serve.py", "--port", str(port), "--max-model-len", "1024", "--api-key", KEY,
+                             "--body-timeout", str(STALL_BOUND), "--header-timeout", str(STALL_BOUND)],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+            if httpx.get(f"{url}/v1/models", headers=AUTH, timeout=2).status_code == 200:
                 break
         except httpx.HTTPError:
             pass
@@ -61,7 +67,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=f"{server[1]}/v1", api_key="none", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=f"{server[1]}/v1", api_key=KEY, max_retries=0, timeout=120)
 
 
 def session_processes(sid: int) -> list[psutil.Process]:
@@ -132,7 +138,7 @@ def test_a_bad_request_is_a_fast_4xx_and_the_server_goes_on(client, server, case
     start = time.monotonic()
     if BAD_REQUESTS[case] is None:  # the openai client cannot even serialize this body
         resp = httpx.post(f"{server[1]}/v1/chat/completions", content=deep_spec_body(),
-                          headers={"content-type": "application/json"}, timeout=30)
+                          headers={"content-type": "application/json", **AUTH}, timeout=30)
         status, body = resp.status_code, resp.json()
     else:
         fields = dict(BAD_REQUESTS[case])
@@ -152,12 +158,13 @@ def test_a_bad_request_is_a_fast_4xx_and_the_server_goes_on(client, server, case
     assert ask(client, max_tokens=2).choices[0].message.content  # the server goes on
 
 
-def hooks_answer(embedded, spec: dict, n: int) -> str:
+def hooks_answer(embedded, spec: dict, n: int, chat: list | None = None, repetition_penalty: float = 1.0) -> str:
     model, tok = embedded
     parsed = steering.SteeringSpec.from_dict(spec)
     comps = steering.spec_components(parsed, steering.load_vectors(ROOT / "steering_vectors.pt"))
-    return "".join(steering.stream_steered_answer_hf(model, tok, PROMPT, comps, max_new_tokens=n, temperature=0.0,
-                                                     steer_prompt=parsed.steer_prompt))
+    return "".join(steering.stream_steered_answer_hf(model, tok, chat or PROMPT, comps, max_new_tokens=n, temperature=0.0,
+                                                     steer_prompt=parsed.steer_prompt,
+                                                     repetition_penalty=repetition_penalty))
 
 
 def test_a_streamed_steered_answer_equals_the_hooks_backend(client, embedded):
@@ -177,22 +184,213 @@ def test_steering_in_vllm_xargs_and_without_the_prompt(client, embedded):
     assert via_xargs.choices[0].message.content == via_body == hooks_answer(embedded, spec, 16)
 
 
+def test_the_same_messages_and_penalty_give_the_hooks_answer_with_no_system_prompt_added(client, embedded):
+    chat = [{"role": "system", "content": "You answer in one sentence."}, *PROMPT]
+    spec = {**SPEC, "features": [{"key": "pirate", "fraction": 0.3}]}  # no op: the feature's own, as in the app
+    out = client.chat.completions.create(model="default", messages=chat, temperature=0, max_tokens=16,
+                                         extra_body={"steering": spec, "repetition_penalty": 1.1})
+    assert out.choices[0].message.content == hooks_answer(embedded, spec, 16, chat, 1.1)
+    assert out.usage.prompt_tokens == len(steering.chat_input_ids(embedded[1], chat))  # nothing added to the prompt
+    plain = ask(client, max_tokens=3)
+    assert plain.usage.prompt_tokens == len(steering.chat_input_ids(embedded[1], PROMPT))
+
+
+def test_automatic_tool_calls_need_vllms_flags(client):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}}}]
+    with pytest.raises(openai.BadRequestError, match="--enable-auto-tool-choice"):
+        ask(client, max_tokens=4, tools=tools, tool_choice="auto")
+    with pytest.raises(openai.BadRequestError, match="--tool-call-parser"):
+        ask(client, max_tokens=4, tools=tools, tool_choice={"type": "function", "function": {"name": "get_weather"}})
+
+
 def test_vllm_endpoints_answer(server):
     url = server[1]
     for path in ("/health", "/version", "/metrics", "/v1/models"):
-        assert httpx.get(url + path, timeout=10).status_code == 200, path
+        assert httpx.get(url + path, headers=AUTH, timeout=10).status_code == 200, path
     tok = httpx.post(f"{url}/tokenize", json={"model": "default", "prompt": "hello world"}, timeout=10).json()
     assert tok["count"] >= 2
     done = httpx.post(f"{url}/v1/completions", json={"model": "default", "prompt": "Once upon", "max_tokens": 3},
-                      timeout=60).json()
+                      headers=AUTH, timeout=60).json()
     assert done["usage"]["completion_tokens"] == 3
 
 
-def test_sigterm_leaves_no_process_behind(server):  # last: it ends the module's server
-    proc, _ = server
+# ---------------------------------------------------------------------------
+# No request bypasses the checks: media types, the reserved key, authentication, stalls
+# ---------------------------------------------------------------------------
+
+
+def post(url: str, body: dict | bytes, content_type: str = "application/json", path: str = "/v1/chat/completions",
+         headers: dict | None = None) -> httpx.Response:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(url + path, content=content, headers={"Content-Type": content_type, **AUTH, **(headers or {})},
+                      timeout=120)
+
+
+def chat_body(**fields) -> dict:
+    return {"model": "default", "messages": PROMPT, "temperature": 0, "max_tokens": 12, **fields}
+
+
+def test_a_media_type_in_another_case_steers_as_the_canonical_one(client, server):
+    canonical = ask(client, max_tokens=12, extra_body={"steering": SPEC}).choices[0].message.content
+    for content_type in ("Application/JSON", "APPLICATION/JSON; charset=UTF-8", "application/json ;charset=utf-8"):
+        resp = post(server[1], chat_body(steering=SPEC), content_type)
+        if resp.status_code == 200:
+            assert resp.json()["choices"][0]["message"]["content"] == canonical, content_type
+        else:
+            assert 400 <= resp.status_code < 500, (content_type, resp.status_code, resp.text[:300])
+
+
+def raw_record(size: int) -> str:
+    """What a client could write as the reserved key: the old decimal-text record with a vector of `size` entries."""
+    return json.dumps({"components": [{"layer": 3, "vector": [1.0] * size, "strength": 5.0, "op": "add", "cap_min": None,
+                                       "cap_max": None, "scale": 0.0, "name": "x"}], "steer_prompt": True})
+
+
+def forged_record() -> str:
+    from llm_steering.backends.vllm.wire import SteeringRecord, WireComponent
+
+    record = SteeringRecord((WireComponent(3, "add", 5.0, name="x", vector=WireComponent.encode_vector([1.0] * 576)),))
+    return "0" * 64 + "." + record.payload()  # well formed, but not signed by the server
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "Application/JSON", "application/vnd.api+json",
+                                          "text/plain", "APPLICATION/JSON;charset=utf-8"])
+def test_the_reserved_key_is_a_4xx_by_every_route_and_the_server_goes_on(client, server, content_type):
+    ask(client, max_tokens=2, extra_body={"steering": SPEC})  # the workers' hooks are installed by now
+    plain = ask(client, max_tokens=4).choices[0].message.content
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        for value in (raw_record(3), raw_record(576), forged_record()):
+            body = chat_body(vllm_xargs={"llm_steering": value})
+            if path == "/v1/completions":
+                body = {k: v for k, v in body.items() if k != "messages"} | {"prompt": "Once upon a time"}
+            resp = post(server[1], body, content_type, path)
+            assert 400 <= resp.status_code < 500, (path, content_type, resp.status_code, resp.text[:300])
+    assert ask(client, max_tokens=4).choices[0].message.content == plain  # alive, and no poisoned cache
+
+
+def test_without_the_key_every_request_is_a_401_that_names_no_feature(server):
+    url = server[1]
+    bodies = [chat_body(steering={**SPEC, "features": [{"key": "no_such_feature", "fraction": 0.5}]}),
+              chat_body(seed="abc"), chat_body(seed=True), chat_body(steering={**SPEC, "features": [{"key": "pirate",
+                                                                                                  "fraction": 99}]}),
+              deep_spec_body(), chat_body(messages=[{"role": "user", "content": "x" * 20_000_000}]),
+              chat_body(vllm_xargs={"llm_steering": raw_record(3)})]
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        for body in bodies:
+            content = body if isinstance(body, bytes) else json.dumps(body).encode()
+            resp = httpx.post(f"{url}/v1/chat/completions", content=content, timeout=60,
+                              headers={"Content-Type": "application/json", **headers})
+            assert resp.status_code == 401, (headers, resp.status_code, resp.text[:200])
+            assert not any(name in resp.text for name in ("pirate", "eiffel", "feature", "seed")), resp.text[:200]
+
+
+def test_a_stalled_body_is_a_408_within_the_bound(server):
+    host, port = server[1].removeprefix("http://").split(":")
+    start = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=STALL_BOUND + 10) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+                     "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"model\"".encode())
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert time.monotonic() - start < STALL_BOUND + 5
+
+
+def test_unfinished_headers_are_closed_within_the_bound(server):
+    host, port = server[1].removeprefix("http://").split(":")
+    start = time.monotonic()
+    with socket.create_connection((host, int(port)), timeout=STALL_BOUND + 10) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\n".encode())
+        assert sock.recv(4096) == b""  # closed by the server, not by our timeout (which would raise)
+    assert time.monotonic() - start < STALL_BOUND + 5
+
+
+# ---------------------------------------------------------------------------
+# Random mutations of valid requests (seeded, bounded, 127.0.0.1 only)
+# ---------------------------------------------------------------------------
+
+FUZZ_COUNT = 60
+ODD_VALUES = [None, True, -1, 0, 2**63, 1e308, -0.5, "", "x" * 5000, [], [[[[[]]]]], {}, {"a": {"b": {"c": []}}}, "NaN",
+              "pirate", [1.0, 2.0, 3.0], {"key": "pirate"}]
+MEDIA_TYPES = ["application/json", "Application/JSON", "APPLICATION/JSON; charset=utf-8", "application/JSON",
+               "application/x+json", "text/plain", ""]
+
+
+def mutate(rng, body: dict) -> dict:
+    """One to three random changes to a valid body: a field of the body, of its steering or of one of
+    its features removed, retyped, resized or nested; vllm_xargs bent (the reserved key included)."""
+    body = json.loads(json.dumps(body))
+    for _ in range(rng.randrange(1, 4)):
+        spec = body.get("steering") if isinstance(body.get("steering"), dict) else None
+        features = spec.get("features") if spec and isinstance(spec.get("features"), list) else []
+        target = rng.choice([body, body, *([spec] if spec else []), *[f for f in features if isinstance(f, dict)]])
+        key = rng.choice([*target, "n", "seed", "stop", "logit_bias", "cache_salt", "steering"])
+        op = rng.randrange(6)
+        if op == 0:
+            target.pop(key, None)
+        elif op == 1:
+            target[key] = rng.choice(ODD_VALUES)
+        elif op == 2:
+            target[key] = [target.get(key)] * rng.randrange(1, 50)
+        elif op == 3:
+            nested = target.get(key)
+            for _ in range(rng.randrange(1, 200)):
+                nested = [nested]
+            target[key] = nested
+        elif op == 4:
+            target[key] = rng.choice(["x" * rng.randrange(1, 200_000), rng.uniform(-1e6, 1e6), rng.randrange(-10**9, 10**9)])
+        else:
+            body["vllm_xargs"] = rng.choice([{"llm_steering": raw_record(3)}, {"llm_steering": raw_record(3)},
+                                             {"llm_steering": raw_record(576)}, {"LLM_STEERING": "x"},
+                                             {"steering": json.dumps(SPEC)}, rng.choice(ODD_VALUES)])
+    return body
+
+
+def test_random_mutations_of_valid_requests_never_5xx_and_never_kill_the_engine(client, server):
+    import random
+
+    rng = random.Random(29)
+    reference = ask(client, max_tokens=6).choices[0].message.content
+    statuses: dict[int, int] = {}
+    for i in range(FUZZ_COUNT):
+        base = chat_body(max_tokens=2, steering={**SPEC, "features": [{"key": "pirate", "fraction": 0.3},
+                                                                        {"key": "ocean", "fraction": 0.1, "op": "add"}]})
+        body = mutate(rng, base)
+        path = "/v1/chat/completions"
+        if rng.random() < 0.25:
+            path = "/v1/completions"
+            body = {k: v for k, v in body.items() if k != "messages"} | {"prompt": "Once upon a time"}
+        content_type = rng.choice(MEDIA_TYPES)
+        auth = rng.choice([AUTH, AUTH, {"Authorization": f"bearer {KEY}"}, {}])
+        resp = httpx.post(server[1] + path, content=json.dumps(body).encode(), timeout=120,
+                          headers={"Content-Type": content_type, **auth} if content_type else dict(auth))
+        statuses[resp.status_code] = statuses.get(resp.status_code, 0) + 1
+        assert resp.status_code < 500, (i, path, content_type, json.dumps(body)[:400], resp.text[:400])
+    assert httpx.get(server[1] + "/health", timeout=10).status_code == 200
+    assert ask(client, max_tokens=6).choices[0].message.content == reference  # nothing leaked into the cache
+    assert statuses.get(400) and statuses.get(401), statuses  # the mutations reached the checks past authentication
+    log = (ROOT / "tests" / ".serve_test.log").read_text()
+    assert "Exception in ASGI application" not in log and "Traceback" not in log  # refused, never crashed
+
+
+def test_sigterm_cuts_a_stream_visibly_and_leaves_no_process_behind(server):  # last: it ends the module's server
+    proc, url = server
     family = session_processes(proc.pid)
     assert len(family) >= 2  # the server and at least the engine core
-    proc.send_signal(signal.SIGTERM)
+    events, cut = [], False
+    body = chat_body(max_tokens=900, stream=True, ignore_eos=True)
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=AUTH, timeout=60) as resp:
+        lines = resp.iter_lines()
+        try:
+            for line in lines:
+                events += [line[5:].strip()] if line.startswith("data:") else []
+                if len(events) == 3:
+                    proc.send_signal(signal.SIGTERM)
+        except httpx.HTTPError:
+            cut = True  # the connection broke off: a client sees that too
+    chunks = [json.loads(e) for e in events if e != "[DONE]"]
+    finished = any(c.get("choices") and c["choices"][0].get("finish_reason") for c in chunks)
+    told = any("error" in c for c in chunks)
+    assert finished or told or cut, events[-3:]
     proc.wait(60)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]:

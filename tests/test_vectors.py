@@ -302,8 +302,10 @@ def test_spec_round_trip(tmp_path, suffix):
         assert data == {"format": "llm-steering/spec", "version": 1, "model_id": "tiny/llama", "steer_prompt": False,
                         "features": [{"key": "eiffel_tower", "fraction": 0.5},
                                      {"key": "3:17", "fraction": -0.25, "op": "add"}]}
-    comps = steering.spec_components(spec, make_set())  # no op given and no catalog: the library's default, add
-    assert [(c.name, c.layer, c.strength, c.op) for c in comps] == [("eiffel_tower", 2, 5.0, "add"), ("L3F17", 3, -5.0, "add")]
+    # the catalog's meaning, as in the app and the console: no op given and no demo.yaml profile for this
+    # model, so the feature's own default (an unlisted vector's: clamp)
+    comps = steering.spec_components(spec, make_set())
+    assert [(c.name, c.layer, c.strength, c.op) for c in comps] == [("eiffel_tower", 2, 5.0, "clamp"), ("L3F17", 3, -5.0, "add")]
 
 
 def test_specs_written_before_the_rename_still_load(tmp_path):
@@ -334,11 +336,11 @@ def test_bad_specs_fail_with_one_line(tmp_path, text, pattern):
 
 def test_spec_for_another_model_and_unknown_suffix(tmp_path):
     spec = SteeringSpec("other/model", (ActiveFeature("eiffel_tower", 0.5),))
-    with pytest.raises(ValueError, match="switch model"):
+    with pytest.raises(ValueError, match="choose the profile for that model"):
         steering.spec_components(spec, make_set())
     with pytest.raises(ValueError, match=".json, .yaml or .yml"):
         steering.save_steering_spec(spec, tmp_path / "spec.txt")
-    with pytest.raises(ValueError, match="no steering vector 'nope'"):
+    with pytest.raises(ValueError, match="unknown feature 'nope'"):
         steering.spec_components(SteeringSpec("tiny/llama", (ActiveFeature("nope", 0.5),)), make_set())
 
 

@@ -1,39 +1,52 @@
 """The ASGI middleware that puts steering into vLLM's own OpenAI-compatible server.
 
 Loaded with vLLM's `--middleware llm_steering.serving.middleware.SteeringMiddleware` (serve.py
-does that). For every POST it:
+does that). For every HTTP request it:
 
-- refuses a body larger than `LLM_STEERING_MAX_BODY_BYTES` (default 1 MiB) with a 413, without
-  parsing it, and a JSON body it cannot parse (also one nested too deep) with a 400;
-- refuses booleans where vLLM's lax validation would read `true` as 1 (`seed`, `n`, `max_tokens`, ...);
+- authenticates first, with vLLM's own `AuthenticationMiddleware` and the server's `--api-key`
+  (or VLLM_API_KEY): a client without the key gets vLLM's 401 before any byte of its body is read;
+- on a POST, reads the body within LLM_STEERING_BODY_TIMEOUT seconds (default 30; a 408 after)
+  and up to LLM_STEERING_MAX_BODY_BYTES (default 1 MiB; a 413 above, without parsing it);
+- parses the body when its media type is JSON as HTTP defines it (`application/json` or
+  `application/*+json`, in any letter case, with parameters): JSON it cannot parse, or nested too
+  deep, is a 400; `true` for an integer field (`seed`, `n`, `max_tokens`, ...) is a 400 (vLLM
+  would read 1); a client's own `vllm_xargs.llm_steering` is a 400;
 - on /v1/chat/completions and /v1/completions, takes the request's steering (the top-level
-  `steering` field, or `vllm_xargs.steering` as a JSON string), validates it with the app's
-  bounds (the spec format, at most 64 features, fractions -1..2, features from the vectors file
-  `LLM_STEERING_VECTORS`, layers and sizes of the served model), resolves it to components and
-  hands them to the worker extension in `vllm_xargs["llm_steering"]` (a JSON string: vLLM's
-  xargs hold flat values only), with the prefix cache salted by the steering.
+  `steering` field, or `vllm_xargs.steering` as a JSON string) and resolves it the one way the
+  app and the console do (`catalog.Catalog.components`, over the vectors file LLM_STEERING_VECTORS
+  and demo.yaml's profile for its model), checks it against the served model, and hands it to the
+  workers as one signed `SteeringRecord` (features by name) in `vllm_xargs["llm_steering"]`, with
+  the prefix cache salted by that record (`SteeringRecord.cache_salt`);
+- on a streamed answer, if the stream ends (`[DONE]`) before every choice has a finish_reason
+  (the server shut down under it), sends an error event first, so a client sees the answer was cut.
 
-Everything else (the API, the other validation, errors, aborts) is vLLM's.
+A request with a media type that is not JSON passes unchanged: vLLM refuses it on its JSON
+routes, and a reserved record it might carry is refused at admission (backends/vllm/validator.py)
+since only this process can sign one. Everything else (the API, the other validation, errors,
+aborts) is vLLM's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 from typing import Any
 
-from llm_steering import vllm_backend
-from llm_steering.catalog import FRACTION_RANGE
-from llm_steering.config import MAX_SPEC_BYTES, SteeringSpec, spec_components
+from llm_steering.backends.vllm.wire import EXTRA_KEY, SteeringRecord, WireComponent, file_digest
+from llm_steering.catalog import Catalog, catalog_for_vectors
+from llm_steering.config import MAX_SPEC_BYTES, SteeringSpec
 from llm_steering.core import short_repr
+from llm_steering.serving.timeouts import install_header_timeout
 
 VECTORS_ENV = "LLM_STEERING_VECTORS"
 MAX_BODY_ENV = "LLM_STEERING_MAX_BODY_BYTES"
+BODY_TIMEOUT_ENV = "LLM_STEERING_BODY_TIMEOUT"
 DEFAULT_MAX_BODY = 1 << 20
+DEFAULT_BODY_TIMEOUT = 30.0
 STEERED_PATHS = ("/v1/chat/completions", "/v1/completions")
 INTEGER_FIELDS = ("seed", "n", "max_tokens", "max_completion_tokens", "min_tokens", "top_k", "top_logprobs", "best_of")
+BODY_METHODS = ("POST", "PUT", "PATCH")
 
 
 class RequestError(Exception):
@@ -50,18 +63,31 @@ class SteeringMiddleware:
     def __init__(self, app: Any) -> None:
         self.app = app
         self.max_body = int(os.environ.get(MAX_BODY_ENV) or DEFAULT_MAX_BODY)
-        self.vectors_path = os.environ.get(VECTORS_ENV) or "steering_vectors.pt"
-        self._vectors: Any = None
+        self.body_timeout = float(os.environ.get(BODY_TIMEOUT_ENV) or DEFAULT_BODY_TIMEOUT)
+        self.vectors_path = os.path.abspath(os.environ.get(VECTORS_ENV) or "steering_vectors.pt")
+        self._catalog: tuple[Catalog, str] | None = None
+        self._entry: Any = None
         self._installed = False
         self._lock = asyncio.Lock()
+        # Starlette builds its middleware at the lifespan's startup, before uvicorn accepts a connection
+        install_header_timeout()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self._entry is None:
+            self._entry = authenticated(self._handle, scope.get("app"))
+        await self._entry(scope, receive, send)
+
+    async def _handle(self, scope: dict, receive: Any, send: Any) -> None:
+        send = finish_streams(send)
+        if scope["method"] not in BODY_METHODS:
             await self.app(scope, receive, send)
             return
         try:
-            body = await read_body(scope, receive, self.max_body)
-            if b"json" in dict(scope.get("headers") or []).get(b"content-type", b""):
+            body = await read_body(scope, receive, self.max_body, self.body_timeout)
+            if is_json(header(scope, b"content-type")):
                 body = await self._rewrite(scope, body)
         except RequestError as exc:
             await send_error(send, exc)
@@ -69,44 +95,48 @@ class SteeringMiddleware:
         await self.app(replace_length(scope, len(body)), replay(body, receive), send)
 
     async def _rewrite(self, scope: dict, body: bytes) -> bytes:
-        """The body with its steering validated and moved into vllm_xargs (unchanged if none)."""
+        """The body with its steering resolved into a signed record in vllm_xargs (unchanged if none)."""
         data = parse_json(body)
         if not isinstance(data, dict):
             return body
         check_integer_fields(data)
         xargs = data.get("vllm_xargs")
-        if isinstance(xargs, dict) and vllm_backend.EXTRA_KEY in xargs:
-            raise RequestError(400, f"vllm_xargs.{vllm_backend.EXTRA_KEY} is reserved: send the steering as "
-                                    "'steering' (or vllm_xargs.steering)", "vllm_xargs")
+        if xargs is not None and not isinstance(xargs, dict):
+            raise RequestError(400, f"vllm_xargs must be an object of flat values, got {short_repr(xargs)}", "vllm_xargs")
+        if isinstance(xargs, dict) and EXTRA_KEY in xargs:
+            raise RequestError(400, f"vllm_xargs.{EXTRA_KEY} is reserved: send the steering as 'steering' "
+                                    "(or vllm_xargs.steering)", "vllm_xargs")
         spec = take_spec(data)
-        if spec is None or scope["path"] not in STEERED_PATHS:
-            if spec is not None:
-                raise RequestError(400, f"{scope['path']} takes no steering: use /v1/chat/completions", "steering")
+        if spec is None:
             return body
-        state = scope["app"].state
-        try:
-            comps = spec_components(spec, await self._vectors_for(spec))
-        except ValueError as exc:  # an unknown feature, vectors of another model
-            raise RequestError(400, str(exc), "steering") from None
-        check_components(comps, state.engine_client.model_config.hf_text_config)
-        steering = json.dumps({"components": [vllm_backend._comp_to_dict(c) for c in comps],
-                               "steer_prompt": spec.steer_prompt})
-        data.setdefault("vllm_xargs", {})[vllm_backend.EXTRA_KEY] = steering
-        salt = hashlib.sha1(steering.encode()).hexdigest()
+        if scope["path"] not in STEERED_PATHS:
+            raise RequestError(400, f"{scope['path']} takes no steering: use /v1/chat/completions", "steering")
+        engine = scope["app"].state.engine_client
+        record = await self._record(spec, engine.model_config.hf_text_config)
+        data["vllm_xargs"] = {**(data.get("vllm_xargs") or {}), EXTRA_KEY: record.sign()}
+        salt = record.cache_salt()
         data["cache_salt"] = salt + str(data["cache_salt"]) if data.get("cache_salt") else salt
-        await self._install(state.engine_client)
+        await self._install(engine)
         return json.dumps(data).encode()
 
-    async def _vectors_for(self, spec: SteeringSpec) -> Any:
-        if self._vectors is None:
+    async def _record(self, spec: SteeringSpec, config: Any) -> SteeringRecord:
+        catalog, digest = await self._catalog_for()
+        return resolve_record(catalog, spec, int(config.num_hidden_layers), int(config.hidden_size), self.vectors_path,
+                              digest)
+
+    async def _catalog_for(self) -> tuple[Catalog, str]:
+        if self._catalog is None:
             from llm_steering.vectors import load_vectors
 
+            def load() -> tuple[Catalog, str]:
+                return catalog_for_vectors(load_vectors(self.vectors_path), file_only=True), file_digest(self.vectors_path)
+
             try:
-                self._vectors = await asyncio.to_thread(load_vectors, self.vectors_path)
+                self._catalog = await asyncio.to_thread(load)
             except (OSError, ValueError) as exc:
                 raise RequestError(400, f"this server has no steering vectors ({exc}): start it with --vectors FILE "
                                         f"(or set {VECTORS_ENV})", "steering") from None
-        return self._vectors
+        return self._catalog
 
     async def _install(self, engine_client: Any) -> None:
         """Hook the workers' decoder layers once, before the first steered request."""
@@ -116,8 +146,52 @@ class SteeringMiddleware:
                 self._installed = True
 
 
+def resolve_record(catalog: Catalog, spec: SteeringSpec, num_layers: int, hidden_size: int, vectors_path: str,
+                   digest: str) -> SteeringRecord:
+    """A spec as the server's record: resolved by the catalog as in the app and the console
+    (Catalog.active: each feature's own op when none is given, its own fraction range), checked
+    against the served model, each feature by its name in the vectors file."""
+    try:
+        active = list(catalog.active(spec).values())
+        comps = [feature.component(fraction, op) for feature, fraction, op in active]
+    except ValueError as exc:  # an unknown feature, a fraction out of range, vectors of another model
+        raise RequestError(400, str(exc), "steering") from None
+    wire = []
+    for (feature, _, _), comp in zip(active, comps, strict=True):
+        if not 0 <= comp.layer < num_layers or comp.vector.numel() != hidden_size:
+            raise RequestError(400, f"feature {feature.key!r} (layer {comp.layer}, size {comp.vector.numel()}) does not "
+                                    f"fit the served model ({num_layers} layers, hidden size {hidden_size}): use its "
+                                    "vectors file", "steering")
+        wire.append(WireComponent(layer=comp.layer, op=comp.op, strength=comp.strength, name=comp.name,
+                                  feature=feature.vector.name))
+    return SteeringRecord(tuple(wire), spec.steer_prompt, vectors_file=vectors_path, vectors_digest=digest)
+
+
+def authenticated(inner: Any, app: Any) -> Any:
+    """`inner` behind vLLM's own AuthenticationMiddleware when the server has API keys (the same
+    keys and rule vLLM applies: --api-key, else VLLM_API_KEY), so authentication comes first."""
+    args = getattr(getattr(app, "state", None), "args", None)
+    keys = getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY")]
+    tokens = [key for key in keys if key]
+    if not tokens:
+        return inner
+    from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
+
+    return AuthenticationMiddleware(inner, tokens=tokens)
+
+
+def is_json(content_type: bytes | None) -> bool:
+    """Whether a Content-Type names JSON as HTTP reads it: `type/subtype` case-insensitive, parameters
+    after `;` (what FastAPI parses as JSON: application/json and application/*+json)."""
+    if content_type is None:
+        return False
+    media = content_type.split(b";", 1)[0].strip().lower()
+    kind, _, subtype = media.partition(b"/")
+    return kind == b"application" and (subtype == b"json" or subtype.endswith(b"+json"))
+
+
 def take_spec(data: dict) -> SteeringSpec | None:
-    """Pop the request's steering (top-level `steering` or `vllm_xargs.steering`) and validate it."""
+    """Pop the request's steering (top-level `steering` or `vllm_xargs.steering`) and parse it."""
     raw = data.pop("steering", None)
     xargs = data.get("vllm_xargs")
     if isinstance(xargs, dict) and "steering" in xargs:
@@ -135,25 +209,9 @@ def take_spec(data: dict) -> SteeringSpec | None:
     if len(json.dumps(raw)) > MAX_SPEC_BYTES:
         raise RequestError(400, f"the steering spec is over {MAX_SPEC_BYTES} bytes", "steering")
     try:
-        spec = SteeringSpec.from_dict(raw)
+        return SteeringSpec.from_dict(raw)
     except ValueError as exc:
         raise RequestError(400, str(exc), "steering") from None
-    lo, hi = FRACTION_RANGE
-    for feat in spec.features:
-        if not lo <= feat.fraction <= hi:
-            raise RequestError(400, f"feature {feat.key!r}: fraction must be between {lo:g} and {hi:g} "
-                                    f"(units of the layer's typical norm), got {feat.fraction:g}", "steering")
-    return spec
-
-
-def check_components(comps: list, config: Any) -> None:
-    """Every component fits the served model (a bad one would fail inside the engine)."""
-    layers, hidden = int(config.num_hidden_layers), int(config.hidden_size)
-    for comp in comps:
-        if not 0 <= comp.layer < layers or comp.vector.numel() != hidden:
-            raise RequestError(400, f"feature {comp.name!r} (layer {comp.layer}, size {comp.vector.numel()}) does not fit "
-                                    f"the served model ({layers} layers, hidden size {hidden}): use its vectors file",
-                               "steering")
 
 
 def check_integer_fields(data: dict) -> None:
@@ -172,13 +230,28 @@ def parse_json(body: bytes) -> Any:
         raise RequestError(400, f"the body is not valid JSON: {exc}") from None
 
 
-async def read_body(scope: dict, receive: Any, limit: int) -> bytes:
-    """The whole request body; a RequestError 413 (after draining the rest) if it exceeds `limit`."""
-    declared = dict(scope.get("headers") or []).get(b"content-length")
+def header(scope: dict, name: bytes) -> bytes | None:
+    """A request header (the last one of that name; ASGI gives names in lower case)."""
+    value = None
+    for key, val in scope.get("headers") or []:
+        if key == name:
+            value = val
+    return value
+
+
+async def read_body(scope: dict, receive: Any, limit: int, timeout: float) -> bytes:
+    """The whole request body; a RequestError 413 (after draining the rest) above `limit` bytes,
+    408 when it has not all arrived `timeout` seconds after the headers."""
+    declared = header(scope, b"content-length")
     too_large = declared is not None and declared.isdigit() and int(declared) > limit
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     chunks, size = [], 0
     while True:
-        message = await receive()
+        try:
+            message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+        except TimeoutError:
+            raise RequestError(408, f"the request body did not arrive within {timeout:g} s: send it at once") from None
         if message["type"] == "http.disconnect":
             raise RequestError(400, "the client went away")
         size += len(message.get("body", b""))
@@ -212,9 +285,70 @@ def replace_length(scope: dict, length: int) -> dict:
     return {**scope, "headers": [*headers, (b"content-length", str(length).encode())]}
 
 
+def finish_streams(send: Any) -> Any:
+    """`send`, except that a server-sent-events stream ending in `data: [DONE]` while a choice has no
+    finish_reason yet (and no error was sent) gets an error event before its [DONE]."""
+    state: dict[str, Any] = {"sse": False, "open": set(), "error": False, "tail": b""}
+
+    async def send_checked(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            state["sse"] = (header({"headers": message.get("headers")}, b"content-type") or b"").startswith(
+                b"text/event-stream")
+        elif message["type"] == "http.response.body" and state["sse"]:
+            body = message.get("body", b"")
+            done = _scan_events(state, body)
+            if done >= 0 and state["open"] and not state["error"]:
+                event = json.dumps({"error": {
+                    "message": "the answer was cut off before it finished (the server is shutting down): "
+                               "ask again", "type": "ServiceUnavailableError", "param": None, "code": 503}})
+                body = body[:done] + f"data: {event}\n\n".encode() + body[done:]
+                state["error"] = True
+                message = {**message, "body": body}
+        await send(message)
+
+    return send_checked
+
+
+def _scan_events(state: dict[str, Any], body: bytes) -> int:
+    """Track which choices are open and whether an error was sent; the offset of `data: [DONE]` in `body` (-1: none)."""
+    text = state["tail"] + body
+    events = text.split(b"\n\n")
+    state["tail"] = events.pop()  # an unfinished event waits for the next chunk
+    offset = len(body) - len(text)  # where `text` starts relative to `body` (<= 0)
+    done = -1
+    for event in events:
+        data = event.strip()
+        if data.startswith(b"data:"):
+            payload = data[5:].strip()
+            if payload == b"[DONE]" and offset >= 0:  # (one that began in an earlier chunk was sent already)
+                done = offset
+            else:
+                _track(state, payload)
+        offset += len(event) + 2
+    return done
+
+
+def _track(state: dict[str, Any], payload: bytes) -> None:
+    try:
+        chunk = json.loads(payload)
+    except ValueError:
+        return
+    if not isinstance(chunk, dict):
+        return
+    if "error" in chunk:
+        state["error"] = True
+    for choice in chunk.get("choices") or []:
+        if isinstance(choice, dict):
+            index = choice.get("index", 0)
+            if choice.get("finish_reason"):
+                state["open"].discard(index)
+            else:
+                state["open"].add(index)
+
+
 async def send_error(send: Any, exc: RequestError) -> None:
     """An error object in the shape vLLM (and OpenAI) use."""
-    kind = {413: "RequestEntityTooLarge"}.get(exc.status, "BadRequestError")
+    kind = {413: "RequestEntityTooLarge", 408: "RequestTimeout"}.get(exc.status, "BadRequestError")
     body = json.dumps({"error": {"message": exc.message, "type": kind, "param": exc.param, "code": exc.status}}).encode()
     await send({"type": "http.response.start", "status": exc.status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})

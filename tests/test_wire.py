@@ -1,0 +1,208 @@
+"""The vLLM backend's wire record, admission check, worker parsing and the server middleware's helpers.
+
+Quick tier: no engine, no server (those are tests/test_vllm.py and tests/test_serve.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from types import SimpleNamespace
+
+from llm_steering.backends.vllm.wire import EXTRA_KEY, RecordError, SteeringRecord, WireComponent
+from llm_steering.serving import middleware
+
+import pytest
+import torch
+
+
+def vector(n: int, seed: int = 0) -> str:
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(n, generator=g)
+    return WireComponent.encode_vector((v / v.norm()).tolist())
+
+
+def record(n: int = 4, **kw) -> SteeringRecord:
+    comp = WireComponent(**{"layer": 1, "op": "clamp", "strength": 2.5, "name": "x", "vector": vector(n), **kw})
+    return SteeringRecord((comp,))
+
+
+# ---------------------------------------------------------------------------
+# wire.py
+# ---------------------------------------------------------------------------
+
+
+def test_a_signed_record_round_trips_and_a_forged_one_is_refused():
+    rec = record()
+    assert SteeringRecord.verify(rec.sign()) == rec == SteeringRecord.read(rec.sign())
+    mac, _, text = rec.sign().partition(".")
+    for forged in ("0" * 64 + "." + text, text, json.dumps({"components": []}), 3, None, [1], mac + "." + text + " "):
+        with pytest.raises(RecordError, match="reserved"):
+            SteeringRecord.verify(forged)
+
+
+def test_the_vector_travels_as_float32_bytes_not_decimal_text():
+    rec = record(4096)
+    assert len(rec.sign()) < 4096 * 4 * 4 / 3 + 500  # base64 of 16 KB, where decimal text was ~80 KB
+    values = rec.components[0].vector_values()
+    assert len(values) == 4096 and abs(math.fsum(x * x for x in values) - 1) < 1e-5
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"layer": 30}, "out of range"),
+    ({"layer": True}, "non-negative integer"),
+    ({"layer": -1}, "non-negative integer"),
+    ({"op": "explode"}, "unknown op"),
+    ({"strength": float("nan")}, "finite"),
+    ({"strength": "5"}, "finite"),
+    ({"cap_min": float("inf"), "op": "cap"}, "finite"),
+    ({"op": "cap"}, "needs cap_min"),
+    ({"vector": vector(3)}, "3 values, but this model's hidden size is 4"),
+    ({"vector": "not base64!"}, "not base64"),
+    ({"vector": WireComponent.encode_vector([0.0] * 4)}, "non-zero"),
+    ({"vector": WireComponent.encode_vector([float("nan")] * 4)}, "finite"),
+    ({"feature": "pirate"}, "either a feature name or a vector"),
+])
+def test_check_refuses_what_does_not_fit_the_model(change, message):
+    with pytest.raises(RecordError, match=message):
+        record(**change).check(num_layers=30, hidden_size=4)
+
+
+def test_parse_refuses_unknown_fields_and_too_many_components():
+    good = json.loads(record().payload())
+    for bad in ({**good, "extra": 1}, {**good, "components": [{**good["components"][0], "eval": 1}]},
+                {**good, "components": good["components"] * 65}, {**good, "steer_prompt": "yes"}, [], "x"):
+        with pytest.raises(RecordError):
+            SteeringRecord.parse(json.dumps(bad))
+
+
+def test_the_cache_salt_follows_the_steering_and_traces_never_share():
+    assert record().cache_salt() == record().cache_salt()
+    assert record().cache_salt() != record(strength=2.6).cache_salt()
+    assert SteeringRecord(record().components, trace="abc").cache_salt() == "abc"
+
+
+def test_the_admission_check_is_a_value_error_for_vllm():
+    pytest.importorskip("vllm", reason="vLLM is not installed")
+    from llm_steering.backends.vllm.validator import SteeringValidator
+
+    SteeringValidator.validate_params(SimpleNamespace(extra_args=None))
+    SteeringValidator.validate_params(SimpleNamespace(extra_args={EXTRA_KEY: record().sign()}))
+    with pytest.raises(ValueError, match="reserved"):
+        SteeringValidator.validate_params(SimpleNamespace(extra_args={EXTRA_KEY: record().payload()}))
+
+
+# ---------------------------------------------------------------------------
+# worker.py: nothing a request carries raises in the worker
+# ---------------------------------------------------------------------------
+
+
+class FakeRunner:
+    """Just what WorkerSteering reads of vLLM's model runner: 3 layers of width 4."""
+
+    def __init__(self) -> None:
+        self.model = torch.nn.Module()
+        self.model.model = torch.nn.Module()
+        self.model.model.layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(3))
+        self.model_config = SimpleNamespace(get_hidden_size=lambda: 4)
+        self.query_start_loc = None
+        self.requests: dict = {}
+
+    def _prepare_inputs(self) -> None:
+        pass
+
+    def execute_model(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("value", [
+    json.dumps({"components": [{"layer": 1, "vector": [1.0, 2.0, 3.0], "strength": 5.0, "op": "add", "cap_min": None,
+                                "cap_max": None, "scale": 0.0, "name": "x"}], "steer_prompt": True}),  # the old decimal record
+    "garbage", 17, {"components": "x"},
+    record(3).sign(), record(layer=3).sign(),
+    "0." + record().payload().replace('"strength":2.5', '"strength":NaN'),
+    SteeringRecord((WireComponent(1, "add", 1.0, name="f", feature="pirate"),), vectors_file="/nonexistent",
+                   vectors_digest="0").sign(),
+])
+def test_the_worker_refuses_a_bad_record_without_raising(value):
+    from llm_steering.backends.vllm.worker import WorkerSteering
+
+    runner = FakeRunner()
+    runner.requests["r"] = SimpleNamespace(sampling_params=SimpleNamespace(extra_args={EXTRA_KEY: value}),
+                                           num_prompt_tokens=5)
+    assert WorkerSteering(runner)._parse("r") is None
+
+
+def test_the_worker_builds_a_good_record():
+    from llm_steering.backends.vllm.worker import WorkerSteering
+
+    runner = FakeRunner()
+    runner.requests["r"] = SimpleNamespace(sampling_params=SimpleNamespace(extra_args={EXTRA_KEY: record().sign()}),
+                                           num_prompt_tokens=5)
+    req = WorkerSteering(runner)._parse("r")
+    (idx, comps, vectors), = req.layers.values()
+    assert comps[0].op == "clamp" and comps[0].strength == 2.5 and vectors[0].shape == (4,)
+
+
+# ---------------------------------------------------------------------------
+# middleware.py helpers
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content_type, json_", [
+    (b"application/json", True), (b"Application/JSON", True), (b"APPLICATION/JSON; charset=UTF-8", True),
+    (b" application/json ;charset=utf-8", True), (b"application/vnd.api+json", True), (b"text/plain", False),
+    (b"application/jsonx", False), (b"text/json", False), (None, False), (b"", False),
+])
+def test_the_media_type_is_read_as_http_says(content_type, json_):
+    assert middleware.is_json(content_type) is json_
+
+
+def run_stream(events: list[bytes]) -> bytes:
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def go() -> None:
+        checked = middleware.finish_streams(send)
+        await checked({"type": "http.response.start", "status": 200,
+                       "headers": [(b"content-type", b"text/event-stream; charset=utf-8")]})
+        for body in events:
+            await checked({"type": "http.response.body", "body": body, "more_body": True})
+
+    asyncio.run(go())
+    return b"".join(m.get("body", b"") for m in sent)
+
+
+def chunk(finish: str | None = None, index: int = 0) -> bytes:
+    return b"data: " + json.dumps({"choices": [{"index": index, "delta": {"content": "a"},
+                                                "finish_reason": finish}]}).encode() + b"\n\n"
+
+
+def test_a_stream_cut_before_its_finish_reason_ends_with_an_error_event():
+    out = run_stream([chunk(), chunk(), b"data: [DONE]\n\n"])
+    events = [e for e in out.split(b"\n\n") if e]
+    assert events[-1] == b"data: [DONE]" and b'"error"' in events[-2] and b"503" in events[-2]
+
+
+def test_a_finished_stream_is_left_as_it_was():
+    events = [chunk(), chunk("stop") + b"data: [DONE]\n\n"]
+    assert run_stream(events) == b"".join(events)
+    two = [chunk(index=0), chunk(index=1), chunk("stop", 0), chunk("length", 1), b"data: [DONE]\n\n"]
+    assert run_stream(two) == b"".join(two)
+    assert b"error" in run_stream([chunk(index=0), chunk(index=1), chunk("stop", 0), b"data: [DONE]\n\n"])
+
+
+def test_a_stalled_body_is_a_408_after_the_bound():
+    async def receive() -> dict:
+        await asyncio.sleep(3600)
+        return {}
+
+    async def go() -> None:
+        await middleware.read_body({"headers": []}, receive, 100, 0.2)
+
+    with pytest.raises(middleware.RequestError) as info:
+        asyncio.run(asyncio.wait_for(go(), 5))
+    assert info.value.status == 408
