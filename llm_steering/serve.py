@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from llm_steering import models
+from llm_steering.backends.vllm import vllm_unavailable
 from llm_steering.serving.middleware import DEFAULT_MAX_BODY, MAX_BODY_ENV, VECTORS_ENV
 from llm_steering.vllm_backend import WORKER_EXTENSION
 
@@ -59,6 +60,9 @@ def vllm_arguments(args: argparse.Namespace, rest: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     args, rest = parse_args(argv)
+    problem = vllm_unavailable()
+    if problem:  # the README's Quick start does not install vLLM: say what to do, not a traceback
+        sys.exit(f"serve.py runs vLLM's OpenAI server, which cannot run here: {problem} (docs/serving.md)")
     # The steering reads the V1 model runner's batch layout (vllm_backend); small KV cache on a CPU.
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
