@@ -110,6 +110,12 @@ def round_fraction(fraction: float) -> float:
     return round(float(fraction), FRACTION_DECIMALS) + 0.0  # + 0.0: no "-0.0"
 
 
+def format_strength(fraction: float, norm: float) -> str:
+    """An absolute strength as every front end writes it: the rounded fraction (the one in force,
+    `round_fraction`) times the layer's typical norm, one decimal (0.2046 x 250.0 -> "51.1")."""
+    return f"{round_fraction(fraction) * norm:.1f}"
+
+
 def format_fraction(fraction: float) -> str:
     """A strength as the pages write it: `round_fraction`, at least two decimals ("0.20", "0.255")."""
     text = f"{round_fraction(fraction):.{FRACTION_DECIMALS}f}".rstrip("0")

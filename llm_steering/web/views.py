@@ -17,7 +17,7 @@ from typing import Any
 
 from llm_steering.catalog import Catalog, Feature
 from llm_steering.config import SteeringSpec
-from llm_steering.core import format_fraction, round_fraction
+from llm_steering.core import format_fraction, format_strength
 
 import gradio as gr
 
@@ -128,7 +128,7 @@ def summary_markdown(catalog: Catalog, spec: SteeringSpec, auto: set[str] | froz
         lines.append(
             f"- **{html.escape(feature.title)}** · {op} · {format_fraction(fraction)} — "
             f"*{strength_label(feature, fraction, op)}* "
-            f"<span class='muted'>({round_fraction(fraction) * feature.norm:.1f} at layer {feature.layer})</span>"
+            f"<span class='muted'>({format_strength(fraction, feature.norm)} at layer {feature.layer})</span>"
         )
     if not spec.steer_prompt:
         lines.append("- answer tokens only (the prompt is not steered)")
