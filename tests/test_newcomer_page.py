@@ -7,6 +7,7 @@ The edges outside the page (the Quick start, serve.py, the console, the stream) 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from browser import DESKTOP, PHONE, chromium, open_page, running_app, wait_for
@@ -81,3 +82,72 @@ def test_making_a_concept_leaves_the_summary_right_whatever_order_the_answers_co
     assert "Volcanoes" in tags(page)[-1]
     text = summary(page)
     assert "unknown feature" not in text and "Volcanoes" in text, text
+
+
+# ---------------------------------------------------------------------------
+# 7. Layout in compare mode and under Share; every visible text at WCAG AA contrast
+# ---------------------------------------------------------------------------
+
+CONTRAST_JS = (Path(__file__).resolve().parent / "contrast.js").read_text()  # every visible text below AA
+
+
+def card_row(page) -> dict[str, dict]:
+    """The switched-on card's op and checkbox labels: {text: {top, lines}} (lines: text height / line height)."""
+    return page.evaluate("""() => {
+      const card = [...document.querySelectorAll('#catalog .feature-details')].find(d => d.getBoundingClientRect().height > 0);
+      const out = {};
+      for (const l of card.querySelectorAll('.feature-row label')) {
+        const span = l.querySelector('span') || l, r = l.getBoundingClientRect(), s = span.getBoundingClientRect();
+        if (r.height > 0) out[l.innerText.trim()] = {top: Math.round(r.top), lines: Math.round(s.height / parseFloat(getComputedStyle(span).lineHeight))};
+      }
+      return out; }""")
+
+
+def test_compare_mode_keeps_each_control_on_one_line(desktop):
+    page = desktop
+    page.get_by_role("checkbox", name="Eiffel Tower", exact=True).check()
+    page.locator("#compare input").check()
+    page.locator("#chat-plain").wait_for(state="visible")
+    page.wait_for_timeout(500)
+    row = card_row(page)
+    assert row["clamp"]["top"] == row["add"]["top"], row  # side by side, not stacked
+    assert row["keep the norm"]["lines"] == 1 and row["auto strength"]["lines"] == 1, row
+
+
+def test_unfolding_share_leaves_no_tall_empty_column_beside_it(desktop):
+    """Whatever shares a line with the unfolded Share panel is at least half as tall as it (folded,
+    Advanced is 40 px: beside an 800 px Share it left a tall empty column)."""
+    page = desktop
+    page.locator("#share-acc").get_by_text("Share", exact=True).click()
+    page.locator("#exported").wait_for(state="visible")
+    page.wait_for_timeout(500)
+    boxes = page.evaluate("""() => [...document.querySelector('#more-row').children].map(e => {
+      const r = e.getBoundingClientRect(); return {id: e.id, top: Math.round(r.top), height: Math.round(r.height)}; })""")
+    share = next(b for b in boxes if b["id"] == "share-acc")
+    assert share["height"] > 400, boxes
+    beside = [b for b in boxes if b is not share and b["height"] > 0 and abs(b["top"] - share["top"]) < 5]
+    assert all(b["height"] >= share["height"] / 2 for b in beside), boxes
+    assert page.locator("#advanced").is_visible()
+
+
+@pytest.mark.parametrize("size", ["desktop", "phone"])
+def test_every_visible_text_meets_wcag_aa_contrast(server, browser, size):
+    """Every element with text of its own (and every input's value or placeholder), on the colour
+    actually behind it, after an answer with the effect view, Share, Advanced, How it works and the
+    concept panel unfolded (and compare mode on the desktop): 4.5:1, or 3:1 for large text."""
+    page = open_page(browser, server, SIZES[size])
+    page.wait_for_timeout(1000)
+    page.get_by_text("Eiffel Tower", exact=True).first.click()  # the preset: a card open, its strength box
+    if size == "desktop":
+        page.locator("#compare input").check()
+    send(page, "Tell me about Paris")
+    answers_done(page, 1)
+    for label in ("How it works", "Share", "Advanced", "Colour the last answer", "Make your own concept"):
+        page.get_by_text(label, exact=False).first.click()
+    if size == "phone":  # the phone folds the feature list: unfold it
+        page.locator("#features-acc > button, #features-acc .label-wrap").first.click()
+    page.wait_for_timeout(1000)
+    low = page.evaluate(CONTRAST_JS)
+    page.context.close()
+    assert not low, "\n".join(f"{x['ratio']}:1 < {x['need']}:1  {x['text']!r} ({x['tag']}.{x['cls']} near #{x['near']}: "
+                              f"{x['fg']} on {x['bg']})" for x in low[:25])

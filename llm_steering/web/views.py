@@ -229,6 +229,22 @@ def turn_messages(catalog: Catalog, turns: list[dict], unsteered: bool = False,
     return out
 
 
+def theme() -> gr.themes.Base:
+    """gradio's Soft theme in orange, with every text colour at WCAG AA contrast (4.5:1) on its
+    background: its own orange labels (2.45:1 on light orange), white on its orange buttons (2.8:1)
+    and its pale grey secondary text (2.5:1) were all below."""
+    return gr.themes.Soft(primary_hue="orange").set(
+        body_text_color_subdued="*neutral_600",  # gray-600: 7.6:1 on white, 6.3:1 on gray-200
+        input_placeholder_color="*neutral_500",  # 4.8:1 on white
+        block_label_text_color="*primary_800",  # orange-800 on orange-100: 6.5:1
+        block_title_text_color="*primary_800",
+        button_primary_background_fill="*primary_700",  # white on orange-700: 5.2:1
+        button_primary_background_fill_hover="*primary_800",
+        checkbox_label_background_fill_selected="*primary_700",
+        slider_color="*primary_700",
+    )
+
+
 CSS = """
 .gradio-container { max-width: 1480px !important; }
 .gradio-container > .main.fillable { max-width: 1480px !important; padding-left: 16px !important; padding-right: 16px !important; }
@@ -238,7 +254,7 @@ CSS = """
 #chats .message.thought .prose { display: inline-block; font-size: 0.78em; color: var(--body-text-color-subdued);
   border: 1px solid var(--border-color-primary); border-radius: 9px; padding: 0 7px; margin-top: 2px; }
 #chats .message.thought .prose p { margin: 0; }
-#main:has(#chat-plain) > #steer-panel { flex: 0 0 360px !important; min-width: 360px !important; }  /* comparing */
+#main:has(#chat-plain) > #steer-panel { flex: 0 0 480px !important; min-width: 480px !important; }  /* comparing */
 #main:has(#chat-plain) > #chat-col { flex: 1 1 0 !important; }
 #chats > * { flex: 1 1 0 !important; }
 #preset-note p { margin: 0 0 0 4px; }
@@ -252,8 +268,19 @@ CSS = """
 #catalog label span { white-space: normal; overflow-wrap: break-word; }
 .feature-details { padding: 0 8px 6px 8px; }
 .feature-row { align-items: end; gap: 6px; flex-wrap: wrap !important; }
-.feature-row .form > .block { min-width: min(125px, 100%) !important; }  /* wrap, never clip "auto strength" */
-.muted { color: var(--body-text-color-subdued); font-size: 0.85em; }
+/* A narrow card (compare mode, a phone) moves a whole control to the next line: clamp and add stay
+   side by side, "auto strength" and "keep the norm" each on one line, never clipped. */
+.feature-row > .block, .feature-row .form > .block { min-width: max-content !important; }
+.feature-row .form { min-width: 0 !important; flex-wrap: wrap !important; }
+.feature-row fieldset .wrap { flex-wrap: nowrap; }
+.feature-row label span { white-space: nowrap !important; }
+.muted { color: var(--body-text-color-subdued); font-size: 0.9em; }
+/* Share and Advanced side by side while folded; an unfolded one takes the row's width under the
+   folded one, so that no tall empty column stands beside it. */
+#more-row { align-items: flex-start; flex-wrap: wrap; }
+#more-row > .block:has(> .label-wrap.open) { order: 1; flex: 1 1 100% !important; min-width: 100% !important; }
+#spec-view .cm-content span { color: var(--body-text-color) !important; }  /* the code theme's pale colours */
+#spec-view .cm-gutters, #spec-view .cm-foldGutter span { color: var(--body-text-color-subdued) !important; }
 .intensity { margin-bottom: 0.6em; }
 .toks { line-height: 1.9; white-space: pre-wrap; }
 .tok { border-radius: 3px; padding: 1px 0; }
