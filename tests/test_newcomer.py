@@ -170,3 +170,22 @@ def test_the_stream_shows_text_without_spaces_and_broken_bytes_within_a_few_toke
         assert "\ufffd" in "".join(pieces)[before:], pieces[-3:]
     streamer.end()
     assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------------------
+# 3. Where a cut answer ends
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("Paris, the City of Light, is a breathtaking European city. With its", "Paris, the City of Light, is a breathtaking European city."),
+    ("Steps:\n1. Preheat the oven.\n2. Add the", "Steps:\n1. Preheat the oven."),  # "2." is not a sentence's end
+    ('He said "yes." And then', 'He said "yes."'),
+    ("Aeaea, Aeaea, Ares, Ares,", "Aeaea, Aeaea, Ares, Ares, …"),  # no sentence end near: cut mid-sentence, said so
+    ("One. " + "word " * 60, "One. " + "word " * 59 + "word …"),  # the only end is far back
+    ("It ends here!", "It ends here!"),
+])
+def test_a_cut_answer_ends_at_a_sentence_where_one_is_near(text, shown):
+    from llm_steering.core import cut_at_sentence
+
+    assert cut_at_sentence(text) == shown

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from browser import DESKTOP, PHONE, chromium, open_page, running_app, wait_for
-from test_web_page import answers_done, greedy_config, send, summary, tags
+from test_web_page import answer_texts, answers_done, greedy_config, send, summary, tags
 
 SIZES = {"desktop": DESKTOP, "phone": PHONE}
 VOLCANOES = ("Volcanoes erupt lava and ash.", "Mount Etna is an active volcano.", "Magma rises from the volcano's crater.",
@@ -151,3 +151,19 @@ def test_every_visible_text_meets_wcag_aa_contrast(server, browser, size):
     page.context.close()
     assert not low, "\n".join(f"{x['ratio']}:1 < {x['need']}:1  {x['text']!r} ({x['tag']}.{x['cls']} near #{x['near']}: "
                               f"{x['fg']} on {x['bg']})" for x in low[:25])
+
+
+# ---------------------------------------------------------------------------
+# 3. An answer cut by the cap ends at a sentence where one is near, and says it was cut
+# ---------------------------------------------------------------------------
+
+
+def test_an_answer_cut_by_the_cap_ends_at_a_sentence_and_its_tag_says_so(desktop):
+    page = desktop
+    page.get_by_text("Eiffel Tower", exact=True).first.click()  # the preset
+    page.wait_for_timeout(500)
+    send(page, "Tell me about Paris")  # greedy, 24 tokens: "... since ancient times. With its"
+    answers_done(page, 1)
+    answer = answer_texts(page)[-1].strip()
+    assert answer.endswith("since ancient times."), answer
+    assert tags(page)[-1].endswith("cut at 24 tokens"), tags(page)

@@ -17,7 +17,7 @@ from typing import Any
 
 from llm_steering.catalog import Catalog, Feature
 from llm_steering.config import SteeringSpec
-from llm_steering.core import format_fraction, format_strength
+from llm_steering.core import cut_at_sentence, format_fraction, format_strength
 
 import gradio as gr
 
@@ -222,6 +222,8 @@ def turn_messages(catalog: Catalog, turns: list[dict], unsteered: bool = False,
             continue
         tag = ("no steering (compared)" if unsteered else
                steering_tag(catalog, turn.get("steering"), turn.get("stopped", False), turn.get("capped_at"), turn.get("auto")))
+        if turn.get("capped_at") and not unsteered:  # cut by the cap: shown to a sentence's end where one is
+            body = cut_at_sentence(body)          # near (the turn keeps all of it: export, what the model reads)
         # The tag is a message of its own, plain text: never inside the answer's code block, and
         # Copy and screen readers get words, not markup. The chat shows it under the answer (TAG_CSS).
         out.append({"role": "assistant", "content": body})
