@@ -167,3 +167,33 @@ def test_an_answer_cut_by_the_cap_ends_at_a_sentence_and_its_tag_says_so(desktop
     answer = answer_texts(page)[-1].strip()
     assert answer.endswith("since ancient times."), answer
     assert tags(page)[-1].endswith("cut at 24 tokens"), tags(page)
+
+
+# ---------------------------------------------------------------------------
+# 4. Broken steering streams its text as it comes (it once showed nothing until the end)
+# ---------------------------------------------------------------------------
+
+
+def test_broken_steering_text_shows_as_it_is_written(desktop):
+    """Five features with the Eiffel Tower at 1.0 write text with hardly a space
+    ("TheEiffelCroemLombombopave TowerGondome-MondeBloque_CarÃ"): the page shows it growing while it
+    is written, not all at once at the end."""
+    page = desktop
+    for title in ("Eiffel Tower", "Pirate", "Shakespeare", "Cats", "Space"):
+        page.get_by_role("checkbox", name=title, exact=True).check()
+        if title == "Eiffel Tower":
+            box = page.locator("#catalog input[type='number']").first  # only switched-on cards show a strength
+            box.fill("1")
+            box.press("Enter")
+    wait_for(lambda: "1.00" in summary(page) and "Space" in summary(page), 10, "the five features in the summary")
+    send(page, "Tell me about Paris")
+    lengths = []
+    while not page.locator("#chat-steered .message.thought").count():  # until the answer's tag shows
+        text = (answer_texts(page) or [""])[-1]
+        if text.strip() and (not lengths or len(text) != lengths[-1]):
+            lengths.append(len(text))
+        assert len(lengths) < 10_000
+        page.wait_for_timeout(30)
+    answer = answer_texts(page)[-1]
+    assert answer.count(" ") <= 2, answer  # broken, as it should be: else this proves nothing
+    assert len(lengths) >= 4, (lengths, answer)  # it grew in steps; before, up to its one space, then all at the end
