@@ -256,7 +256,7 @@ CSS = """
 #chats .message.thought .prose { display: inline-block; font-size: 0.78em; color: var(--body-text-color-subdued);
   border: 1px solid var(--border-color-primary); border-radius: 9px; padding: 0 7px; margin-top: 2px; }
 #chats .message.thought .prose p { margin: 0; }
-#main:has(#chat-plain) > #steer-panel { flex: 0 0 480px !important; min-width: 480px !important; }  /* comparing */
+#main:has(#chat-plain) > #steer-panel { flex: 0 0 360px !important; min-width: 360px !important; }  /* comparing */
 #main:has(#chat-plain) > #chat-col { flex: 1 1 0 !important; }
 #chats > * { flex: 1 1 0 !important; }
 #preset-note p { margin: 0 0 0 4px; }
