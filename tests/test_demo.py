@@ -770,7 +770,7 @@ def test_steer_without_a_strength_takes_the_features_default(embedded, shipped):
     catalog = console.catalog
     console.command("/steer pirate")
     console.command("/steer eiffel_tower clamp")
-    default = {k: catalog.resolve(k).default_fraction for k in ("pirate", "eiffel_tower")}
+    default = {k: round_fraction(catalog.resolve(k).default_fraction) for k in ("pirate", "eiffel_tower")}  # as the app keeps it
     assert {k: (frac, op) for k, (_, frac, op) in console.active.items()} == {
         "pirate": (default["pirate"], "clamp"), "eiffel_tower": (default["eiffel_tower"], "clamp")}
     assert demo.parse_steer_words(["pirate"]) == ("pirate", None, None)
