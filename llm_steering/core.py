@@ -110,7 +110,38 @@ def round_fraction(fraction: float) -> float:
     return round(float(fraction), FRACTION_DECIMALS) + 0.0  # + 0.0: no "-0.0"
 
 
+def format_strength(fraction: float, norm: float) -> str:
+    """An absolute strength as every front end writes it: the rounded fraction (the one in force,
+    `round_fraction`) times the layer's typical norm, one decimal (0.2046 x 250.0 -> "51.1")."""
+    return f"{round_fraction(fraction) * norm:.1f}"
+
+
 def format_fraction(fraction: float) -> str:
     """A strength as the pages write it: `round_fraction`, at least two decimals ("0.20", "0.255")."""
     text = f"{round_fraction(fraction):.{FRACTION_DECIMALS}f}".rstrip("0")
     return text + "0" * max(0, 2 - len(text.split(".")[1]))
+
+
+SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]]*(?=\s|$)|\n")  # a sentence's end, or a line's
+NEAR_END, NEAR_CHARS = 0.35, 80  # a cut answer ends at its last sentence end when at most this share of it
+                                 # (or this many characters) comes after that end
+
+
+def cut_at_sentence(text: str, near: float = NEAR_END) -> str:
+    """A text cut by a length limit, ended at its last sentence (or line) end when that is near its
+    end (at most `near` of it, or NEAR_CHARS characters, after it); else as it is, with " …" to show
+    it was cut mid-sentence.
+    A list item's number ("2.") is not a sentence end.
+
+        >>> cut_at_sentence("Paris is lovely. It has many")
+        'Paris is lovely.'
+    """
+    body = text.rstrip()
+    ends = [m.end() for m in SENTENCE_END.finditer(body)
+            if not re.fullmatch(r"\s*\d+\.", body[body.rfind("\n", 0, m.start()) + 1 : m.end()])]
+    if ends and ends[-1] >= len(body):
+        return body
+    if ends and len(body) - ends[-1] <= max(near * len(body), NEAR_CHARS):
+        return body[: ends[-1]].rstrip()
+    return body + " …"
+

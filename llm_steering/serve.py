@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from llm_steering import models
+from llm_steering.backends.vllm import vllm_unavailable
 from llm_steering.backends.vllm.engine import VALIDATOR, vllm_dtype
 from llm_steering.backends.vllm.worker import WORKER_EXTENSION
 from llm_steering.serving.middleware import (
@@ -63,6 +64,9 @@ def vllm_arguments(args: argparse.Namespace, rest: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     args, rest = parse_args(argv)
+    problem = vllm_unavailable()
+    if problem:  # the README's Quick start does not install vLLM: say what to do, not a traceback
+        sys.exit(f"serve.py runs vLLM's OpenAI server, which cannot run here: {problem} (docs/serving.md)")
     # The steering reads the V1 model runner's batch layout (backends/vllm/patches.py); small KV cache on a CPU.
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")

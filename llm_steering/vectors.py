@@ -228,12 +228,17 @@ class SteeringVectorSet:
         return cls(data.get("model_id"), data.get("hidden_size"), vectors, norms)
 
 
-def load_vectors(path: str | os.PathLike) -> SteeringVectorSet:
-    """Same as `SteeringVectorSet.load(path)`.
+SHIPPED_VECTORS = Path(__file__).resolve().parent / "data" / "steering_vectors.pt"  # the embedded model's ten concepts
 
-        >>> vectors = load_vectors("steering_vectors.pt")
+
+def load_vectors(path: str | os.PathLike | None = None) -> SteeringVectorSet:
+    """Same as `SteeringVectorSet.load(path)`; without a path, the ten concepts shipped for the embedded
+    model (package data, so it works from any folder once the package is installed).
+
+        >>> vectors = load_vectors()                       # the shipped concepts
+        >>> vectors = load_vectors("my_vectors.pt")
     """
-    return SteeringVectorSet.load(path)
+    return SteeringVectorSet.load(SHIPPED_VECTORS if path is None else path)
 
 
 def measure_layer_norms(model: Any, tokenizer: Any, layers: Sequence[int], text: str | None = None) -> dict[int, float]:

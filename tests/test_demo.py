@@ -147,7 +147,7 @@ def test_a_session_steers_compares_saves_loads_survives_an_error_and_quits(embed
             assert feature.name in out and feature.description in out
         out = say(child, "/steer eiffel_tower 0.5 clamp")
         norm = vectors.norm(profile.feature("eiffel_tower").layer)
-        assert f"steering with Eiffel Tower (eiffel_tower) at 0.5 x norm ({0.5 * norm:.1f}" in out
+        assert f"steering with Eiffel Tower (eiffel_tower) at 0.50 x norm ({0.5 * norm:.1f}" in out
         assert "eiffel_tower" in say(child, "/active")
 
         say(child, "/compare")
@@ -176,7 +176,7 @@ def test_a_session_steers_compares_saves_loads_survives_an_error_and_quits(embed
         out = say(child, f"/load {tmp_path / 'missing.yaml'}")
         assert "error:" in out and "not found" in out
         out = say(child, f"/load {spec_file}")
-        assert "eiffel_tower" in out and "0.5 x norm" in out
+        assert "eiffel_tower" in out and "0.50 x norm" in out
 
         # the same message again, with the history forgotten, on the nnsight backend: same tokens
         say(child, "/reset")
@@ -638,7 +638,7 @@ def test_each_turn_keeps_its_steering_and_compare_unsteered_never_sees_steered_t
         a4 = reference(embedded, profile, vectors, q4, [], history=[(q1, a1), (q2, u2), (q3, a3)])
         child.expect_exact(PROMPT)
         out = say(child, "/steer pirate 0.3")
-        assert "steering with Pirate (pirate) at 0.3 x norm" in out
+        assert "steering with Pirate (pirate) at 0.30 x norm" in out
         assert f"steered> {a1}\n" in say(child, q1)
         out = say(child, f"/compare {q2}")
         assert f"unsteered> {u2}\nsteered> {s2}\n" in out
@@ -714,7 +714,7 @@ def test_a_concept_from_five_sentences_is_made_kept_listed_and_steers(embedded, 
         out = say(child, "/concept my_tower: " + " | ".join(FIVE))
         assert time.monotonic() - started < 30
         assert "made your concept My Tower (my_tower) from 5 sentences in" in out
-        assert f"steering with it at its default {feature.default_fraction:.3g} x norm, add, layer 15" in out
+        assert f"steering with it at its default {format_fraction(feature.default_fraction)} x norm, add, layer 15" in out
         assert f"it pushes up: {', '.join(words)} (/features my_tower" in out
         assert (tmp_path / "smollm2-concepts.pt").is_file()
         assert re.search(r"^\s+my_tower\s+My Tower: your topic: The Eiffel Tower stands", say(child, "/features"), re.M)
@@ -772,7 +772,7 @@ def test_steer_without_a_strength_takes_the_features_default(embedded, shipped):
     catalog = console.catalog
     console.command("/steer pirate")
     console.command("/steer eiffel_tower clamp")
-    default = {k: catalog.resolve(k).default_fraction for k in ("pirate", "eiffel_tower")}
+    default = {k: round_fraction(catalog.resolve(k).default_fraction) for k in ("pirate", "eiffel_tower")}  # as the app keeps it
     assert {k: (frac, op) for k, (_, frac, op) in console.active.items()} == {
         "pirate": (default["pirate"], "clamp"), "eiffel_tower": (default["eiffel_tower"], "clamp")}
     assert demo.parse_steer_words(["pirate"]) == ("pirate", None, None)

@@ -221,17 +221,39 @@ def check_request(model: Any, tokenizer: Any, chat: Sequence[dict], components: 
     return comps, prompt_ids
 
 
+HOLD_TOKENS = 4  # a streamed word is held back this many tokens at most, waiting for its end
+BROKEN_TOKENS = 8  # held this long, a tail that does not decode is shown as it is (replacement characters)
+
+
 class _RecordingStreamer:
-    """transformers' TextIteratorStreamer that also keeps the answer's token ids as they come."""
+    """transformers' TextIteratorStreamer that also keeps the answer's token ids as they come.
+
+    transformers holds text back until a space or a newline (a word may still change), so text
+    without spaces, as broken steering makes, froze the stream for seconds. Here a held tail is shown
+    after HOLD_TOKENS tokens, except a character whose bytes have not all come yet (it decodes
+    to U+FFFD), which waits up to BROKEN_TOKENS tokens and is then shown as it decodes."""
 
     def __new__(cls, tokenizer: Any, ids: list[int]) -> Any:
         from transformers import TextIteratorStreamer
 
         class Recording(TextIteratorStreamer):
+            held = 0  # tokens since text was last shown
+
             def put(self, value: torch.Tensor) -> None:
-                if not (self.skip_prompt and self.next_tokens_are_prompt):
+                prompt = self.skip_prompt and self.next_tokens_are_prompt
+                if not prompt:
                     ids.extend(int(t) for t in value.reshape(-1).tolist())
+                before = self.print_len
                 super().put(value)
+                if prompt:
+                    return
+                self.held = 0 if self.print_len != before or not self.token_cache else self.held + 1
+                if self.held >= HOLD_TOKENS:
+                    text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+                    end = len(text) if self.held >= BROKEN_TOKENS else len(text.rstrip("\ufffd"))
+                    if end > self.print_len:
+                        self.on_finalized_text(text[self.print_len : end])
+                        self.print_len, self.held = end, 0
 
         return Recording(tokenizer, skip_prompt=True, skip_special_tokens=True)
 

@@ -24,7 +24,7 @@ from llm_steering.console.commands import COMMANDS, export_gguf, parse_fraction,
 from llm_steering.console.ctrl_c import Stopped, ctrl_c_stops
 from llm_steering.console.own_concepts import load_user_concepts
 from llm_steering.control_vector import check_path
-from llm_steering.core import atomic_write, format_fraction, round_fraction
+from llm_steering.core import atomic_write, format_fraction, format_strength, round_fraction
 from llm_steering.vectors import SteeringVectorSet
 
 DEFAULT_CONFIG = console_cli.DEFAULT_CONFIG
@@ -84,7 +84,7 @@ class Console:
             if self.settings.temperature > 0:
                 self.notice("auto strength compares greedy answers; the answer itself keeps your temperature")
             self.auto = {feature.key}  # one feature calibrates at a time
-        fraction = self.catalog.check_fraction(feature, feature.default_fraction if fraction is None else fraction)
+        fraction = round_fraction(self.catalog.check_fraction(feature, feature.default_fraction if fraction is None else fraction))
         op = op or feature.default_op
         steering.validate_components(self.model, [feature.component(fraction, op)])
         self.active[feature.key] = (feature, fraction, op)
@@ -109,8 +109,8 @@ class Console:
         if not self.active:
             return ["nothing is steered"]
         lines = [
-            f"  {feature.title} ({feature.key}): {fraction:.3g} x norm {feature.norm:.1f} = {fraction * feature.norm:.1f} "
-            f"at layer {feature.layer}, {op}"
+            f"  {feature.title} ({feature.key}): {format_fraction(fraction)} x norm {feature.norm:.1f} = "
+            f"{format_strength(fraction, feature.norm)} at layer {feature.layer}, {op}"
             for feature, fraction, op in self.active.values()
         ]
         if not self.steer_prompt:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from llm_steering.config import FeatureConfig, ModelProfile, load_config
-from llm_steering.core import human_name, one_line  # noqa: F401  (one_line: re-exported for the console)
+from llm_steering.core import format_fraction, human_name, one_line  # noqa: F401  (one_line: re-exported for the console)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "demo.yaml"  # the checkout: beside demo.py
 BACKENDS = ("hf", "nnsight", "vllm")
@@ -204,7 +204,7 @@ def user_concept_lines(profile: str) -> list[str]:
         if not isinstance(meta, dict) or not isinstance(meta.get("recipe"), str):
             continue
         fraction, op = meta.get("default_fraction"), meta.get("default_op", "add")
-        default = f"{fraction:.3g}" if isinstance(fraction, (int, float)) else "?"
+        default = format_fraction(fraction) if isinstance(fraction, (int, float)) else "?"
         lines.append(f"  {item.get('name')}  {human_name(str(item.get('name')))}: {item.get('description', '')} "
                      f"(default {default}, {op}; your concept)")
     return lines
@@ -244,7 +244,7 @@ def help_epilog(config: str, profile: str | None) -> str:
     lines = [f"Features of profile {prof.name!r} ({Path(config).name}); NAME is the first word:"]
     width = max([len(f.name) for f in prof.features] + [4])
     for f, fraction in features:
-        default = f"{fraction:.3g}" if fraction is not None else f"{f.strength:g} absolute"
+        default = format_fraction(fraction) if fraction is not None else f"{f.strength:g} absolute"
         title = f.label or human_name(f.name)
         described = f"{title}: {f.description}" if f.description else title
         lines.append(f"  {f.name:<{width}}  {described} (default {default}, {f.op})")

@@ -23,6 +23,7 @@ from llm_steering.backends import check_backend
 from llm_steering.chat_history import HISTORY_MODES
 from llm_steering.config import FEATURE_OPS, save_steering_spec
 from llm_steering.console.cli import BACKENDS, STEER_USAGE
+from llm_steering.core import format_fraction, format_strength
 from llm_steering.models import embedded_gguf_path
 
 # ---------------------------------------------------------------------------
@@ -127,8 +128,8 @@ def _steer(c: Any, args: list[str], rest: str) -> None:
     if auto:
         c.notice(f"steering with {name}, {op}, at a strength picked for each answer (auto)")
     else:
-        c.notice(f"steering with {name} at {fraction:.3g} x norm ({fraction * feature.norm:.1f} at layer "
-                 f"{feature.layer}), {op}")
+        c.notice(f"steering with {name} at {format_fraction(fraction)} x norm ({format_strength(fraction, feature.norm)} "
+                 f"at layer {feature.layer}), {op}")
 
 
 def _unsteer(c: Any, args: list[str], rest: str) -> None:
@@ -150,8 +151,8 @@ def _features(c: Any, args: list[str], rest: str) -> None:
         return
     c.notice(f"features of profile {c.catalog.profile.name!r} (key to type, name: description; layer, default "
              "strength and op):")
-    lines = [f"  {f.key:<18} {f.title}: {f.description}; layer {f.layer}, default {f.default_fraction:.3g} {f.default_op}"
-             if f.description else f"  {f.key:<18} {f.title}; layer {f.layer}, default {f.default_fraction:.3g} {f.default_op}"
+    lines = [f"  {f.key:<18} {f.title}: {f.description}; layer {f.layer}, default {format_fraction(f.default_fraction)} {f.default_op}"
+             if f.description else f"  {f.key:<18} {f.title}; layer {f.layer}, default {format_fraction(f.default_fraction)} {f.default_op}"
              for f in c.catalog.features]
     if c.catalog.profile.sae_source:
         lines.append(f"  layer:index (e.g. 15:21576) steers any feature of the SAEs in {c.catalog.profile.sae_source}")
@@ -170,7 +171,7 @@ def _concept(c: Any, args: list[str], rest: str) -> None:
     feature, c.catalog, seconds, kept = make_and_keep(c.catalog, recipe, c.concepts_file)
     c.steer(feature.key)
     c.notice(f"made your concept {feature.title} ({feature.key}) from {len(recipe.sentences)} sentences in {seconds:.1f} s "
-             f"({kept}); steering with it at its default {feature.default_fraction:.3g} x norm, {feature.default_op}, "
+             f"({kept}); steering with it at its default {format_fraction(feature.default_fraction)} x norm, {feature.default_op}, "
              f"layer {feature.layer}")
     c.notice(f"it pushes up: {', '.join(_words(c, feature.key))} (/features {feature.key} for more; "
              f"/steer {feature.key} 0.4 for stronger, /unsteer {feature.key} to stop)")
@@ -302,7 +303,7 @@ COMMANDS: dict[str, Command] = {
     "/features": Command("[name]", "the features of this profile, with descriptions; with a name: what it does "
                          "(its default, layer and the tokens it pushes up and down)", _features, (0, 1)),
     "/concept": Command("NAME [topic|style|persona]: sentence | ...", "make your own concept from a few example "
-                        "sentences, kept in your concepts file and switched on at its default; alone: how",
+                        "sentences, kept in your concepts file and switched on at its default (/concept alone shows how)",
                         _concept, (0, 10**6)),
     "/active": Command("", "what is steered now", _active),
     "/compare": Command("[message]", "answer the next message twice: unsteered, then steered", _compare, (0, 10**6)),

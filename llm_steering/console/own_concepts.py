@@ -17,7 +17,7 @@ from typing import Any
 
 from llm_steering.catalog import Catalog, Feature, recipe_of
 from llm_steering.concepts import TEMPLATES, make_concept
-from llm_steering.core import one_line
+from llm_steering.core import format_fraction, format_strength, one_line
 from llm_steering.recipe import ConceptRecipe
 from llm_steering.vectors import SteeringVectorSet
 
@@ -73,8 +73,8 @@ def feature_details(catalog: Catalog, feature: Feature, tokens: Any) -> list[str
 
     recipe = catalog.concepts.get(feature.key)
     lines = [f"{feature.title} ({feature.key})" + (f": {feature.description}" if feature.description else "")]
-    lines.append(f"  layer {feature.layer}, default {feature.default_fraction:.3g} x norm ({feature.norm:.1f}), "
-                 f"{feature.default_op}")
+    lines.append(f"  layer {feature.layer}, default {format_fraction(feature.default_fraction)} x norm "
+                 f"= {format_strength(feature.default_fraction, feature.norm)} (norm {feature.norm:.1f}), {feature.default_op}")
     if recipe is not None:
         lines.append(f"  your {recipe.template}, from {len(recipe.sentences)} sentence(s): "
                      + " | ".join(recipe.sentences)[:200])

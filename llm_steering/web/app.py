@@ -29,7 +29,7 @@ from llm_steering.recipe import ConceptRecipe
 from llm_steering.steering import SteeringComponent, SteeringTrace
 from llm_steering.web.panel import ControlPanel
 from llm_steering.web.stop_flags import StopFlags
-from llm_steering.web.views import CSS
+from llm_steering.web.views import CSS, theme
 
 import gradio as gr
 import torch
@@ -247,7 +247,7 @@ def main() -> None:
     from llm_steering.web.layout import build_demo
 
     build_demo(LOADED).queue(default_concurrency_limit=CONCURRENCY).launch(
-        server_name=args.host, server_port=args.port, theme=gr.themes.Soft(primary_hue="orange"), css=CSS,
+        server_name=args.host, server_port=args.port, theme=theme(), css=CSS,
         footer_links=["api"], max_file_size=MAX_UPLOAD,
     )
 

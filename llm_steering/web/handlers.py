@@ -12,6 +12,7 @@ import contextlib
 import html
 import json
 import tempfile
+import threading
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -286,6 +287,28 @@ def describe(app: App, *controls: Any) -> tuple[str, str]:
         return f"**Steering for the next answer:** ⚠ {html.escape(one_line(exc))}", gr.skip()
     auto = {key for key in values.enabled() if values[key, "auto"]}
     return summary_markdown(app.catalog, spec, auto), json.dumps(spec.to_dict(), indent=2)
+
+
+_NEWEST: dict[str, float] = {}  # session key -> the page clock of its newest summary request
+_NEWEST_LOCK = threading.Lock()
+_NEWEST_KEPT = 10_000  # sessions remembered at most (the oldest are forgotten first)
+
+
+def describe_newest(app: App, session_key: str, sent_at: float | None, *controls: Any) -> tuple[Any, Any]:
+    """`describe` for a change of the controls sent at page time `sent_at`; the summary of a request
+    older than one already answered for this session is skipped: it read the controls mid-update."""
+    if not isinstance(sent_at, (int, float)) or not session_key:  # not stamped (an API call): answer it
+        return describe(app, *controls)
+    key, stamp = str(session_key), float(sent_at)
+    with _NEWEST_LOCK:
+        if stamp < _NEWEST.get(key, float("-inf")):
+            return gr.skip(), gr.skip()
+        _NEWEST[key] = stamp
+        while len(_NEWEST) > _NEWEST_KEPT:
+            _NEWEST.pop(next(iter(_NEWEST)))
+    out = describe(app, *controls)
+    with _NEWEST_LOCK:  # a newer request answered meanwhile: its summary stands
+        return (gr.skip(), gr.skip()) if stamp < _NEWEST.get(key, stamp) else out
 
 
 def check_strength(app: App, index: int, value: Any, in_force: float | None) -> tuple[Any, float]:

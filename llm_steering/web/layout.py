@@ -191,8 +191,13 @@ def steering_events(app: App, demo: gr.Blocks, w: SimpleNamespace) -> None:
     w.preset.change(bind(preset_note, app), w.preset, w.preset_note, queue=False, **HIDDEN)
     for control in controls:
         control.input(lambda: None, None, w.preset, queue=False, **HIDDEN)  # a manual change leaves the preset
-        control.change(bind(h.describe, app), controls, [w.summary, w.spec_view], queue=False,
-                       trigger_mode="always_last", **HIDDEN)  # an import changes ~45 controls at once
+    # The summary follows the newest state of the controls, whatever order the answers come back in:
+    # an import changes ~45 controls at once and "Make it and switch it on" five, whose change events
+    # fire one by one, the first before the hidden concepts control has its new value. Each request
+    # carries the page's clock when it was sent (STAMP), and the handler answers only the newest.
+    clock = gr.Number(visible=False)
+    gr.on([control.change for control in controls], bind(h.describe_newest, app), [w.session_key, clock, *controls],
+          [w.summary, w.spec_view], js=STAMP, queue=False, **HIDDEN)
     for i, feature in enumerate(app.features):
         slider, in_force = app.panel.widget(feature.key, "fraction"), gr.State(None)
         slider.change(bind(h.check_strength, app, i), [slider, in_force], [slider, in_force],
@@ -243,6 +248,9 @@ SHARE_LINK = """(spec, message, withMessage) => {
   if (withMessage && message && message.trim()) url.searchParams.set('message', message);
   return url.toString();
 }"""
+
+# The page's clock (ms since it loaded) as the second input of a summary request (describe_newest).
+STAMP = "(session, clock, ...controls) => [session, performance.now(), ...controls]"
 
 # A tap on a word of the effect view says what a mouse pointer's tooltip says (touch screens have none).
 TAP_WORDS = """() => document.addEventListener('click', e => {

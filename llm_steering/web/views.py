@@ -17,7 +17,7 @@ from typing import Any
 
 from llm_steering.catalog import Catalog, Feature
 from llm_steering.config import SteeringSpec
-from llm_steering.core import format_fraction, round_fraction
+from llm_steering.core import cut_at_sentence, format_fraction, format_strength
 
 import gradio as gr
 
@@ -128,7 +128,7 @@ def summary_markdown(catalog: Catalog, spec: SteeringSpec, auto: set[str] | froz
         lines.append(
             f"- **{html.escape(feature.title)}** · {op} · {format_fraction(fraction)} — "
             f"*{strength_label(feature, fraction, op)}* "
-            f"<span class='muted'>({round_fraction(fraction) * feature.norm:.1f} at layer {feature.layer})</span>"
+            f"<span class='muted'>({format_strength(fraction, feature.norm)} at layer {feature.layer})</span>"
         )
     if not spec.steer_prompt:
         lines.append("- answer tokens only (the prompt is not steered)")
@@ -222,11 +222,29 @@ def turn_messages(catalog: Catalog, turns: list[dict], unsteered: bool = False,
             continue
         tag = ("no steering (compared)" if unsteered else
                steering_tag(catalog, turn.get("steering"), turn.get("stopped", False), turn.get("capped_at"), turn.get("auto")))
+        if turn.get("capped_at") and not unsteered:  # cut by the cap: shown to a sentence's end where one is
+            body = cut_at_sentence(body)          # near (the turn keeps all of it: export, what the model reads)
         # The tag is a message of its own, plain text: never inside the answer's code block, and
         # Copy and screen readers get words, not markup. The chat shows it under the answer (TAG_CSS).
         out.append({"role": "assistant", "content": body})
         out.append({"role": "assistant", "content": tag})
     return out
+
+
+def theme() -> gr.themes.Base:
+    """gradio's Soft theme in orange, with every text colour at WCAG AA contrast (4.5:1) on its
+    background: its own orange labels (2.45:1 on light orange), white on its orange buttons (2.8:1)
+    and its pale grey secondary text (2.5:1) were all below."""
+    return gr.themes.Soft(primary_hue="orange").set(
+        body_text_color_subdued="*neutral_600",  # gray-600: 7.6:1 on white, 6.3:1 on gray-200
+        input_placeholder_color="*neutral_500",  # 4.8:1 on white
+        block_label_text_color="*primary_800",  # orange-800 on orange-100: 6.5:1
+        block_title_text_color="*primary_800",
+        button_primary_background_fill="*primary_700",  # white on orange-700: 5.2:1
+        button_primary_background_fill_hover="*primary_800",
+        checkbox_label_background_fill_selected="*primary_700",
+        slider_color="*primary_700",
+    )
 
 
 CSS = """
@@ -252,8 +270,19 @@ CSS = """
 #catalog label span { white-space: normal; overflow-wrap: break-word; }
 .feature-details { padding: 0 8px 6px 8px; }
 .feature-row { align-items: end; gap: 6px; flex-wrap: wrap !important; }
-.feature-row .form > .block { min-width: min(125px, 100%) !important; }  /* wrap, never clip "auto strength" */
-.muted { color: var(--body-text-color-subdued); font-size: 0.85em; }
+/* A narrow card (compare mode, a phone) moves a whole control to the next line: clamp and add stay
+   side by side, "auto strength" and "keep the norm" each on one line, never clipped. */
+.feature-row > .block, .feature-row .form > .block { min-width: max-content !important; }
+.feature-row .form { min-width: 0 !important; flex-wrap: wrap !important; }
+.feature-row fieldset .wrap { flex-wrap: nowrap; }
+.feature-row label span { white-space: nowrap !important; }
+.muted { color: var(--body-text-color-subdued); font-size: 0.9em; }
+/* Share and Advanced side by side while folded; an unfolded one takes the row's width under the
+   folded one, so that no tall empty column stands beside it. */
+#more-row { align-items: flex-start; flex-wrap: wrap; }
+#more-row > .block:has(> .label-wrap.open) { order: 1; flex: 1 1 100% !important; min-width: 100% !important; }
+#spec-view .cm-content span { color: var(--body-text-color) !important; }  /* the code theme's pale colours */
+#spec-view .cm-gutters, #spec-view .cm-foldGutter span { color: var(--body-text-color-subdued) !important; }
 .intensity { margin-bottom: 0.6em; }
 .toks { line-height: 1.9; white-space: pre-wrap; }
 .tok { border-radius: 3px; padding: 1px 0; }
