@@ -1,5 +1,5 @@
-"""Issue 31's rough edges of the page, in headless Chromium at 1440x900 and 390x844; one app process
-for the module (greedy, short answers: test_web_page.greedy_config).
+"""Issue 31's rough edges of the page, in headless Chromium at 1440x900 and 390x844; the session's greedy
+app (short answers: browser.greedy_config).
 
 The edges outside the page (the Quick start, serve.py, the console, the stream) are in test_newcomer.py.
 """
@@ -10,25 +10,17 @@ import json
 from pathlib import Path
 
 import pytest
-from browser import DESKTOP, PHONE, chromium, open_page, running_app, wait_for
-from test_web_page import answer_texts, answers_done, greedy_config, send, summary, tags
+from browser import DESKTOP, PHONE, open_page, wait_for
+from test_web_page import answer_texts, answers_done, send, summary, tags
 
 SIZES = {"desktop": DESKTOP, "phone": PHONE}
 VOLCANOES = ("Volcanoes erupt lava and ash.", "Mount Etna is an active volcano.", "Magma rises from the volcano's crater.",
              "The volcano erupted last night.", "Lava flows down the sides of the volcano.")
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("newcomer31")
-    with running_app(tmp / "server.log", STEERING_CONFIG=str(greedy_config(tmp))) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with chromium() as b:
-        yield b
+@pytest.fixture
+def server(greedy_app):
+    return greedy_app[0]  # conftest: the session's greedy app
 
 
 @pytest.fixture
