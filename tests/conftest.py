@@ -112,6 +112,7 @@ def pytest_configure(config):
                                        "engine (left out by `bash tests/run.sh --fast`)")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
 def pytest_collection_modifyitems(config, items):
     starts: dict = {}
 
