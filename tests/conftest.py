@@ -1,6 +1,6 @@
 """Shared fixtures: tiny random-config Llama models (seconds), the real embedded model, and the expensive
-things the tests only read, made once for the session: the app (shipped and greedy), a browser, the
-vLLM engine.
+things the tests only read, made once for the session (the app, shipped and greedy; the vLLM engine)
+or for a module (a browser).
 
 Tests by cost: a test is `slow` when it, or a fixture it uses, calls one of STARTS (it starts a process,
 an engine or a browser, or loads a model), or it is marked so itself; `bash tests/run.sh --fast`
@@ -74,9 +74,11 @@ def greedy_app(tmp_path_factory):
         yield url, tmp / "server.log"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """Debian's headless Chromium for the session; each test opens its own context (browser.open_page)."""
+    """Debian's headless Chromium for a module (a second or two to start); each test opens its own context
+    (browser.open_page). Not for the session: Playwright's sync API keeps an event loop running in the
+    thread while it is open, and a later test's asyncio.run() then fails."""
     from browser import chromium
 
     with chromium() as b:

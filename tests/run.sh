@@ -33,7 +33,7 @@ fi
 .venv/bin/ruff check .
 # Two workers: much of the suite waits on the processes it starts (app, console, engine, browser), so
 # two cores stay busier; tests sharing an app or engine run in one worker (tests/conftest.py).
-args=(-n "${STEERING_TEST_WORKERS:-2}" --dist loadgroup)
+args=(-n "${STEERING_TEST_WORKERS:-2}" --dist loadgroup --durations=30)
 for a in "$@"; do
   if [ "$a" = "--fast" ]; then args+=(-m "not slow"); else args+=("$a"); fi
 done
