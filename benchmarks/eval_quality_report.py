@@ -8,7 +8,6 @@ pass rule are described there.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -17,14 +16,8 @@ from llm_steering import calibrate, steering
 
 from sweep_vectors import KEYWORDS, mentions
 
-STOP = set("""a an the and or but if then so of to in on at by for with from about into over under as is are was were be
-been being do does did how what when where which who whom why can could should would will shall may might must i me my
-you your we our they their it its this that these those there here some any few more most other such no not only own same
-than too very just also give make write tell explain short simple good best way ways tips three things need want like""".split())
-
-
-def stems(text: str) -> set[str]:
-    return {w[:5] for w in re.findall(r"[a-z]+", text.lower()) if len(w) >= 4 and w not in STOP}
+# the question's content words (signal A of tint.py); auto (calibrate.py) reads answers the same way
+stems = calibrate.content_stems
 
 
 def load_rows(paths: list[str], keep_incomplete: bool = False) -> list[dict]:

@@ -262,3 +262,325 @@ def answer_nll(model: Any, tokenizer: Any, chats: Sequence[Sequence[dict]], answ
                     projs.append({L: (out.hidden_states[L + 1][b, len(p) : len(s)].float() @ v.to(device)).mean(0).tolist()
                                   if n else float("nan") for L, v in probe.items()})
     return (nlls, projs) if probe is not None else nlls
+
+
+# ---------------------------------------------------------------------------
+# Auto: a way of steering chosen for each prompt, aimed at an answer that still answers
+# ---------------------------------------------------------------------------
+#
+# The feature's default is one dose for every prompt; the right one differs from prompt to prompt
+# (docs/quality.md). `auto_answer` generates the same chat under several ways of steering as rows of
+# one batch (several strengths of the feature's op, the other op, answer-only steering, the release:
+# answer-only steering let go once the answer says one of the steering's own words, and the unsteered
+# answer), reads each candidate without any keyword list, and keeps the one that best carries the
+# concept while it still answers.
+
+AUTO_PROMPT_MULTIPLIERS = (0.6, 1.0, 1.4, 1.8)  # the feature's op, prompt steered, x its default strength
+AUTO_OTHER_OP_MULTIPLIERS = (1.0,)              # the other op (add <-> clamp), prompt steered
+AUTO_RELEASE_MULTIPLIERS = (2.0, 3.0, 4.0)      # answer-only, let go at the first word of the concept (until then
+                                                # the same answer as answer-only steering, which is not tried apart)
+AUTO_JUDGE_TOKENS = 48                          # candidates are compared on their first tokens
+AUTO_NLL_BOUND = 2.5                            # x the unsteered answer's NLL (a candidate past it reads broken)
+AUTO_CONCEPT_WORDS = 24                         # how many of the steering's own top tokens count as its words
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way of steering an answer that auto tries. `components` are the feature's (the request's
+    other features are added by auto_answer); `multiplier` is of the feature's default strength (0 =
+    unsteered). `steer_prompt=False` steers the answer only; `release` lets go of the steering from the
+    first token that is one of the steering's own words (lens.concept_token_ids) on."""
+
+    label: str
+    components: tuple[SteeringComponent, ...] = ()
+    steer_prompt: bool = True
+    release: bool = False
+    multiplier: float = 0.0
+
+
+def other_op(op: str) -> str:
+    """add <-> clamp (keeping a _keepnorm suffix); cap -> clamp."""
+    base, suffix = (op[: -len("_keepnorm")], "_keepnorm") if op.endswith("_keepnorm") else (op, "")
+    return {"add": "clamp", "clamp": "add", "cap": "clamp"}.get(base, base) + suffix
+
+
+def auto_candidates(component: SteeringComponent) -> list[Candidate]:
+    """The candidates auto compares for `component` at its default strength and op (unsteered first)."""
+    if component.op == "ablate":
+        raise ValueError("an ablate component has no strength to choose: use add, clamp or cap")
+    s = component.cap_min if component.op == "cap" else component.strength
+    if not (s == s) or s == 0:
+        raise ValueError(f"auto needs the feature at a nonzero default strength, got {s!r}")
+    out = [Candidate("unsteered")]
+    out += [Candidate(f"{component.op} x{m:g}", (with_strength(component, m * s),), multiplier=m) for m in AUTO_PROMPT_MULTIPLIERS]
+    alt = other_op(component.op)
+    out += [Candidate(f"{alt} x{m:g}", (with_strength(component.with_op(alt) if component.op != "cap" else
+                                                     replace(component, op=alt, strength=s, cap_min=None, cap_max=None), m * s),),
+                      multiplier=m) for m in AUTO_OTHER_OP_MULTIPLIERS]
+    out += [Candidate(f"{component.op} x{m:g}, answer only until it names the concept", (with_strength(component, m * s),),
+                      steer_prompt=False, release=True, multiplier=m) for m in AUTO_RELEASE_MULTIPLIERS]
+    return out
+
+
+@dataclass
+class _Row:
+    """A batch row's steering: `parts` of (components, their vectors, first steered position, release)."""
+
+    parts: list[tuple[list[SteeringComponent], list[torch.Tensor], int, bool]]
+    stop: int | None = None  # positions from here on are unsteered (released), for parts with release
+    released: bool = False
+
+
+@contextmanager
+def scheduled_steering(model: Any, rows: Sequence[_Row], release_ids: frozenset[int] | Sequence[frozenset[int]] = frozenset()
+                       ) -> Iterator[None]:
+    """Forward hooks for one generate call: batch row b is steered by rows[b]'s parts, each from its
+    first position on (positions count from the first column of the left-padded batch), a releasing
+    part only until the row feeds a token in `release_ids` (from that pass on, unsteered; a row may also
+    arrive released, with `stop`). `release_ids` is one set for every row, or one per row. Same
+    thread-ownership rule as `row_steering`."""
+    per_row = [release_ids] * len(rows) if isinstance(release_ids, (set, frozenset)) else list(release_ids)
+    owner = threading.get_ident()
+    emb, layers = steering.base_model(model).embed_tokens, steering.decoder_layers(model)[1]
+    span = [0, 0]  # the positions of the current pass: [start, end)
+
+    def read(module: Any, args: Any) -> None:
+        if threading.get_ident() != owner:
+            return
+        ids = args[0]
+        span[0], span[1] = span[1], span[1] + ids.shape[1]
+        if span[0] == 0:
+            return
+        for b, row in enumerate(rows[: ids.shape[0]]):
+            if not row.released and any(p[3] for p in row.parts) and int(ids[b, -1]) in per_row[b]:
+                row.released, row.stop = True, span[0]
+
+    def hook_for(layer: int):
+        def hook(module: Any, args: Any, output: Any) -> Any:
+            if threading.get_ident() != owner:
+                return None
+            hidden = steering.layer_hidden(output)
+            parts = []
+            for b in range(hidden.shape[0]):
+                h = hidden[b : b + 1]
+                for comps, vecs, start, releasing in (rows[b].parts if b < len(rows) else ()):
+                    mine = [(c, v) for c, v in zip(comps, vecs, strict=True) if c.layer == layer]
+                    if not mine:
+                        continue
+                    end = rows[b].stop if releasing and rows[b].stop is not None else None
+                    if end is not None and end <= span[0]:
+                        continue
+                    cut = h.shape[1] if end is None else end - span[0]
+                    head = steering.steer_hidden(h[:, :cut], [c for c, _ in mine], [v for _, v in mine],
+                                                 steer_from=start, start_pos=span[0])
+                    h = head if cut == h.shape[1] else torch.cat([head, h[:, cut:]], dim=1)
+                parts.append(h)
+            return steering.with_hidden(output, torch.cat(parts, dim=0))
+
+        return hook
+
+    used = sorted({c.layer for row in rows for comps, *_ in row.parts for c in comps})
+    pre = emb.register_forward_pre_hook(read)
+    try:
+        with steering.forward_hooks((layers[L], hook_for(L)) for L in used):
+            yield
+    finally:
+        pre.remove()
+
+
+def _vectors(model: Any, comps: Sequence[SteeringComponent]) -> list[torch.Tensor]:
+    param = next(model.parameters())
+    return [c.vector.to(device=param.device, dtype=param.dtype) for c in comps]
+
+
+@dataclass(frozen=True)
+class AutoRow:
+    """One candidate as auto read it: its answer (first `judge` tokens) and the signals, none of them a keyword."""
+
+    candidate: Candidate
+    token_ids: tuple[int, ...]
+    text: str
+    nll: float            # mean NLL per token under the unsteered model
+    nll_ratio: float      # / the unsteered answer's
+    rep3: float
+    on_question: bool     # the answer has a content word of the question
+    concept_words: int    # how many of its tokens are the steering's own words (lens.concept_token_ids)
+    released_at: int | None  # the answer token where a release let go
+
+
+@dataclass(frozen=True)
+class AutoAnswer:
+    """`auto_answer`'s result: the answer, the candidate chosen, and every candidate as read."""
+
+    answer: str
+    token_ids: tuple[int, ...]
+    chosen: Candidate
+    table: tuple[AutoRow, ...]
+    seconds: float
+    judge_seconds: float   # until the candidates were compared (the first words can show from here)
+
+    @property
+    def label(self) -> str:
+        """The chosen way of steering, as an answer's tag says it: "clamp x1.4", "unsteered"."""
+        return self.chosen.label
+
+
+STOP_WORDS = frozenset("""a an the and or but if then so of to in on at by for with from about into over under as is are was
+were be been being do does did how what when where which who whom why can could should would will shall may might must i me
+my you your we our they their it its this that these those there here some any few more most other such no not only own same
+than too very just also give make write tell explain short simple good best way ways tips three things need want like""".split())
+
+
+def content_stems(text: str) -> set[str]:
+    """Content words by their first five letters: an answer that answers repeats some of the question's."""
+    return {w[:5] for w in re.findall(r"[a-z]+", text.lower()) if len(w) >= 4 and w not in STOP_WORDS}
+
+
+def pick_candidate(rows: Sequence[AutoRow], nll_bound: float = AUTO_NLL_BOUND, max_rep3: float = 0.2) -> int:
+    """Auto's choice among the candidates read (index into rows; rows[0] is the unsteered answer).
+
+    Gates, each about the answer still being an answer: the NLL ratio within `nll_bound`, rep3 below
+    `max_rep3`, a content word of the question. Of the candidates that pass and say at least one of
+    the steering's own words, the one whose first such word comes earliest... (see docs/quality.md)."""
+    ok = [i for i, r in enumerate(rows) if i > 0 and r.nll_ratio <= nll_bound and r.rep3 < max_rep3 and r.on_question]
+    named = [i for i in ok if rows[i].concept_words > 0]
+    if named:
+        return min(named, key=lambda i: (rows[i].nll_ratio, -rows[i].concept_words))
+    return 0
+
+
+def auto_answer(
+    model: Any,
+    tokenizer: Any,
+    chat: Sequence[dict],
+    component: SteeringComponent,
+    norm: float = 1.0,
+    max_new_tokens: int = 48,
+    repetition_penalty: float = 1.1,
+    other_components: Sequence[SteeringComponent] = (),
+    judge_tokens: int = AUTO_JUDGE_TOKENS,
+    candidates: Sequence[Candidate] | None = None,
+    picker: Any = None,
+) -> AutoAnswer:
+    """The steered answer to `chat` with the way of steering chosen for this prompt (greedy).
+
+    `component` is the feature at its default strength and op; `norm` the layer's typical norm (only
+    reported: candidates are multiples of the component's own strength). The candidates
+    (`auto_candidates`) are generated for `judge_tokens` tokens as rows of one batch, read back by the
+    unsteered model (NLL, rep3, the question's words, the steering's own words: no keyword list) and
+    compared (`pick_candidate`); the chosen one goes on to `max_new_tokens`. `other_components` are
+    applied in every row as they are (other switched-on features).
+
+        >>> out = auto_answer(model, tok, chat, catalog.resolve("ocean").component(0.085), norm=172.0)
+        >>> out.answer, out.label
+    """
+    if not (norm > 0):
+        raise ValueError(f"norm must be positive, got {norm!r}")
+    t0 = time.perf_counter()
+    others = list(other_components)
+    steering.validate_components(model, [*others, component])
+    cands = list(candidates) if candidates is not None else auto_candidates(component)
+    from llm_steering.lens import concept_token_ids
+
+    words = concept_token_ids(model, tokenizer, component, AUTO_CONCEPT_WORDS)
+    judge = min(judge_tokens, max_new_tokens)
+    rows, released = generate_candidates(model, tokenizer, chat, cands, others, words, judge, repetition_penalty)
+    table = read_candidates(model, tokenizer, chat, cands, rows, released, words)
+    choice = (picker or pick_candidate)(table)
+    judged = time.perf_counter() - t0
+    ids = list(table[choice].token_ids)
+    eos = steering.eos_ids(model, tokenizer)
+    if max_new_tokens > judge and len(ids) == judge and not (ids and ids[-1] in eos):
+        ids += continue_candidate(model, tokenizer, chat, cands[choice], others, words, ids, released[choice],
+                                  max_new_tokens - judge, repetition_penalty)
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return AutoAnswer(text, tuple(ids), cands[choice], tuple(table), time.perf_counter() - t0, judged)
+
+
+def _row(model: Any, cand: Candidate, others: Sequence[SteeringComponent], prompt_start: int, answer_start: int,
+         stop: int | None = None) -> _Row:
+    parts = []
+    if others:
+        parts.append((list(others), _vectors(model, others), prompt_start, False))
+    if cand.components:
+        start = prompt_start if cand.steer_prompt else answer_start
+        parts.append((list(cand.components), _vectors(model, cand.components), start, cand.release))
+    return _Row(parts, stop=stop, released=stop is not None)
+
+
+def _config(model: Any, tokenizer: Any, max_new_tokens: int, repetition_penalty: float) -> Any:
+    from transformers import GenerationConfig
+
+    eos = steering.eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
+                            repetition_penalty=repetition_penalty, pad_token_id=pad, eos_token_id=eos,
+                            bos_token_id=getattr(model.generation_config, "bos_token_id", None))
+
+
+def generate_candidates(model: Any, tokenizer: Any, chat: Sequence[dict], cands: Sequence[Candidate],
+                        others: Sequence[SteeringComponent], release_ids: frozenset[int], max_new_tokens: int,
+                        repetition_penalty: float) -> tuple[list[list[int]], list[int | None]]:
+    """Each candidate's greedy answer (ids, cut at EOS) in one batch, and where each release let go
+    (the answer token index, or None)."""
+    return generate_many(model, tokenizer, [(chat, c, others, release_ids) for c in cands], max_new_tokens,
+                         repetition_penalty)
+
+
+def generate_many(model: Any, tokenizer: Any, jobs: Sequence[tuple[Sequence[dict], Candidate, Sequence[SteeringComponent],
+                                                                 frozenset[int]]],
+                  max_new_tokens: int, repetition_penalty: float) -> tuple[list[list[int]], list[int | None]]:
+    """`generate_candidates` for rows of different chats (left-padded): jobs[b] = (chat, candidate,
+    other components, release ids). One generate call; every row's ids and release point."""
+    prompts = [steering.chat_input_ids(tokenizer, chat) for chat, *_ in jobs]
+    config = _config(model, tokenizer, max_new_tokens, repetition_penalty)
+    device = next(model.parameters()).device
+    width = max(map(len, prompts))
+    pad = config.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    rows = [_row(model, cand, others, width - len(p), width) for p, (_, cand, others, _) in zip(prompts, jobs, strict=True)]
+    with scheduled_steering(model, rows, [r for *_, r in jobs]), torch.inference_mode():
+        gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+    eos = set(config.eos_token_id)
+    out = []
+    for row in gen[:, width:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in eos), len(row))
+        out.append(row[:cut])
+    return out, [None if r.stop is None else r.stop - width for r in rows]
+
+
+def read_candidates(model: Any, tokenizer: Any, chat: Sequence[dict], cands: Sequence[Candidate],
+                    answers: Sequence[list[int]], released: Sequence[int | None], words: frozenset[int]) -> list[AutoRow]:
+    """The candidates' answers read back by the unsteered model: the signals `pick_candidate` uses."""
+    nlls = answer_nll(model, tokenizer, [chat] * len(answers), answers)
+    question = content_stems(" ".join(m["content"] for m in chat if m["role"] == "user")[-2000:])
+    base = nlls[0]
+    table = []
+    for cand, ids, nll, rel in zip(cands, answers, nlls, released, strict=True):
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        ratio = 1.0 if not cand.components else (nll / base if base > 0 else float("inf")) if nll == nll else float("inf")
+        table.append(AutoRow(cand, tuple(ids), text, nll, ratio, rep3(text), bool(content_stems(text) & question),
+                             sum(t in words for t in ids), rel))
+    return table
+
+
+def continue_candidate(model: Any, tokenizer: Any, chat: Sequence[dict], cand: Candidate,
+                       others: Sequence[SteeringComponent], release_ids: frozenset[int], prefix: list[int],
+                       released_at: int | None, max_new_tokens: int, repetition_penalty: float,
+                       streamer: Any = None) -> list[int]:
+    """The chosen candidate's answer after `prefix` (its first tokens), steered as it was: the prompt
+    and the prefix are read again with the same positions steered (a release that let go in the
+    prefix stays let go), then generation goes on."""
+    prompt = steering.chat_input_ids(tokenizer, chat)
+    seq = prompt + list(prefix)
+    stop = None if released_at is None else len(prompt) + released_at
+    row = _row(model, cand, others, 0, len(prompt), stop)
+    config = _config(model, tokenizer, max_new_tokens, repetition_penalty)
+    ids = torch.tensor([seq], device=next(model.parameters()).device)
+    with scheduled_steering(model, [row], release_ids), torch.inference_mode():
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config, streamer=streamer)
+    out = gen[0, len(seq):].tolist()
+    eos = set(config.eos_token_id)
+    cut = next((i for i, t in enumerate(out) if t in eos), len(out))
+    return out[:cut]

@@ -89,3 +89,87 @@ def describe(lens: TokenLens, n: int = DEFAULT_K) -> str:
     """One line: "promotes Paris, Eiffel, ...; suppresses ..." (the first `n` of each)."""
     return (f"promotes {', '.join(token_words(lens.promoted[:n]))}; "
             f"suppresses {', '.join(token_words(lens.suppressed[:n]))}")
+
+
+# ---------------------------------------------------------------------------
+# What the steering does to this model, measured
+# ---------------------------------------------------------------------------
+
+NEUTRAL_QUESTIONS = ("Tell me about your day.", "What happened at work?", "Any news?", "What are you up to?")
+EPS = 1e-6  # probability floor of the log ratio: a token at 1e-9 that rises to 1e-7 is not a rise
+_STEERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(digest, op, strength, k): TokenLens}
+
+
+def neutral_texts() -> list[str]:
+    """Everyday sentences about nothing in particular (the neutral set user concepts are contrasted with)."""
+    import json
+    from pathlib import Path
+
+    data = json.loads((Path(__file__).resolve().parent / "data" / "concept_neutrals.json").read_text())
+    return list(data["topic"][:8])
+
+
+def steered_tokens(model: Any, tokenizer: Any, component: Any, k: int = DEFAULT_K) -> TokenLens:
+    """The `k` tokens whose probability the steering raises most, and the `k` it lowers most, measured:
+    a few neutral chats (an everyday question, an everyday answer) are read once unsteered and once
+    steered by `component` (a SteeringComponent at the strength and op to be shown), in one batch
+    each; a token's score is its log-probability rise, log(p_steered + EPS) - log(p + EPS), averaged
+    over every answer position. Unlike the logit lens of an early layer, this is what the later layers
+    make of the edit. Deterministic and cached per model, vector, op and strength; `Token.logit` holds
+    the score (nats)."""
+
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 100:
+        raise ValueError(f"k must be a whole number from 1 to 100, got {k!r}")
+    digest = hashlib.sha1(component.vector.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+    key = (digest, component.layer, component.op, float(component.strength), component.cap_min, component.cap_max, k)
+    per_model = _STEERED.setdefault(model, {})
+    if key not in per_model:
+        scores = steering_scores(model, tokenizer, [component])
+        up, down = scores.topk(k), (-scores).topk(k)
+
+        def tokens(ids: torch.Tensor) -> tuple[Token, ...]:
+            return tuple(Token(int(i), tokenizer.decode([int(i)]), float(scores[i])) for i in ids)
+
+        per_model[key] = TokenLens(tokens(up.indices), tokens(down.indices))
+    return per_model[key]
+
+
+def steering_scores(model: Any, tokenizer: Any, components: list[Any]) -> torch.Tensor:
+    """Per vocabulary token, the mean log-probability rise the steering gives it over the answer positions
+    of the neutral chats (float32 [vocab]; see `steered_tokens`)."""
+    from llm_steering import calibrate, steering
+
+    system = {"role": "system", "content": "You are a helpful assistant."}
+    prompts = [steering.chat_input_ids(tokenizer, [system, {"role": "user", "content": NEUTRAL_QUESTIONS[i % 4]}])
+               for i in range(len(neutral_texts()))]
+    answers = [tokenizer.encode(" " + text, add_special_tokens=False) for text in neutral_texts()]
+    seqs = [p + a for p, a in zip(prompts, answers, strict=True)]
+    width = max(map(len, seqs))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = next(model.parameters()).device
+    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+    # the positions that predict an answer token
+    where = torch.zeros_like(mask, dtype=torch.bool)
+    for b, (p, s) in enumerate(zip(prompts, seqs, strict=True)):
+        where[b, len(p) - 1 : len(s) - 1] = True
+
+    def logp(rows: list[list[Any]]) -> torch.Tensor:
+        with calibrate.row_steering(model, rows), torch.inference_mode():
+            probs = model(input_ids=ids, attention_mask=mask).logits[where].float().softmax(-1)
+        return (probs + EPS).log()
+
+    steering.validate_components(model, components)
+    return (logp([list(components)] * len(seqs)) - logp([[]] * len(seqs))).mean(0).cpu()
+
+
+def concept_token_ids(model: Any, tokenizer: Any, component: Any, k: int = 24) -> frozenset[int]:
+    """The steering's own words, for reading an answer without a keyword list: of the `k` tokens the
+    steering raises most (`steered_tokens`), those that start a word and have at least three letters
+    (" ocean", " Shakespeare"; not ",", "ass")."""
+    words = set()
+    for t in steered_tokens(model, tokenizer, component, k).promoted:
+        text = t.text
+        if t.logit > 0 and (text[:1] == " " or text[:1].isupper()) and sum(ch.isalpha() for ch in text) >= 3:
+            words.add(t.id)
+    return frozenset(words)

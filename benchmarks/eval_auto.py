@@ -1,0 +1,229 @@
+"""Auto for each prompt (issue 28): every candidate auto compares, generated once, judged, and pickers replayed.
+
+`run` generates, for each prompt of a set and each of the ten shipped concepts at its default (demo.yaml),
+every candidate of `calibrate.auto_candidates` (48 greedy tokens, repetition penalty 1.1, as the check
+runs) and the unsteered answer, and writes one JSONL row per prompt and concept: each candidate's answer
+with the signals auto reads (calibrate.read_candidates: NLL ratio, rep3, a word of the question, the
+steering's own words) and the judge's flags (tint.py: a keyword, a word of the prompt, fluent against the
+set's unsteered NLL), plus the concept's component in the answer under the unsteered model (the
+projection signal). `report` replays pickers on those rows, on tuning and held-out side by side: the
+fixed default, auto's picker, the oracle, and how each keyword-free signal agrees with the keywords.
+
+    nice -n 5 .venv/bin/python benchmarks/eval_auto.py run --set tuning --out benchmarks/results/auto28_tuning.jsonl
+    nice -n 5 .venv/bin/python benchmarks/eval_auto.py run --set heldout --out benchmarks/results/auto28_heldout.jsonl
+    .venv/bin/python benchmarks/eval_auto.py report benchmarks/results/auto28_*.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+from llm_steering import calibrate, steering
+from llm_steering.catalog import Catalog
+from llm_steering.lens import concept_token_ids
+
+import eval_quality
+import torch
+from sweep_vectors import KEYWORDS, mentions
+from tint import FLUENT_NLL, MAX_REP3, addresses_prompt, names_eiffel
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cmd_run(args) -> None:
+    model, tok = steering.load_model()
+    catalog = Catalog.open(steering.load_config(ROOT / "demo.yaml").profile(), model, tok)
+    prompts = eval_quality.load_prompts(args.set)[args.offset :: args.every]
+    concepts = args.concepts or list(KEYWORDS)
+    done = set()
+    if Path(args.out).exists():
+        done = {(r["prompt"], r["concept"]) for r in map(json.loads, open(args.out))}
+    feats = {c: catalog.resolve(c) for c in concepts}
+    comps = {c: f.component(f.default_fraction) for c, f in feats.items()}
+    words = {c: concept_token_ids(model, tok, comps[c], calibrate.AUTO_CONCEPT_WORDS) for c in concepts}
+    cands = {c: calibrate.auto_candidates(comps[c]) for c in concepts}
+    probe = {c: comps[c].vector / comps[c].vector.norm() for c in concepts}
+    print("the steering's own words:", {c: sorted(tok.decode([i]).strip() for i in w) for c, w in words.items()}, file=sys.stderr)
+    with open(args.out, "a") as out:
+        for p in prompts:
+            todo = [c for c in concepts if (p, c) not in done]
+            if not todo:
+                continue
+            t0 = time.time()
+            chat = eval_quality.chat(p)
+            jobs = [(chat, calibrate.Candidate("unsteered"), (), frozenset())]
+            for c in todo:
+                jobs += [(chat, cand, (), words[c]) for cand in cands[c][1:]]
+            ids, released = [], []
+            for start in range(0, len(jobs), args.batch):
+                i, r = calibrate.generate_many(model, tok, jobs[start : start + args.batch], eval_quality.MAX_NEW_TOKENS,
+                                               eval_quality.REPETITION_PENALTY)
+                ids += i
+                released += r
+            k = 1
+            for c in todo:
+                n = len(cands[c]) - 1
+                a_ids, a_rel = [ids[0], *ids[k : k + n]], [None, *released[k : k + n]]
+                k += n
+                table = calibrate.read_candidates(model, tok, chat, cands[c], a_ids, a_rel, words[c])
+                layer = comps[c].layer
+                _, projs = calibrate.answer_nll(model, tok, [chat] * len(a_ids), a_ids, probe={layer: probe[c]})
+                strength = abs(comps[c].cap_min if comps[c].op == "cap" else comps[c].strength)
+                cand_rows = [{"label": r.candidate.label, "multiplier": r.candidate.multiplier,
+                              "steer_prompt": r.candidate.steer_prompt, "release": r.candidate.release,
+                              "op": r.candidate.components[0].op if r.candidate.components else None,
+                              "text": r.text, "n_tokens": len(r.token_ids), "nll": r.nll, "nll_ratio": r.nll_ratio,
+                              "rep3": r.rep3, "on_question": r.on_question, "concept_words": r.concept_words,
+                              "released_at": r.released_at, "projection": pr[layer] / strength}
+                             for r, pr in zip(table, projs, strict=True)]
+                out.write(json.dumps({"set": args.set if args.set in eval_quality.SETS else "tuning", "prompt": p, "concept": c, "candidates": cand_rows}) + "\n")
+            out.flush()
+            print(f"{p[:50]!r}: {len(jobs)} answers in {time.time() - t0:.0f} s", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------
+# Judging and replaying
+# ---------------------------------------------------------------------------
+
+
+def load(paths: list[str]) -> list[dict]:
+    rows = [json.loads(line) for p in paths for line in open(p)]
+    base_nll: dict[str, list[float]] = defaultdict(list)
+    seen = set()
+    for r in rows:
+        if (r["set"], r["prompt"]) not in seen:
+            seen.add((r["set"], r["prompt"]))
+            base_nll[r["set"]].append(r["candidates"][0]["nll"])
+    mean = {s: sum(v) / len(v) for s, v in base_nll.items()}
+    for r in rows:
+        for cand in r["candidates"]:
+            cand.update(judge(r, cand, mean[r["set"]]))
+    return rows
+
+
+def judge(row: dict, cand: dict, mean_nll: float) -> dict:
+    """tint.py's rule: a keyword, a word of the prompt, and fluent (NLL within FLUENT_NLL x the set's
+    mean unsteered NLL, rep3 below MAX_REP3)."""
+    m = mentions(cand["text"], row["concept"])
+    a = addresses_prompt(row["prompt"], cand["text"])
+    nll = cand["nll"]
+    f = nll == nll and nll <= FLUENT_NLL * mean_nll and cand["rep3"] < MAX_REP3
+    return {"mention": m, "addresses": a, "fluent": f, "tint": m and a and f, "eiffel": names_eiffel(cand["text"])}
+
+
+Picker = Callable[[list[dict]], int]
+
+
+def as_autorows(cands: list[dict]) -> list[calibrate.AutoRow]:
+    return [calibrate.AutoRow(calibrate.Candidate(c["label"], multiplier=c["multiplier"]), (), c["text"], c["nll"],
+                              c["nll_ratio"], c["rep3"], c["on_question"], c["concept_words"], c["released_at"])
+            for c in cands]
+
+
+def auto_picker(cands: list[dict]) -> int:
+    """calibrate.pick_candidate, as shipped."""
+    return calibrate.pick_candidate(as_autorows(cands))
+
+
+def fixed(label_suffix: str = " x1") -> Picker:
+    """The fixed default: the feature's op at its default strength, prompt steered."""
+    return lambda cands: next(i for i, c in enumerate(cands) if c["label"].endswith(label_suffix) and c["steer_prompt"]
+                              and c["op"] == cands[1]["op"])
+
+
+def oracle(cands: list[dict]) -> int:
+    return next((i for i, c in enumerate(cands) if c["tint"]), 0)
+
+
+def rates(rows: list[dict], picker: Picker) -> dict:
+    """{(set, concept): [tint, eiffel named, n]} of the picked candidates."""
+    out: dict = defaultdict(lambda: [0, 0, 0])
+    for r in rows:
+        c = r["candidates"][picker(r["candidates"])]
+        cell = out[(r["set"], r["concept"])]
+        cell[0] += c["tint"]
+        cell[1] += c["eiffel"]
+        cell[2] += 1
+    return out
+
+
+def table(rows: list[dict], pickers: dict[str, Picker]) -> None:
+    sets = [s for s in ("tuning", "heldout") if any(r["set"] == s for r in rows)]
+    res = {name: rates(rows, p) for name, p in pickers.items()}
+    print("| concept | " + " | ".join(f"{n} ({s})" for s in sets for n in pickers) + " |")
+    print("|---|" + "---|" * (len(sets) * len(pickers)))
+    for c in KEYWORDS:
+        cells = []
+        for s in sets:
+            for n in pickers:
+                t, _, k = res[n].get((s, c), [0, 0, 0])
+                cells.append(f"{t}/{k}" if k else "-")
+        print(f"| `{c}` | " + " | ".join(cells) + " |")
+    for s in sets:
+        for n in pickers:
+            t = sum(v[0] for (st, _), v in res[n].items() if st == s)
+            k = sum(v[2] for (st, _), v in res[n].items() if st == s)
+            e = res[n].get((s, "eiffel_tower"), [0, 0, 0])
+            print(f"{s:8s} {n:10s}: {t} of {k} tint ({t / max(1, k):.0%}); Eiffel Tower named in {e[1]} of {e[2]}")
+
+
+def signals(rows: list[dict]) -> None:
+    """How each keyword-free signal agrees with the judge's flags, over every steered candidate."""
+    for s in ("tuning", "heldout"):
+        cands = [c for r in rows if r["set"] == s for c in r["candidates"][1:]]
+        if not cands:
+            continue
+        n = len(cands)
+
+        def agree(sig: Callable[[dict], bool], ref: str, cands: list[dict] = cands, n: int = n) -> str:
+            tp = sum(sig(c) and c[ref] for c in cands)
+            pos = sum(sig(c) for c in cands)
+            ref_n = sum(c[ref] for c in cands)
+            acc = sum(sig(c) == c[ref] for c in cands) / n
+            return (f"agrees {acc:.0%}, precision {tp / max(1, pos):.0%}, recall {tp / max(1, ref_n):.0%} "
+                    f"({pos} flagged, {ref_n} by the judge)")
+
+        print(f"\n{s}: {n} steered candidates")
+        print("  steering's own words >= 1 vs keyword mention:", agree(lambda c: c["concept_words"] > 0, "mention"))
+        for t in (0.3, 0.5):
+            print(f"  projection > {t} x strength vs keyword mention:", agree(lambda c, t=t: c["projection"] > t, "mention"))
+        print("  a word of the question vs the judge's 'addresses':", agree(lambda c: c["on_question"], "addresses"))
+        for b in (2.0, 2.5):
+            print(f"  NLL ratio <= {b} and rep3 < 0.2 vs the judge's 'fluent':",
+                  agree(lambda c, b=b: c["nll_ratio"] <= b and c["rep3"] < 0.2, "fluent"))
+
+
+def cmd_report(args) -> None:
+    rows = load(args.files)
+    pickers = {"fixed": fixed(), "auto": auto_picker, "oracle": oracle}
+    table(rows, pickers)
+    signals(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run")
+    run.add_argument("--set", default="tuning")
+    run.add_argument("--every", type=int, default=1)
+    run.add_argument("--offset", type=int, default=0)
+    run.add_argument("--concepts", nargs="*")
+    run.add_argument("--batch", type=int, default=64, help="rows per generate call")
+    run.add_argument("--threads", type=int, default=None)
+    run.add_argument("--out", required=True)
+    rep = sub.add_parser("report")
+    rep.add_argument("files", nargs="+")
+    args = parser.parse_args()
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    {"run": cmd_run, "report": cmd_report}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
