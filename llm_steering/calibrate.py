@@ -461,6 +461,7 @@ def auto_answer(
     judge_tokens: int = AUTO_JUDGE_TOKENS,
     candidates: Sequence[Candidate] | None = None,
     picker: Any = None,
+    concept_words: frozenset[int] | None = None,
 ) -> AutoAnswer:
     """The steered answer to `chat` with the way of steering chosen for this prompt (greedy).
 
@@ -469,7 +470,9 @@ def auto_answer(
     (`auto_candidates`) are generated for `judge_tokens` tokens as rows of one batch, read back by the
     unsteered model (NLL, rep3, the question's words, the steering's own words: no keyword list) and
     compared (`pick_candidate`); the chosen one goes on to `max_new_tokens`. `other_components` are
-    applied in every row as they are (other switched-on features).
+    applied in every row as they are (other switched-on features). `concept_words`: token ids that
+    count as the concept's words (default: `lens.concept_token_ids` of the component); `picker`: a
+    function of the rows read to the index chosen (default `pick_candidate`).
 
         >>> out = auto_answer(model, tok, chat, catalog.resolve("ocean").component(0.085), norm=172.0)
         >>> out.answer, out.label
@@ -480,9 +483,11 @@ def auto_answer(
     others = list(other_components)
     steering.validate_components(model, [*others, component])
     cands = list(candidates) if candidates is not None else auto_candidates(component)
-    from llm_steering.lens import concept_token_ids
+    if concept_words is None:
+        from llm_steering.lens import concept_token_ids
 
-    words = concept_token_ids(model, tokenizer, component, AUTO_CONCEPT_WORDS)
+        concept_words = concept_token_ids(model, tokenizer, component, AUTO_CONCEPT_WORDS)
+    words = frozenset(concept_words)
     judge = min(judge_tokens, max_new_tokens)
     rows, released = generate_candidates(model, tokenizer, chat, cands, others, words, judge, repetition_penalty)
     table = read_candidates(model, tokenizer, chat, cands, rows, released, words)
@@ -558,6 +563,8 @@ def read_candidates(model: Any, tokenizer: Any, chat: Sequence[dict], cands: Seq
     base = nlls[0]
     table = []
     for cand, ids, nll, rel in zip(cands, answers, nlls, released, strict=True):
+        if cand.release and rel is None:  # its last token, never fed back, may be the word
+            rel = next((i for i, t in enumerate(ids) if t in words), None)
         text = tokenizer.decode(ids, skip_special_tokens=True)
         ratio = 1.0 if not cand.components else (nll / base if base > 0 else float("inf")) if nll == nll else float("inf")
         table.append(AutoRow(cand, tuple(ids), text, nll, ratio, rep3(text), bool(content_stems(text) & question),
@@ -574,6 +581,8 @@ def continue_candidate(model: Any, tokenizer: Any, chat: Sequence[dict], cand: C
     prefix stays let go), then generation goes on."""
     prompt = steering.chat_input_ids(tokenizer, chat)
     seq = prompt + list(prefix)
+    if cand.release:  # where it let go, read from the tokens (the judged run never fed its last token)
+        released_at = next((i for i, t in enumerate(prefix) if t in release_ids), None)
     stop = None if released_at is None else len(prompt) + released_at
     row = _row(model, cand, others, 0, len(prompt), stop)
     config = _config(model, tokenizer, max_new_tokens, repetition_penalty)

@@ -166,10 +166,13 @@ def steering_scores(model: Any, tokenizer: Any, components: list[Any]) -> torch.
 def concept_token_ids(model: Any, tokenizer: Any, component: Any, k: int = 24) -> frozenset[int]:
     """The steering's own words, for reading an answer without a keyword list: of the `k` tokens the
     steering raises most (`steered_tokens`), those that start a word and have at least three letters
-    (" ocean", " Shakespeare"; not ",", "ass")."""
+    and are not a stop word (" ocean", " Shakespeare"; not ",", "ass", "The")."""
+    from llm_steering.calibrate import STOP_WORDS
+
     words = set()
     for t in steered_tokens(model, tokenizer, component, k).promoted:
         text = t.text
-        if t.logit > 0 and (text[:1] == " " or text[:1].isupper()) and sum(ch.isalpha() for ch in text) >= 3:
+        if (t.logit > 0 and (text[:1] == " " or text[:1].isupper()) and sum(ch.isalpha() for ch in text) >= 3
+                and text.strip().lower() not in STOP_WORDS):
             words.add(t.id)
     return frozenset(words)

@@ -1,0 +1,157 @@
+"""calibrate.auto_answer (issue 28): candidates as rows of one batch, each the single request it stands for;
+the release lets go at the steering's own words; the chosen answer goes on exactly as it began; the picker."""
+
+from __future__ import annotations
+
+import threading
+
+from llm_steering import calibrate, steering
+from llm_steering.calibrate import Candidate
+from llm_steering.steering import SteeringComponent
+
+import pytest
+from conftest import build_tiny_llama, unit
+from test_calibrate import CHAT, ToyTokenizer, single_answer
+
+OTHER_CHAT = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Tips for a job interview, please"}]
+
+
+@pytest.fixture
+def tiny():
+    model = build_tiny_llama(num_layers=4, hidden=32, seed=3)
+    model.generation_config.eos_token_id = 2
+    return model, ToyTokenizer()
+
+
+def comp(strength=4.0, op="add", layer=1):
+    return SteeringComponent(layer, unit(32, 1), strength=strength, op=op, name="c")
+
+
+def test_every_candidate_row_is_the_single_request_it_stands_for(tiny):
+    """Rows of two chats of different lengths (left padding) and every non-releasing candidate:
+    each equals the library's own single-request steering."""
+    model, tok = tiny
+    cands = [c for c in calibrate.auto_candidates(comp()) if not c.release]
+    cands.append(Candidate("answer only", (comp(8.0),), steer_prompt=False, multiplier=2.0))
+    jobs = [(chat, c, (), frozenset()) for chat in (CHAT, OTHER_CHAT) for c in cands]
+    ids, released = calibrate.generate_many(model, tok, jobs, 10, 1.1)
+    assert released == [None] * len(jobs)
+    for (chat, c, _, _), got in zip(jobs, ids, strict=True):
+        assert got == single_answer(model, tok, chat, list(c.components), max_new_tokens=10, steer_prompt=c.steer_prompt), c.label
+    assert any(a != ids[0] for a in ids[1 : len(cands)]), "the steering must change some answer for the check to mean anything"
+
+
+def test_a_release_row_is_answer_only_steering_until_its_word_then_lets_go(tiny):
+    model, tok = tiny
+    strong = comp(12.0)
+    answer_only = single_answer(model, tok, CHAT, [strong], max_new_tokens=12, steer_prompt=False)
+    unsteered = single_answer(model, tok, CHAT, [], max_new_tokens=12)
+    k = next(i for i in range(1, 12) if answer_only[: i + 1] != unsteered[: i + 1])  # a token the push decided
+    word = answer_only[k]
+    release = Candidate("release", (strong,), steer_prompt=False, release=True, multiplier=3.0)
+    ids, released = calibrate.generate_many(model, tok, [(CHAT, release, (), frozenset({word}))], 12, 1.1)
+    first = answer_only.index(word)
+    assert released == [first]
+    assert ids[0][: first + 1] == answer_only[: first + 1]
+    # a word never written: the release row is answer-only steering to the end
+    ids, released = calibrate.generate_many(model, tok, [(CHAT, release, (), frozenset({127}))], 12, 1.1)
+    assert released == [None] and ids[0] == answer_only
+
+
+@pytest.mark.parametrize("judge", [3, 6])
+def test_the_chosen_answer_goes_on_exactly_as_it_began(tiny, judge):
+    """Judged on `judge` tokens and continued to 14, each candidate's answer (releases that let go before
+    or after the judged part included) is the one the same row gives when generated to 14 at once."""
+    model, tok = tiny
+    strong = comp(12.0)
+    answer_only = single_answer(model, tok, CHAT, [strong], max_new_tokens=14, steer_prompt=False)
+    words = frozenset({answer_only[2], answer_only[9]})
+    cands = [*calibrate.auto_candidates(comp()),
+             Candidate("release", (strong,), steer_prompt=False, release=True, multiplier=3.0)]
+    whole, released = calibrate.generate_many(model, tok, [(CHAT, c, (), words) for c in cands], 14, 1.1)
+    assert released[-1] is not None
+    for i in range(len(cands)):
+        out = calibrate.auto_answer(model, tok, CHAT, comp(), max_new_tokens=14, judge_tokens=judge, candidates=cands,
+                                    picker=lambda rows, i=i: i, concept_words=words)
+        assert list(out.token_ids) == whole[i], cands[i].label
+        assert out.chosen == cands[i]
+
+
+def test_other_features_stay_on_in_every_row(tiny):
+    model, tok = tiny
+    other = SteeringComponent(2, unit(32, 5), strength=6.0, op="add", name="other")
+    out = calibrate.auto_answer(model, tok, CHAT, comp(), max_new_tokens=8, other_components=[other],
+                                concept_words=frozenset())
+    assert list(out.table[0].token_ids) == single_answer(model, tok, CHAT, [other], max_new_tokens=8)
+    c1 = next(r for r in out.table if r.candidate.label == "add x1")
+    assert list(c1.token_ids) == single_answer(model, tok, CHAT, [other, comp()], max_new_tokens=8)
+
+
+def row(label="x", nll_ratio=1.5, rep3=0.0, on_question=True, words=1, multiplier=1.0):
+    return calibrate.AutoRow(Candidate(label, multiplier=multiplier), (), label, 1.0, nll_ratio, rep3, on_question, words, None)
+
+
+def test_the_picker_keeps_an_answer_that_answers_and_names_the_concept():
+    base = row("unsteered", 1.0, words=0, multiplier=0)
+    broken, off_topic = row("broken", nll_ratio=4.0, words=5), row("off", on_question=False, words=3)
+    loops, plain = row("loops", rep3=0.5, words=3), row("plain", words=0)
+    named = row("named", nll_ratio=1.8, words=2)
+    rows = [base, broken, off_topic, loops, plain, named]
+    assert calibrate.pick_candidate(rows) == 5
+    # nothing names the concept while still answering: the unsteered answer
+    assert calibrate.pick_candidate(rows[:5]) == 0
+
+
+def test_auto_leaves_no_hook_and_steers_no_other_thread(tiny):
+    model, tok = tiny
+    _, layers = steering.decoder_layers(model)
+    before = [len(layer._forward_hooks) for layer in layers]
+    seen = {}
+
+    def other_request():
+        seen["ids"] = single_answer(model, tok, CHAT, [], max_new_tokens=8)
+
+    started = threading.Event()
+
+    def picker(rows):
+        t = threading.Thread(target=other_request)
+        t.start()
+        t.join()
+        started.set()
+        return 1
+
+    calibrate.auto_answer(model, tok, CHAT, comp(), max_new_tokens=8, judge_tokens=4, picker=picker, concept_words=frozenset())
+    assert started.is_set() and seen["ids"] == single_answer(model, tok, CHAT, [], max_new_tokens=8)
+    assert [len(layer._forward_hooks) for layer in layers] == before
+    assert not steering.base_model(model).embed_tokens._forward_pre_hooks
+
+
+@pytest.mark.parametrize("bad, message", [
+    (SteeringComponent(1, unit(32, 1), op="ablate", scale=0.0), "ablate"),
+    (SteeringComponent(1, unit(32, 1), strength=0.0, op="add"), "nonzero"),
+    (SteeringComponent(9, unit(32, 1), strength=1.0, op="add"), "out of range"),
+])
+def test_bad_components_are_one_line_errors(tiny, bad, message):
+    model, tok = tiny
+    with pytest.raises(ValueError, match=message) as err:
+        calibrate.auto_answer(model, tok, CHAT, bad, concept_words=frozenset())
+    assert "\n" not in str(err.value)
+
+
+def test_the_steerings_own_words_are_measured_and_read_without_keywords(embedded):
+    """On the embedded model, the ocean feature's own words (lens.concept_token_ids) are ocean words."""
+    from llm_steering.catalog import Catalog
+
+    model, tok = embedded
+    catalog = Catalog.open(steering.load_config("demo.yaml").profile(), model, tok)
+    feature = catalog.resolve("ocean")
+    words = {tok.decode([i]).strip().lower() for i in
+             calibrate_words(model, tok, feature.component(feature.default_fraction))}
+    assert {"ocean", "sea", "marine"} <= words
+    assert not words & {"the", "and", "a", ","}
+
+
+def calibrate_words(model, tok, component):
+    from llm_steering.lens import concept_token_ids
+
+    return concept_token_ids(model, tok, component, calibrate.AUTO_CONCEPT_WORDS)
