@@ -78,11 +78,12 @@ def cmd_run(args) -> None:
                 cand_rows = [{"label": r.candidate.label, "multiplier": r.candidate.multiplier,
                               "steer_prompt": r.candidate.steer_prompt, "release": r.candidate.release,
                               "op": r.candidate.components[0].op if r.candidate.components else None,
-                              "text": r.text, "n_tokens": len(r.token_ids), "nll": r.nll, "nll_ratio": r.nll_ratio,
+                              "text": r.text, "ids": list(r.token_ids), "nll": r.nll, "nll_ratio": r.nll_ratio,
                               "rep3": r.rep3, "on_question": r.on_question, "concept_words": r.concept_words,
                               "released_at": r.released_at, "projection": pr[layer] / strength}
                              for r, pr in zip(table, projs, strict=True)]
-                out.write(json.dumps({"set": args.set if args.set in eval_quality.SETS else "tuning", "prompt": p, "concept": c, "candidates": cand_rows}) + "\n")
+                out.write(json.dumps({"set": args.set if args.set in eval_quality.SETS else "tuning", "prompt": p, "concept": c,
+                                      "words": sorted(words[c]), "candidates": cand_rows}) + "\n")
             out.flush()
             print(f"{p[:50]!r}: {len(jobs)} answers in {time.time() - t0:.0f} s", file=sys.stderr)
 
@@ -121,8 +122,10 @@ Picker = Callable[[list[dict]], int]
 
 
 def as_autorows(cands: list[dict]) -> list[calibrate.AutoRow]:
-    return [calibrate.AutoRow(calibrate.Candidate(c["label"], multiplier=c["multiplier"]), (), c["text"], c["nll"],
-                              c["nll_ratio"], c["rep3"], c["on_question"], c["concept_words"], c["released_at"])
+    return [calibrate.AutoRow(calibrate.Candidate(c["label"], (None,) if c["multiplier"] else (), multiplier=c["multiplier"]),
+                              (), c["text"], c["nll"],
+                              c["nll_ratio"], c["rep3"], c["on_question"], c["concept_words"], c["released_at"],
+                              c.get("score", 0.0))
             for c in cands]
 
 
@@ -191,6 +194,8 @@ def signals(rows: list[dict]) -> None:
 
         print(f"\n{s}: {n} steered candidates")
         print("  steering's own words >= 1 vs keyword mention:", agree(lambda c: c["concept_words"] > 0, "mention"))
+        for t in (2.0, 2.5, 3.0):
+            print(f"  steering score of a token >= {t} vs keyword mention:", agree(lambda c, t=t: c["score"] >= t, "mention"))
         for t in (0.3, 0.5):
             print(f"  projection > {t} x strength vs keyword mention:", agree(lambda c, t=t: c["projection"] > t, "mention"))
         print("  a word of the question vs the judge's 'addresses':", agree(lambda c: c["on_question"], "addresses"))
@@ -199,9 +204,73 @@ def signals(rows: list[dict]) -> None:
                   agree(lambda c, b=b: c["nll_ratio"] <= b and c["rep3"] < 0.2, "fluent"))
 
 
+def concept_scores(rows: list[dict]) -> None:
+    """Each candidate's `score`: the highest steering score (lens.steering_scores: the log-probability rise the
+    feature gives a token on neutral chats) of any of its tokens, and `score3`, the mean of its three highest."""
+    model, tok = steering.load_model()
+    catalog = Catalog.open(steering.load_config(ROOT / "demo.yaml").profile(), model, tok)
+    from llm_steering.lens import steering_scores
+
+    vec = {}
+    for c in {r["concept"] for r in rows}:
+        f = catalog.resolve(c)
+        vec[c] = steering_scores(model, tok, [f.component(f.default_fraction)])
+    for r in rows:
+        for cand in r["candidates"]:
+            s = sorted((float(vec[r["concept"]][i]) for i in set(cand["ids"])), reverse=True) or [0.0]
+            cand["score"], cand["score3"] = s[0], sum(s[:3]) / 3
+
+
+def make_picker(bound: float, signal: str, tau: float, choose: str, fallback: str) -> Picker:
+    """A keyword-free picker: gates (NLL ratio <= bound, rep3 < 0.2, a word of the question), then of the
+    candidates whose concept signal passes, the one `choose` prefers; else `fallback`."""
+    def sig(c: dict) -> float:
+        return {"words": c["concept_words"], "score": c.get("score", 0), "score3": c.get("score3", 0),
+                "projection": c["projection"]}[signal]
+
+    def pick(cands: list[dict]) -> int:
+        ok = [i for i, c in enumerate(cands) if i > 0 and c["nll_ratio"] <= bound and c["rep3"] < 0.2 and c["on_question"]]
+        named = [i for i in ok if sig(cands[i]) >= tau]
+        if named:
+            key = {"nll": lambda i: cands[i]["nll_ratio"], "signal": lambda i: -sig(cands[i]),
+                   "weakest": lambda i: (cands[i]["multiplier"], cands[i]["nll_ratio"])}[choose]
+            return min(named, key=key)
+        if fallback == "strongest_signal" and ok:
+            return max(ok, key=lambda i: sig(cands[i]))
+        return 0
+
+    return pick
+
+
+def search(rows: list[dict]) -> tuple[str, Picker]:
+    """The picker with the most tints on the TUNING rows over a small grid (ties: the earlier in the grid)."""
+    tun = [r for r in rows if r["set"] == "tuning"]
+    best = None
+    grid = []
+    for bound in (1.8, 2.2, 2.5, 3.0):
+        for signal, taus in (("words", (1, 2)), ("score", (1.5, 2.0, 2.5, 3.0)), ("score3", (1.0, 1.5, 2.0)),
+                             ("projection", (0.2, 0.3, 0.5))):
+            for tau in taus:
+                for choose in ("nll", "signal", "weakest"):
+                    for fallback in ("unsteered", "strongest_signal"):
+                        grid.append((bound, signal, tau, choose, fallback))
+    for g in grid:
+        p = make_picker(*g)
+        t = sum(r["candidates"][p(r["candidates"])]["tint"] for r in tun)
+        if best is None or t > best[0]:
+            best = (t, g)
+    name = "bound {} {} >= {} by {} else {}".format(*best[1])
+    print(f"best picker on tuning: {name}: {best[0]} of {len(tun)} tint")
+    return name, make_picker(*best[1])
+
+
 def cmd_report(args) -> None:
     rows = load(args.files)
+    concept_scores(rows)
     pickers = {"fixed": fixed(), "auto": auto_picker, "oracle": oracle}
+    if args.search:
+        name, p = search(rows)
+        pickers["searched"] = p
     table(rows, pickers)
     signals(rows)
 
@@ -219,6 +288,7 @@ def main() -> None:
     run.add_argument("--out", required=True)
     rep = sub.add_parser("report")
     rep.add_argument("files", nargs="+")
+    rep.add_argument("--search", action="store_true", help="also search pickers on the tuning rows")
     args = parser.parse_args()
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)

@@ -280,7 +280,7 @@ AUTO_OTHER_OP_MULTIPLIERS = (1.0,)              # the other op (add <-> clamp), 
 AUTO_RELEASE_MULTIPLIERS = (2.0, 3.0, 4.0)      # answer-only, let go at the first word of the concept (until then
                                                 # the same answer as answer-only steering, which is not tried apart)
 AUTO_JUDGE_TOKENS = 48                          # candidates are compared on their first tokens
-AUTO_NLL_BOUND = 2.5                            # x the unsteered answer's NLL (a candidate past it reads broken)
+AUTO_NLL_BOUND = 3.0                            # x the unsteered answer's NLL (past it a candidate reads broken)
 AUTO_CONCEPT_WORDS = 24                         # how many of the steering's own top tokens count as its words
 
 
@@ -406,6 +406,7 @@ class AutoRow:
     on_question: bool     # the answer has a content word of the question
     concept_words: int    # how many of its tokens are the steering's own words (lens.concept_token_ids)
     released_at: int | None  # the answer token where a release let go
+    concept_score: float = 0.0  # the most any of its tokens is raised by the steering (lens.steering_scores, nats)
 
 
 @dataclass(frozen=True)
@@ -437,16 +438,58 @@ def content_stems(text: str) -> set[str]:
 
 
 def pick_candidate(rows: Sequence[AutoRow], nll_bound: float = AUTO_NLL_BOUND, max_rep3: float = 0.2) -> int:
-    """Auto's choice among the candidates read (index into rows; rows[0] is the unsteered answer).
+    """Auto's choice among the candidates read (an index into rows; rows[0] is the unsteered answer).
 
     Gates, each about the answer still being an answer: the NLL ratio within `nll_bound`, rep3 below
-    `max_rep3`, a content word of the question. Of the candidates that pass and say at least one of
-    the steering's own words, the one whose first such word comes earliest... (see docs/quality.md)."""
-    ok = [i for i, r in enumerate(rows) if i > 0 and r.nll_ratio <= nll_bound and r.rep3 < max_rep3 and r.on_question]
-    named = [i for i in ok if rows[i].concept_words > 0]
-    if named:
-        return min(named, key=lambda i: (rows[i].nll_ratio, -rows[i].concept_words))
-    return 0
+    `max_rep3`, a content word of the question. Of the candidates that pass, the one with the highest
+    concept score (it has a token the steering raises most: the concept named outright, not only
+    leaned towards); the unsteered answer when none passes. Chosen on the tuning prompts over a grid
+    of gates, signals and rules (docs/quality.md, benchmarks/eval_auto.py)."""
+    ok = [i for i, r in enumerate(rows) if i > 0 and r.candidate.components and r.nll_ratio <= nll_bound
+          and r.rep3 < max_rep3 and r.on_question]
+    return max(ok, key=lambda i: (rows[i].concept_score, -rows[i].nll_ratio), default=0)
+
+
+@dataclass(frozen=True)
+class AutoChoice:
+    """The candidate auto chose for a chat, from its first `judge` tokens: its index in `table`."""
+
+    index: int
+    table: tuple[AutoRow, ...]
+    words: frozenset[int]
+    judge_tokens: int
+    seconds: float
+
+    @property
+    def chosen(self) -> Candidate:
+        return self.table[self.index].candidate
+
+    @property
+    def prefix(self) -> tuple[int, ...]:
+        return self.table[self.index].token_ids
+
+
+def auto_choose(model: Any, tokenizer: Any, chat: Sequence[dict], component: SteeringComponent,
+                other_components: Sequence[SteeringComponent] = (), judge_tokens: int = AUTO_JUDGE_TOKENS,
+                repetition_penalty: float = 1.1, candidates: Sequence[Candidate] | None = None, picker: Any = None,
+                concept_words: frozenset[int] | None = None) -> AutoChoice:
+    """Generate every candidate for `judge_tokens` tokens in one batch, read them, choose (see auto_answer)."""
+    t0 = time.perf_counter()
+    others = list(other_components)
+    steering.validate_components(model, [*others, component])
+    cands = list(candidates) if candidates is not None else auto_candidates(component)
+    if concept_words is None:
+        from llm_steering.lens import concept_token_ids
+
+        concept_words = concept_token_ids(model, tokenizer, component, AUTO_CONCEPT_WORDS)
+    words = frozenset(concept_words)
+    from llm_steering.lens import cached_steering_scores
+
+    scores = cached_steering_scores(model, tokenizer, component)
+    rows, released = generate_candidates(model, tokenizer, chat, cands, others, words, judge_tokens, repetition_penalty)
+    table = read_candidates(model, tokenizer, chat, cands, rows, released, words, scores)
+    choice = (picker or pick_candidate)(table)
+    return AutoChoice(choice, tuple(table), words, judge_tokens, time.perf_counter() - t0)
 
 
 def auto_answer(
@@ -466,7 +509,7 @@ def auto_answer(
     """The steered answer to `chat` with the way of steering chosen for this prompt (greedy).
 
     `component` is the feature at its default strength and op; `norm` the layer's typical norm (only
-    reported: candidates are multiples of the component's own strength). The candidates
+    checked: candidates are multiples of the component's own strength). The candidates
     (`auto_candidates`) are generated for `judge_tokens` tokens as rows of one batch, read back by the
     unsteered model (NLL, rep3, the question's words, the steering's own words: no keyword list) and
     compared (`pick_candidate`); the chosen one goes on to `max_new_tokens`. `other_components` are
@@ -479,27 +522,93 @@ def auto_answer(
     """
     if not (norm > 0):
         raise ValueError(f"norm must be positive, got {norm!r}")
-    t0 = time.perf_counter()
-    others = list(other_components)
-    steering.validate_components(model, [*others, component])
-    cands = list(candidates) if candidates is not None else auto_candidates(component)
-    if concept_words is None:
-        from llm_steering.lens import concept_token_ids
+    stream = stream_auto_answer(model, tokenizer, chat, component, other_components, max_new_tokens,
+                                repetition_penalty, judge_tokens=judge_tokens, candidates=candidates, picker=picker,
+                                concept_words=concept_words)
+    for _ in stream:
+        pass
+    return stream.result
 
-        concept_words = concept_token_ids(model, tokenizer, component, AUTO_CONCEPT_WORDS)
-    words = frozenset(concept_words)
-    judge = min(judge_tokens, max_new_tokens)
-    rows, released = generate_candidates(model, tokenizer, chat, cands, others, words, judge, repetition_penalty)
-    table = read_candidates(model, tokenizer, chat, cands, rows, released, words)
-    choice = (picker or pick_candidate)(table)
-    judged = time.perf_counter() - t0
-    ids = list(table[choice].token_ids)
-    eos = steering.eos_ids(model, tokenizer)
-    if max_new_tokens > judge and len(ids) == judge and not (ids and ids[-1] in eos):
-        ids += continue_candidate(model, tokenizer, chat, cands[choice], others, words, ids, released[choice],
-                                  max_new_tokens - judge, repetition_penalty)
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    return AutoAnswer(text, tuple(ids), cands[choice], tuple(table), time.perf_counter() - t0, judged)
+
+class AutoStream:
+    """`stream_auto_answer`'s iterator of text pieces: the judged prefix at once, then the rest as it
+    comes. `choice` is set before the first piece; `result` (an AutoAnswer) once it ends."""
+
+    def __init__(self, pieces: Any) -> None:
+        self._pieces = pieces
+        self.choice: AutoChoice | None = None
+        self.result: AutoAnswer | None = None
+        self.stopped = False
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces(self)
+
+
+def stream_auto_answer(model: Any, tokenizer: Any, chat: Sequence[dict], component: SteeringComponent,
+                       other_components: Sequence[SteeringComponent] = (), max_new_tokens: int = 256,
+                       repetition_penalty: float = 1.1, temperature: float = 0.0, cancel: threading.Event | None = None,
+                       judge_tokens: int = AUTO_JUDGE_TOKENS, candidates: Sequence[Candidate] | None = None,
+                       picker: Any = None, concept_words: frozenset[int] | None = None) -> AutoStream:
+    """Auto, streamed: choose on the first `judge_tokens` greedy tokens (auto_choose), yield that prefix,
+    then go on with the chosen steering (sampled at `temperature` after the greedy prefix) and yield
+    the rest as it comes. Setting `cancel` ends it at the next token (`stopped` then says so)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a whole number of at least 1, got {max_new_tokens!r}")
+
+    class Cancelled(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            return torch.full((input_ids.shape[0],), cancel is not None and cancel.is_set(), dtype=torch.bool,
+                              device=input_ids.device)
+
+    def pieces(out: AutoStream) -> Iterator[str]:
+        t0 = time.perf_counter()
+        judge = min(judge_tokens, max_new_tokens)
+        choice = auto_choose(model, tokenizer, chat, component, other_components, judge, repetition_penalty,
+                             candidates, picker, concept_words)
+        out.choice = choice
+        ids = list(choice.prefix)
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if text:
+            yield text
+        eos = steering.eos_ids(model, tokenizer)
+        rest: list[int] = []
+        if cancel is not None and cancel.is_set():
+            out.stopped = True
+        elif max_new_tokens > judge and len(ids) == judge and not (ids and ids[-1] in eos):
+            streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+            failed: list[BaseException] = []
+
+            def run() -> None:
+                try:
+                    rest.extend(continue_candidate(model, tokenizer, chat, choice.chosen, other_components, choice.words,
+                                                   ids, None, max_new_tokens - judge, repetition_penalty,
+                                                   streamer=streamer, temperature=temperature,
+                                                   stopping_criteria=StoppingCriteriaList([Cancelled()])))
+                except BaseException as exc:  # handed to the reader
+                    failed.append(exc)
+                    streamer.end()
+
+            thread = threading.Thread(target=run, name="auto-continuation", daemon=True)
+            thread.start()
+            try:
+                for piece in streamer:
+                    if piece:
+                        yield piece
+            finally:
+                if cancel is not None and thread.is_alive():
+                    cancel.set()
+                thread.join()
+            if failed:
+                raise failed[0]
+            out.stopped = cancel is not None and cancel.is_set() and len(rest) < max_new_tokens - judge \
+                and not (rest and rest[-1] in eos)
+        all_ids = ids + rest
+        out.result = AutoAnswer(tokenizer.decode(all_ids, skip_special_tokens=True), tuple(all_ids), choice.chosen,
+                                choice.table, time.perf_counter() - t0, choice.seconds)
+
+    return AutoStream(pieces)
 
 
 def _row(model: Any, cand: Candidate, others: Sequence[SteeringComponent], prompt_start: int, answer_start: int,
@@ -556,7 +665,8 @@ def generate_many(model: Any, tokenizer: Any, jobs: Sequence[tuple[Sequence[dict
 
 
 def read_candidates(model: Any, tokenizer: Any, chat: Sequence[dict], cands: Sequence[Candidate],
-                    answers: Sequence[list[int]], released: Sequence[int | None], words: frozenset[int]) -> list[AutoRow]:
+                    answers: Sequence[list[int]], released: Sequence[int | None], words: frozenset[int],
+                    scores: torch.Tensor | None = None) -> list[AutoRow]:
     """The candidates' answers read back by the unsteered model: the signals `pick_candidate` uses."""
     nlls = answer_nll(model, tokenizer, [chat] * len(answers), answers)
     question = content_stems(" ".join(m["content"] for m in chat if m["role"] == "user")[-2000:])
@@ -567,15 +677,16 @@ def read_candidates(model: Any, tokenizer: Any, chat: Sequence[dict], cands: Seq
             rel = next((i for i, t in enumerate(ids) if t in words), None)
         text = tokenizer.decode(ids, skip_special_tokens=True)
         ratio = 1.0 if not cand.components else (nll / base if base > 0 else float("inf")) if nll == nll else float("inf")
+        score = max((float(scores[t]) for t in set(ids) if t < scores.shape[0]), default=0.0) if scores is not None else 0.0
         table.append(AutoRow(cand, tuple(ids), text, nll, ratio, rep3(text), bool(content_stems(text) & question),
-                             sum(t in words for t in ids), rel))
+                             sum(t in words for t in ids), rel, score))
     return table
 
 
 def continue_candidate(model: Any, tokenizer: Any, chat: Sequence[dict], cand: Candidate,
                        others: Sequence[SteeringComponent], release_ids: frozenset[int], prefix: list[int],
                        released_at: int | None, max_new_tokens: int, repetition_penalty: float,
-                       streamer: Any = None) -> list[int]:
+                       streamer: Any = None, temperature: float = 0.0, stopping_criteria: Any = None) -> list[int]:
     """The chosen candidate's answer after `prefix` (its first tokens), steered as it was: the prompt
     and the prefix are read again with the same positions steered (a release that let go in the
     prefix stays let go), then generation goes on."""
@@ -586,9 +697,12 @@ def continue_candidate(model: Any, tokenizer: Any, chat: Sequence[dict], cand: C
     stop = None if released_at is None else len(prompt) + released_at
     row = _row(model, cand, others, 0, len(prompt), stop)
     config = _config(model, tokenizer, max_new_tokens, repetition_penalty)
+    if temperature > 0:
+        config.do_sample, config.temperature = True, temperature
     ids = torch.tensor([seq], device=next(model.parameters()).device)
     with scheduled_steering(model, [row], release_ids), torch.inference_mode():
-        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config, streamer=streamer)
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config, streamer=streamer,
+                             stopping_criteria=stopping_criteria)
     out = gen[0, len(seq):].tolist()
     eos = set(config.eos_token_id)
     cut = next((i for i, t in enumerate(out) if t in eos), len(out))

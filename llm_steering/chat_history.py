@@ -138,7 +138,7 @@ def chat_export(turns: Sequence[Mapping], model_id: str, system: str = "", mode:
         item = {"user": turn["user"], "answer": turn["answer"], "steering": spec_dict(turn_spec(turn))}
         if isinstance(turn.get("unsteered"), str):
             item["unsteered"] = turn["unsteered"]
-        item.update({k: turn[k] for k in ("stopped", "capped_at", "auto") if turn.get(k)})
+        item.update({k: turn[k] for k in ("stopped", "capped_at", "auto", "auto_setting") if turn.get(k)})
         out.append(item)
     return {"format": CHAT_FORMAT, "version": CHAT_FORMAT_VERSION, "model_id": model_id, "system_prompt": system,
             "history": mode, "turns": out}

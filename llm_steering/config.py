@@ -114,6 +114,7 @@ class GenerationDefaults:
     max_new_tokens: int = 256
     system_prompt: str = "You are a helpful assistant."
     max_input_tokens: int = 2048
+    auto: bool = False  # a switched-on feature's steering is chosen for each answer (calibrate.auto_answer)
 
 
 @dataclass(frozen=True)
@@ -375,10 +376,12 @@ def _parse_generation(where: str, raw: Any) -> GenerationDefaults:
             raise ValueError(f"{where}: generation.{key} must be a positive integer, got {short_repr(value)}")
     if not isinstance(values["system_prompt"], str):
         raise ValueError(f"{where}: generation.system_prompt must be a string")
+    if not isinstance(values["auto"], bool):
+        raise ValueError(f"{where}: generation.auto must be true or false, got {short_repr(values['auto'])}")
     return GenerationDefaults(
         temperature=float(values["temperature"]), repetition_penalty=float(values["repetition_penalty"]),
         max_new_tokens=values["max_new_tokens"], system_prompt=values["system_prompt"],
-        max_input_tokens=values["max_input_tokens"],
+        max_input_tokens=values["max_input_tokens"], auto=values["auto"],
     )
 
 

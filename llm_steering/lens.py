@@ -120,17 +120,36 @@ def steered_tokens(model: Any, tokenizer: Any, component: Any, k: int = DEFAULT_
 
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 100:
         raise ValueError(f"k must be a whole number from 1 to 100, got {k!r}")
-    digest = hashlib.sha1(component.vector.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
-    key = (digest, component.layer, component.op, float(component.strength), component.cap_min, component.cap_max, k)
+    key = (*component_key(component), k)
     per_model = _STEERED.setdefault(model, {})
     if key not in per_model:
-        scores = steering_scores(model, tokenizer, [component])
+        scores = cached_steering_scores(model, tokenizer, component)
         up, down = scores.topk(k), (-scores).topk(k)
 
         def tokens(ids: torch.Tensor) -> tuple[Token, ...]:
             return tuple(Token(int(i), tokenizer.decode([int(i)]), float(scores[i])) for i in ids)
 
         per_model[key] = TokenLens(tokens(up.indices), tokens(down.indices))
+    return per_model[key]
+
+
+_SCORES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {component key: scores [vocab]}
+
+
+def component_key(component: Any) -> tuple:
+    """What makes two components steer alike: the vector's content, layer, op and strengths."""
+    digest = hashlib.sha1(component.vector.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+    return (digest, component.layer, component.op, float(component.strength), component.cap_min, component.cap_max)
+
+
+def cached_steering_scores(model: Any, tokenizer: Any, component: Any) -> torch.Tensor:
+    """`steering_scores` of one component, cached per model and component (auto reads every answer with it)."""
+    per_model = _SCORES.setdefault(model, {})
+    key = component_key(component)
+    if key not in per_model:
+        if len(per_model) > 256:
+            per_model.clear()
+        per_model[key] = steering_scores(model, tokenizer, [component])
     return per_model[key]
 
 

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from llm_steering import chat_history, steering
-from llm_steering.core import format_fraction, round_fraction
+from llm_steering.core import round_fraction
 from llm_steering.web import handlers, views
 from llm_steering.web.panel import GLOBAL
 
@@ -370,8 +370,9 @@ def test_browser_find_features_from_text_and_steer_one(tmp_path, embedded):
                   or expected[0].key in page.locator("#summary").inner_text(), 15, "the summary")
 
 
-def test_auto_picks_the_strength_then_answers_at_it(app_module, capsys):
-    """The "auto" box beside a feature: one batched calibration, then the answer at the chosen strength."""
+def test_auto_chooses_how_to_steer_this_answer_then_goes_on_with_it(app_module, capsys):
+    """The "auto" box beside a feature (issue 28): the candidates compared in one batch on the first words
+    (calibrate.auto_answer), the answer is the chosen one's, and the tag and the turn's steering say which."""
     from llm_steering import calibrate
 
     la = app_module.LOADED
@@ -382,18 +383,19 @@ def test_auto_picks_the_strength_then_answers_at_it(app_module, capsys):
     *_, last = handlers.respond(la, message, [], system, 0.0, 1.1, 12, False, mode, "", *controls)
     shown = capsys.readouterr().out  # gr.Info outside a browser session prints its message
     chat = [{"role": "system", "content": system}, {"role": "user", "content": message}]
-    tried = sorted({round_fraction(f) for f in calibrate.candidate_fractions(feature.default_fraction)})
-    cal = calibrate.calibrate_strength(la.model, la.tokenizer, chat, feature.component(1.0), fractions=tried,
-                                       norm=feature.norm, max_new_tokens=12, repetition_penalty=1.1)
-    chosen = cal.fraction if cal.found else min(tried)
-    expected = steering.generate_steered_answer_hf(la.model, la.tokenizer, chat, [feature.component(chosen)],
-                                                   max_new_tokens=12, repetition_penalty=1.1)
+    expected = calibrate.auto_answer(la.model, la.tokenizer, chat, feature.component(feature.default_fraction),
+                                     norm=feature.norm, max_new_tokens=12, repetition_penalty=1.1)
     turn = last[1][-1]
-    assert turn["answer"] == expected and turn["auto"] == "pirate"
-    # one rounding rule: the strengths tried, the one chosen, the tag and the spec all read the same
-    assert turn["steering"]["features"] == [{"key": "pirate", "fraction": round_fraction(chosen), "op": feature.default_op}]
-    assert f"Auto: Pirate at {format_fraction(chosen)} (tried {', '.join(map(format_fraction, tried))};" in shown
-    assert f"Pirate · {feature.default_op} {format_fraction(chosen)} (auto)" in views.turn_messages(la.catalog, [turn])[-1]["content"]
+    assert turn["answer"] == expected.answer and turn["auto"] == "pirate"
+    cand = expected.chosen
+    if cand.components:
+        assert turn["steering"]["features"] == [{"key": "pirate", "op": cand.components[0].op,
+                                                 "fraction": round_fraction(feature.default_fraction * cand.multiplier)}]
+        assert turn["steering"].get("steer_prompt", True) == cand.steer_prompt
+    else:
+        assert turn["steering"]["features"] == []
+    assert f"Auto: Pirate {turn['auto_setting']} (compared {len(expected.table)} ways in" in shown
+    assert f"(auto: {turn['auto_setting']})" in views.turn_messages(la.catalog, [turn])[-1]["content"]
 
 
 def test_features_that_together_break_the_text_are_named_from_the_curves(app_module):

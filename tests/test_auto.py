@@ -87,19 +87,22 @@ def test_other_features_stay_on_in_every_row(tiny):
     assert list(c1.token_ids) == single_answer(model, tok, CHAT, [other, comp()], max_new_tokens=8)
 
 
-def row(label="x", nll_ratio=1.5, rep3=0.0, on_question=True, words=1, multiplier=1.0):
-    return calibrate.AutoRow(Candidate(label, multiplier=multiplier), (), label, 1.0, nll_ratio, rep3, on_question, words, None)
+def row(label="x", nll_ratio=1.5, rep3=0.0, on_question=True, score=1.0, multiplier=1.0):
+    comps = (comp(),) if multiplier else ()
+    return calibrate.AutoRow(Candidate(label, comps, multiplier=multiplier), (), label, 1.0, nll_ratio, rep3, on_question,
+                             0, None, score)
 
 
-def test_the_picker_keeps_an_answer_that_answers_and_names_the_concept():
-    base = row("unsteered", 1.0, words=0, multiplier=0)
-    broken, off_topic = row("broken", nll_ratio=4.0, words=5), row("off", on_question=False, words=3)
-    loops, plain = row("loops", rep3=0.5, words=3), row("plain", words=0)
-    named = row("named", nll_ratio=1.8, words=2)
-    rows = [base, broken, off_topic, loops, plain, named]
+def test_the_picker_keeps_the_answer_that_names_the_concept_most_among_those_that_still_answer():
+    base = row("unsteered", 1.0, score=0.0, multiplier=0)
+    broken, off_topic = row("broken", nll_ratio=calibrate.AUTO_NLL_BOUND + 0.5, score=5), row("off", on_question=False, score=4)
+    loops, leaning = row("loops", rep3=0.5, score=4), row("leaning", score=1.2)
+    named = row("named", nll_ratio=2.8, score=3.1)
+    rows = [base, broken, off_topic, loops, leaning, named]
     assert calibrate.pick_candidate(rows) == 5
-    # nothing names the concept while still answering: the unsteered answer
-    assert calibrate.pick_candidate(rows[:5]) == 0
+    assert calibrate.pick_candidate(rows[:5]) == 4  # nothing names it outright: the one that leans most
+    # nothing still answers: the unsteered answer
+    assert calibrate.pick_candidate(rows[:4]) == 0
 
 
 def test_auto_leaves_no_hook_and_steers_no_other_thread(tiny):

@@ -476,7 +476,9 @@ def test_find_lists_the_features_that_fire_and_one_steers_them(embedded, sae_pro
     assert "/find [layer] <text>" in console_commands.help_text()
 
 
-def test_steer_auto_calibrates_each_answer_and_answers_at_that_strength(embedded, shipped):
+def test_steer_auto_chooses_how_to_steer_each_answer_and_goes_on_with_it(embedded, shipped):
+    """/steer pirate auto (issue 28): it says what it tries, then which way it kept, then that answer
+    (calibrate.auto_answer's, greedy)."""
     from llm_steering import calibrate
 
     model, tok = embedded
@@ -491,16 +493,15 @@ def test_steer_auto_calibrates_each_answer_and_answers_at_that_strength(embedded
     answer = console.ask(QUESTION)
     feature = catalog.resolve("pirate")
     chat = [{"role": "system", "content": settings.system}, {"role": "user", "content": QUESTION}]
-    tried = [round_fraction(f) for f in calibrate.candidate_fractions(feature.default_fraction)]
-    cal = calibrate.calibrate_strength(model, tok, chat, feature.component(1.0), fractions=tried, norm=feature.norm,
-                                       max_new_tokens=12, repetition_penalty=1.1)
-    chosen = cal.fraction if cal.found else min(tried)
+    expected = calibrate.auto_answer(model, tok, chat, feature.component(feature.default_fraction), norm=feature.norm,
+                                     max_new_tokens=12, repetition_penalty=1.1)
     text = out.getvalue()
-    words = ", ".join(format_fraction(f) for f in tried)  # one rounding rule, as the app writes strengths
-    # it says what it does before the seconds of calibration, then what it chose (the human name)
-    assert text.index(f"auto: trying Pirate at {words} x norm") < text.index(f"auto: Pirate at {format_fraction(chosen)} x norm")
-    assert answer == steering.generate_steered_answer_hf(model, tok, chat, [feature.component(chosen)], max_new_tokens=12,
-                                                         repetition_penalty=1.1)
+    n = len(expected.table)
+    assert text.index(f"auto: trying Pirate {n} ways") < text.index(f"(compared {n} in") < text.index(answer)
+    cand = expected.chosen
+    if cand.components:
+        assert f"auto: Pirate {cand.components[0].op} {format_fraction(feature.default_fraction * cand.multiplier)} x norm" in text
+    assert answer == expected.answer
     assert "[strength|auto]" in console_commands.help_text()
 
 

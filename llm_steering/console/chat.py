@@ -6,6 +6,7 @@ import argparse
 import math
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,8 +201,7 @@ class Console:
         if seen.other_steering:
             self.notice(f"(earlier answers were made with other steering: the model reads {seen.other_steering} of "
                         "them too; /history same leaves them out)")
-        for key in self.auto & set(self.active):
-            self._calibrate(key, fitted.chat)
+        auto = next((k for k in self.active if k in self.auto), None)
         comps = self.components()
         if compare and not comps:
             self.notice("nothing is steered: one answer only (use /steer first)")
@@ -212,30 +212,57 @@ class Console:
             unsteered = self._answer(plain.chat, [], "unsteered", labelled=True)
             if unsteered is None:
                 return None
-        answer = self._answer(fitted.chat, comps, "steered" if comps else "unsteered", labelled=compare)
+        if auto is not None:
+            answer = self._auto_answer(auto, fitted.chat, labelled=compare)
+        else:
+            answer = self._answer(fitted.chat, comps, "steered" if comps else "unsteered", labelled=compare)
         if answer is not None:
             self.turns.append({"user": fitted.message, "answer": answer, "spec": self.spec(), "unsteered": unsteered})
         return answer
 
-    def _calibrate(self, key: str, chat: list[dict]) -> None:
-        """Pick `key`'s strength for this chat: the strongest candidate within the NLL bound."""
+    def _auto_answer(self, key: str, chat: list[dict], labelled: bool = False) -> str | None:
+        """Auto for `key` (calibrate.stream_auto_answer): the candidates compared on the first greedy
+        words, a line saying which was kept, then its answer as it comes; None if the user stopped it."""
         from llm_steering import calibrate
 
-        feature, _, op = self.active[key]
+        feature, fraction, op = self.active[key]
         others = [f.component(frac, o) for k, (f, frac, o) in self.active.items() if k != key]
-        tried = [round_fraction(f) for f in calibrate.candidate_fractions(feature.default_fraction)]
-        words = ", ".join(format_fraction(f) for f in tried)
-        self.notice(f"auto: trying {feature.title} at {words} x norm (one greedy run of each; the answer follows)")
-        cal = calibrate.calibrate_strength(
-            self.model, self.tokenizer, chat, feature.component(1.0, op), fractions=tried, norm=feature.norm,
-            other_components=others, max_new_tokens=min(self.settings.max_new_tokens, 48),
-            repetition_penalty=self.settings.repetition_penalty, steer_prompt=self.steer_prompt,
-        )
-        chosen = cal.fraction if cal.found else min(tried)
-        self.active[key] = (feature, chosen, op)
-        within = "" if cal.found else f"; none stayed within NLL ratio {calibrate.DEFAULT_NLL_BOUND}, so the weakest"
-        self.notice(f"auto: {feature.title} at {format_fraction(chosen)} x norm (tried {words} in "
-                    f"{cal.seconds:.1f} s{within})")
+        n = len(calibrate.auto_candidates(feature.component(fraction, op)))
+        self.notice(f"auto: trying {feature.title} {n} ways on the first words (strengths, answer only, letting go once "
+                    "it names the concept; one greedy batch), keeping one that still answers")
+        cancel = threading.Event()
+        stream = calibrate.stream_auto_answer(self.model, self.tokenizer, chat, feature.component(fraction, op), others,
+                                              self.settings.max_new_tokens, self.settings.repetition_penalty,
+                                              self.settings.temperature, cancel)
+        pieces: list[str] = []
+        started = False
+        with ctrl_c_stops():
+            try:
+                for piece in stream:
+                    if not started:
+                        started = True
+                        cand = stream.choice.chosen
+                        how = ("unsteered: no way of steering kept the answer on the question" if not cand.components else
+                               f"{cand.components[0].op} {format_fraction(fraction * cand.multiplier)} x norm"
+                               + (", answer only, let go once it named the concept" if cand.release else
+                                  ", answer only" if not cand.steer_prompt else ""))
+                        self.notice(f"auto: {feature.title} {how} (compared {len(stream.choice.table)} in "
+                                    f"{stream.choice.seconds:.1f} s)")
+                        kind = "steered" if cand.components or others else "unsteered"
+                        if labelled or self.interactive:
+                            self.out.write(self.paint(kind, f"{kind}> " if self.interactive else f"[{kind}]\n"))
+                        self.out.write(self.paint.start(kind))
+                    pieces.append(piece)
+                    self.out.write(piece)
+                    self.out.flush()
+            except KeyboardInterrupt:
+                cancel.set()
+                self.out.write(self.paint.reset() + "\n")
+                self.notice("(stopped: this exchange is not kept in the conversation)")
+                return None
+        self.out.write(self.paint.reset() + "\n")
+        self.out.flush()
+        return "".join(pieces)
 
     def _answer(self, chat: list[dict], comps: list, kind: str, labelled: bool = False) -> str | None:
         """Print one answer in `kind`'s colour; its text, or None if the user stopped it."""

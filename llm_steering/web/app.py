@@ -79,7 +79,7 @@ class App:
     @functools.cached_property
     def panel(self) -> ControlPanel:
         """The steering controls for this catalog's features (their widgets are made by layout.py)."""
-        return ControlPanel(self.features)
+        return ControlPanel(self.features, auto=self.profile.generation.auto)
 
     @property
     def model_id(self) -> str:
@@ -188,19 +188,76 @@ def generate(
     yield texts[0], texts[1] if unsteered_chat is not None else None, trace, not finished, token_effects
 
 
-@spaces.GPU(duration=60)
-def auto_strength(chat: list[dict], component: SteeringComponent, others: list[SteeringComponent],
-                  fractions: list[float], norm: float, steer_prompt: bool, repetition_penalty: float,
-                  max_new_tokens: int) -> tuple[float, bool, float]:
-    """"Auto": (chosen fraction, whether it stayed within the NLL bound, seconds), from one batched
-    generation over `fractions` (calibrate.py); the weakest candidate when none stayed within."""
-    from llm_steering import calibrate
+def auto_seconds(chat: list[dict], component: SteeringComponent, others: list[SteeringComponent], temperature: float,
+                 repetition_penalty: float, max_new_tokens: int, unsteered_chat: list[dict] | None = None,
+                 stop_key: str = "", since: float = 0.0) -> int:
+    """ZeroGPU time for auto: the candidates' batch, then the answer (and the unsteered one)."""
+    return 30 + (max_new_tokens // 10) * (2 if unsteered_chat is not None else 1)
 
-    cal = calibrate.calibrate_strength(
-        LOADED.model, LOADED.tokenizer, chat, component, fractions=fractions, norm=norm, other_components=others,
-        max_new_tokens=min(max_new_tokens, 48), repetition_penalty=repetition_penalty, steer_prompt=steer_prompt,
-    )
-    return (cal.fraction if cal.found else min(fractions)), cal.found, cal.seconds
+
+@spaces.GPU(duration=auto_seconds)
+def auto_generate(
+    chat: list[dict],
+    component: SteeringComponent,
+    others: list[SteeringComponent],
+    temperature: float,
+    repetition_penalty: float,
+    max_new_tokens: int,
+    unsteered_chat: list[dict] | None = None,
+    stop_key: str = "",
+    since: float = 0.0,
+) -> Iterator[dict | tuple[str, str | None, SteeringTrace | None, bool, list[float] | None]]:
+    """"Auto" for one feature (`component`, at its default): first a dict saying what auto chose
+    (calibrate.stream_auto_answer: the candidates compared on their first greedy words), then what
+    `generate` yields: the chosen answer goes on from those words, and with `unsteered_chat` the
+    unsteered answer comes beside it. Stop and closing behave as in `generate`."""
+    from llm_steering import calibrate, effects
+
+    cancel, done = threading.Event(), threading.Event()
+    threading.Thread(target=STOPS.watch, args=(stop_key, since, cancel, done), daemon=True).start()
+    model, tok = LOADED.model, LOADED.tokenizer
+    auto = calibrate.stream_auto_answer(model, tok, chat, component, others, max_new_tokens, repetition_penalty,
+                                        temperature, cancel)
+    pieces = iter(auto)
+    plain = None
+    text, other = "", None
+    try:
+        first = next(pieces, "")
+        choice = auto.choice
+        cand = choice.chosen
+        yield {"label": cand.label, "multiplier": cand.multiplier, "op": cand.components[0].op if cand.components else None,
+               "steer_prompt": cand.steer_prompt, "release": cand.release, "seconds": round(choice.seconds, 1),
+               "tried": len(choice.table)}
+        if unsteered_chat is not None:
+            settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature,
+                                          repetition_penalty=repetition_penalty, steer_prompt=True)
+            plain = LOADED.stream(unsteered_chat, [], settings, cancel)
+            other = ""
+        text = first
+        running = [pieces] + ([plain] if plain is not None else [])
+        while running:
+            for it in list(running):
+                piece = next(it, None)
+                if piece is None:
+                    running.remove(it)
+                elif it is pieces:
+                    text += piece
+                else:
+                    other += piece
+            yield text, other, None, False, None
+    finally:
+        done.set()
+        if plain is not None:
+            plain.close()
+    result = auto.result
+    prompt = steering.chat_input_ids(tok, chat)
+    trace = SteeringTrace(prompt_len=len(prompt), token_ids=[*prompt, *result.token_ids])
+    token_effects = None
+    cand = result.chosen
+    if cand.components and not cand.release and not others and len(result.token_ids):
+        token_effects = effects.token_effects(model, trace.token_ids, trace.prompt_len, list(cand.components),
+                                              steer_from=0 if cand.steer_prompt else trace.prompt_len)
+    yield result.answer, other, trace, auto.stopped, token_effects
 
 
 @spaces.GPU(duration=30)

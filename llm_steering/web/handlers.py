@@ -7,7 +7,6 @@ controls' values last, read by name through the app's `ControlPanel` (panel.py).
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import html
 import json
@@ -30,7 +29,7 @@ from llm_steering.web.app import (
     MAX_NEW_TOKENS,
     NO_PRESET,
     App,
-    auto_strength,
+    auto_generate,
     generate,
     user_errors,
 )
@@ -124,19 +123,19 @@ def respond(app: App, message: str, turns: list | None, system_prompt: str, temp
         turn = {"user": message, "answer": "", "steering": spec.to_dict(), "unsteered": "" if compare else None,
                 "stopped": False, "capped_at": None, "auto": key, "done": False}
         turns.append(turn)
-        if key is not None:  # the calibration takes seconds: the chat says what it does meanwhile
-            for step in auto_steering(app, chat, spec, components, key, float(repetition_penalty), int(max_new_tokens)):
-                if isinstance(step, str):
-                    yield "", turns, *draw(app, turns, step), gr.skip()
-                else:
-                    spec, components = step
-            turn["steering"] = spec.to_dict()
         prompt_tokens = len(steering.chat_input_ids(app.tokenizer, chat))
         pending = f"*Reading your message ({prompt_tokens:,} tokens)…*" if prompt_tokens > LONG_PROMPT else None
         waiting = "<p class='muted'>Writing the answer…</p>" if components else gr.skip()
+        if key is not None:  # auto compares candidates for seconds first: the chat says so meanwhile
+            title = app.catalog.active(spec)[key][0].title
+            pending = (f"*Auto: trying {title} several ways on the first words of this answer (strengths, answer only, "
+                       "letting go once it names the concept) and keeping one that still answers…*")
+            stream = auto_answer_stream(app, chat, spec, components, key, turn, float(temperature),
+                                        float(repetition_penalty), int(max_new_tokens), unsteered_chat, session_key, since)
+        else:
+            stream = generate(chat, components, spec.steer_prompt, float(temperature), float(repetition_penalty),
+                              int(max_new_tokens), unsteered_chat, session_key, since)
         yield "", turns, *draw(app, turns, pending), waiting
-        stream = generate(chat, components, spec.steer_prompt, float(temperature), float(repetition_penalty),
-                          int(max_new_tokens), unsteered_chat, session_key, since)
         with contextlib.closing(stream):  # Clear cancels this handler, which closes the stream
             for steered, plain, trace, stopped, token_effects in stream:
                 turn["answer"] = steered
@@ -148,8 +147,9 @@ def respond(app: App, message: str, turns: list | None, system_prompt: str, temp
                 answer_ids = trace.token_ids[trace.prompt_len :]
                 capped = not stopped and hit_length_limit(answer_ids, int(max_new_tokens), steering.eos_ids(app.model, app.tokenizer))
                 turn.update(done=True, stopped=stopped, capped_at=int(max_new_tokens) if capped else None)
+                shown = app.catalog.active(SteeringSpec.from_dict(turn["steering"]))
                 view = effect_html(app.tokenizer, trace.token_ids, trace.prompt_len, token_effects,
-                                   [(f, op, frac) for f, frac, op in app.catalog.active(spec).values()], stopped, capped)
+                                   [(f, op, frac) for f, frac, op in shown.values()], stopped, capped)
                 yield gr.skip(), turns, *draw(app, turns), view
         if not turn["done"]:  # the stream ended without its last yield (closed): keep what was written
             turn.update(done=True, stopped=True)
@@ -162,32 +162,34 @@ def draw(app: App, turns: list[dict], pending: str | None = None) -> tuple[list[
             turn_messages(app.catalog, turns, unsteered=True, pending=pending))
 
 
-def auto_steering(app: App, chat: list[dict], spec: SteeringSpec, components: list[SteeringComponent], key: str,
-                  repetition_penalty: float, max_new_tokens: int) -> Iterator[str | tuple]:
-    """"Auto" for `key`: one batched calibration picks its strength. Yields a note of what it does
-    (with the seconds so far) twice a second while it runs, then (the spec, the components) at it."""
-    from llm_steering import calibrate
-
+def auto_answer_stream(app: App, chat: list[dict], spec: SteeringSpec, components: list[SteeringComponent], key: str,
+                       turn: dict, temperature: float, repetition_penalty: float, max_new_tokens: int,
+                       unsteered_chat: list[dict] | None, session_key: str, since: float) -> Iterator[tuple]:
+    """"Auto" for `key` (app.auto_generate): once the candidates are compared, the turn's steering
+    becomes the one chosen (its strength, op, answer only or not; `auto_setting` says how, for the
+    tag), a note says it, and the answer streams as `generate`'s does."""
     active = app.catalog.active(spec)
     i = list(active).index(key)
-    feature, _, op = active[key]
-    tried = sorted({round_fraction(f) for f in calibrate.candidate_fractions(feature.default_fraction)})
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        job = pool.submit(auto_strength, chat, feature.component(1.0, op), components[:i] + components[i + 1 :],
-                          tried, feature.norm, spec.steer_prompt, repetition_penalty, max_new_tokens)
-        started = time.monotonic()
-        while not job.done():
-            yield (f"*Auto strength: trying {feature.title} at {', '.join(map(format_fraction, tried))} and keeping "
-                   f"the strongest that stays fluent… {time.monotonic() - started:.0f} s*")
-            with contextlib.suppress(concurrent.futures.TimeoutError):
-                job.result(timeout=0.5)
-        fraction, found, seconds = job.result()
-    fraction = round_fraction(fraction)  # the strength the tag shows is the one used
-    components = [*components[:i], feature.component(fraction, op), *components[i + 1 :]]
-    gr.Info(f"Auto: {feature.title} at {format_fraction(fraction)} (tried {', '.join(map(format_fraction, tried))}; "
-            f"{seconds:.1f} s){'' if found else ', the weakest: none stayed fluent enough'}.")
-    yield app.catalog.spec({k: (fraction if k == key else frac, o) for k, (_, frac, o) in active.items()},
-                           spec.steer_prompt), components
+    feature, fraction, op = active[key]
+    stream = auto_generate(chat, feature.component(fraction, op), components[:i] + components[i + 1 :], temperature,
+                           repetition_penalty, max_new_tokens, unsteered_chat, session_key, since)
+    with contextlib.closing(stream):
+        chosen = next(stream)
+        if chosen["op"] is None:
+            turn["steering"] = app.catalog.spec({k: (f, o) for k, (_, f, o) in active.items() if k != key},
+                                                spec.steer_prompt).to_dict()
+            setting = "unsteered: no way of steering kept the answer on the question"
+        else:
+            chosen_fraction = round_fraction(fraction * chosen["multiplier"])
+            turn["steering"] = app.catalog.spec(
+                {k: ((chosen_fraction, chosen["op"]) if k == key else (f, o)) for k, (_, f, o) in active.items()},
+                chosen["steer_prompt"]).to_dict()
+            setting = ("answer only, let go once it named the concept" if chosen["release"]
+                       else "answer only" if not chosen["steer_prompt"] else chosen["op"])
+            setting = f"{setting}, {chosen['multiplier']:g}x its default"
+        turn["auto_setting"] = setting
+        gr.Info(f"Auto: {feature.title} {setting} (compared {chosen['tried']} ways in {chosen['seconds']:.1f} s).")
+        yield from stream
 
 
 def retry(app: App, turns: list | None, *args: Any) -> Iterator[tuple]:
@@ -208,8 +210,9 @@ def request_stop(session_key: str) -> None:
     STOPS.request(session_key)
 
 
-def controls_update(app: App, spec: SteeringSpec) -> list:
-    """Every steering control set to show `spec` (auto off: the spec's strengths hold)."""
+def controls_update(app: App, spec: SteeringSpec, auto: bool = False) -> list:
+    """Every steering control set to show `spec`; `auto` ticks the switched-on features' auto boxes (a
+    preset, on a profile whose generation.auto is true), else the spec's strengths hold (a file, a link)."""
     active = {f.key: (frac, op) for f, frac, op in app.catalog.active(spec).values()}
     keys = {f.key for f in app.features}
     custom = [k for k in active if k not in keys]
@@ -220,7 +223,7 @@ def controls_update(app: App, spec: SteeringSpec) -> list:
     if spec.concepts:  # a file's or a link's own concepts become this session's
         values[GLOBAL, "concepts"] = concepts_value(spec.concepts)
     for f in app.features:
-        values[f.key, "on"], values[f.key, "auto"] = f.key in active, False
+        values[f.key, "on"], values[f.key, "auto"] = f.key in active, auto and f.key in active
         if f.key in active:
             fraction, op = active[f.key]
             values[f.key, "fraction"], values[f.key, "op"] = round_fraction(fraction), op.removesuffix(KEEPNORM)
@@ -274,7 +277,7 @@ def apply_preset(app: App, name: str | None) -> list:
     if name is None or (name != NO_PRESET and name not in app.presets):
         return app.panel.skip()
     spec = SteeringSpec(app.model_id, ()) if name == NO_PRESET else app.catalog.preset_spec(name)
-    return controls_update(app, spec)
+    return controls_update(app, spec, auto=app.profile.generation.auto)
 
 
 def describe(app: App, *controls: Any) -> tuple[str, str]:

@@ -45,8 +45,14 @@ class Control:
 def _slider(feature: Feature, catalog: Any) -> Any:
     default = feature.default_fraction
     return FractionSlider(*catalog.fraction_range(feature), value=round_fraction(default), step=0.001,
-                          label="strength", elem_classes="strength",
+                          label="strength", elem_classes="strength", interactive=not auto_by_default(catalog),
                           info=f"default {format_fraction(default)} ({strength_label(feature, default)})")
+
+
+def auto_by_default(catalog: Any) -> bool:
+    """Whether a switched-on feature starts with "auto" ticked: the profile's generation.auto."""
+    profile = getattr(catalog, "profile", None)
+    return bool(profile is not None and profile.generation.auto)
 
 
 # The per-feature controls, in the order they are listed to gradio. `on` is drawn as the card's
@@ -57,8 +63,9 @@ FEATURE_CONTROLS = (
     Control("fraction", lambda f: f.default_fraction, _slider),
     Control("op", lambda f: f.default_op, lambda f, c: gr.Radio(OPS, value=f.default_op, show_label=False, scale=2,
                                                                 min_width=150)),
-    Control("auto", lambda f: False, lambda f, c: gr.Checkbox(label="auto strength", value=False, scale=1,
-                                                              min_width=130)),
+    Control("auto", lambda f: False, lambda f, c: gr.Checkbox(
+        label="auto strength", value=auto_by_default(c), scale=1, min_width=130,
+        info="chosen per answer: several ways tried on its first words, one that still answers kept")),
     Control("keepnorm", lambda f: False, lambda f, c: gr.Checkbox(label="keep the norm", value=False, scale=1,
                                                                   min_width=130)),
 )
@@ -106,8 +113,9 @@ class PanelValues(dict):
 class ControlPanel:
     """The app's steering controls for a catalog's features: their names, order, defaults and widgets."""
 
-    def __init__(self, features: Sequence[Feature]) -> None:
+    def __init__(self, features: Sequence[Feature], auto: bool = False) -> None:
         self.features = list(features)
+        self.auto = auto  # the "auto" boxes start ticked (the profile's generation.auto)
         self.names: list[tuple[str, str]] = [(f.key, c.field) for f in self.features for c in FEATURE_CONTROLS]
         self.names += [(CUSTOM, field) for field in CUSTOM_DEFAULTS] + [(GLOBAL, field) for field in GLOBAL_DEFAULTS]
         self.widgets: dict[tuple[str, str], Any] = {}
@@ -117,6 +125,7 @@ class ControlPanel:
 
     def defaults(self) -> dict[tuple[str, str], Any]:
         out = {(f.key, c.field): c.default(f) for f in self.features for c in FEATURE_CONTROLS}
+        out.update({(f.key, "auto"): self.auto for f in self.features})
         out.update({(CUSTOM, k): v for k, v in CUSTOM_DEFAULTS.items()})
         out.update({(GLOBAL, k): v for k, v in GLOBAL_DEFAULTS.items()})
         return out

@@ -181,8 +181,9 @@ def break_warning(catalog: Catalog, spec: SteeringSpec, curves: dict[str, list[d
 
 
 def steering_tag(catalog: Catalog, steering: dict | None, stopped: bool = False, capped_at: int | None = None,
-                 auto: str | None = None) -> str:
-    """The line under an answer saying which steering made it (and whether it was stopped or cut)."""
+                 auto: str | None = None, auto_setting: str | None = None) -> str:
+    """The line under an answer saying which steering made it (and whether it was stopped or cut);
+    `auto`: the feature auto chose the steering of, `auto_setting` how (said after "auto:")."""
     parts = []
     try:
         spec = SteeringSpec.from_dict(steering) if steering else None
@@ -192,10 +193,11 @@ def steering_tag(catalog: Catalog, steering: dict | None, stopped: bool = False,
     if active:
         words = []
         for feature, fraction, op in active.values():
-            words.append(f"{feature.title} · {op} {format_fraction(fraction)}" + (" (auto)" if auto == feature.key else ""))
+            note = f" (auto: {auto_setting})" if auto_setting else " (auto)"
+            words.append(f"{feature.title} · {op} {format_fraction(fraction)}" + (note if auto == feature.key else ""))
         parts.append(", ".join(words) + ("" if spec.steer_prompt else " · answer only"))
     else:
-        parts.append("no steering")
+        parts.append("no steering" + (f" (auto: {auto_setting})" if auto and auto_setting else ""))
     if stopped:
         parts.append("stopped")
     elif capped_at is not None:
@@ -221,7 +223,8 @@ def turn_messages(catalog: Catalog, turns: list[dict], unsteered: bool = False,
             out.append({"role": "assistant", "content": body or (pending or "")})
             continue
         tag = ("no steering (compared)" if unsteered else
-               steering_tag(catalog, turn.get("steering"), turn.get("stopped", False), turn.get("capped_at"), turn.get("auto")))
+               steering_tag(catalog, turn.get("steering"), turn.get("stopped", False), turn.get("capped_at"), turn.get("auto"),
+                            turn.get("auto_setting")))
         if turn.get("capped_at") and not unsteered:  # cut by the cap: shown to a sentence's end where one is
             body = cut_at_sentence(body)          # near (the turn keeps all of it: export, what the model reads)
         # The tag is a message of its own, plain text: never inside the answer's code block, and
