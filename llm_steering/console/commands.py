@@ -173,17 +173,19 @@ def _concept(c: Any, args: list[str], rest: str) -> None:
     c.notice(f"made your concept {feature.title} ({feature.key}) from {len(recipe.sentences)} sentences in {seconds:.1f} s "
              f"({kept}); steering with it at its default {format_fraction(feature.default_fraction)} x norm, {feature.default_op}, "
              f"layer {feature.layer}")
-    c.notice(f"{_words(c, feature.key)} (/features {feature.key} for more; "
+    doing, where = _words(c, feature.key)
+    c.notice(f"{doing} ({where}; /features {feature.key} for more; "
              f"/steer {feature.key} 0.4 for stronger, /unsteer {feature.key} to stop)")
 
 
-def _words(c: Any, key: str, n: int = 8) -> str:
-    """"it raises: ocean, sea, ... (measured at its default)" or "it pushes up: ... (logit lens)" (lens.feature_tokens)."""
+def _words(c: Any, key: str, n: int = 8) -> tuple[str, str]:
+    """What a feature does (catalog.feature_tokens) and where that comes from: ("it raises: ocean, sea, ...",
+    "measured at its default") or ("it pushes up: ...", "logit lens")."""
     from llm_steering.lens import token_words
 
     lens = c.catalog.feature_tokens(key)
-    where = "measured at its default" if lens.measured else "logit lens"
-    return f"it {lens.verbs[0]}: {', '.join(token_words(lens.promoted[:n]))} ({where})"
+    return (f"it {lens.verbs[0]}: {', '.join(token_words(lens.promoted[:n]))}",
+            "measured at its default" if lens.measured else "logit lens")
 
 
 def _active(c: Any, args: list[str], rest: str) -> None:
@@ -290,7 +292,7 @@ def _find(c: Any, args: list[str], rest: str) -> None:
         return
     c.notice(f"features that fire most on that text (steer one with /steer {found[0].key}):")
     c.notice("\n".join(f"  {f.key:<12} mean {f.mean:8.3f}  max {f.max:8.3f}  {f.url or ''}".rstrip()
-                        + f"\n      {_words(c, f.key, 6)}" for f in found))
+                        + "\n      {} ({})".format(*_words(c, f.key, 6)) for f in found))
 
 
 def _help(c: Any, args: list[str], rest: str) -> None:
