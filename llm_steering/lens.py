@@ -223,16 +223,8 @@ def lens_reads(model: Any, feature: Any) -> bool:
 def feature_tokens(model: Any, tokenizer: Any, feature: Any, k: int = DEFAULT_K) -> TokenLens:
     """What a feature does, as its card and /features show it: the logit lens where it reads
     (`lens_reads`), else the tokens the steering raises and lowers at the feature's default strength
-    and op (`steered_tokens`: one batched forward unsteered and one steered, cached). `.how` says which."""
+    and op (`steered_tokens`: one batched forward, the unsteered one read once per model; cached). `.how` says which."""
     if lens_reads(model, feature):
         return top_tokens(model, tokenizer, feature.vector.vector, k)
     return steered_tokens(model, tokenizer, feature.component(feature.default_fraction), k)
 
-
-def tokens_line(lens: TokenLens, n: int = DEFAULT_K) -> str:
-    """One plain line: "raises ocean, sea, ...; lowers ... (measured at the default)" or
-    "pushes up ...; pushes down ... (logit lens)"."""
-    up, down = lens.verbs
-    where = "measured at the default strength" if lens.measured else "logit lens"
-    return (f"{up} {', '.join(token_words(lens.promoted[:n]))}; "
-            f"{down} {', '.join(token_words(lens.suppressed[:n]))} ({where})")
