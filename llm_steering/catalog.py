@@ -194,13 +194,23 @@ class Catalog:
         return self.with_concepts(vectors)
 
     def top_tokens(self, key: str, k: int = 8) -> Any:
-        """What a feature does: the tokens its direction promotes and suppresses most (lens.top_tokens,
-        through the model's own final norm and unembedding; cached)."""
+        """The logit lens of a feature's direction: the tokens it promotes and suppresses most through the
+        model's own final norm and unembedding (lens.top_tokens; cached). The cards show `feature_tokens`."""
         from llm_steering.lens import top_tokens
 
         if self.model is None:
             raise ValueError("the tokens a feature promotes need the model: load it first")
         return top_tokens(self.model, self.tokenizer, self.resolve(key).vector.vector, k)
+
+    def feature_tokens(self, key: str, k: int = 8) -> Any:
+        """What a feature does, as the cards and /features show it (lens.feature_tokens): the tokens its
+        steering at its default raises and lowers, measured, or the logit lens where that reads
+        (lens.lens_reads); the TokenLens's `.how` says which. Cached."""
+        from llm_steering.lens import feature_tokens
+
+        if self.model is None:
+            raise ValueError("the tokens a feature promotes need the model: load it first")
+        return feature_tokens(self.model, self.tokenizer, self.resolve(key), k)
 
     def in_file(self, key: str) -> SteeringVector | None:
         try:

@@ -322,11 +322,12 @@ def _print_found(source: str, layer: int, found: list, words: list[str]) -> None
         print(f"layer {layer}: no feature fires on the text")
     for f, pushes in zip(found, words, strict=True):
         url = neuronpedia_url(f.layer, f.index, source)
-        print(f"{f.key:>12}  mean {f.mean:9.4f}  max {f.max:9.4f}  pushes up: {pushes}" + (f"  {url}" if url else ""))
+        print(f"{f.key:>12}  mean {f.mean:9.4f}  max {f.max:9.4f}  pushes up (logit lens): {pushes}" + (f"  {url}" if url else ""))
 
 
 def _lens_words(model: Any, tokenizer: Any, vector: SteeringVector) -> str:
-    """The tokens a feature's direction promotes most (lens.py), or why they cannot be shown (another model's width)."""
+    """The tokens a feature's direction promotes most, by the logit lens (an SAE feature: where it reads,
+    lens.lens_reads), or why they cannot be shown (another model's width)."""
     from llm_steering.lens import token_words, top_tokens
 
     if vector.vector.numel() != steering.hidden_size(model):

@@ -39,10 +39,24 @@ class Token:
 
 @dataclass(frozen=True)
 class TokenLens:
-    """The `k` tokens a direction promotes most (highest logit first) and suppresses most (lowest first)."""
+    """The `k` tokens a direction promotes most (highest logit first) and suppresses most (lowest first);
+    `how` says which reading they come from: LOGIT_LENS (`top_tokens`) or MEASURED (`steered_tokens`)."""
 
     promoted: tuple[Token, ...]
     suppressed: tuple[Token, ...]
+    how: str = "logit lens"
+
+    @property
+    def measured(self) -> bool:
+        return self.how == MEASURED
+
+    @property
+    def verbs(self) -> tuple[str, str]:
+        """What to call the two lists: ("raises", "lowers") measured, ("pushes up", "pushes down") by the lens."""
+        return ("raises", "lowers") if self.measured else ("pushes up", "pushes down")
+
+
+LOGIT_LENS, MEASURED = "logit lens", "measured"
 
 
 def direction_logits(model: Any, vector: torch.Tensor) -> torch.Tensor:
@@ -98,6 +112,7 @@ def describe(lens: TokenLens, n: int = DEFAULT_K) -> str:
 NEUTRAL_QUESTIONS = ("Tell me about your day.", "What happened at work?", "Any news?", "What are you up to?")
 EPS = 1e-6  # probability floor of the log ratio: a token at 1e-9 that rises to 1e-7 is not a rise
 _STEERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(digest, op, strength, k): TokenLens}
+_PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(device, dtype): unsteered mean log-prob [vocab]}
 
 
 def neutral_texts() -> list[str]:
@@ -129,7 +144,7 @@ def steered_tokens(model: Any, tokenizer: Any, component: Any, k: int = DEFAULT_
         def tokens(ids: torch.Tensor) -> tuple[Token, ...]:
             return tuple(Token(int(i), tokenizer.decode([int(i)]), float(scores[i])) for i in ids)
 
-        per_model[key] = TokenLens(tokens(up.indices), tokens(down.indices))
+        per_model[key] = TokenLens(tokens(up.indices), tokens(down.indices), MEASURED)
     return per_model[key]
 
 
@@ -173,13 +188,19 @@ def steering_scores(model: Any, tokenizer: Any, components: list[Any]) -> torch.
     for b, (p, s) in enumerate(zip(prompts, seqs, strict=True)):
         where[b, len(p) - 1 : len(s) - 1] = True
 
-    def logp(rows: list[list[Any]]) -> torch.Tensor:
+    def logp(rows: list[list[Any]]) -> torch.Tensor:  # mean over the answer positions [vocab]
         with calibrate.row_steering(model, rows), torch.inference_mode():
             probs = model(input_ids=ids, attention_mask=mask).logits[where].float().softmax(-1)
-        return (probs + EPS).log()
+        return (probs + EPS).log().mean(0).cpu()
 
     steering.validate_components(model, components)
-    return (logp([list(components)] * len(seqs)) - logp([[]] * len(seqs))).mean(0).cpu()
+    # the mean of a difference is the difference of the means: the unsteered side is read once per model
+    # (and device and dtype), so each feature costs one forward, not two (the app's start: ten features)
+    plain_key = (str(device), next(model.parameters()).dtype)
+    plain = _PLAIN.setdefault(model, {})
+    if plain_key not in plain:
+        plain[plain_key] = logp([[]] * len(seqs))
+    return logp([list(components)] * len(seqs)) - plain[plain_key]
 
 
 def concept_token_ids(model: Any, tokenizer: Any, component: Any, k: int = 24) -> frozenset[int]:
@@ -195,3 +216,37 @@ def concept_token_ids(model: Any, tokenizer: Any, component: Any, k: int = 24) -
                 and text.strip().lower() not in STOP_WORDS):
             words.add(t.id)
     return frozenset(words)
+
+
+# ---------------------------------------------------------------------------
+# What a feature card shows: the one rule
+# ---------------------------------------------------------------------------
+
+LENS_FROM = 2 / 3  # the logit lens reads from this share of the model's layers on (the last third)
+
+
+def lens_reads(model: Any, feature: Any) -> bool:
+    """Whether the logit lens of `feature`'s direction says what it does (else it is measured,
+    `steered_tokens`). The one rule of the cards, the console and extract.py:
+
+    * an SAE feature (its vector has an SAE index): its decoder direction is one the SAE learned to
+      read back out, and its lens is what Neuronpedia shows (on the 8B profile, L15F21576 promotes
+      Paris and Eiffel); measuring one there would also mean 8B forwards at start;
+    * a direction at a layer in the last third of the model (layer >= LENS_FROM x the layers): little
+      is left to change it before the unembedding.
+
+    Everything else, the contrastive vectors and your own concepts of the middle layers (layer 15
+    or 12 of the embedded model's 30, where the lens is noise), is measured."""
+    from llm_steering.models import num_layers
+
+    return feature.vector.index is not None or feature.layer >= LENS_FROM * num_layers(model)
+
+
+def feature_tokens(model: Any, tokenizer: Any, feature: Any, k: int = DEFAULT_K) -> TokenLens:
+    """What a feature does, as its card and /features show it: the logit lens where it reads
+    (`lens_reads`), else the tokens the steering raises and lowers at the feature's default strength
+    and op (`steered_tokens`: one batched forward, the unsteered one read once per model; cached). `.how` says which."""
+    if lens_reads(model, feature):
+        return top_tokens(model, tokenizer, feature.vector.vector, k)
+    return steered_tokens(model, tokenizer, feature.component(feature.default_fraction), k)
+

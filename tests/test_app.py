@@ -418,7 +418,9 @@ def test_features_that_together_break_the_text_are_named_from_the_curves(app_mod
     assert "\n" not in warning and views.break_warning(la.catalog, spec(0.15, 0.15), {}) is None
 
 
-def test_strength_words_follow_the_measured_curve_and_else_the_default(app_module):
+def test_strength_words_say_only_what_the_curve_measured_and_else_compare_with_the_default(app_module):
+    """Within a measured curve: fluent or not, and in how many answers the concept is named; whether answers
+    still answer only where the curve records it ("addresses"/"tint"); never "clear"/"strong"."""
     from llm_steering.web.views import strength_label
 
     pirate = next(f for f in app_module.LOADED.features if f.key == "pirate")
@@ -426,10 +428,40 @@ def test_strength_words_follow_the_measured_curve_and_else_the_default(app_modul
                         {"fraction": 0.2, "mention_rate": 0.5, "nll_ratio": 1.8, "rep3": 0.0},
                         {"fraction": 0.3, "mention_rate": 0.9, "nll_ratio": 3.5, "rep3": 0.1}]}
     assert [strength_label(pirate, f, "clamp", curve) for f in (0.0, -0.2, 0.1, 0.2, 0.24, 0.3)] == [
-        "off", "away from it", "subtle", "clear", "strong", "breaks the text"]
-    # beyond the measured fractions, or another op: from the fraction relative to the default (0.2)
-    assert strength_label(pirate, 0.8, "clamp", curve) == "breaks the text"
-    assert [strength_label(pirate, f, "add", curve) for f in (0.1, 0.2, 0.3)] == ["subtle", "clear", "strong"]
+        "off", "away from it", "fluent; named in few answers", "fluent; named in about half of the answers",
+        "fluent; named in most answers", "breaks the text"]
+    answered = {"pirate": [{**p, "addresses": a} for p, a in zip(curve["pirate"], (0.9, 0.4, 0.1), strict=True)]}
+    assert strength_label(pirate, 0.1, "clamp", answered) == "fluent; named in few answers; most answers still answer the question"
+    assert strength_label(pirate, 0.2, "clamp", answered).endswith("; about half of the answers still answer the question")
+    tinted = {"pirate": [{**p, "tint": 0.2} for p in curve["pirate"]]}
+    assert strength_label(pirate, 0.2, "clamp", tinted).endswith("; few answers name it and still answer the question")
+    # beyond the measured fractions, another op, or no curve: only how it compares with the default (0.2)
+    assert strength_label(pirate, 0.8, "clamp", curve) == "likely breaks the text"
+    assert [strength_label(pirate, f, "add", curve) for f in (0.1, 0.2, 0.3, 0.4)] == [
+        "weaker than its default", "about its default", "stronger than its default", "likely breaks the text"]
+    assert strength_label(pirate, 0.2, "clamp", {}) == "about its default"
+    shipped = [strength_label(f, f.default_fraction) for f in app_module.LOADED.features]
+    assert all(word.startswith("fluent; named in ") for word in shipped), shipped
+    assert not any(w in word for word in shipped for w in ("clear", "strong", "subtle"))
+
+
+def test_how_it_works_states_the_loaded_models_ranges(app_module):
+    """The "How it works" text states this model's defaults and where its measured curves break the text,
+    computed from the profile and strength_curves.json (not another model's "around 0.5"); without curves,
+    it says there are none."""
+    from llm_steering.web import views
+
+    catalog = app_module.LOADED.catalog
+    text = views.how_it_works(catalog)
+    defaults = [f.default_fraction for f in catalog.features]
+    assert f"the features' defaults are {min(defaults):.2f} to {max(defaults):.2f}." in text
+    breaks = [b for f in catalog.features if (b := views.measured_break(views.measured_curve(f, f.default_op, views.strength_curves())))]
+    assert breaks and f"For {len(breaks)} of its {len(defaults)} features the text stops reading fluently from about " \
+        f"{min(breaks):.2f} to {max(breaks):.2f} (measured on 42 prompts)." in text
+    assert max(breaks) < 0.5 and "0.5" not in text and "creeps" not in text
+    assert "not whether the answer still answers the question." in text
+    bare = views.how_it_works(catalog, curves={})
+    assert "No strength curve was measured for this model" in bare and "stops reading fluently" not in bare
 
 
 def test_the_keep_the_norm_box_steers_with_the_norm_preserving_op_and_round_trips(app_module):

@@ -3,7 +3,8 @@
 Five sentences in the "Make your own concept" panel (in the find panel's place on a profile
 without SAEs) steer the next answer within 30 s of the click; the concept survives export and
 import, and a share link opened in a fresh browser context; another visitor never gets it. Every
-feature card shows the tokens its direction pushes up, equal to lens.py's computation. The app runs
+feature card, and the note of a concept just made, shows the tokens its steering at its default raises
+and lowers, measured (lens.feature_tokens), and says so. The app runs
 greedy with short answers, so answers are checked token for token against the library.
 """
 
@@ -16,7 +17,7 @@ from pathlib import Path
 from llm_steering import steering
 from llm_steering.catalog import Catalog
 from llm_steering.concepts import make_concept
-from llm_steering.lens import token_words, top_tokens
+from llm_steering.lens import feature_tokens, token_words
 from llm_steering.recipe import ConceptRecipe
 
 import pytest
@@ -80,6 +81,10 @@ def test_a_concept_from_five_sentences_steers_survives_export_import_and_a_link(
         page.locator("#concept-make").click()
         wait_for(lambda: "My Tower" in summary(page), 30, "the concept switched on")
         assert page.locator("#custom-on input").is_checked()
+        note = page.locator("#concept-note").inner_text()  # what it does, measured at its default (layer 15 of 30)
+        measured = feature_tokens(shared.model, shared.tokenizer, feature)
+        assert measured.measured and "(measured at its default)" in note and "logit lens" not in note, note
+        assert f"raises: {', '.join(token_words(measured.promoted))}" in note, note
         send(page, QUESTION)
         answers_done(page, 1)
         assert time.monotonic() - clicked < 30
@@ -119,19 +124,27 @@ def test_a_concept_from_five_sentences_steers_survives_export_import_and_a_link(
             fresh.context.close()
 
 
-def test_every_feature_card_shows_the_tokens_it_pushes_up_and_down(server, browser, shared):
+def test_every_feature_card_shows_the_tokens_its_steering_raises_and_lowers_measured(server, browser, shared):
+    """Each shipped feature's card (layers 12 and 15 of 30: measured, lens.lens_reads) lists the tokens its
+    steering at its default raises and lowers (lens.steered_tokens), says they are measured, and names its
+    concept (Ocean: ocean; Pirate: pirate; Eiffel Tower: Paris)."""
+    named = {"ocean": "ocean", "pirate": "pirate", "eiffel_tower": "Paris", "dinosaurs": "dinosaurs"}
     page = open_page(browser, server)
     try:
         for feature in shared.features:
-            lens = top_tokens(shared.model, shared.tokenizer, feature.vector.vector, k=8)
+            lens = feature_tokens(shared.model, shared.tokenizer, feature, k=8)
+            assert lens.measured, feature.key
             card = page.locator("#catalog .feature").filter(has=page.get_by_role("checkbox", name=feature.title,
                                                                                   exact=True))
             card.get_by_role("checkbox", name=feature.title, exact=True).check()
             tokens = card.locator("[data-testid='markdown'].feature-tokens")
             wait_for(lambda tokens=tokens: tokens.is_visible(), 10, f"{feature.key}'s tokens")
             text = tokens.inner_text()
-            assert f"pushes up: {', '.join(token_words(lens.promoted))}" in text, (feature.key, text)
-            assert f"down: {', '.join(token_words(lens.suppressed))}" in text, (feature.key, text)
+            assert f"raises: {', '.join(token_words(lens.promoted))}" in text, (feature.key, text)
+            assert f"lowers: {', '.join(token_words(lens.suppressed))}" in text, (feature.key, text)
+            assert "(measured at its default)" in text and "logit lens" not in text, (feature.key, text)
+            if feature.key in named:
+                assert named[feature.key] in token_words(lens.promoted), (feature.key, text)
             card.get_by_role("checkbox", name=feature.title, exact=True).uncheck()
     finally:
         page.context.close()

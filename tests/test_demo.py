@@ -695,7 +695,9 @@ def concept_reference(embedded, shipped, prompt: str, fraction: float | None = N
     comps = [feature.component(feature.default_fraction if fraction is None else fraction, "add")]
     answer = steering.generate_steered_answer_hf(model, tok, chat, comps, max_new_tokens=TOKENS, temperature=0.0,
                                                  repetition_penalty=profile.generation.repetition_penalty)
-    return feature, token_words(catalog.with_concepts([feature.vector]).top_tokens("my_tower").promoted), answer
+    lens = catalog.with_concepts([feature.vector]).feature_tokens("my_tower")  # measured at its default (layer 15 of 30)
+    assert lens.measured
+    return feature, token_words(lens.promoted), answer
 
 
 def test_a_concept_from_five_sentences_is_made_kept_listed_and_steers(embedded, shipped, tmp_path):
@@ -716,11 +718,12 @@ def test_a_concept_from_five_sentences_is_made_kept_listed_and_steers(embedded, 
         assert time.monotonic() - started < 30
         assert "made your concept My Tower (my_tower) from 5 sentences in" in out
         assert f"steering with it at its default {format_fraction(feature.default_fraction)} x norm, add, layer 15" in out
-        assert f"it pushes up: {', '.join(words)} (/features my_tower" in out
+        assert f"it raises: {', '.join(words)} (measured at its default; /features my_tower" in out
         assert (tmp_path / "smollm2-concepts.pt").is_file()
         assert re.search(r"^\s+my_tower\s+My Tower: your topic: The Eiffel Tower stands", say(child, "/features"), re.M)
         out = say(child, "/features my_tower")
-        assert f"pushes up:   {', '.join(words)}\n" in out and f"layer 15, default {feature.default_fraction:g}" in out
+        assert f"raises: {', '.join(words)}\n" in out and f"layer 15, default {feature.default_fraction:g}" in out
+        assert "(measured: the tokens whose probability rises and falls most" in out
         assert f"steered> {steered}\n" in say(child, QUESTION)
         out = say(child, "/concept eiffel_tower: a b c")
         assert "error: the name 'eiffel_tower' is taken by a feature of profile 'smollm2'" in out
@@ -749,18 +752,23 @@ def small_console(embedded, shipped, **kw) -> tuple[demo.Console, io.StringIO]:
                         interactive=True, **kw), out
 
 
-def test_features_name_shows_the_tokens_a_shipped_feature_pushes_up_and_down(embedded, shipped):
-    from llm_steering.lens import token_words, top_tokens
+def test_features_name_shows_the_tokens_a_shipped_feature_raises_and_lowers_measured(embedded, shipped):
+    """/features pirate: the tokens its steering at its default raises and lowers (lens.steered_tokens; a
+    layer-15 feature of the 30-layer model: measured, not the logit lens), and the console says so."""
+    from llm_steering.lens import steered_tokens, token_words
 
     model, tok = embedded
     profile, vectors = shipped
     console, out = small_console(embedded, shipped)
     console.command("/features pirate")
-    lens = top_tokens(model, tok, vectors.get("pirate").vector)
+    pirate = console.catalog.resolve("pirate")
+    lens = steered_tokens(model, tok, pirate.component(pirate.default_fraction))
     text = clean(out.getvalue())
     assert text.startswith("Pirate (pirate): Pirates, ships and treasure")
-    assert f"pushes up:   {', '.join(token_words(lens.promoted))}\n" in text
-    assert f"pushes down: {', '.join(token_words(lens.suppressed))}\n" in text
+    assert f"raises: {', '.join(token_words(lens.promoted))}\n" in text and "pirate, treasure" in text
+    assert f"lowers: {', '.join(token_words(lens.suppressed))}\n" in text
+    assert "(measured: the tokens whose probability rises and falls most when a few everyday chats are steered" in text
+    assert "logit lens" not in text
     with pytest.raises(ValueError, match="unknown feature 'nope'"):
         console.command("/features nope")
 

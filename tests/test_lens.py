@@ -79,11 +79,69 @@ def test_extract_find_prints_each_features_promoted_tokens(embedded, tmp_path, c
     code = extract.main(["--sae-source", str(tmp_path / "saes"), "--layers", "3", "--find", text, "--top-k", "3"])
     out = capsys.readouterr().out.splitlines()
     assert code == 0
-    rows = [line for line in out if "pushes up:" in line]
+    rows = [line for line in out if "pushes up (logit lens):" in line]  # SAE features: the lens (lens_reads)
     assert len(rows) == 3
     model, tok = embedded
     for row in rows:
         key = row.split()[0]
         [vec] = extract_sae_features(str(tmp_path / "saes"), [tuple(map(int, key.split(":")))])
         words = ", ".join(lens.token_words(lens.top_tokens(model, tok, vec.vector, k=6).promoted))
-        assert f"pushes up: {words}" in row
+        assert f"pushes up (logit lens): {words}" in row
+
+
+# -- what the cards show: measured, or the logit lens where it reads (lens.lens_reads) ---------------
+
+
+def test_the_rule_measures_middle_layers_and_reads_the_lens_late_and_for_sae_features(shared):
+    """One rule (lens.lens_reads): the embedded model's shipped features (layers 12 and 15 of 30) are
+    measured; a direction from layer 20 on (the last third), or any SAE feature, reads by the lens."""
+    from dataclasses import replace
+
+    from llm_steering.vectors import SteeringVector
+
+    assert steering.num_layers(shared.model) == 30
+    assert not any(lens.lens_reads(shared.model, f) for f in shared.features)
+    pirate = shared.resolve("pirate")
+    late = replace(pirate, vector=replace(pirate.vector, layer=20))
+    assert lens.lens_reads(shared.model, late) and not lens.lens_reads(shared.model, replace(late, vector=replace(late.vector, layer=19)))
+    sae = replace(pirate, vector=SteeringVector(name="L15F7", layer=15, vector=pirate.vector.vector, index=7))
+    assert lens.lens_reads(shared.model, sae)
+    got = lens.feature_tokens(shared.model, shared.tokenizer, late, k=5)
+    assert got == lens.top_tokens(shared.model, shared.tokenizer, pirate.vector.vector, k=5)
+    assert got.how == lens.LOGIT_LENS and not got.measured and got.verbs == ("pushes up", "pushes down")
+
+
+@pytest.mark.parametrize("key,word", [("ocean", "ocean"), ("pirate", "pirate"), ("eiffel_tower", "Paris")])
+def test_a_shipped_features_tokens_are_measured_at_its_default(shared, key, word):
+    """catalog.feature_tokens (what the card and /features show): lens.steered_tokens at the feature's default
+    strength and op, which name the concept (the layer-15 lens of these directions does not)."""
+    feature = shared.resolve(key)
+    got = shared.feature_tokens(key, k=8)
+    assert got is lens.steered_tokens(shared.model, shared.tokenizer, feature.component(feature.default_fraction), 8)
+    assert got.how == lens.MEASURED and got.measured and got.verbs == ("raises", "lowers")
+    assert word in lens.token_words(got.promoted)
+    assert got.promoted[0].logit >= got.promoted[-1].logit > 0 > got.suppressed[-1].logit >= got.suppressed[0].logit
+
+
+def test_the_unsteered_side_is_read_once_and_gives_the_same_scores(shared):
+    """steering_scores keeps the unsteered mean log-probabilities per model: the scores equal the mean of the
+    per-position differences computed from two fresh forwards."""
+    from llm_steering import calibrate
+
+    comp = shared.resolve("cats").component(0.2)
+    got = lens.steering_scores(shared.model, shared.tokenizer, [comp])
+    assert lens._PLAIN[shared.model]
+    system = {"role": "system", "content": "You are a helpful assistant."}
+    texts = lens.neutral_texts()
+    prompts = [steering.chat_input_ids(shared.tokenizer, [system, {"role": "user", "content": lens.NEUTRAL_QUESTIONS[i % 4]}])
+               for i in range(len(texts))]
+    rows = []
+    for p, text in zip(prompts, texts, strict=True):  # one chat at a time: no padding
+        ids = torch.tensor([p + shared.tokenizer.encode(" " + text, add_special_tokens=False)])
+        per = []
+        for comps in ([comp], []):
+            with calibrate.row_steering(shared.model, [comps]), torch.inference_mode():
+                per.append((shared.model(input_ids=ids).logits[0, len(p) - 1 : -1].float().softmax(-1) + lens.EPS).log())
+        rows.append(per[0] - per[1])
+    direct = torch.cat(rows).mean(0)
+    assert torch.allclose(got, direct, atol=2e-3), (got - direct).abs().max()

@@ -162,7 +162,9 @@ def test_your_own_concept_is_made_in_the_gpu_worker_and_crosses_back(app_module)
     here = concepts.make_concept(app.LOADED.catalog, recipe)  # the same recipe, made in this process
     assert feature.key == "my_tower" and feature.layer == here.layer and feature.default_fraction == here.default_fraction
     assert torch.allclose(feature.vector.vector, here.vector.vector, atol=1e-5)
-    assert tokens == lens.top_tokens(app.LOADED.model, app.LOADED.tokenizer, here.vector.vector)
+    expected = lens.feature_tokens(app.LOADED.model, app.LOADED.tokenizer, here)  # measured at its default
+    assert tokens.how == expected.how == lens.MEASURED
+    assert [t.id for t in tokens.promoted] == [t.id for t in expected.promoted]
     assert "my_tower" not in [f.key for f in app.LOADED.catalog.features]  # the shared catalog never lists it
 
 

@@ -147,7 +147,7 @@ def _features(c: Any, args: list[str], rest: str) -> None:
         from llm_steering.console.own_concepts import feature_details
 
         feature = c.catalog.resolve(args[0])
-        c.notice("\n".join(feature_details(c.catalog, feature, c.catalog.top_tokens(feature.key))))
+        c.notice("\n".join(feature_details(c.catalog, feature, c.catalog.feature_tokens(feature.key))))
         return
     c.notice(f"features of profile {c.catalog.profile.name!r} (key to type, name: description; layer, default "
              "strength and op):")
@@ -156,7 +156,7 @@ def _features(c: Any, args: list[str], rest: str) -> None:
              for f in c.catalog.features]
     if c.catalog.profile.sae_source:
         lines.append(f"  layer:index (e.g. 15:21576) steers any feature of the SAEs in {c.catalog.profile.sae_source}")
-    lines.append("/features NAME shows what one does (the tokens it pushes up and down); /concept makes your own")
+    lines.append("/features NAME shows what one does (the tokens its steering raises and lowers); /concept makes your own")
     c.notice("\n".join(lines))
 
 
@@ -173,14 +173,19 @@ def _concept(c: Any, args: list[str], rest: str) -> None:
     c.notice(f"made your concept {feature.title} ({feature.key}) from {len(recipe.sentences)} sentences in {seconds:.1f} s "
              f"({kept}); steering with it at its default {format_fraction(feature.default_fraction)} x norm, {feature.default_op}, "
              f"layer {feature.layer}")
-    c.notice(f"it pushes up: {', '.join(_words(c, feature.key))} (/features {feature.key} for more; "
+    doing, where = _words(c, feature.key)
+    c.notice(f"{doing} ({where}; /features {feature.key} for more; "
              f"/steer {feature.key} 0.4 for stronger, /unsteer {feature.key} to stop)")
 
 
-def _words(c: Any, key: str, n: int = 8) -> list[str]:
+def _words(c: Any, key: str, n: int = 8) -> tuple[str, str]:
+    """What a feature does (catalog.feature_tokens) and where that comes from: ("it raises: ocean, sea, ...",
+    "measured at its default") or ("it pushes up: ...", "logit lens")."""
     from llm_steering.lens import token_words
 
-    return token_words(c.catalog.top_tokens(key).promoted[:n])
+    lens = c.catalog.feature_tokens(key)
+    return (f"it {lens.verbs[0]}: {', '.join(token_words(lens.promoted[:n]))}",
+            "measured at its default" if lens.measured else "logit lens")
 
 
 def _active(c: Any, args: list[str], rest: str) -> None:
@@ -287,7 +292,7 @@ def _find(c: Any, args: list[str], rest: str) -> None:
         return
     c.notice(f"features that fire most on that text (steer one with /steer {found[0].key}):")
     c.notice("\n".join(f"  {f.key:<12} mean {f.mean:8.3f}  max {f.max:8.3f}  {f.url or ''}".rstrip()
-                        + f"\n      pushes up: {', '.join(_words(c, f.key, 6))}" for f in found))
+                        + "\n      {} ({})".format(*_words(c, f.key, 6)) for f in found))
 
 
 def _help(c: Any, args: list[str], rest: str) -> None:
@@ -301,7 +306,7 @@ COMMANDS: dict[str, Command] = {
     "/unsteer": Command("<name|layer:index>", "stop steering with one feature", _unsteer, (1, 1)),
     "/clear": Command("", "stop all steering", _clear),
     "/features": Command("[name]", "the features of this profile, with descriptions; with a name: what it does "
-                         "(its default, layer and the tokens it pushes up and down)", _features, (0, 1)),
+                         "(its default, layer and the tokens its steering raises and lowers)", _features, (0, 1)),
     "/concept": Command("NAME [topic|style|persona]: sentence | ...", "make your own concept from a few example "
                         "sentences, kept in your concepts file and switched on at its default (/concept alone shows how)",
                         _concept, (0, 10**6)),

@@ -68,7 +68,8 @@ def templates_text() -> str:
 
 
 def feature_details(catalog: Catalog, feature: Feature, tokens: Any) -> list[str]:
-    """/features NAME: what it is, its default, its layer, and the tokens it promotes and suppresses."""
+    """/features NAME: what it is, its default, its layer, and the tokens it promotes and suppresses
+    (`tokens`: catalog.feature_tokens, measured or the logit lens, and the lines say which)."""
     from llm_steering.lens import token_words
 
     recipe = catalog.concepts.get(feature.key)
@@ -78,7 +79,11 @@ def feature_details(catalog: Catalog, feature: Feature, tokens: Any) -> list[str
     if recipe is not None:
         lines.append(f"  your {recipe.template}, from {len(recipe.sentences)} sentence(s): "
                      + " | ".join(recipe.sentences)[:200])
-    lines.append(f"  pushes up:   {', '.join(token_words(tokens.promoted))}")
-    lines.append(f"  pushes down: {', '.join(token_words(tokens.suppressed))}")
-    lines.append("  (the logit lens: the direction through the model's final norm and unembedding)")
+    up, down = tokens.verbs
+    width = max(len(up), len(down)) + 1
+    lines.append(f"  {up + ':':<{width}} {', '.join(token_words(tokens.promoted))}")
+    lines.append(f"  {down + ':':<{width}} {', '.join(token_words(tokens.suppressed))}")
+    lines.append("  (measured: the tokens whose probability rises and falls most when a few everyday chats are steered "
+                 "at its default strength and op)" if tokens.measured else
+                 "  (the logit lens: the direction through the model's final norm and unembedding)")
     return lines

@@ -24,7 +24,7 @@ from llm_steering.catalog import CONCEPT_BUILDER, Catalog, Feature
 from llm_steering.concepts import make_concept
 from llm_steering.config import ModelProfile, load_config
 from llm_steering.core import one_line
-from llm_steering.lens import TokenLens, top_tokens
+from llm_steering.lens import TokenLens, feature_tokens
 from llm_steering.recipe import ConceptRecipe
 from llm_steering.steering import SteeringComponent, SteeringTrace
 from llm_steering.web.panel import ControlPanel
@@ -101,7 +101,7 @@ def load_app(config_path: str | os.PathLike = CONFIG_PATH, profile_name: str | N
         model, tokenizer = steering.load_model(profile.model_id, device="cpu", dtype=torch.bfloat16)
         catalog = Catalog.open(profile, model, tokenizer)
         for feature in catalog.features:  # the cards' tokens (lens.py caches them per vector), on the CPU now
-            catalog.top_tokens(feature.key)
+            catalog.feature_tokens(feature.key)
         CONCEPT_BUILDER[:] = [lambda _catalog, recipe: concept_on_gpu(recipe)[0]]  # share links, imports
         model.to("cuda")
     else:
@@ -262,12 +262,13 @@ def auto_generate(
 
 @spaces.GPU(duration=30)
 def concept_on_gpu(recipe: ConceptRecipe, catalog: Catalog | None = None) -> tuple[Feature, TokenLens]:
-    """Your own concept (concepts.make_concept) and the tokens it pushes up and down, made where the
+    """Your own concept (concepts.make_concept) and what it does (lens.feature_tokens: the tokens its
+    steering at its default raises and lowers, measured; the logit lens where that reads), made where the
     model may run: on a ZeroGPU Space only inside this function (its worker returns both pickled, so
     `catalog` is left out there: the loaded one is used); elsewhere in-process, on `catalog`."""
     catalog = catalog if catalog is not None else LOADED.catalog
     feature = make_concept(catalog, recipe)
-    return feature, top_tokens(catalog.model, catalog.tokenizer, feature.vector.vector)
+    return feature, feature_tokens(catalog.model, catalog.tokenizer, feature)
 
 
 # ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from llm_steering.web import concept_panel
 from llm_steering.web import handlers as h
 from llm_steering.web.app import CONCURRENCY, MAX_NEW_TOKENS, NO_PRESET, ON_ZERO_GPU, App
 from llm_steering.web.effect_view import EMPTY as NO_EFFECTS
-from llm_steering.web.views import DESCRIPTION, EXAMPLES, INTRO, TITLE
+from llm_steering.web.views import EXAMPLES, INTRO, TITLE, how_it_works
 
 import gradio as gr
 
@@ -62,7 +62,7 @@ def header(app: App) -> None:
     with gr.Column(elem_id="header"):
         gr.Markdown(f"# {TITLE}\n{INTRO}")
         with gr.Accordion("How it works", open=False, elem_id="how"):
-            gr.Markdown(f"{DESCRIPTION}\n<span class='muted'>{model_line}</span>")
+            gr.Markdown(f"{how_it_works(app.catalog)}\n<span class='muted'>{model_line}</span>")
 
 
 CHAT_HEIGHT = "min(56vh, 640px)"  # at 1440x900 the chat, the message box and Share/Advanced fit on one screen

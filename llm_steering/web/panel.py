@@ -70,14 +70,19 @@ FEATURE_CONTROLS = (
                                                                   min_width=130)),
 )
 def feature_tokens(feature: Feature, catalog: Any, n: int = 8) -> str:
-    """A card's line of what the feature does: the tokens it pushes up and down (lens.py)."""
-    return lens_line(catalog.top_tokens(feature.key, n))
+    """A card's line of what the feature does (catalog.feature_tokens: measured at its default, or the
+    logit lens where that reads)."""
+    return lens_line(catalog.feature_tokens(feature.key, n))
 
 
 def lens_line(lens: Any) -> str:
-    """The tokens a direction pushes up and down (a lens.TokenLens), as a card's line."""
+    """The tokens a lens.TokenLens lists, as a card's line that says where they come from: "raises: ... ·
+    lowers: ... (measured at the default)" or "pushes up: ... · down: ... (logit lens)"."""
     up, down = (html.escape(", ".join(token_words(t))) for t in (lens.promoted, lens.suppressed))
-    return f"<span class='muted'>pushes up: <b>{up}</b> · down: {down}</span>"
+    if getattr(lens, "measured", False):
+        return (f"<span class='muted'>raises: <b>{up}</b> · lowers: {down} "
+                "<i>(measured at its default)</i></span>")
+    return f"<span class='muted'>pushes up: <b>{up}</b> · down: {down} <i>(logit lens)</i></span>"
 
 
 KEEPNORM = "_keepnorm"  # the op suffix the "keep the norm" box adds (add_keepnorm, clamp_keepnorm)

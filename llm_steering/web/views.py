@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from llm_steering.catalog import Catalog, Feature
+from llm_steering.catalog import Catalog, Feature, recipe_of
 from llm_steering.config import SteeringSpec
 from llm_steering.core import cut_at_sentence, format_fraction, format_strength
 
@@ -37,9 +37,41 @@ A feature is a direction in the model's hidden state (from a sparse autoencoder,
 texts about a concept with neutral ones). While the model writes, the app pushes its hidden state
 along that direction after one layer: **clamp** sets the hidden state's component along the
 direction to the strength, **add** adds the direction times the strength. Strengths are fractions of
-the layer's typical hidden-state size: around 0.5 the concept creeps into everything; well above 1 the
-text falls apart. Pick a preset or switch features on, chat, and compare with the unsteered model.
+the layer's typical hidden-state size.
 """
+
+
+def how_it_works(catalog: Catalog, curves: dict[str, list[dict]] | None = None) -> str:
+    """The "How it works" text: DESCRIPTION, then the strength ranges of the model in use, from its
+    profile's defaults and, where there are ones, its measured strength curves (never another model's
+    figures); last, what the strength words mean."""
+    curves = strength_curves() if curves is None else curves
+    shipped = [f for f in catalog.features if recipe_of(f.vector) is None]
+    lines = []
+    if shipped:
+        low, high = min(f.default_fraction for f in shipped), max(f.default_fraction for f in shipped)
+        span = f"{low:.2f}" if abs(high - low) < 0.005 else f"{low:.2f} to {high:.2f}"
+        lines.append(f"On this model ({catalog.profile.name}) the features' defaults are {span}.")
+    measured = {f.key: curve for f in shipped if (curve := measured_curve(f, f.default_op, curves))}
+    breaks = [b for curve in measured.values() if (b := measured_break(curve)) is not None]
+    if breaks:
+        n = next(iter(measured.values()))[0].get("n_prompts")
+        span = f"{min(breaks):.2f}" if max(breaks) - min(breaks) < 0.005 else f"{min(breaks):.2f} to {max(breaks):.2f}"
+        lines.append(f"For {len(breaks)} of its {len(shipped)} features the text stops reading fluently from about {span}"
+                     + (f" (measured on {n} prompts)" if isinstance(n, int) else "") + ".")
+        fluent = [curve[-1]["fraction"] for curve in measured.values() if measured_break(curve) is None]
+        if fluent:
+            lines.append(f"The other {len(fluent)} stayed fluent as far as they were measured (up to "
+                         f"{max(fluent):.2f}).")
+        lines.append("The words beside a strength say what was measured: whether the text stays fluent and in how "
+                     "many answers the concept is named, not whether the answer still answers the question"
+                     + (" unless they say so." if any("addresses" in p or "tint" in p for c in measured.values() for p in c)
+                        else "."))
+    else:
+        lines.append("Far above a feature's default the text falls apart. No strength curve was measured for this "
+                     "model: the words beside a strength only compare it with the feature's default.")
+    lines.append("Pick a preset or switch features on, chat, and compare with the unsteered model.")
+    return DESCRIPTION + "\n" + " ".join(lines) + "\n"
 
 
 class FractionSlider(gr.Slider):
@@ -92,25 +124,68 @@ def _interpolate(points: list[dict], fraction: float, field: str) -> float | Non
     return points[-1][field]
 
 
+def measured_curve(feature: Feature, op: str, curves: dict[str, list[dict]]) -> list[dict] | None:
+    """`feature`'s measured curve for `op`, or None: a user's own concept has none (a curve under its
+    name was measured for a shipped feature), nor does an op other than the one measured."""
+    points = curves.get(feature.key)
+    if not points or recipe_of(feature.vector) is not None:
+        return None
+    return points if points[0].get("op", feature.default_op) == op else None
+
+
+def _breaks(point: dict) -> bool:
+    nll, rep3 = point.get("nll_ratio"), point.get("rep3")
+    return (isinstance(nll, (int, float)) and nll > BREAKS_NLL) or (isinstance(rep3, (int, float)) and rep3 >= BREAKS_REP3)
+
+
+def measured_break(points: list[dict] | None) -> float | None:
+    """The strength where a measured curve first crosses the quality bar (NLL ratio, else rep3),
+    interpolated; None when nothing measured broke the text."""
+    prev = None
+    for p in points or []:
+        if _breaks(p) and p["fraction"] > 0:
+            nll = p.get("nll_ratio")
+            if prev is None or not isinstance(nll, (int, float)) or not isinstance(prev.get("nll_ratio"), (int, float)):
+                return p["fraction"]
+            t = (BREAKS_NLL - prev["nll_ratio"]) / ((nll - prev["nll_ratio"]) or 1.0)
+            return prev["fraction"] + min(max(t, 0.0), 1.0) * (p["fraction"] - prev["fraction"])
+        prev = p
+    return None
+
+
+def _share(rate: float) -> str:
+    return "few" if rate < 0.3 else "about half of the" if rate < 0.6 else "most"
+
+
 def strength_label(feature: Feature, fraction: float, op: str | None = None,
                    curves: dict[str, list[dict]] | None = None) -> str:
-    """A word for a strength a newcomer can read: off, subtle, clear, strong, breaks the text
-    (or "away from it" below zero), from the feature's measured curve when it has one."""
+    """Words for a strength that say only what was measured: "off", "away from it" below zero; within
+    the feature's measured curve (strength_curves.json, this op), whether the text stays fluent and
+    in how many answers the concept is named ("fluent; named in about half of the answers", "breaks the
+    text"), and, only where the curve records them, how many answers still answer the question
+    (`addresses`) or do both (`tint`). Without a curve, only how the strength compares with the
+    feature's default (and "likely breaks the text" from twice it on, break_fraction's rule)."""
     op = op or feature.default_op
     if abs(fraction) < 1e-9:
         return "off"
     if fraction < 0:
         return "away from it"
     curves = strength_curves() if curves is None else curves
-    points = curves.get(feature.key) if op == feature.default_op else None
-    ratio = fraction / feature.default_fraction if feature.default_fraction > 0 else fraction / 0.5
+    points = measured_curve(feature, op, curves)
     if points and fraction <= points[-1]["fraction"] * 1.1:  # within what was measured
         nll, rep3 = _interpolate(points, fraction, "nll_ratio"), _interpolate(points, fraction, "rep3")
-        mentions = _interpolate(points, fraction, "mention_rate") or 0.0
         if (nll is not None and nll > BREAKS_NLL) or (rep3 is not None and rep3 >= BREAKS_REP3):
             return "breaks the text"
-        return "subtle" if mentions < 0.3 else "clear" if mentions < 0.6 else "strong"
-    return "subtle" if ratio < 0.6 else "clear" if ratio < 1.3 else "strong" if ratio < 2.0 else "breaks the text"
+        words = [f"fluent; named in {_share(_interpolate(points, fraction, 'mention_rate') or 0.0)} answers"]
+        addresses, tint = _interpolate(points, fraction, "addresses"), _interpolate(points, fraction, "tint")
+        if addresses is not None:
+            words.append(f"{_share(addresses)} answers still answer the question")
+        elif tint is not None:
+            words.append(f"{_share(tint)} answers name it and still answer the question")
+        return "; ".join(words)
+    ratio = fraction / feature.default_fraction if feature.default_fraction > 0 else fraction / 0.5
+    return ("weaker than its default" if ratio < 0.8 else "about its default" if ratio <= 1.25
+            else "stronger than its default" if ratio < 2.0 else "likely breaks the text")
 
 
 def summary_markdown(catalog: Catalog, spec: SteeringSpec, auto: set[str] | frozenset = frozenset()) -> str:
@@ -143,19 +218,9 @@ def break_fraction(feature: Feature, op: str, curves: dict[str, list[dict]] | No
     (strength_curves.json) first crosses the quality bar (NLL ratio or rep3), interpolated; without
     a curve, or when nothing measured broke, twice its default (strength_label's rule)."""
     curves = strength_curves() if curves is None else curves
-    points = curves.get(feature.key) if op == feature.default_op else None
     fallback = 2 * feature.default_fraction if feature.default_fraction > 0 else 1.0
-    prev = None
-    for p in points or []:
-        nll, rep3 = p.get("nll_ratio"), p.get("rep3")
-        breaks = (isinstance(nll, (int, float)) and nll > BREAKS_NLL) or (isinstance(rep3, (int, float)) and rep3 >= BREAKS_REP3)
-        if breaks and p["fraction"] > 0:
-            if prev is None or not isinstance(nll, (int, float)) or not isinstance(prev.get("nll_ratio"), (int, float)):
-                return p["fraction"]
-            t = (BREAKS_NLL - prev["nll_ratio"]) / ((nll - prev["nll_ratio"]) or 1.0)
-            return prev["fraction"] + min(max(t, 0.0), 1.0) * (p["fraction"] - prev["fraction"])
-        prev = p
-    return fallback
+    measured = measured_break(measured_curve(feature, op, curves))
+    return fallback if measured is None else measured
 
 
 def break_warning(catalog: Catalog, spec: SteeringSpec, curves: dict[str, list[dict]] | None = None,
