@@ -264,6 +264,40 @@ def search(rows: list[dict]) -> tuple[str, Picker]:
     return name, make_picker(*best[1])
 
 
+HANDCHECK = ROOT / "benchmarks" / "results" / "auto28_handcheck.jsonl"
+
+
+def handcheck(rows: list[dict]) -> None:
+    """The signals and the judge against 30 tuning candidates read by hand (results/auto28_handcheck.jsonl:
+    drawn with random.seed(28); names the concept, still answers the question, reads fluently)."""
+    if not HANDCHECK.exists():
+        return
+    index = {(r["prompt"], r["concept"], c["label"]): c for r in rows for c in r["candidates"]}
+    judged = [(h, index[(h["prompt"], h["concept"], h["label"])]) for h in map(json.loads, open(HANDCHECK))
+              if (h["prompt"], h["concept"], h["label"]) in index]
+    n = len(judged)
+    if not n:
+        return
+
+    def agree(name: str, sig: Callable[[dict], bool], hand: str) -> None:
+        ok = sum(sig(c) == h[hand] for h, c in judged)
+        print(f"  {name:48s} vs hand '{hand[5:]}': agrees on {ok} of {n} ({ok / n:.0%})")
+
+    print(f"\nthe {n} hand-checked answers ({sum(h['hand_mention'] for h, _ in judged)} name the concept, "
+          f"{sum(h['hand_addresses'] for h, _ in judged)} still answer, {sum(h['hand_fluent'] for h, _ in judged)} fluent, "
+          f"{sum(h['hand_tint'] for h, _ in judged)} all three):")
+    agree("keyword mention (the judge)", lambda c: c["mention"], "hand_mention")
+    for t in (1.5, 2.0, 2.5, 3.0):
+        agree(f"steering score of a token >= {t}", lambda c, t=t: c["score"] >= t, "hand_mention")
+    agree("steering's own words >= 1", lambda c: c["concept_words"] > 0, "hand_mention")
+    agree("projection > 0.3 x strength", lambda c: c["projection"] > 0.3, "hand_mention")
+    agree("a word of the question (auto and the judge)", lambda c: c["on_question"], "hand_addresses")
+    agree(f"NLL ratio <= {calibrate.AUTO_NLL_BOUND} and rep3 < 0.2 (auto)",
+          lambda c: c["nll_ratio"] <= calibrate.AUTO_NLL_BOUND and c["rep3"] < 0.2, "hand_fluent")
+    agree("NLL <= 2.5 x the set's unsteered mean (the judge)", lambda c: c["fluent"], "hand_fluent")
+    agree("tint (the judge)", lambda c: c["tint"], "hand_tint")
+
+
 def cmd_report(args) -> None:
     rows = load(args.files)
     concept_scores(rows)
@@ -273,6 +307,7 @@ def cmd_report(args) -> None:
         pickers["searched"] = p
     table(rows, pickers)
     signals(rows)
+    handcheck(rows)
 
 
 def main() -> None:

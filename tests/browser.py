@@ -26,12 +26,15 @@ DESKTOP = (1440, 900)
 TOKENS = 24  # the greedy app's answer length (greedy_config)
 
 
-def greedy_config(tmp_path: Path, max_new_tokens: int = TOKENS) -> Path:
-    """demo.yaml with greedy decoding and short answers (its vectors file by absolute path)."""
+def greedy_config(tmp_path: Path, max_new_tokens: int = TOKENS, auto: bool = False) -> Path:
+    """demo.yaml with greedy decoding and short answers (its vectors file by absolute path), auto off
+    unless `auto`."""
     text = (ROOT / "demo.yaml").read_text()
     text = text.replace("vectors_file: steering_vectors.pt", f"vectors_file: {ROOT / 'steering_vectors.pt'}", 1)
     text = text.replace("temperature: 0.5 ", "temperature: 0.0 ", 1)
     text = text.replace("max_new_tokens: 256 ", f"max_new_tokens: {max_new_tokens} ", 1)
+    if not auto:  # the answers at the features' fixed strengths (auto compares candidates first)
+        text = text.replace("auto: true ", "auto: false ", 1)
     path = tmp_path / "demo.yaml"
     path.write_text(text)
     return path

@@ -485,3 +485,23 @@ def test_the_keep_the_norm_box_steers_with_the_norm_preserving_op_and_round_trip
     shown = la.panel.read(handlers.controls_update(la, handlers.spec_from_controls(la, la.panel.read(la.panel.pack(
         {("pirate", "on"): True})))))
     assert shown["pirate", "keepnorm"] is False
+
+
+def test_a_profile_with_generation_auto_ticks_auto_for_features_and_presets(app_module):
+    """demo.yaml's embedded profile says `auto: true` (issue 28): every auto box starts ticked, a preset
+    ticks its features' boxes, a file's or a link's spec keeps its strengths (auto off)."""
+    from llm_steering.config import load_config
+
+    la = app_module.LOADED
+    assert load_config(Path(__file__).resolve().parent.parent / "demo.yaml").profile().generation.auto is True
+    from llm_steering.web.panel import CUSTOM, ControlPanel
+
+    panel = ControlPanel(la.features, auto=True)
+    defaults = panel.defaults()
+    assert all(defaults[f.key, "auto"] for f in la.features) and defaults[CUSTOM, "auto"]
+    assert not any(ControlPanel(la.features).defaults()[f.key, "auto"] for f in la.features)
+    spec = la.catalog.preset_spec("Pirate")
+    ticked = dict(zip(la.panel.names, handlers.controls_update(la, spec, auto=True), strict=True))
+    assert ticked["pirate", "auto"] is True and ticked["eiffel_tower", "auto"] is False
+    kept = dict(zip(la.panel.names, handlers.controls_update(la, spec), strict=True))
+    assert kept["pirate", "auto"] is False

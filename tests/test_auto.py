@@ -11,9 +11,17 @@ from llm_steering.steering import SteeringComponent
 
 import pytest
 from conftest import build_tiny_llama, unit
-from test_calibrate import CHAT, ToyTokenizer, single_answer
+from test_calibrate import CHAT, single_answer
+from test_calibrate import ToyTokenizer as ChatOnlyTokenizer
 
 OTHER_CHAT = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "Tips for a job interview, please"}]
+
+
+class ToyTokenizer(ChatOnlyTokenizer):
+    """test_calibrate's toy tokenizer, which also encodes text (auto reads the steering on neutral texts)."""
+
+    def encode(self, text, add_special_tokens=False):
+        return [3 + ord(ch) % 120 for ch in text]
 
 
 @pytest.fixture

@@ -243,10 +243,10 @@ def test_auto_strength_shows_what_it_does(server, browser):
         assert strength_box(page).is_disabled()
         send(page, QUESTION)
         note = wait_for(lambda: [t for t in page.locator("#chat-steered [data-testid='bot']").all_inner_texts()
-                                 if "strength" in t.lower()], 60, "a note while auto picks the strength")[0]
-        assert re.search(r"Pirate", note) and re.search(r"\d+ s", note), note
+                                 if "auto" in t.lower()], 60, "a note while auto compares the candidates")[0]
+        assert re.search(r"Pirate", note) and "still answers" in note, note
         answers_done(page, 1)
-        assert "(auto)" in tags(page)[-1]
+        assert "(auto: " in tags(page)[-1]
     finally:
         page.context.close()
 

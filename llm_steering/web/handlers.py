@@ -54,8 +54,9 @@ def chat_messages(history: list | None) -> list[dict]:
 
 
 def auto_key(values: PanelValues) -> str | None:
-    """The first switched-on feature whose "auto" box is ticked."""
-    return next((key for key in values.enabled() if values[key, "auto"]), None)
+    """The first switched-on feature whose "auto" box is ticked (the custom row's last)."""
+    key = next((key for key in values.enabled() if values[key, "auto"]), None)
+    return key or (values.custom_key() if values[CUSTOM, "auto"] else None)
 
 
 def model_chat(app: App, system_prompt: str, history: list[dict], message: str) -> tuple[list[dict], str]:
@@ -127,7 +128,8 @@ def respond(app: App, message: str, turns: list | None, system_prompt: str, temp
         pending = f"*Reading your message ({prompt_tokens:,} tokens)…*" if prompt_tokens > LONG_PROMPT else None
         waiting = "<p class='muted'>Writing the answer…</p>" if components else gr.skip()
         if key is not None:  # auto compares candidates for seconds first: the chat says so meanwhile
-            title = app.catalog.active(spec)[key][0].title
+            title = next(f.title for k, (f, _, _) in app.catalog.for_spec(spec).active(spec).items()
+                         if key in (k, f.name))
             pending = (f"*Auto: trying {title} several ways on the first words of this answer (strengths, answer only, "
                        "letting go once it names the concept) and keeping one that still answers…*")
             stream = auto_answer_stream(app, chat, spec, components, key, turn, float(temperature),
@@ -168,7 +170,9 @@ def auto_answer_stream(app: App, chat: list[dict], spec: SteeringSpec, component
     """"Auto" for `key` (app.auto_generate): once the candidates are compared, the turn's steering
     becomes the one chosen (its strength, op, answer only or not; `auto_setting` says how, for the
     tag), a note says it, and the answer streams as `generate`'s does."""
-    active = app.catalog.active(spec)
+    catalog = app.catalog.for_spec(spec)  # with the spec's own concepts
+    active = catalog.active(spec)
+    key = next(k for k in active if k == key or active[k][0].name == key)  # the custom row names it its own way
     i = list(active).index(key)
     feature, fraction, op = active[key]
     stream = auto_generate(chat, feature.component(fraction, op), components[:i] + components[i + 1 :], temperature,
@@ -176,12 +180,12 @@ def auto_answer_stream(app: App, chat: list[dict], spec: SteeringSpec, component
     with contextlib.closing(stream):
         chosen = next(stream)
         if chosen["op"] is None:
-            turn["steering"] = app.catalog.spec({k: (f, o) for k, (_, f, o) in active.items() if k != key},
+            turn["steering"] = catalog.spec({k: (f, o) for k, (_, f, o) in active.items() if k != key},
                                                 spec.steer_prompt).to_dict()
             setting = "unsteered: no way of steering kept the answer on the question"
         else:
             chosen_fraction = round_fraction(fraction * chosen["multiplier"])
-            turn["steering"] = app.catalog.spec(
+            turn["steering"] = catalog.spec(
                 {k: ((chosen_fraction, chosen["op"]) if k == key else (f, o)) for k, (_, f, o) in active.items()},
                 chosen["steer_prompt"]).to_dict()
             setting = ("answer only, let go once it named the concept" if chosen["release"]
@@ -347,9 +351,9 @@ def export_gguf(app: App, *controls: Any) -> str:
     """The current steering as a llama.cpp control vector (add only), a new temporary file for the browser."""
     with user_errors("Export failed"):
         values = app.panel.read(controls)
-        if auto_key(values):
-            raise ValueError("An auto strength is picked per answer, so it cannot be exported: untick auto first.")
         spec = spec_from_controls(app, values)
+        if auto_key(values):  # a file holds one strength: the one each slider shows (the feature's default)
+            gr.Info("Auto chooses the steering per answer; the file holds the strengths the sliders show.")
         path = Path(tempfile.mkdtemp(prefix="steering-")) / "steering.gguf"
         control_vector.export_for_model(app.model, app.catalog.components(spec), path, steer_prompt=spec.steer_prompt)
         return str(path)

@@ -86,7 +86,7 @@ def lens_line(lens: Any) -> str:
 
 
 KEEPNORM = "_keepnorm"  # the op suffix the "keep the norm" box adds (add_keepnorm, clamp_keepnorm)
-CUSTOM_DEFAULTS = {"on": False, "key": None, "fraction": 0.5, "op": "clamp"}
+CUSTOM_DEFAULTS = {"on": False, "key": None, "fraction": 0.5, "op": "clamp", "auto": False}
 GLOBAL_DEFAULTS = {"steer_prompt": True, "concepts": ""}  # concepts: the session's own (concept_panel.py)
 
 
@@ -132,6 +132,7 @@ class ControlPanel:
         out = {(f.key, c.field): c.default(f) for f in self.features for c in FEATURE_CONTROLS}
         out.update({(f.key, "auto"): self.auto for f in self.features})
         out.update({(CUSTOM, k): v for k, v in CUSTOM_DEFAULTS.items()})
+        out[CUSTOM, "auto"] = self.auto
         out.update({(GLOBAL, k): v for k, v in GLOBAL_DEFAULTS.items()})
         return out
 
@@ -199,6 +200,8 @@ class ControlPanel:
                         extra_names, value=None, allow_custom_value=True, elem_id="custom-key", scale=2, min_width=140,
                         label="layer:index (e.g. 15:21576)" if sae_source else "name")
                     self.widgets[CUSTOM, "op"] = gr.Radio(OPS, value="clamp", label="how", scale=1, min_width=110)
+                    self.widgets[CUSTOM, "auto"] = gr.Checkbox(label="auto strength", value=self.auto, scale=1,
+                                                               min_width=130, elem_id="custom-auto")
                 self.widgets[CUSTOM, "fraction"] = FractionSlider(-1.0, 2.0, value=0.5, step=0.001, label="strength",
                                                                   elem_id="custom-strength", elem_classes="strength")
         self.widgets[CUSTOM, "on"].change(lambda checked: gr.update(visible=checked), self.widgets[CUSTOM, "on"],

@@ -1,0 +1,81 @@
+"""What auto costs (issue 28): the whole answer and the delay of its first words, against one plain answer.
+
+For each prompt and feature, in one run and alternating (so both see the same machine): the answer at the
+feature's fixed default through the hooks backend (stream_steered_answer_hf), and the same answer with auto
+(calibrate.stream_auto_answer: the candidates as rows of one batch on the first 48 greedy tokens, then the
+chosen one goes on). Both greedy, repetition penalty 1.1, `--tokens` new tokens (the app's 256 by default).
+Prints, per pair and in all, the seconds to the first words and to the end, and the ratios
+(aim: the whole answer at most 2.5x a plain one; the first words at most 5 s after a plain answer's).
+
+    nice -n 5 .venv/bin/python benchmarks/bench_auto.py                    # 3 prompts x 2 features, 256 tokens
+    .venv/bin/python benchmarks/bench_auto.py --prompts 1 --features ocean --tokens 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+from llm_steering import calibrate, steering
+from llm_steering.catalog import Catalog
+
+import eval_quality
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def timed(pieces) -> tuple[float, float, str]:
+    """(seconds to the first non-empty piece, seconds to the end, the text)."""
+    t0 = time.perf_counter()
+    first, text = None, ""
+    for piece in pieces:
+        if piece and first is None:
+            first = time.perf_counter() - t0
+        text += piece
+    total = time.perf_counter() - t0
+    return first if first is not None else total, total, text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=3, help="the first N held-out prompts")
+    parser.add_argument("--features", nargs="+", default=["ocean", "pirate"])
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tok = steering.load_model()
+    catalog = Catalog.open(steering.load_config(ROOT / "demo.yaml").profile(), model, tok)
+    prompts = eval_quality.load_prompts("heldout")[: args.prompts]
+    # the steering scores and words are measured once per feature (cached, as in the app after its start)
+    comps = {}
+    for key in args.features:
+        f = catalog.resolve(key)
+        comps[key] = f.component(f.default_fraction)
+        calibrate.auto_choose(model, tok, eval_quality.chat("Hi"), comps[key], judge_tokens=2)
+    rows = []
+    for p in prompts:
+        chat = eval_quality.chat(p)
+        for key, comp in comps.items():
+            plain = timed(steering.stream_steered_answer_hf(model, tok, chat, [comp], max_new_tokens=args.tokens,
+                                                            repetition_penalty=eval_quality.REPETITION_PENALTY))
+            auto_stream = calibrate.stream_auto_answer(model, tok, chat, comp, (), args.tokens,
+                                                       eval_quality.REPETITION_PENALTY)
+            auto = timed(auto_stream)
+            n_plain, n_auto = len(tok.encode(plain[2])), len(auto_stream.result.token_ids)
+            rows.append((plain, auto))
+            print(f"{key:12s} {p[:40]!r:44s} plain: first {plain[0]:5.2f} s, all {plain[1]:6.2f} s ({n_plain} tokens) | "
+                  f"auto ({auto_stream.choice.chosen.label}): first {auto[0]:5.2f} s, all {auto[1]:6.2f} s ({n_auto} tokens) | "
+                  f"x{auto[1] / plain[1]:.2f}, first words +{auto[0] - plain[0]:.2f} s", flush=True)
+    ratio = sum(a[1] for _, a in rows) / sum(p[1] for p, _ in rows)
+    delay = statistics.median(a[0] - p[0] for p, a in rows)
+    worst = max(a[0] - p[0] for p, a in rows)
+    print(f"\nin all ({len(rows)} answers each, {args.tokens} new tokens, {args.threads} threads): auto's answers took "
+          f"{ratio:.2f}x the plain ones' time; its first words came {delay:.2f} s later (median; at most {worst:.2f} s)")
+
+
+if __name__ == "__main__":
+    main()
