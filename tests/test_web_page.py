@@ -295,8 +295,8 @@ def test_phone_layout_and_the_desktop_catalog(server, browser):
         phone.context.close()
     desk = open_page(browser, server[0], DESKTOP)
     try:
-        for f in profile().features:
-            assert feature(desk, human_name(f.name)).is_visible(), f.name
+        for f in profile().features:  # each card shown: waited for, not assumed there as the page opens
+            feature(desk, human_name(f.name)).wait_for(state="visible", timeout=30_000)
         assert desk.evaluate(NO_NESTED_SCROLL) == []
         assert desk.evaluate(CLIPPED_NAMES) == []
     finally:
