@@ -33,7 +33,6 @@ from llm_steering.models import hidden_size as model_hidden_size
 from llm_steering.models import num_layers
 from llm_steering.steering import SteeringComponent
 
-import gguf
 import numpy as np
 
 ARCH = "controlvector"
@@ -109,6 +108,8 @@ def write_control_vector(directions: dict[int, np.ndarray], path: str | os.PathL
     `controlvector.layer_count`, one `direction.N` each); a temp file renamed, so never half a file."""
     path = check_path(path)
 
+    import gguf  # here, not at the top: it costs every console and app start a second (it imports mistral_common, cv2)
+
     def write(tmp: str) -> None:
         writer = gguf.GGUFWriter(tmp, ARCH)
         writer.add_string(f"{ARCH}.model_hint", model_hint)
@@ -126,6 +127,8 @@ def write_control_vector(directions: dict[int, np.ndarray], path: str | os.PathL
 
 def read_control_vector(path: str | os.PathLike) -> dict[int, np.ndarray]:
     """{layer: float32 vector} of a control-vector GGUF (written here, by repeng or by llama.cpp)."""
+    import gguf
+
     reader = gguf.GGUFReader(path)
     arch = reader.get_field("general.architecture")
     if arch is None or arch.contents() != ARCH:

@@ -7,8 +7,9 @@ an engine or a browser, or loads a model), or it is marked so itself; `bash test
 (pytest -m "not slow") runs every other test: each module's quick ones.
 
 tests/run.sh runs the suite on two pytest-xdist workers (`--dist loadgroup`). A test that uses an
-expensive fixture shared beyond one test (an app, the engine, a module's server) is put in that
-fixture's xdist group, so each is made once, in one worker; everything else goes to whichever worker is free."""
+expensive fixture shared beyond one test (the shipped app, the engine, a module's server) is put in that
+fixture's xdist group, so each is made once, in one worker; everything else goes to whichever worker is free
+(PER_WORKER: what each worker makes for itself, the greedy app among them)."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def default_app(tmp_path_factory):
 @pytest.fixture(scope="session")
 def greedy_app(tmp_path_factory):
     """(url, log path) of the app on demo.yaml with greedy decoding and short answers (browser.greedy_config),
-    started once for the session: answers are repeatable."""
+    started once for the session in each worker that runs its tests (PER_WORKER): answers are repeatable."""
     from browser import greedy_config, running_app
 
     tmp = tmp_path_factory.mktemp("greedy")
@@ -106,12 +107,27 @@ STARTS = re.compile(r"\b(spawn|run_one_shot|start_one_shot|run_demo|running_app|
                     r"load_app|get_backend)\(|\bsubprocess\.")
 
 
-CHEAP_SHARED = {"embedded", "browser"}  # made in seconds: each worker makes its own
+# Shared fixtures each worker makes for itself rather than putting their tests in one group: made in seconds
+# (the model, a browser), or used by so many long browser tests (the greedy app: over 30 of them, most 10-50 s)
+# that one worker running them all would be the run's critical path; two app starts cost less than that.
+PER_WORKER = {"embedded", "browser", "greedy_app"}
+# Tests that start a vLLM engine of their own (a minute or more each on 2 cores): sent out first, so that no
+# worker starts one while the other has nothing left to do.
+ENGINE = re.compile(r"vllm|VLLMEngine|gpu_check|serve\.py")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: loads the embedded model or starts a process, app, browser or "
                                        "engine (left out by `bash tests/run.sh --fast`)")
+    if not hasattr(config, "workerinput") and not config.getoption("collectonly"):
+        # On a new machine the embedded model's float32 copy is made here, once (about 25 s), before the workers
+        # start: else both workers and every app, console and engine they start at once each convert it.
+        from llm_steering import models
+
+        try:
+            models.embedded_model_dir()
+        except ValueError:  # not installed: the tests that need it say so
+            pass
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
@@ -132,12 +148,38 @@ def pytest_collection_modifyitems(config, items):
         if any(costly(f) for f in [getattr(item, "function", None), *(d.func for d in defs)] if f is not None):
             item.add_marker(pytest.mark.slow)
         shared = sorted(f"{d.baseid}::{d.argname}" if d.scope == "module" else d.argname for d in defs
-                        if d.scope in ("module", "session") and d.argname not in CHEAP_SHARED and costly(d.func))
+                        if d.scope in ("module", "session") and d.argname not in PER_WORKER and costly(d.func))
         params = getattr(getattr(item, "callspec", None), "params", {})
         if "vllm" in params.values():  # test_backends' conformance suite on vLLM wraps the session's engine
             shared = ["vllm_engine"]
         if shared:
             item.add_marker(pytest.mark.xdist_group(shared[0]))
+            if getattr(config.option, "loadgroup", False):  # set in xdist's workers under --dist loadgroup
+                in_group(item, shared[0])
+    if getattr(config.option, "loadgroup", False):
+        # xdist sends the groups out first (the largest first), then single tests in this order: those that start
+        # an engine, the other slow ones, the quick ones last, so the run ends on short tests in both workers.
+        def weight(item) -> int:
+            if not item.get_closest_marker("slow"):
+                return 2
+            function = getattr(item, "function", None)
+            return 0 if function is not None and costly(function) and ENGINE.search(inspect.getsource(function)) else 1
+
+        items.sort(key=weight)  # stable: each weight keeps the files' order
+
+
+def in_group(item, group: str) -> None:
+    """Put the group into the item's id as xdist's loadgroup reads it (`nodeid@group`). xdist 3.8 writes it to
+    `item._nodeid`, which pytest 9.2 no longer reads (the id is `item._id`, a NodeId): without this every worker
+    made its own apps, engines and servers, and tests that share one ran in both workers."""
+    import dataclasses
+
+    ident = getattr(item, "_id", None)
+    if ident is None or "@" in str(ident):
+        return
+    tagged = dataclasses.replace(ident)  # the same path, names and parameters; only its text carries the group
+    object.__setattr__(tagged, "_str_cache", f"{ident}@{group}")
+    item._id = tagged
 
 
 def unit(d: int, seed: int) -> torch.Tensor:

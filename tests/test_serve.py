@@ -378,7 +378,10 @@ def test_sigterm_cuts_a_stream_visibly_and_leaves_no_process_behind(server):  # 
     assert len(family) >= 2  # the server and at least the engine core
     events, cut = [], False
     body = chat_body(max_tokens=900, stream=True, ignore_eos=True)
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=AUTH, timeout=60) as resp:
+    # A client that hears nothing for 20 s gives up (a cut it sees): after SIGTERM the server stops its engine at
+    # once but holds the connection open, silent; the test waited out a 60 s read timeout there.
+    timeout = httpx.Timeout(60, read=20)
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=AUTH, timeout=timeout) as resp:
         lines = resp.iter_lines()
         try:
             for line in lines:
