@@ -49,7 +49,12 @@ def test_browser_preset_streaming_compare_stop(server, tmp_path):
         page.locator("#preset").get_by_label("Eiffel Tower").check()
         wait_for(lambda: "Eiffel Tower" in page.locator("#summary").inner_text(), 10, "the preset's summary")
         assert page.get_by_role("checkbox", name="Eiffel Tower", exact=True).is_checked()
-        assert "at layer" in page.locator("#summary").inner_text()
+        # on the shipped profile a preset starts on auto (chosen per answer); a fixed strength is one click away
+        assert "auto" in page.locator("#summary").inner_text()
+        auto_box = page.locator("#catalog").get_by_label("auto strength").first
+        assert auto_box.is_checked()
+        auto_box.uncheck()
+        wait_for(lambda: "at layer" in page.locator("#summary").inner_text(), 10, "the fixed strength in the summary")
 
         # Send: the answer streams in (several growing partial texts), then the intensity view fills.
         open_effects(page)

@@ -249,6 +249,8 @@ def auto_generate(
         done.set()
         if plain is not None:
             plain.close()
+        if cancel.is_set():
+            log.info("generation stopped after %d characters; generation threads ended", len(text))
     result = auto.result
     prompt = steering.chat_input_ids(tok, chat)
     trace = SteeringTrace(prompt_len=len(prompt), token_ids=[*prompt, *result.token_ids])

@@ -197,8 +197,8 @@ def summary_markdown(catalog: Catalog, spec: SteeringSpec, auto: set[str] | froz
     lines = ["**Steering for the next answer:**"]
     for feature, fraction, op in catalog.active(spec).values():
         if feature.key in auto:
-            lines.append(f"- **{html.escape(feature.title)}** · {op} · auto — *its strength is picked for each "
-                         "answer (a few seconds first)*")
+            lines.append(f"- **{html.escape(feature.title)}** · {op} · auto — *how it steers is chosen for each "
+                         "answer: several ways tried on its first words first (seconds; about ten on a CPU)*")
             continue
         lines.append(
             f"- **{html.escape(feature.title)}** · {op} · {format_fraction(fraction)} — "
