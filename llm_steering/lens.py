@@ -116,12 +116,11 @@ _PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(de
 
 
 def neutral_texts() -> list[str]:
-    """Everyday sentences about nothing in particular (the neutral set user concepts are contrasted with)."""
-    import json
-    from pathlib import Path
+    """Everyday sentences about nothing in particular: the first 8 of the topic template's neutral set
+    (concepts.neutral_texts, read once)."""
+    from llm_steering.concepts import neutral_texts as template_texts
 
-    data = json.loads((Path(__file__).resolve().parent / "data" / "concept_neutrals.json").read_text())
-    return list(data["topic"][:8])
+    return template_texts("topic")[:8]
 
 
 def steered_tokens(model: Any, tokenizer: Any, component: Any, k: int = DEFAULT_K) -> TokenLens:
@@ -174,9 +173,10 @@ def steering_scores(model: Any, tokenizer: Any, components: list[Any]) -> torch.
     from llm_steering import calibrate, steering
 
     system = {"role": "system", "content": "You are a helpful assistant."}
+    texts = neutral_texts()
     prompts = [steering.chat_input_ids(tokenizer, [system, {"role": "user", "content": NEUTRAL_QUESTIONS[i % 4]}])
-               for i in range(len(neutral_texts()))]
-    answers = [tokenizer.encode(" " + text, add_special_tokens=False) for text in neutral_texts()]
+               for i in range(len(texts))]
+    answers = [tokenizer.encode(" " + text, add_special_tokens=False) for text in texts]
     seqs = [p + a for p, a in zip(prompts, answers, strict=True)]
     width = max(map(len, seqs))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

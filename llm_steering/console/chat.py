@@ -248,39 +248,41 @@ class Console:
                                   ", answer only" if not cand.steer_prompt else ""))
                         self.notice(f"auto: {feature.title} {how} (compared {len(stream.choice.table)} in "
                                     f"{stream.choice.seconds:.1f} s)")
-                        kind = "steered" if cand.components or others else "unsteered"
-                        if labelled or self.interactive:
-                            self.out.write(self.paint(kind, f"{kind}> " if self.interactive else f"[{kind}]\n"))
-                        self.out.write(self.paint.start(kind))
+                        self._begin("steered" if cand.components or others else "unsteered", labelled)
                     pieces.append(piece)
                     self.out.write(piece)
                     self.out.flush()
             except KeyboardInterrupt:
                 cancel.set()
-                self.out.write(self.paint.reset() + "\n")
-                self.notice("(stopped: this exchange is not kept in the conversation)")
-                return None
+                return self._end(None)
+        return self._end(pieces)
+
+    def _begin(self, kind: str, labelled: bool) -> None:
+        """An answer's label (when compared, or in an interactive chat) and its colour."""
+        if labelled or self.interactive:
+            self.out.write(self.paint(kind, f"{kind}> " if self.interactive else f"[{kind}]\n"))
+        self.out.write(self.paint.start(kind))
+        self.out.flush()
+
+    def _end(self, pieces: list[str] | None) -> str | None:
+        """Close an answer's colour; its text, or None (with a notice) when the user stopped it."""
         self.out.write(self.paint.reset() + "\n")
+        if pieces is None:
+            self.notice("(stopped: this exchange is not kept in the conversation)")
+            return None
         self.out.flush()
         return "".join(pieces)
 
     def _answer(self, chat: list[dict], comps: list, kind: str, labelled: bool = False) -> str | None:
         """Print one answer in `kind`'s colour; its text, or None if the user stopped it."""
         backend = self.backend()
-        if labelled or self.interactive:
-            self.out.write(self.paint(kind, f"{kind}> " if self.interactive else f"[{kind}]\n"))
-        self.out.write(self.paint.start(kind))
-        self.out.flush()
+        self._begin(kind, labelled)
         pieces: list[str] = []
         try:
             self._stream(backend, chat, comps, pieces)
         except Stopped:
-            self.out.write(self.paint.reset() + "\n")
-            self.notice("(stopped: this exchange is not kept in the conversation)")
-            return None
-        self.out.write(self.paint.reset() + "\n")
-        self.out.flush()
-        return "".join(pieces)
+            return self._end(None)
+        return self._end(pieces)
 
     def generation_settings(self) -> GenerationSettings:
         s = self.settings
