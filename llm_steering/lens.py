@@ -15,9 +15,13 @@ per model and vector content, so a vectors file's features are computed once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
+import tempfile
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from llm_steering.models import final_norm, unembedding
@@ -157,14 +161,100 @@ def component_key(component: Any) -> tuple:
 
 
 def cached_steering_scores(model: Any, tokenizer: Any, component: Any) -> torch.Tensor:
-    """`steering_scores` of one component, cached per model and component (auto reads every answer with it)."""
+    """`steering_scores` of one component, cached per model and component (auto reads every answer with it),
+    in memory and on disk (`disk_cache_path`): the app's cards and the console's /features then cost one
+    forward per feature once per machine, not at every start."""
     per_model = _SCORES.setdefault(model, {})
     key = component_key(component)
     if key not in per_model:
         if len(per_model) > 256:
             per_model.clear()
-        per_model[key] = steering_scores(model, tokenizer, [component])
+        path = disk_cache_path(model, tokenizer, component)
+        scores = _read_scores(path, unembedding(model).weight.shape[0])
+        if scores is None:
+            scores = steering_scores(model, tokenizer, [component])
+            _write_scores(path, scores)
+        per_model[key] = scores
     return per_model[key]
+
+
+SCORES_VERSION = 1  # bump when steering_scores measures differently: older files on disk are then not read
+_FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its weights' fingerprint
+
+
+def model_fingerprint(model: Any) -> str:
+    """A digest of the model's config, dtype, device type and weights (up to 256 evenly spaced values of every
+    parameter: any fine-tune or other checkpoint changes it), computed once per model object."""
+    if model not in _FINGERPRINTS:
+        h = hashlib.sha256()
+        config = getattr(model, "config", None)
+        h.update((config.to_json_string() if hasattr(config, "to_json_string") else repr(config)).encode())
+        with torch.inference_mode():
+            for name, param in model.named_parameters():
+                if param.device.type == "meta":  # offloaded: its shape and name stand for it
+                    h.update(f"{name}:{tuple(param.shape)}:meta".encode())
+                    continue
+                flat = param.detach().reshape(-1)
+                sample = flat[:: max(1, flat.numel() // 256)][:256].float().cpu()
+                h.update(f"{name}:{tuple(param.shape)}:{param.dtype}:{param.device.type}".encode())
+                h.update(sample.numpy().tobytes())
+        _FINGERPRINTS[model] = h.hexdigest()
+    return _FINGERPRINTS[model]
+
+
+def disk_cache_path(model: Any, tokenizer: Any, component: Any) -> Path:
+    """Where one component's scores are kept: models.cache_dir()/steering-scores/<digest>.pt, the digest of
+    everything they depend on (the model's fingerprint, the component, the neutral chats' token ids as this
+    tokenizer writes them, SCORES_VERSION)."""
+    from llm_steering.models import cache_dir
+
+    h = hashlib.sha256()
+    prompts, seqs = neutral_chats(tokenizer)
+    parts = (SCORES_VERSION, model_fingerprint(model), component_key(component), [len(p) for p in prompts], seqs, EPS)
+    h.update(repr(parts).encode())
+    return cache_dir() / "steering-scores" / f"{h.hexdigest()[:40]}.pt"
+
+
+def _read_scores(path: Path, vocab: int) -> torch.Tensor | None:
+    """The scores kept at `path`, or None when there are none or they are not a finite float32 [vocab] tensor
+    (a damaged file is measured again and rewritten)."""
+    try:
+        scores = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # missing, partly written by a killed process, not ours: measure again
+        return None
+    if not isinstance(scores, torch.Tensor) or scores.dtype != torch.float32 or tuple(scores.shape) != (vocab,) \
+            or not torch.isfinite(scores).all():
+        return None
+    return scores
+
+
+def _write_scores(path: Path, scores: torch.Tensor) -> None:
+    """Keep `scores` at `path`, whole or not at all (a temporary file renamed into place); a cache that cannot be
+    written (read-only home, full disk) only costs the next start its forward."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as f:
+            tmp = f.name
+            torch.save(scores.contiguous(), f)
+        os.replace(tmp, path)
+    except OSError:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def neutral_chats(tokenizer: Any) -> tuple[list[list[int]], list[list[int]]]:
+    """The neutral chats `steering_scores` reads, as token ids: each one's prompt (system, an everyday
+    question, the assistant turn opened) and the whole chat (that prompt, then an everyday answer)."""
+    from llm_steering import steering
+
+    system = {"role": "system", "content": "You are a helpful assistant."}
+    texts = neutral_texts()
+    prompts = [steering.chat_input_ids(tokenizer, [system, {"role": "user", "content": NEUTRAL_QUESTIONS[i % 4]}])
+               for i in range(len(texts))]
+    answers = [tokenizer.encode(" " + text, add_special_tokens=False) for text in texts]
+    return prompts, [p + a for p, a in zip(prompts, answers, strict=True)]
 
 
 def steering_scores(model: Any, tokenizer: Any, components: list[Any]) -> torch.Tensor:
@@ -172,12 +262,7 @@ def steering_scores(model: Any, tokenizer: Any, components: list[Any]) -> torch.
     of the neutral chats (float32 [vocab]; see `steered_tokens`)."""
     from llm_steering import calibrate, steering
 
-    system = {"role": "system", "content": "You are a helpful assistant."}
-    texts = neutral_texts()
-    prompts = [steering.chat_input_ids(tokenizer, [system, {"role": "user", "content": NEUTRAL_QUESTIONS[i % 4]}])
-               for i in range(len(texts))]
-    answers = [tokenizer.encode(" " + text, add_special_tokens=False) for text in texts]
-    seqs = [p + a for p, a in zip(prompts, answers, strict=True)]
+    prompts, seqs = neutral_chats(tokenizer)
     width = max(map(len, seqs))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device

@@ -14,6 +14,7 @@ fixture's xdist group, so each is made once, in one worker; everything else goes
 from __future__ import annotations
 
 import inspect
+import os
 import re
 from pathlib import Path
 
@@ -23,6 +24,11 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+# vLLM's CPU build pins each engine's worker to one core ("auto": core 0 on a 2-core machine, the other kept
+# for its server). Made for one engine on a machine of its own; the suite runs two or three engines beside
+# apps and browsers, and every engine pinned to the same core waited on the others (a 0.5 s weight load took
+# 38 s). Unpinned, the kernel spreads them. The TP=2 test binds its two workers itself.
+os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 
 def build_tiny_llama(num_layers: int = 4, hidden: int = 32, seed: int = 0):

@@ -11,7 +11,7 @@ from llm_steering.recipe import ConceptRecipe
 
 import pytest
 import torch
-from conftest import unit
+from conftest import build_tiny_llama, unit
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -145,3 +145,56 @@ def test_the_unsteered_side_is_read_once_and_gives_the_same_scores(shared):
         rows.append(per[0] - per[1])
     direct = torch.cat(rows).mean(0)
     assert torch.allclose(got, direct, atol=2e-3), (got - direct).abs().max()
+
+
+def test_scores_are_kept_on_disk_read_back_by_a_fresh_start_and_a_damaged_file_is_measured_again(
+        tiny_llama, monkeypatch, tmp_path):
+    """cached_steering_scores keeps each component's scores under the cache folder: a fresh process (the
+    memory cache emptied) reads them back instead of measuring; a truncated or foreign file is measured again
+    and replaced whole; another model, op or strength has its own file."""
+    from llm_steering.components import SteeringComponent
+
+    class Tok:  # what steering_scores reads of a tokenizer: a chat template's ids and plain encoding
+        pad_token_id, chat_template = 0, "tiny"
+
+        def __len__(self):
+            return 128
+
+        def encode(self, text, add_special_tokens=False):
+            return [3 + ord(ch) % 120 for ch in text[:12]]
+
+        def apply_chat_template(self, chat, **kw):
+            return [1] + [3 + ord(ch) % 120 for m in chat for ch in m["content"][:6]] + [2]
+
+    monkeypatch.setenv("STEERING_CACHE_DIR", str(tmp_path))
+    tok, model = Tok(), tiny_llama
+    comp = SteeringComponent(layer=1, vector=unit(32, seed=3), strength=4.0, op="add")
+    measured = []
+    real = lens.steering_scores
+    monkeypatch.setattr(lens, "steering_scores", lambda *a: measured.append(1) or real(*a))
+
+    first = lens.cached_steering_scores(model, tok, comp)
+    path = lens.disk_cache_path(model, tok, comp)
+    assert measured == [1] and path.is_file() and path.parent == tmp_path / "steering-scores"
+    assert not list(path.parent.glob("*.tmp"))
+    lens._SCORES.pop(model)  # a fresh start
+    assert torch.equal(lens.cached_steering_scores(model, tok, comp), first) and measured == [1]
+
+    path.write_bytes(path.read_bytes()[:40])  # cut short, as by a killed process
+    lens._SCORES.pop(model)
+    assert torch.equal(lens.cached_steering_scores(model, tok, comp), first) and measured == [1, 1]
+    torch.save(torch.zeros(7), path)  # a tensor of another shape
+    lens._SCORES.pop(model)
+    assert torch.equal(lens.cached_steering_scores(model, tok, comp), first) and measured == [1, 1, 1]
+
+    other = [SteeringComponent(layer=1, vector=unit(32, seed=3), strength=4.0, op="clamp"),
+             SteeringComponent(layer=1, vector=unit(32, seed=3), strength=2.0, op="add")]
+    paths = {path, *(lens.disk_cache_path(model, tok, c) for c in other),
+             lens.disk_cache_path(build_tiny_llama(seed=1), tok, comp)}
+
+    class OtherTok(Tok):  # the same model read through another tokenizer: other ids, other scores
+        def encode(self, text, add_special_tokens=False):
+            return [4 + ord(ch) % 110 for ch in text[:12]]
+
+    paths.add(lens.disk_cache_path(model, OtherTok(), comp))
+    assert len(paths) == 5
