@@ -10,7 +10,9 @@
 `--steer NAME [STRENGTH] [add|clamp]` (repeatable) takes the same words as the chat's /steer:
 a strength is a fraction of the layer's typical residual norm (0.5 = half; negative steers
 away), the unit of the app's slider, and each feature uses its own op (add or clamp) unless
-a third word names one. In the chat, type /help for the commands (/temperature, /max-tokens
+a third word names one. A feature given without a strength is steered by auto (the way to steer
+picked for each answer, calibrate.auto_answer) where the profile says so (generation.auto, true on
+the embedded profile), else at its default. In the chat, type /help for the commands (/temperature, /max-tokens
 and /settings change and show the generation settings); exit, quit or Ctrl-D end it, Ctrl-C
 stops an answer. With --prompt it prints only the answer and exits (0, or 2 for bad input,
 with one line saying why). What a key, a strength or a long message means is decided by

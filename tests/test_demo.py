@@ -736,19 +736,21 @@ def test_a_concept_from_five_sentences_is_made_kept_listed_and_steers(embedded, 
     assert re.search(r"^  my_tower  My Tower: your topic: The Eiffel Tower stands .*\(default "
                      + re.escape(f"{feature.default_fraction:g}") + r", add; your concept\)",
                      helped.stdout, re.M), helped.stdout
-    result = run_one_shot("--prompt", QUESTION, "--steer", "my_tower", "--temperature", "0", "--max-new-tokens",
-                          str(TOKENS), env=env)
+    # at its default strength, given (without one, the shipped profile steers it by auto)
+    result = run_one_shot("--prompt", QUESTION, "--steer", "my_tower", format_fraction(feature.default_fraction),
+                          "--temperature", "0", "--max-new-tokens", str(TOKENS), env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == steered.strip()
 
 
-def small_console(embedded, shipped, **kw) -> tuple[demo.Console, io.StringIO]:
-    """An in-process chat on the shipped profile (greedy, two tokens), printing into one buffer."""
+def small_console(embedded, shipped, auto: bool = False, **kw) -> tuple[demo.Console, io.StringIO]:
+    """An in-process chat on the shipped profile (greedy, two tokens; a feature without a strength steered by
+    auto only with `auto`), printing into one buffer."""
     model, tok = embedded
     catalog = demo.Catalog(*shipped)
     catalog.attach(model, tok)
     out = io.StringIO()
-    return demo.Console(model, tok, catalog, demo.Settings("hf", 0.0, 2, 1.0, "", 2048), out=out, info=out,
+    return demo.Console(model, tok, catalog, demo.Settings("hf", 0.0, 2, 1.0, "", 2048, auto=auto), out=out, info=out,
                         interactive=True, **kw), out
 
 
@@ -789,9 +791,40 @@ def test_steer_without_a_strength_takes_the_features_default(embedded, shipped):
     assert demo.parse_steer_words(["pirate", "-0.2", "clamp"]) == ("pirate", -0.2, "clamp")
     fraction = default["pirate"]
     expected = reference(embedded, profile, vectors, QUESTION, [("pirate", fraction, None)])
-    result = run_one_shot("--prompt", QUESTION, "--steer", "pirate", "--temperature", "0", "--max-new-tokens", str(TOKENS))
+    result = run_one_shot("--prompt", QUESTION, "--steer", "pirate", format_fraction(fraction), "--temperature", "0",
+                          "--max-new-tokens", str(TOKENS))
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == expected.strip()
+
+
+def test_a_feature_without_a_strength_is_steered_by_auto_where_the_profile_says_so(embedded, shipped):
+    """Issue 28: the shipped profile's generation.auto makes auto what `--steer NAME` and `/steer NAME` do, as a
+    preset does in the app; a strength gives the fixed one. The one-shot answer is calibrate.auto_answer's."""
+    from llm_steering import calibrate
+
+    model, tok = embedded
+    profile, vectors = shipped
+    assert profile.generation.auto
+    feature = demo.Catalog(profile, vectors).resolve("pirate")
+    chat = [{"role": "system", "content": profile.generation.system_prompt}, {"role": "user", "content": QUESTION}]
+    expected = calibrate.auto_answer(model, tok, chat, feature.component(feature.default_fraction), norm=feature.norm,
+                                     max_new_tokens=TOKENS, repetition_penalty=profile.generation.repetition_penalty)
+    result = run_one_shot("--prompt", QUESTION, "--steer", "pirate", "--temperature", "0", "--max-new-tokens", str(TOKENS))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected.answer.strip()
+    assert f"auto: trying Pirate {len(expected.table)} ways" in result.stderr
+
+    console, out = small_console(embedded, shipped, auto=True)
+    console.command("/steer pirate")
+    console.command("/steer ocean 0.2")
+    assert console.auto == {"pirate"} and console.active["ocean"][1] == 0.2
+    text = out.getvalue()
+    assert "Pirate (pirate), clamp, auto: the way to steer is picked for each answer" in text, text
+    assert f"/steer pirate {format_fraction(feature.default_fraction)} for that strength, fixed" in text
+    assert "auto (the way to steer is picked for each answer" in "\n".join(console.describe_active())
+    console.command("/steer eiffel_tower")  # one auto at a time: the one before keeps its strength, and says so
+    assert console.auto == {"eiffel_tower"}
+    assert f"Pirate stays at {format_fraction(feature.default_fraction)} x norm, fixed" in out.getvalue()
 
 
 def test_help_examples_use_the_features_defaults():

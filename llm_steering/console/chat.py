@@ -84,7 +84,10 @@ class Console:
         if auto:
             if self.settings.temperature > 0:
                 self.notice("auto strength compares greedy answers; the answer itself keeps your temperature")
-            self.auto = {feature.key}  # one feature calibrates at a time
+            for other in self.auto:  # one feature is chosen for at a time: the one before keeps its strength
+                self.notice(f"auto picks for one feature at a time: {self.catalog.resolve(other).title} stays at "
+                            f"{format_fraction(self.active[other][1])} x norm, fixed")
+            self.auto = {feature.key}
         fraction = round_fraction(self.catalog.check_fraction(feature, feature.default_fraction if fraction is None else fraction))
         op = op or feature.default_op
         steering.validate_components(self.model, [feature.component(fraction, op)])
@@ -112,7 +115,8 @@ class Console:
         lines = [
             f"  {feature.title} ({feature.key}): {format_fraction(fraction)} x norm {feature.norm:.1f} = "
             f"{format_strength(fraction, feature.norm)} at layer {feature.layer}, {op}"
-            for feature, fraction, op in self.active.values()
+            + (", auto (the way to steer is picked for each answer, from this strength)" if key in self.auto else "")
+            for key, (feature, fraction, op) in self.active.items()
         ]
         if not self.steer_prompt:
             lines.append("  (the prompt is not steered, only the answer)")
@@ -390,6 +394,7 @@ class Settings:
     max_input_tokens: int
     compare: bool = False
     verbose: bool = False  # a backend's own logs (vLLM's), on stderr
+    auto: bool = False  # a feature steered without a strength is steered by auto (the profile's generation.auto)
 
 
 # ---------------------------------------------------------------------------
@@ -408,6 +413,7 @@ def settings_from(args: argparse.Namespace, profile: Any) -> Settings:
         max_input_tokens=gen.max_input_tokens,
         compare=args.compare,
         verbose=getattr(args, "verbose", False),
+        auto=gen.auto,
     )
     if not math.isfinite(settings.temperature) or settings.temperature < 0:
         raise UsageError(f"--temperature must be a number >= 0 (0 is greedy), got {settings.temperature}")
@@ -467,7 +473,7 @@ def run(argv: Sequence[str] | None = None, read: Any = input) -> int:
     if note and interactive:
         console.notice(note)
     for key, fraction, op in steers:
-        console.steer(key, fraction, op)
+        console.steer(key, fraction, op, auto=fraction is None and settings.auto)
 
     if args.export_gguf is not None:
         export_gguf(console, args.export_gguf)

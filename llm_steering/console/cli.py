@@ -145,7 +145,8 @@ def build_parser(argv: Sequence[str] | None = None) -> Parser:
         "--steer", nargs="+", action=_SteerAction, default=[],
         help="steer with a feature of the profile (NAME as listed below) or an SAE feature (layer:index); "
              "STRENGTH is a fraction of the layer's typical residual norm (0.5 = half, negative steers away; "
-             "default: the feature's own, listed below); add or clamp chooses the op (default: the feature's own). "
+             "default: auto, the way to steer picked for each answer, where the profile says so (generation.auto), else the "
+             "feature's own, listed below); add or clamp chooses the op (default: the feature's own). "
              "Repeatable: --steer NAME --steer NAME 0.1 add steers with two features.",
     )
     parser.add_argument("--backend", choices=BACKENDS, default="hf",

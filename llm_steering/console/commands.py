@@ -122,11 +122,14 @@ def _steer(c: Any, args: list[str], rest: str) -> None:
         fraction, op = None, parse_op(args[2]) if len(args) == 3 else None
     else:  # a strength, an op, both or neither (the feature's default and own op)
         fraction, op = strength_and_op(args[1:])
+        auto = fraction is None and c.settings.auto  # no strength: auto, where the profile makes it the default
     feature = c.steer(args[0], fraction, op, auto=auto)
     _, fraction, op = c.active[feature.key]
     name = f"{feature.title} ({feature.key})"
     if auto:
-        c.notice(f"steering with {name}, {op}, at a strength picked for each answer (auto)")
+        c.notice(f"steering with {name}, {op}, auto: the way to steer is picked for each answer, from its default "
+                 f"{format_fraction(fraction)} x norm ({format_strength(fraction, feature.norm)} at layer {feature.layer}); "
+                 f"/steer {feature.key} {format_fraction(fraction)} for that strength, fixed")
     else:
         c.notice(f"steering with {name} at {format_fraction(fraction)} x norm ({format_strength(fraction, feature.norm)} "
                  f"at layer {feature.layer}), {op}")
@@ -301,7 +304,7 @@ def _help(c: Any, args: list[str], rest: str) -> None:
 
 COMMANDS: dict[str, Command] = {
     "/steer": Command("<name|layer:index> [strength|auto] [add|clamp]",
-                      "steer with a feature (default strength and op from /features; auto: picked per answer)",
+                      "steer with a feature (no strength: auto where the profile says so, else the default of /features; auto: picked per answer)",
                       _steer, (1, 3)),
     "/unsteer": Command("<name|layer:index>", "stop steering with one feature", _unsteer, (1, 1)),
     "/clear": Command("", "stop all steering", _clear),
