@@ -12,6 +12,7 @@ fixed default, auto's picker, the oracle, and how each keyword-free signal agree
     nice -n 5 .venv/bin/python benchmarks/eval_auto.py run --set tuning --out benchmarks/results/auto28_tuning.jsonl
     nice -n 5 .venv/bin/python benchmarks/eval_auto.py run --set heldout --out benchmarks/results/auto28_heldout.jsonl
     .venv/bin/python benchmarks/eval_auto.py report benchmarks/results/auto28_*.jsonl
+    .venv/bin/python benchmarks/eval_auto.py report --subsets benchmarks/results/auto28_tuning.jsonl benchmarks/results/auto28_heldout.jsonl
 """
 
 from __future__ import annotations
@@ -298,6 +299,28 @@ def handcheck(rows: list[dict]) -> None:
     agree("tint (the judge)", lambda c: c["tint"], "hand_tint")
 
 
+def subsets(rows: list[dict]) -> None:
+    """Auto with fewer candidates (a smaller batch, so the first words come sooner): for each size, the
+    subsets (the unsteered answer always kept) whose picker tints most on tuning, replayed on held-out."""
+    import itertools
+
+    n = len(rows[0]["candidates"])
+    names = ["unsteered", "op x0.6", "op x1", "op x1.4", "op x1.8", "other op x1", "release x2", "release x3", "release x4"]
+
+    def rate(set_: str, keep: list[int]) -> tuple[int, int]:
+        picked = [r["candidates"][keep[auto_picker([r["candidates"][i] for i in keep])]] for r in rows if r["set"] == set_]
+        return sum(c["tint"] for c in picked), len(picked)
+
+    print("| rows | kept (chosen on tuning) | tuning | held-out |\n|---|---|---|---|")
+    for k in range(3, n + 1):
+        ranked = sorted(((rate("tuning", [0, *sub])[0], -len(sub), [0, *sub])
+                         for sub in itertools.combinations(range(1, n), k - 1)), reverse=True)
+        for _tuned, _, keep in ranked[:2]:
+            t, m = rate("tuning", keep)
+            h, hm = rate("heldout", keep)
+            print(f"| {k} | {', '.join(names[i] if n == len(names) else str(i) for i in keep)} | {t}/{m} | {h}/{hm} ({h / max(1, hm):.0%}) |")
+
+
 def cmd_report(args) -> None:
     rows = load(args.files)
     concept_scores(rows)
@@ -305,6 +328,9 @@ def cmd_report(args) -> None:
     if args.search:
         name, p = search(rows)
         pickers["searched"] = p
+    if args.subsets:
+        subsets(rows)
+        return
     table(rows, pickers)
     signals(rows)
     handcheck(rows)
@@ -324,6 +350,7 @@ def main() -> None:
     rep = sub.add_parser("report")
     rep.add_argument("files", nargs="+")
     rep.add_argument("--search", action="store_true", help="also search pickers on the tuning rows")
+    rep.add_argument("--subsets", action="store_true", help="only: auto with fewer candidates, chosen on tuning")
     args = parser.parse_args()
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
