@@ -310,8 +310,15 @@ def test_one_shot_console_gives_the_same_answer_on_vllm_and_hf_and_prints_only_i
     pytest.importorskip("vllm", reason="vLLM is not installed")
     args = ["--prompt", "Tell me about your weekend.", "--steer", "pirate", "0.3", "--temperature", "0",
             "--max-new-tokens", "24"]
-    runs = {name: subprocess.run([sys.executable, "demo.py", "--backend", name, *args], cwd=ROOT, capture_output=True,
-                                 text=True, timeout=900) for name in ("vllm", "hf")}
+    procs = {name: subprocess.Popen([sys.executable, "demo.py", "--backend", name, *args], cwd=ROOT, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name in ("vllm", "hf")}
+    runs = {}  # the two at once: the hf one is done while vLLM's engine starts
+    for name, proc in procs.items():
+        try:
+            out, err = proc.communicate(timeout=900)
+        finally:
+            proc.kill()
+        runs[name] = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     for name, run in runs.items():
         assert run.returncode == 0, f"{name}: {run.stderr[-500:]}"
     assert runs["vllm"].stdout == runs["hf"].stdout
