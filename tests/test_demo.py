@@ -127,6 +127,22 @@ def run_one_shot(*args: str, env: dict | None = None) -> subprocess.CompletedPro
     return finish(start_one_shot(*args, env=env))
 
 
+def one_shot_in_process(capsys, *args: str) -> subprocess.CompletedProcess:
+    """What demo.py does with `args` (cli.before_loading, then main), in this process: for input refused before
+    the model loads, where a new process would only add its imports (the process itself is checked by
+    test_a_bad_steer_op_is_one_line_and_exit_code_2)."""
+    from llm_steering.console import cli as console_cli
+
+    capsys.readouterr()
+    try:
+        console_cli.before_loading(list(args))
+        code = demo.main(list(args))
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["demo.py", *args], code, out, err)
+
+
 # ---------------------------------------------------------------------------
 # The interactive chat in a pseudo-terminal
 # ---------------------------------------------------------------------------
@@ -292,8 +308,8 @@ def test_one_shot_compare_prints_both_answers_labelled(embedded, shipped):
         (["--max-new-tokens", "many"], "argument --max-new-tokens: invalid int value: 'many'"),
     ],
 )
-def test_one_shot_bad_input_is_one_line_and_exit_code_2(args, message):
-    result = run_one_shot("--prompt", "Hi", *args)
+def test_one_shot_bad_input_is_one_line_and_exit_code_2(args, message, capsys):
+    result = one_shot_in_process(capsys, "--prompt", "Hi", *args)
     assert result.returncode == 2
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
