@@ -116,14 +116,22 @@ def bot_texts(page, chat_id: str) -> list[str]:
     return page.locator(f"#{chat_id} [data-testid='bot']").all_inner_texts()
 
 
-def wait_for(predicate, timeout: float, what: str, poll: float = 0.05):
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.05, state=None):
+    """Poll `predicate` until it is true (its value returned) or `timeout` seconds pass; then fail, saying
+    what was awaited and, with `state` (a callable), what was there instead."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(poll)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+    seen = ""
+    if state is not None:
+        try:
+            seen = f"; found instead: {state()!r}"
+        except Exception as exc:  # the page itself may be what broke
+            seen = f"; and its state could not be read: {exc}"
+    pytest.fail(f"timed out after {timeout} s waiting for {what}{seen}")
 
 
 

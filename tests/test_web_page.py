@@ -366,7 +366,9 @@ def test_a_newcomers_path(server, browser, tmp_path, size):
         send(page, "Write a long story about a dog who goes on a journey.")
         wait_for(lambda: len(answer_texts(page)) == 3 and len(answer_texts(page)[-1].split()) > 5, 60, "the story")
         page.locator("#stop").click()
-        wait_for(lambda: len(tags(page)) == 3 and "stopped" in tags(page)[-1], 120, "the stopped tag")  # the app finishes the answer and its view first: slow under load
+        wait_for(lambda: len(tags(page)) == 3 and "stopped" in tags(page)[-1], 120, "the stopped tag",
+                 state=lambda: (tags(page), [t[-200:] for t in answer_texts(page)],
+                                page.screenshot(path=str(shots / "05-stopped-timed-out.png"), full_page=True) and None))  # the app finishes the answer and its view first: slow under load
         page.screenshot(path=str(shots / "05-stopped.png"), full_page=size == "desktop")
 
         set_max_new_tokens(page, TOKENS)
