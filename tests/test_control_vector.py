@@ -266,10 +266,11 @@ def test_export_gguf_in_the_chat(shipped, tmp_path):
         assert "error: 'pirate' uses clamp, which a llama.cpp control vector cannot express" in out, out
         assert not (tmp_path / "pirate.gguf").exists()
         say(child, "/unsteer pirate")
-        say(child, "/steer eiffel_tower auto")
+        say(child, "/steer eiffel_tower auto")  # as the app's export: the strength /active shows, and a notice
         out = say(child, f"/export-gguf {tmp_path / 'auto.gguf'}")
-        assert "error: an auto strength is picked per answer, so it cannot be exported" in out, out
-        assert not (tmp_path / "auto.gguf").exists()
+        assert "Eiffel Tower is on auto, picked per answer; a file holds one strength: the file has 0.255 x norm" in out, out
+        np.testing.assert_allclose(control_vector.read_control_vector(tmp_path / "auto.gguf")[15],
+                                   (comp.strength * comp.vector).numpy(), rtol=1e-6, atol=1e-5)
         assert "/export-gguf FILE" in say(child, "/help")
         quit_cleanly(child)
     finally:

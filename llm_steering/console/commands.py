@@ -223,11 +223,13 @@ def _save(c: Any, args: list[str], rest: str) -> None:
 
 
 def export_gguf(c: Any, path: str) -> None:
-    """Write the steering in force as a llama.cpp control vector (add only: control_vector.py says why)."""
-    if c.auto:
-        raise ValueError("an auto strength is picked per answer, so it cannot be exported: give it a strength "
-                         "first (/steer KEY 0.5)")
+    """Write the steering in force as a llama.cpp control vector (add only: control_vector.py says why). A
+    feature on auto is written at the strength /active shows (its default), as the app's export does."""
     written = control_vector.export_for_model(c.model, c.components(), path, steer_prompt=c.steer_prompt)
+    for key in c.auto:
+        feature, fraction, _ = c.active[key]
+        c.notice(f"{feature.title} is on auto, picked per answer; a file holds one strength: the file has "
+                 f"{format_fraction(fraction)} x norm, its default (/steer {key} 0.4 for another)")
     model = embedded_gguf_path() if c.catalog.profile.model_id is None else "MODEL.gguf"
     c.notice(f"wrote {path}, a llama.cpp control vector: {control_vector.describe(written)}. "
              f"Run it with: llama-cli -m {model} --control-vector {path}")
