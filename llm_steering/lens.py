@@ -178,6 +178,7 @@ def cached_steering_scores(model: Any, tokenizer: Any, component: Any) -> torch.
     return per_model[key]
 
 
+MAX_SCORE_FILES = 512  # about 100 MB for the embedded model's vocabulary (196 kB a file)
 SCORES_VERSION = 1  # bump when steering_scores measures differently: older files on disk are then not read
 _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its weights' fingerprint
 
@@ -242,6 +243,11 @@ def _write_scores(path: Path, scores: torch.Tensor) -> None:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+        return
+    with contextlib.suppress(OSError):  # each strength a user tries is a file: the oldest go past MAX_SCORE_FILES
+        kept = sorted(path.parent.glob("*.pt"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in kept[MAX_SCORE_FILES:]:
+            old.unlink()
 
 
 def neutral_chats(tokenizer: Any) -> tuple[list[list[int]], list[list[int]]]:

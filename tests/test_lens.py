@@ -3,6 +3,7 @@ final norm and unembedding (the logit lens), equal to a direct computation on th
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from llm_steering import concepts, lens, steering
@@ -198,3 +199,9 @@ def test_scores_are_kept_on_disk_read_back_by_a_fresh_start_and_a_damaged_file_i
 
     paths.add(lens.disk_cache_path(model, OtherTok(), comp))
     assert len(paths) == 5
+
+    monkeypatch.setattr(lens, "MAX_SCORE_FILES", 2)  # the oldest files go once there are more
+    for c in other:
+        time.sleep(0.01)
+        lens.cached_steering_scores(model, tok, c)
+    assert sorted(path.parent.glob("*.pt")) == sorted(lens.disk_cache_path(model, tok, c) for c in other)
