@@ -304,8 +304,10 @@ def other_op(op: str) -> str:
     return {"add": "clamp", "clamp": "add", "cap": "clamp"}.get(base, base) + suffix
 
 
-def auto_candidates(component: SteeringComponent) -> list[Candidate]:
-    """The candidates auto compares for `component` at its default strength and op (unsteered first)."""
+def auto_candidates(component: SteeringComponent, max_multiplier: float | None = None) -> list[Candidate]:
+    """The candidates auto compares for `component` at its default strength and op (unsteered first); with
+    `max_multiplier`, those that would take it past that many times its strength are left out (the app's and
+    the console's strength range: a setting they could not show or apply again is never chosen)."""
     if component.op == "ablate":
         raise ValueError("an ablate component has no strength to choose: use add, clamp or cap")
     s = component.cap_min if component.op == "cap" else component.strength
@@ -319,6 +321,8 @@ def auto_candidates(component: SteeringComponent) -> list[Candidate]:
                       multiplier=m) for m in AUTO_OTHER_OP_MULTIPLIERS]
     out += [Candidate(f"{component.op} x{m:g}, answer only until it names the concept", (with_strength(component, m * s),),
                       steer_prompt=False, release=True, multiplier=m) for m in AUTO_RELEASE_MULTIPLIERS]
+    if max_multiplier is not None:
+        out = [c for c in out if c.multiplier <= max_multiplier + 1e-9]
     return out
 
 

@@ -279,6 +279,12 @@ class Catalog:
         lo, hi = FRACTION_RANGE
         return min(lo, math.floor(min(values) * 2) / 2), max(hi, math.ceil(max(values) * 2) / 2)
 
+    def auto_max_multiplier(self, feature: Feature, fraction: float) -> float | None:
+        """How many times `fraction` auto may steer `feature` and stay in its strength range (None: no bound)."""
+        lo, hi = self.fraction_range(feature)
+        bound = hi if fraction > 0 else lo
+        return bound / fraction if fraction and bound / fraction > 0 else None
+
     def check_fraction(self, feature: Feature, fraction: Any) -> float:
         """`fraction` as a float if allowed for `feature`, else a one-line ValueError."""
         lo, hi = self.fraction_range(feature)

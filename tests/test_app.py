@@ -403,6 +403,25 @@ def test_auto_chooses_how_to_steer_this_answer_then_goes_on_with_it(app_module, 
     assert f"(auto: {turn['auto_setting']})" in views.turn_messages(la.catalog, [turn])[-1]["content"]
 
 
+def test_auto_never_chooses_a_strength_outside_the_sliders_range(app_module, capsys):
+    """Auto's candidates are multiples of the strength set (up to 4x): at 1.2 of pirate's norm, 1.8x or a
+    release at 2-4x would be past the slider's 2.0, a spec the tag showed as "no steering". Those are left
+    out; the turn's steering stays in range and its tag names the feature."""
+    la = app_module.LOADED
+    lo, hi = la.catalog.fraction_range(la.catalog.resolve("pirate"))
+    assert hi == 2.0
+    controls = la.panel.pack({("pirate", "on"): True, ("pirate", "auto"): True, ("pirate", "fraction"): 1.2})
+    mode = next(iter(handlers.HISTORY_MODES))
+    *_, last = handlers.respond(la, "Tell me about your weekend.", [], "", 0.0, 1.1, 6, False, mode, "", *controls)
+    turn = last[1][-1]
+    shown = capsys.readouterr().out
+    assert "(compared 5 ways in" in shown, shown  # the unsteered answer, x0.6, x1, x1.4 and the other op at x1
+    for f in turn["steering"]["features"]:
+        assert lo <= f["fraction"] <= hi, turn["steering"]
+    tag = views.turn_messages(la.catalog, [turn])[-1]["content"]
+    assert "no steering" not in tag or not turn["steering"]["features"], tag
+
+
 def test_features_that_together_break_the_text_are_named_from_the_curves(app_module):
     """Issue 21: each feature uses up strength / (where its measured curve crosses the quality bar);
     past 1 in all a warning names the features to lower. Synthetic curves in the file's schema."""

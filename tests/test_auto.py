@@ -166,3 +166,22 @@ def calibrate_words(model, tok, component):
     from llm_steering.lens import concept_token_ids
 
     return concept_token_ids(model, tok, component, calibrate.AUTO_CONCEPT_WORDS)
+
+
+def test_candidates_past_a_bound_are_left_out_and_the_catalog_gives_the_bound():
+    """auto_candidates(component, max_multiplier): none past that many times the strength (the unsteered answer
+    always stays); Catalog.auto_max_multiplier is the slider's range over the strength set, either sign."""
+    from types import SimpleNamespace
+
+    from llm_steering.catalog import Catalog
+
+    comp = SteeringComponent(layer=1, vector=unit(32, seed=1), strength=4.0, op="add")
+    every = calibrate.auto_candidates(comp)
+    assert max(c.multiplier for c in every) == 4
+    kept = calibrate.auto_candidates(comp, max_multiplier=1.5)
+    assert [c.label for c in kept] == [c.label for c in every if c.multiplier <= 1.5]
+    assert kept[0].label == "unsteered" and {c.multiplier for c in kept} == {0.0, 0.6, 1.0, 1.4}
+    range_of = SimpleNamespace(fraction_range=lambda feature: (-1.0, 2.0))
+    assert Catalog.auto_max_multiplier(range_of, None, 0.5) == 4.0
+    assert Catalog.auto_max_multiplier(range_of, None, -0.5) == 2.0
+    assert Catalog.auto_max_multiplier(range_of, None, 0.0) is None

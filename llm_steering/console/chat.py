@@ -231,13 +231,15 @@ class Console:
 
         feature, fraction, op = self.active[key]
         others = [f.component(frac, o) for k, (f, frac, o) in self.active.items() if k != key]
-        n = len(calibrate.auto_candidates(feature.component(fraction, op)))
+        candidates = calibrate.auto_candidates(feature.component(fraction, op),
+                                               self.catalog.auto_max_multiplier(feature, fraction))
+        n = len(candidates)
         self.notice(f"auto: trying {feature.title} {n} ways on the first words (strengths, answer only, letting go once "
                     "it names the concept; one greedy batch), keeping one that still answers")
         cancel = threading.Event()
         stream = calibrate.stream_auto_answer(self.model, self.tokenizer, chat, feature.component(fraction, op), others,
                                               self.settings.max_new_tokens, self.settings.repetition_penalty,
-                                              self.settings.temperature, cancel)
+                                              self.settings.temperature, cancel, candidates=candidates)
         pieces: list[str] = []
         started = False
         with ctrl_c_stops():

@@ -190,7 +190,7 @@ def generate(
 
 def auto_seconds(chat: list[dict], component: SteeringComponent, others: list[SteeringComponent], temperature: float,
                  repetition_penalty: float, max_new_tokens: int, unsteered_chat: list[dict] | None = None,
-                 stop_key: str = "", since: float = 0.0) -> int:
+                 stop_key: str = "", since: float = 0.0, max_multiplier: float | None = None) -> int:
     """ZeroGPU time for auto: the candidates' batch, then the answer (and the unsteered one)."""
     return 30 + (max_new_tokens // 10) * (2 if unsteered_chat is not None else 1)
 
@@ -206,18 +206,21 @@ def auto_generate(
     unsteered_chat: list[dict] | None = None,
     stop_key: str = "",
     since: float = 0.0,
+    max_multiplier: float | None = None,
 ) -> Iterator[dict | tuple[str, str | None, SteeringTrace | None, bool, list[float] | None]]:
     """"Auto" for one feature (`component`, at its default): first a dict saying what auto chose
-    (calibrate.stream_auto_answer: the candidates compared on their first greedy words), then what
-    `generate` yields: the chosen answer goes on from those words, and with `unsteered_chat` the
-    unsteered answer comes beside it. Stop and closing behave as in `generate`."""
+    (calibrate.stream_auto_answer: the candidates compared on their first greedy words; none past
+    `max_multiplier` times the component, the strength range), then what `generate` yields: the chosen
+    answer goes on from those words, and with `unsteered_chat` the unsteered answer comes beside it. Stop
+    and closing behave as in `generate`."""
     from llm_steering import calibrate, effects
 
     cancel, done = threading.Event(), threading.Event()
     threading.Thread(target=STOPS.watch, args=(stop_key, since, cancel, done), daemon=True).start()
     model, tok = LOADED.model, LOADED.tokenizer
     auto = calibrate.stream_auto_answer(model, tok, chat, component, others, max_new_tokens, repetition_penalty,
-                                        temperature, cancel)
+                                        temperature, cancel,
+                                        candidates=calibrate.auto_candidates(component, max_multiplier))
     pieces = iter(auto)
     plain = None
     text, other = "", None

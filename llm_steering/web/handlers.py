@@ -176,7 +176,8 @@ def auto_answer_stream(app: App, chat: list[dict], spec: SteeringSpec, component
     i = list(active).index(key)
     feature, fraction, op = active[key]
     stream = auto_generate(chat, feature.component(fraction, op), components[:i] + components[i + 1 :], temperature,
-                           repetition_penalty, max_new_tokens, unsteered_chat, session_key, since)
+                           repetition_penalty, max_new_tokens, unsteered_chat, session_key, since,
+                           catalog.auto_max_multiplier(feature, fraction))
     with contextlib.closing(stream):
         chosen = next(stream)
         if chosen["op"] is None:
