@@ -618,10 +618,10 @@ def stream_auto_answer(model: Any, tokenizer: Any, chat: Sequence[dict], compone
 def _row(model: Any, cand: Candidate, others: Sequence[SteeringComponent], prompt_start: int, answer_start: int,
          stop: int | None = None) -> _Row:
     parts = []
+    start = prompt_start if cand.steer_prompt else answer_start  # the other features too: a spec has one steer_prompt
     if others:
-        parts.append((list(others), _vectors(model, others), prompt_start, False))
+        parts.append((list(others), _vectors(model, others), start, False))
     if cand.components:
-        start = prompt_start if cand.steer_prompt else answer_start
         parts.append((list(cand.components), _vectors(model, cand.components), start, cand.release))
     return _Row(parts, stop=stop, released=stop is not None)
 

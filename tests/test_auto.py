@@ -93,6 +93,11 @@ def test_other_features_stay_on_in_every_row(tiny):
     assert list(out.table[0].token_ids) == single_answer(model, tok, CHAT, [other], max_new_tokens=8)
     c1 = next(r for r in out.table if r.candidate.label == "add x1")
     assert list(c1.token_ids) == single_answer(model, tok, CHAT, [other, comp()], max_new_tokens=8)
+    # an answer-only row steers the other features from the answer on too: the turn's one steer_prompt then
+    # says what made it (no concept words here, so a release row is answer-only throughout)
+    rel = next(r for r in out.table if r.candidate.release and r.candidate.multiplier == 2.0)
+    assert list(rel.token_ids) == single_answer(model, tok, CHAT, [other, *rel.candidate.components], max_new_tokens=8,
+                                                steer_prompt=False)
 
 
 def row(label="x", nll_ratio=1.5, rep3=0.0, on_question=True, score=1.0, multiplier=1.0):

@@ -182,7 +182,7 @@ def auto_answer_stream(app: App, chat: list[dict], spec: SteeringSpec, component
         chosen = next(stream)
         if chosen["op"] is None:
             turn["steering"] = catalog.spec({k: (f, o) for k, (_, f, o) in active.items() if k != key},
-                                                spec.steer_prompt).to_dict()
+                                                chosen["steer_prompt"]).to_dict()  # how the other features were applied
             setting = "unsteered: no way of steering kept the answer on the question"
         else:
             chosen_fraction = round_fraction(fraction * chosen["multiplier"])
