@@ -25,9 +25,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from llm_steering import models, steering
+
+import torch
 
 SYSTEM = "You are a helpful assistant."
 OPS = ("add", "clamp")
@@ -208,27 +208,72 @@ def train_direction(model: Any, tokenizer: Any, chats: Sequence[Sequence[dict]],
     return result
 
 
+def steered_teachers(model: Any, tokenizer: Any, prompts: Sequence[str], layer: int, op: str, strength: float,
+                     direction: torch.Tensor, keep: Callable[[str], bool], multipliers: Sequence[float] = (1.0, 2.0, 3.0),
+                     nll_bound: float = 2.5, max_new_tokens: int = 48, system: str = SYSTEM,
+                     batch_size: int = 32) -> list[tuple[int, list[int], str]]:
+    """(prompt index, answer ids, text): for each prompt, of its answers steered by `direction` at each
+    multiplier of `strength`, the one with the lowest NLL under the unsteered model among those that
+    `keep` accepts (they name the concept), share a content word with the prompt and read fluently
+    (NLL at most `nll_bound` x the unsteered answer's, rep3 < 0.2); prompts where none does give none."""
+    from llm_steering import calibrate
+    from llm_steering.components import SteeringComponent
+
+    chats = [plain_chat(p, system) for p in prompts]
+    rows = [[]] + [[SteeringComponent(layer, direction, strength=m * strength, op=op)] for m in multipliers]
+    jobs = [(i, r) for i in range(len(prompts)) for r in rows]
+    ids = calibrate.generate_rows(model, tokenizer, [chats[i] for i, _ in jobs], [r for _, r in jobs], max_new_tokens,
+                                  batch_size=batch_size)
+    nlls = calibrate.answer_nll(model, tokenizer, [chats[i] for i, _ in jobs], ids, batch_size)
+    out = []
+    k = len(rows)
+    for i, p in enumerate(prompts):
+        base = nlls[i * k]
+        best = None
+        for j in range(i * k + 1, (i + 1) * k):
+            text = tokenizer.decode(ids[j], skip_special_tokens=True)
+            ok = (keep(text) and bool(calibrate.content_stems(text) & calibrate.content_stems(p)) and nlls[j] == nlls[j]
+                  and nlls[j] <= nll_bound * base and calibrate.rep3(text) < 0.2)
+            if ok and (best is None or nlls[j] < best[0]):
+                best = (nlls[j], ids[j], text)
+        if best is not None:
+            out.append((i, best[1], best[2]))
+    return out
+
+
 def learn_direction(model: Any, tokenizer: Any, prompts: Sequence[str], instruction: str, layer: int, *,
                     op: str = "add", strength: float, init: torch.Tensor | None = None, steps: int = 24,
                     lr: float = 0.02, batch_size: int = 8, seed: int = 0, steer_prompt: bool = True,
-                    keep: Callable[[str], bool] | None = None, min_kept: int = 4, max_new_tokens: int = 48,
+                    keep: Callable[[str], bool] | None = None, min_kept: int = 4,
+                    steered: Sequence[float] = (), max_new_tokens: int = 48,
                     system: str = SYSTEM, progress: Callable[[int, int, float], None] | None = None) -> LearnedDirection:
     """Prompt distillation: the model's answers to `prompts` asked in words (`instruction`) become the
     targets of `train_direction` given the plain prompts. With `keep`, only the teacher answers whose
-    text it accepts are used (e.g. those that name the concept), unless fewer than `min_kept` are."""
+    text it accepts are used (e.g. those that name the concept), unless fewer than `min_kept` are.
+    With `steered` multipliers (needs `keep` and `init`), each prompt's best answer steered by `init`
+    at those multiples of `strength` (`steered_teachers`) is a teacher too."""
     if not prompts:
         raise ValueError("no prompts to train on: give at least one prompt")
+    if steered and (keep is None or init is None):
+        raise ValueError("steered teachers need keep (does a text name the concept?) and init (the direction to steer with)")
     answers = teacher_answers(model, tokenizer, prompts, instruction, max_new_tokens, system=system)
     texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
     idx = list(range(len(prompts)))
     if keep is not None:
         kept = [i for i in idx if keep(texts[i])]
-        idx = kept if len(kept) >= min_kept else idx
-    result = train_direction(model, tokenizer, [plain_chat(prompts[i], system) for i in idx], [answers[i] for i in idx],
+        idx = kept if len(kept) >= min_kept or steered else idx
+    pairs = [(i, answers[i], texts[i]) for i in idx]
+    if steered:
+        pairs += steered_teachers(model, tokenizer, prompts, layer, op, strength, init, keep, steered, max_new_tokens=max_new_tokens,
+                                  system=system)
+    if not pairs:
+        raise ValueError("no teacher answer names the concept: try other prompts, an instruction, or stronger steered teachers")
+    result = train_direction(model, tokenizer, [plain_chat(prompts[i], system) for i, _, _ in pairs], [a for _, a, _ in pairs],
                              layer, op=op, strength=strength, init=init, steps=steps, lr=lr, batch_size=batch_size,
                              seed=seed, steer_prompt=steer_prompt, progress=progress)
-    result.teacher = [texts[i] for i in idx]
+    result.teacher = [t for _, _, t in pairs]
     return result
 
 
-__all__ = ["LearnedDirection", "asked_chat", "learn_direction", "plain_chat", "teacher_answers", "train_direction"]
+__all__ = ["LearnedDirection", "asked_chat", "learn_direction", "plain_chat", "steered_teachers", "teacher_answers",
+           "train_direction"]

@@ -21,10 +21,10 @@ def tiny():
     return model, ToyTokenizer()
 
 
-def targets(model, tok, layer=1, strength=6.0, op="add", direction=unit(32, 5)):
+def targets(model, tok, layer=1, strength=6.0, op="add", direction=None):
     """Teacher answers that a known direction gives: what the model says steered by it."""
     chats = [learned.plain_chat(p) for p in PROMPTS]
-    comp = SteeringComponent(layer, direction, strength=strength, op=op)
+    comp = SteeringComponent(layer, unit(32, 5) if direction is None else direction, strength=strength, op=op)
     return chats, calibrate.generate_rows(model, tok, chats, [[comp]] * len(chats), 8, 1.1)
 
 
@@ -115,3 +115,27 @@ def test_mismatched_or_empty_inputs_give_one_line(tiny):
         learned.train_direction(model, tok, [], [], 1, strength=3.0)
     with pytest.raises(ValueError, match="instruction"):
         learned.teacher_answers(model, tok, PROMPTS, "  ")
+
+
+class EggTokenizer(ToyTokenizer):
+    """Every answer reads as being about boiling an egg (so it shares a word with that prompt only)."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "boil the egg " + super().decode(ids, skip_special_tokens)
+
+
+def test_steered_teachers_keep_only_answers_that_name_it_and_answer(tiny):
+    model, _ = tiny
+    tok = EggTokenizer()
+    prompts = ["How do I boil an egg?", "Tips for a job interview"]
+    got = learned.steered_teachers(model, tok, prompts, 1, "add", 3.0, unit(32, 5), keep=lambda t: True,
+                                   multipliers=(1.0, 2.0), nll_bound=100.0, max_new_tokens=6)
+    assert {i for i, _, _ in got} <= {0}, "the interview prompt shares no word with any answer"
+    chat = [learned.plain_chat(prompts[0])]
+    made = [calibrate.generate_rows(model, tok, chat, [[SteeringComponent(1, unit(32, 5), strength=m * 3.0)]], 6)[0]
+            for m in (1.0, 2.0)]
+    assert all(ids in made for _, ids, _ in got)
+    assert learned.steered_teachers(model, tok, prompts, 1, "add", 3.0, unit(32, 5), keep=lambda t: False,
+                                    multipliers=(1.0,), max_new_tokens=4) == []
+    with pytest.raises(ValueError, match="steered teachers need keep"):
+        learned.learn_direction(model, tok, prompts, "Mention eggs.", 1, strength=3.0, steered=(1.0,), init=unit(32, 5))
