@@ -323,6 +323,35 @@ def cmd_report(args) -> None:
         print(f"| `{c}` | " + " | ".join(cells) + " |")
     print("| **all** | " + " | ".join(f"**{tot[(s, n)][0]}/{tot[(s, n)][1]}** ({tot[(s, n)][0] / max(1, tot[(s, n)][1]):.0%})"
                                        for s in ("tuning", "heldout") for n, _ in cols) + " |")
+    named = []
+    for s in ("tuning", "heldout"):
+        for n, f in cols:
+            m = f("eiffel_tower")
+            g = cell.get((s, "eiffel_tower", n.split()[0], m), []) if m is not None else []
+            named.append(f"{sum(r['eiffel'] for r in g)}/{len(g)}" if g else "-")
+    print("| Eiffel Tower named | " + " | ".join(named) + " |")
+    print("\npaired on the same held-out prompt and concept (answers that tint under one and not the other):")
+    for a, b in [(kinds[0], v) for v in kinds[1:]]:
+        for label, fa, fb in (("x1", lambda c: 1.0, lambda c: 1.0),
+                              ("each at its best on tuning", lambda c, a=a: best.get((c, a)), lambda c, b=b: best.get((c, b)))):
+            ta = {(r["prompt"], r["concept"]): r["tint"] for c in KEYWORDS for r in cell.get(("heldout", c, a, fa(c)), [])}
+            tb = {(r["prompt"], r["concept"]): r["tint"] for c in KEYWORDS for r in cell.get(("heldout", c, b, fb(c)), [])}
+            both = set(ta) & set(tb)
+            if both:
+                print(f"  {b} vs {a}, {label}: {sum(tb[k] and not ta[k] for k in both)} only {b}, "
+                      f"{sum(ta[k] and not tb[k] for k in both)} only {a}, of {len(both)} pairs")
+    print("\nthe oracle (some multiplier of x0.6, x1, x1.4, x1.8, prompt steered, tints: what a perfect per-prompt picker "
+          "over those candidates reaches, not a method):")
+    for s in ("tuning", "heldout"):
+        for group in [[k] for k in kinds] + [kinds[:2]]:
+            hit: dict = defaultdict(bool)
+            for (ss, c, v, _m), rs in cell.items():
+                if ss == s and v in group:
+                    for r in rs:
+                        hit[(r["prompt"], c)] |= r["tint"]
+            full = all(len({m for (ss, c, v, m) in cell if ss == s and v == g}) == len(MULTS) for g in group)
+            if hit and full:
+                print(f"  {s:8s} {' + '.join(group):30s}: {sum(hit.values())} of {len(hit)} ({sum(hit.values()) / len(hit):.0%})")
     print("\nmention / addresses / fluent, and the Eiffel Tower named (eiffel_tower rows), at x1:")
     for s in ("tuning", "heldout"):
         for v in kinds:
