@@ -213,7 +213,9 @@ def cmd_volcano(args) -> None:
     print(f"volcanoes: layer {comp.layer}, op {comp.op}, default fraction {feature.default_fraction} "
           f"(strength {comp.strength:.2f}, norm {norm:.1f})", flush=True)
     t0 = time.time()
-    res = learned.learn_direction(model, tok, train_prompts(), "In your answer, mention volcanoes.", comp.layer,
+    judged = set(eval_prompts("tuning"))
+    prompts = train_prompts() if args.prompts == "7" else [p for p in eval_quality.load_prompts("tuning") if p not in judged]
+    res = learned.learn_direction(model, tok, prompts, "In your answer, mention volcanoes.", comp.layer,
                                   op=comp.op, strength=comp.strength, init=comp.vector, steps=args.steps, lr=args.lr,
                                   batch_size=args.batch, seed=args.seed,
                                   keep=lambda t: any(w in t.lower() for w in ("volcan", "lava", "magma")),
@@ -232,7 +234,7 @@ def cmd_volcano(args) -> None:
                                   eval_quality.REPETITION_PENALTY, batch_size=args.batch_gen)
     nlls = calibrate.answer_nll(model, tok, chats, ids)
     with open(args.out, "w") as out:
-        out.write(json.dumps({"teacher": res.teacher, "start_loss": res.start_loss, "end_loss": res.end_loss,
+        out.write(json.dumps({"teacher": res.teacher, "train_prompts": len(prompts), "start_loss": res.start_loss, "end_loss": res.end_loss,
                               "cosine": res.cosine_to_init, "fraction": feature.default_fraction, "layer": comp.layer,
                               "op": comp.op, "strength": comp.strength, "steps": args.steps, "lr": args.lr}) + "\n")
         for (s, p, kind, m, _), a, nll in zip(jobs, ids, nlls, strict=True):
@@ -352,6 +354,21 @@ def cmd_report(args) -> None:
             full = all(len({m for (ss, c, v, m) in cell if ss == s and v == g}) == len(MULTS) for g in group)
             if hit and full:
                 print(f"  {s:8s} {' + '.join(group):30s}: {sum(hit.values())} of {len(hit)} ({sum(hit.values()) / len(hit):.0%})")
+    import eval_auto
+
+    auto_rows = eval_auto.load([str(AUTO["tuning"]), str(AUTO["heldout"])])
+    for s in ("tuning", "heldout"):
+        hit = {(r["prompt"], r["concept"]): any(c["tint"] for c in r["candidates"]) for r in auto_rows if r["set"] == s}
+        for v in kinds[1:]:
+            if len({m for (ss, _, vv, m) in cell if ss == s and vv == v}) < len(MULTS):
+                continue
+            more = dict(hit)
+            for (ss, c, vv, _m), rs in cell.items():
+                if ss == s and vv == v:
+                    for r in rs:
+                        more[(r["prompt"], c)] = more.get((r["prompt"], c), False) or r["tint"]
+            print(f"  {s:8s} auto's 9 candidates (results/auto28): oracle {sum(hit.values())} of {len(hit)}; "
+                  f"with {v} x0.6-x1.8 added: oracle {sum(more.values())} of {len(more)}")
     print("\nmention / addresses / fluent, and the Eiffel Tower named (eiffel_tower rows), at x1:")
     for s in ("tuning", "heldout"):
         for v in kinds:
@@ -396,6 +413,8 @@ def main() -> None:
     v.add_argument("--batch-gen", type=int, default=40)
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--mult", type=float, nargs="+", default=[1.0, 2.0])
+    v.add_argument("--prompts", choices=("7", "35"), default="7",
+                   help="training prompts: the 7 with stored asked answers, or all 35 tuning prompts not judged on")
     v.add_argument("--teacher-mult", type=float, nargs="*", default=[1.0, 2.0, 3.0],
                    help="steered teachers at these multiples of the default (none: asked teachers only)")
     v.add_argument("--out", default=str(RESULTS / "learned28_volcano.jsonl"))
