@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llm_steering import models, steering
+from llm_steering.components import SteeringComponent, _delta
 
 import torch
 
@@ -119,13 +120,12 @@ def _loss(model: Any, tokenizer: Any, chats, answers, u: torch.Tensor, layer: in
             steer_mask[b, :s] = 0
     _, layers = models.decoder_layers(model)
 
+    comp = SteeringComponent(layer, u.detach(), strength=strength, op=op)  # the op's rule, as the library steers
+
     def hook(module: Any, args: Any, output: Any) -> Any:
         hidden = steering.layer_hidden(output)
         v = (u / u.norm()).to(hidden.dtype)
-        if op == "add":
-            delta = torch.full(hidden.shape[:2], strength, device=hidden.device, dtype=hidden.dtype)
-        else:  # clamp: the component along v set to the strength
-            delta = strength - hidden @ v
+        delta = _delta(comp, hidden @ v)
         return steering.with_hidden(output, hidden + (delta * steer_mask.to(hidden.dtype)).unsqueeze(-1) * v)
 
     base, head = models.base_model(model), models.unembedding(model)
@@ -217,7 +217,6 @@ def steered_teachers(model: Any, tokenizer: Any, prompts: Sequence[str], layer: 
     `keep` accepts (they name the concept), share a content word with the prompt and read fluently
     (NLL at most `nll_bound` x the unsteered answer's, rep3 < 0.2); prompts where none does give none."""
     from llm_steering import calibrate
-    from llm_steering.components import SteeringComponent
 
     chats = [plain_chat(p, system) for p in prompts]
     rows = [[]] + [[SteeringComponent(layer, direction, strength=m * strength, op=op)] for m in multipliers]
