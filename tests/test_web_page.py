@@ -121,7 +121,10 @@ def set_max_new_tokens(page, n: int) -> None:
     box = page.locator("#max-new-tokens input[type='number']")
     box.fill(str(n))
     box.press("Enter")
-    page.wait_for_timeout(300)
+    box.blur()
+    # the slider takes the value once the box commits it: a fixed pause once let a loaded run send 24 tokens
+    slider = page.locator("#max-new-tokens input[type='range']")
+    wait_for(lambda: slider.input_value() == str(n), 15, f"the max new tokens slider at {n}")
 
 
 # ---------------------------------------------------------------------------
