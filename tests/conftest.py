@@ -235,3 +235,18 @@ def comps_for(case: str) -> list:
             SteeringComponent(layer=20, vector=w, op="ablate", scale=0.5),
         ],
     }[case]
+
+
+def pytest_runtest_logreport(report):
+    """With STEERING_TEST_TIMELINE=FILE, each phase of each test as a line of JSON (worker, id, phase, start,
+    stop): which worker ran what when, to find a run's critical path (docs/testing.md)."""
+    path = os.environ.get("STEERING_TEST_TIMELINE")
+    node = getattr(report, "node", None)  # set in xdist's controller; without xdist there is one worker
+    if not path or (node is None and os.environ.get("PYTEST_XDIST_WORKER")):
+        return
+    import json
+
+    worker = getattr(getattr(node, "gateway", None), "id", "main")
+    with open(path, "a") as f:
+        f.write(json.dumps({"worker": worker, "id": report.nodeid, "when": report.when, "start": report.start,
+                            "stop": report.stop, "outcome": report.outcome}) + "\n")
