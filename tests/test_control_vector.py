@@ -233,20 +233,23 @@ def test_one_shot_export_writes_the_file_and_exits_without_chatting(shipped, tmp
     assert sorted(read) == [12, 15]
 
 
-def test_one_shot_export_of_a_clamp_is_refused_with_exit_2(tmp_path):
+def test_one_shot_export_of_a_clamp_is_refused_with_exit_2(tmp_path, capsys):
+    from test_demo import one_shot_in_process
+
     path = tmp_path / "pirate.gguf"
     done = run_demo("--steer", "pirate", "0.2", "--export-gguf", str(path))  # pirate's own op is clamp
     assert done.returncode == 2, done.stderr[-2000:]
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: 'pirate' uses clamp") and "cannot express" in lines[0], lines
     assert done.stdout == "" and not path.exists()
+    # refused before the model loads: in this process (the process's exit code is the one checked above)
     for args, words in ((["--export-gguf", str(path)], "--steer NAME [STRENGTH] add"),
                         (["--prompt", "Hi", "--steer", "cats", "0.3", "--export-gguf", str(path)], "no --prompt"),
                         (["--steer", "cats", "0.3", "--export-gguf", str(tmp_path / "cats.json")], "*.gguf")):
-        done = run_demo(*args, timeout=60)
+        done = one_shot_in_process(capsys, *args)
         assert done.returncode == 2 and words in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert not list(tmp_path.iterdir())
-    shown = run_demo("--help", timeout=60)
+    shown = one_shot_in_process(capsys, "--help")
     assert shown.returncode == 0 and "--export-gguf FILE" in shown.stdout and "llama.cpp" in shown.stdout
 
 
