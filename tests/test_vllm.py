@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed (pip install -r requirements-vllm.txt)")
 
@@ -93,12 +94,20 @@ def test_sixteen_concurrent_steerings_each_equal_their_solo_answer(engine):
     assert len({tuple(ids) for ids in alone}) >= 12  # the steerings really differ
 
 
-def test_unsteered_requests_equal_plain_vllm_even_beside_steered_ones(engine):
+def test_unsteered_requests_equal_plain_vllm_even_beside_steered_ones(engine, monkeypatch):
+    import gc
+
+    import vllm.envs as vllm_envs
     from vllm import LLM, SamplingParams
 
-    # eager like the steering engine (and 2 minutes less of torch.compile on a CPU), no worker extension
+    # The reference: plain vLLM, eager like the steering engine (and 2 minutes less of torch.compile on a CPU), no
+    # worker extension, no logits processor. It runs in this process (vLLM's in-process engine core and its
+    # one-process executor: the same CPU model runner, without two more processes that each import vLLM, about
+    # 30 s); the engine under test keeps its own processes.
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    threads = torch.get_num_threads()  # vLLM's worker sets this process's thread count for serving
     plain = LLM(model=str(steering.embedded_model_dir()), dtype="float32", gpu_memory_utilization=0.3,
-                max_model_len=1024, seed=0, enforce_eager=True)
+                max_model_len=1024, seed=0, enforce_eager=True, distributed_executor_backend="uni")
     try:
         ids = [steering.chat_input_ids(engine.tokenizer, chat) for chat in CHATS]
         params = SamplingParams(max_tokens=N_TOKENS, temperature=0.0, stop_token_ids=engine._eos)
@@ -106,6 +115,12 @@ def test_unsteered_requests_equal_plain_vllm_even_beside_steered_ones(engine):
     finally:
         plain.llm_engine.engine_core.shutdown()
         del plain
+        # what an engine core started in this process leaves in it: its thread count, vLLM's environment read once
+        # and kept (a later engine here would not see VLLM_ENABLE_V1_MULTIPROCESSING come back), a frozen heap
+        torch.set_num_threads(threads)
+        vllm_envs.disable_envs_cache()
+        gc.unfreeze()
+    assert not hasattr(vllm_envs.__getattr__, "cache_clear")
     steered = [(CHATS[i], comps_for(case)) for i, case in enumerate(["add", "clamp", "multi", "cap"])]
     got = run_concurrently(engine, [(chat, []) for chat in CHATS] + steered)
     assert [g[len(p):] for g, p in zip(got[:4], ids, strict=True)] == expected
