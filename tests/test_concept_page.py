@@ -4,7 +4,8 @@ Five sentences in the "Make your own concept" panel (in the find panel's place o
 without SAEs) steer the next answer within 30 s of the click; the concept survives export and
 import, and a share link opened in a fresh browser context; another visitor never gets it. Every
 feature card, and the note of a concept just made, shows the tokens its steering at its default raises
-and lowers, measured (lens.feature_tokens), and says so. The app runs
+and lowers, measured (lens.feature_tokens), and says so. Five volcano sentences at their default
+(auto) name volcanoes in most answers to three everyday questions that still answer. The app runs
 greedy with short answers, so answers are checked token for token against the library.
 """
 
