@@ -3,8 +3,8 @@ name itself in everyday answers that still answer.
 
 A concept is made as the app makes it (`concepts.make_concept`'s extraction: the mean residual over the
 user's sentences minus the mean over the template's neutral set), here at several layers. Concepts: the
-five volcano sentences (topic), the topic template's Eiffel Tower example and the persona template's
-pirate example.
+five volcano sentences (topic), the topic template's Eiffel Tower example, the persona template's
+pirate example, and five chess sentences (topic: a second concept that moves to the later layer).
 
 `scores` measures, per layer and fraction of the layer's norm, what the steering raises on the neutral
 chats (`lens.steering_scores`, one batched forward): the rank of the first of the user's own words (tokens
@@ -12,7 +12,9 @@ that start a word of the sentences: a keyword-free signal, since the user gave t
 
 `gen` generates fixed-dose answers (greedy, 48 tokens, repetition penalty 1.1, as eval_auto.py) at each
 layer and fraction for the three everyday questions, the 7 tuning prompts of results/auto28_tuning.jsonl
-and the first 8 held-out prompts, with their NLL under the unsteered model. `auto` answers the same
+and the first 8 held-out prompts, with their NLL under the unsteered model. `layers` makes each concept with
+`concepts.make_concept` and prints the layer it chose, the seconds it took and how many of the 12 tokens
+its steering raises most are the user's own words at layer 15 and at the later layer. `auto` answers the same
 prompts with `calibrate.auto_answer` (the app's default) for the concept made at each layer, at its
 default. `report` judges every answer: mentions (a concept word), still answers (a content word of the
 question, tint.addresses_prompt), fluent (NLL <= 2.5 x the unsteered mean of the same prompts, rep3 < 0.2).
@@ -20,6 +22,7 @@ question, tint.addresses_prompt), fluent (NLL <= 2.5 x the unsteered mean of the
     nice -n 19 .venv/bin/python benchmarks/eval_concept.py scores --out benchmarks/results/concept28_scores.jsonl
     nice -n 19 .venv/bin/python benchmarks/eval_concept.py gen --concept volcano --out benchmarks/results/concept28_gen.jsonl
     nice -n 19 .venv/bin/python benchmarks/eval_concept.py auto --concept volcano --out benchmarks/results/concept28_auto.jsonl
+    nice -n 19 .venv/bin/python benchmarks/eval_concept.py layers --out benchmarks/results/concept28_layers.jsonl
     .venv/bin/python benchmarks/eval_concept.py report benchmarks/results/concept28_gen.jsonl benchmarks/results/concept28_auto.jsonl
 """
 
@@ -52,6 +55,22 @@ CONCEPTS = {
     "volcano": (VOLCANO, "topic", ("volcan", "lava", "magma", "erupt", "crater", "vesuvius")),
     "eiffel": (TEMPLATES["topic"].example, "topic", ("eiffel", "tower", "paris")),
     "pirate": (TEMPLATES["persona"].example, "persona", ("pirate", "matey", "arr", "ahoy", "ye ", "treasure", "ship", "sail")),
+    "chess": (("The knight jumped over the pawn.", "She moved her bishop to checkmate the king.",
+               "Chess players study openings for years.", "The queen is the strongest piece on the board.",
+               "He castled early to protect his king."), "topic",
+              ("chess", "checkmate", "pawn", "bishop", " knight", " rook", "grandmaster", "chessboard")),
+    "jazz": (("The saxophone player improvised a long solo.", "Miles Davis changed jazz forever.",
+              "The trumpet and the piano traded phrases.", "We heard a jazz trio in a smoky club.",
+              "Swing rhythm makes you want to dance."), "topic", ("jazz", "saxophone", "trumpet", "swing")),
+    "my_cats": (("My cat purrs on my lap every evening.", "The kitten chased a ball of yarn.", "Cats sleep most of the day.",
+                 "Our tabby cat caught a mouse.", "She fed the stray cat some tuna."), "topic", (" cat", "kitten", "purr")),
+    "space_trip": (("The rocket launched toward the Moon.", "Astronauts floated inside the space station.",
+                    "Mars is a cold red planet.", "The telescope showed distant galaxies.", "We watched the shuttle land."),
+                   "topic", ("rocket", "astronaut", "space", "planet", "galax", "moon")),
+    "baking": (("She kneaded the dough for ten minutes.", "The bread rose in the warm oven.", "Sourdough needs a starter.",
+                "Flour dusted the kitchen counter.", "The croissants came out golden and flaky."), "topic",
+               ("dough", "bread", "bake", "baking", "oven", "flour")),
+    "bard": (TEMPLATES["style"].example, "style", ("thou", "thee", "thy", "hath", "doth", "prithee")),
 }
 LAYERS = (9, 12, 15, 18, 21, 24)
 
@@ -144,6 +163,29 @@ def cmd_auto(args) -> None:
                 out.flush()
 
 
+def cmd_layers(args) -> None:
+    """For each concept: the layer make_concept chooses, the time it took, and own_word_share at both layers."""
+    from llm_steering import concepts
+    from llm_steering.recipe import ConceptRecipe
+
+    model, tok, catalog = load()
+    late = concepts.late_layer(catalog)
+    with open(args.out, "a") as out:
+        for name in args.concept:
+            sents, template, _ = CONCEPTS[name]
+            key = f"mine_{name}"  # not a shipped feature's name (pirate is one)
+            recipe = ConceptRecipe(key, tuple(sents), template)
+            t0 = time.time()
+            chosen = concepts.make_concept(catalog, recipe)
+            seconds = time.time() - t0
+            shares = {layer: concepts.own_word_share(catalog, concepts.make_concept(
+                catalog, ConceptRecipe(key, tuple(sents), template, layer)), recipe) for layer in (15, late)}
+            row = {"concept": name, "layer": chosen.layer, "seconds": round(seconds, 1),
+                   "own_words_of_12": {str(k): round(v * concepts.OWN_TOP) for k, v in shares.items()}}
+            print(json.dumps(row), flush=True)
+            out.write(json.dumps(row) + "\n")
+
+
 def judge(row: dict, mean_nll: float) -> dict:
     text = row["text"].lower()
     m = any(w in text for w in CONCEPTS[row["concept"]][2])
@@ -198,11 +240,14 @@ def main() -> None:
     a.add_argument("--tokens", type=int, default=eval_quality.MAX_NEW_TOKENS,
                    help="answer length (the greedy app of the browser tests: 24; auto then judges on 24)")
     a.add_argument("--out", default=str(RESULTS / "concept28_auto.jsonl"))
+    lay = sub.add_parser("layers", help="the layer make_concept chooses for each concept, and why")
+    lay.add_argument("--concept", nargs="+", default=list(CONCEPTS), choices=list(CONCEPTS))
+    lay.add_argument("--out", default=str(RESULTS / "concept28_layers.jsonl"))
     r = sub.add_parser("report", help="judge and tabulate")
     r.add_argument("files", nargs="+")
     r.add_argument("--show", nargs="*", type=int, default=[], help="print the everyday answers of these layers")
     args = ap.parse_args()
-    {"scores": cmd_scores, "gen": cmd_gen, "auto": cmd_auto, "report": cmd_report}[args.cmd](args)
+    {"scores": cmd_scores, "gen": cmd_gen, "auto": cmd_auto, "layers": cmd_layers, "report": cmd_report}[args.cmd](args)
 
 
 if __name__ == "__main__":
