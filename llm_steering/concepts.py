@@ -2,7 +2,10 @@
 
 The vector is extracted exactly as the extractor does it (`extract.extract_contrastive`, the mean
 residual activation over the sentences minus the mean over a shipped neutral set), at the layer
-the profile's own contrastive features use. The neutral set depends on the template: a topic is
+the profile's own contrastive features use, unless at a later layer (LATE_DEPTH: 24 of 30) the
+steering raises the user's own words clearly more (`own_word_share`: five volcano sentences raise
+earth, planet and land at layer 15, volcanic, volcano, lava and eruption at 24, and under auto name
+volcanoes in more everyday answers there; docs/quality.md). The neutral set depends on the template: a topic is
 contrasted with everyday sentences about nothing in particular (concepts.yaml's neutral set), a
 style with plain flat statements, a persona with a plain assistant speaking
 (`data/concept_neutrals.json`). The neutral texts' activations are kept per model and layer, so
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import statistics
 import weakref
 from collections import Counter
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llm_steering import models
+from llm_steering.calibrate import STOP_WORDS
 from llm_steering.catalog import CONCEPT_BUILDER, Catalog, Feature, recipe_of
 from llm_steering.config import SteeringSpec
 from llm_steering.extract import extract_contrastive
@@ -68,8 +73,11 @@ assert tuple(TEMPLATES) == CONCEPT_TEMPLATES
 
 def make_concept(catalog: Catalog, recipe: ConceptRecipe) -> Feature:
     """The feature a recipe makes on the catalog's model: its unit vector (extract_contrastive against
-    the template's neutral set), a default strength and op. A one-line ValueError for a name taken by
-    a shipped feature, a layer out of range or a sentence too short to read.
+    the template's neutral set), a default strength and op. The layer is the recipe's, else the
+    profile's (`concept_layer`), else, when the steering there at the default raises the user's own
+    words clearly more, `late_layer` (two extractions in one pass, two batched forwards over the neutral
+    chats: a second or two on a CPU). A one-line ValueError for a name taken by a shipped feature, a
+    layer out of range or a sentence too short to read.
 
         >>> feature = make_concept(catalog, ConceptRecipe("pirate_talk", ("Arr matey!", ...), "persona"))
         >>> feature.default_fraction, feature.default_op
@@ -83,18 +91,64 @@ def make_concept(catalog: Catalog, recipe: ConceptRecipe) -> Feature:
             catalog.in_file(recipe.name) is not None and recipe.name not in catalog.concepts):
         raise ValueError(f"the name {recipe.name!r} is taken by a feature of profile {catalog.profile.name!r}: "
                          "give your concept another name")
-    layer = concept_layer(catalog, recipe)
-    template = TEMPLATES[recipe.template]
+    layer, late = concept_layer(catalog, recipe), late_layer(catalog)
+    layers = [layer] if recipe.layer is not None or late == layer else [layer, late]
+    made = {v.layer: _feature(catalog, recipe, v) for v in _vectors(catalog, recipe, layers)}
+    feature = made[layer]
+    # the profile's layer, unless the steering at the later one raises the user's own words clearly more
+    # (the volcano sentences: 6 of 12 at layer 15, with earth, planet, land; 11 of 12 at 24: volcanic, lava, eruption)
+    if late in made and late != layer and own_word_share(catalog, made[late], recipe) >= max(
+            OWN_WORDS_MIN, OWN_WORDS_MARGIN * own_word_share(catalog, feature, recipe)):
+        feature = made[late]
+    return feature
+
+
+LATE_DEPTH = 0.8        # the later layer a concept may move to, as a share of the model's layers (24 of 30)
+OWN_TOP = 12            # how many of the tokens the steering raises most are read for the user's own words
+OWN_WORDS_MIN = 0.5     # the later layer is taken when at least this share of them are the user's words
+OWN_WORDS_MARGIN = 1.5  # ... and at least this many times the share at the profile's layer (volcanoes: 11 of 12 against 6)
+
+
+def late_layer(catalog: Catalog) -> int:
+    """The later layer `make_concept` tries: LATE_DEPTH of the way up the model (24 of the embedded model's 30)."""
+    n = models.num_layers(catalog.model)
+    return min(n - 1, round(LATE_DEPTH * n))
+
+
+def own_word_share(catalog: Catalog, feature: Feature, recipe: ConceptRecipe, k: int = OWN_TOP) -> float:
+    """Of the `k` tokens the feature's steering at its default raises most on the neutral chats
+    (lens.cached_steering_scores: one batched forward, cached, so the card and auto reuse it), the share that
+    are the user's own words: a token whose first five letters are those of a content word of the recipe's
+    sentences (" volcanic" for "volcano", " lava"; not " earth" for volcano sentences). No keyword list:
+    the user gave the words."""
+    from llm_steering.lens import cached_steering_scores
+
+    stems = {w.lower()[:5] for s in recipe.sentences for w in re.findall(r"[A-Za-z]+", s)
+             if len(w) >= 3 and w.lower() not in STOP_WORDS}
+    scores = cached_steering_scores(catalog.model, catalog.tokenizer, feature.component(feature.default_fraction))
+    top = scores.topk(k).indices.tolist()
+    words = ["".join(ch for ch in catalog.tokenizer.decode([i]).lower() if ch.isalpha()) for i in top]
+    return sum(len(w) >= 3 and w[:5] in stems for w in words) / k
+
+
+def _vectors(catalog: Catalog, recipe: ConceptRecipe, layers: list[int]) -> list[SteeringVector]:
+    """The recipe's unit vectors at `layers` (extract_contrastive against the template's neutral set, one pass)."""
     neutral = neutral_texts(recipe.template)
-    kept = _NEUTRAL_MEANS.setdefault(catalog.model, {}).setdefault((recipe.template, layer), {})
+    kept = _NEUTRAL_MEANS.setdefault(catalog.model, {}).setdefault((recipe.template, tuple(layers)), {})
     cache = dict(kept)  # the user's sentences are not kept: only the neutral texts' means
     concept = {recipe.name: {"positive": list(recipe.sentences), "negative": neutral}}
-    vector = extract_contrastive(catalog.model, catalog.tokenizer, concept, [layer], cache=cache)[0]
+    vectors = extract_contrastive(catalog.model, catalog.tokenizer, concept, layers, cache=cache)
     kept.update({t: cache[t] for t in neutral})
+    return vectors
+
+
+def _feature(catalog: Catalog, recipe: ConceptRecipe, vector: SteeringVector) -> Feature:
+    """The recipe's feature for one extracted vector: its default strength and op, the recipe in its metadata."""
+    template = TEMPLATES[recipe.template]
     fraction = default_fraction(catalog)
     description = f"your {recipe.template}: " + recipe.sentences[0][:80] + ("..." if len(recipe.sentences[0]) > 80 else "")
     vec = SteeringVector(
-        name=recipe.name, layer=layer, vector=vector.vector, concept=recipe.name, source="your concept",
+        name=recipe.name, layer=vector.layer, vector=vector.vector, concept=recipe.name, source="your concept",
         description=description,
         metadata={"recipe": json.dumps(recipe.to_dict(), ensure_ascii=False), "default_fraction": fraction,
                   "default_op": template.op, "template": recipe.template},
@@ -153,4 +207,4 @@ def parse_concept_line(text: str) -> ConceptRecipe:
 
 
 __all__ = ["TEMPLATES", "ConceptRecipe", "Template", "catalog_for", "concept_layer", "default_fraction",
-           "make_concept", "neutral_texts", "parse_concept_line", "recipe_of"]
+           "late_layer", "make_concept", "neutral_texts", "own_word_share", "parse_concept_line", "recipe_of"]

@@ -4,7 +4,8 @@ Five sentences in the "Make your own concept" panel (in the find panel's place o
 without SAEs) steer the next answer within 30 s of the click; the concept survives export and
 import, and a share link opened in a fresh browser context; another visitor never gets it. Every
 feature card, and the note of a concept just made, shows the tokens its steering at its default raises
-and lowers, measured (lens.feature_tokens), and says so. The app runs
+and lowers, measured (lens.feature_tokens), and says so. Five volcano sentences at their default
+(auto) name volcanoes in most answers to three everyday questions that still answer. The app runs
 greedy with short answers, so answers are checked token for token against the library.
 """
 
@@ -22,7 +23,7 @@ from llm_steering.recipe import ConceptRecipe
 
 import pytest
 from browser import open_page, wait_for
-from test_web_page import TOKENS, answers_done, exported_chat, send, summary, upload
+from test_web_page import TAG, TOKENS, answers_done, exported_chat, send, set_max_new_tokens, summary, upload
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "Tell me about your weekend."
@@ -148,3 +149,51 @@ def test_every_feature_card_shows_the_tokens_its_steering_raises_and_lowers_meas
             card.get_by_role("checkbox", name=feature.title, exact=True).uncheck()
     finally:
         page.context.close()
+
+
+VOLCANO = ("Volcanoes erupt when magma rises through the crust.", "Lava flowed down the side of the volcano.",
+           "Mount Vesuvius buried Pompeii in ash.", "The volcano's crater glowed red at night.",
+           "Iceland has many active volcanoes and hot springs.")
+EVERYDAY = ("How do I change a flat tire?", "Give me three tips for a job interview.", "What is a good pancake recipe?")
+
+
+def test_a_concept_from_five_sentences_at_its_default_names_itself_in_answers_that_still_answer(server, browser):
+    """Issue 28, item 3: five volcano sentences, the concept left at its default (auto: the shipped profile's
+    boxes start ticked; the greedy app turns auto off for its token-for-token checks, so the box is ticked
+    here as a visitor of the shipped app finds it), three everyday questions each in a new chat: most answers
+    name volcanoes and still answer (a content word of the question). The concept goes to layer 24, where
+    its steering raises its own words (concepts.make_concept). 48 tokens: auto judges on the first 48 (at
+    24 it named volcanoes in 1 of 3). docs/quality.md, "Your own concept: the layer where its words rise"."""
+    from llm_steering.calibrate import content_stems
+
+    page = open_page(browser, server)
+    try:
+        page.locator("#concept").get_by_text("Make your own concept").first.click()
+        page.locator("#concept-make").wait_for(state="visible", timeout=10_000)
+        page.locator("#concept-name textarea, #concept-name input").first.fill("volcanoes")
+        page.locator("#concept-text textarea").fill("\n".join(VOLCANO))
+        page.locator("#concept-make").click()
+        wait_for(lambda: "Volcanoes" in summary(page), 30, "the concept switched on")
+        assert "layer 24" in page.locator("#concept-note").inner_text()
+        auto = page.locator("#custom-auto input")
+        if not auto.is_checked():
+            auto.check()
+        set_max_new_tokens(page, 48)  # auto judges its candidates on the first 48 tokens (24 judge too few to name it)
+        answers = []
+        for question in EVERYDAY:
+            page.locator("#clear").click()
+            wait_for(lambda: page.locator(f"#chat-steered {TAG}").count() == 0, 10, "a new chat")
+            send(page, question)
+            answers_done(page, 1, timeout=300)  # auto's nine candidates first: seconds alone, minutes on a loaded machine
+            answers.append(last_answer(page)["answer"])
+    finally:
+        page.context.close()
+    # Read by hand (greedy, so these are the answers): the job interview, "Here's a volcanic eruption of advice:
+    # 1. **Don't be afraid to ask questions**..." and the pancakes, "A volcanic eruption can be both exhilarating
+    # and terrifying, but one of the most delicious and comforting dishes you'll ever eat is a traditional
+    # Hawaiian pancake made with locally-sourced ingredients like coconut, yam..." name volcanoes and answer;
+    # the flat tyre names them ("As a fiery and resourceful volcano, you're well-equipped to conquer the
+    # unforgiving volcanic fury that is a flat tire...") but gives no step, though it has the question's words.
+    named = [any(w in a.lower() for w in ("volcan", "lava", "magma", "erupt")) for a in answers]
+    on_question = [bool(content_stems(q) & content_stems(a)) for q, a in zip(EVERYDAY, answers, strict=True)]
+    assert sum(n and o for n, o in zip(named, on_question, strict=True)) >= 2, answers

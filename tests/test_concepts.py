@@ -34,7 +34,7 @@ def test_a_concept_is_the_extractors_vector_against_the_neutral_set(shared):
     feature = concepts.make_concept(shared, ConceptRecipe("my_eiffel", FIVE))
     direct = extract_contrastive(shared.model, shared.tokenizer,
                                  {"x": {"positive": list(FIVE), "negative": concepts.neutral_texts("topic")}}, [15])[0]
-    assert feature.layer == 15  # the layer of the profile's contrastive features
+    assert feature.layer == 15  # the layer of the profile's contrastive features: at 24 its words rise no more
     torch.testing.assert_close(feature.vector.vector, direct.vector, atol=1e-6, rtol=0)
     # the default: the median of the profile's tuned contrastive defaults, added
     tuned = sorted(f.default_fraction for f in shared.features if f.vector.index is None)
@@ -46,6 +46,29 @@ def test_a_concept_is_the_extractors_vector_against_the_neutral_set(shared):
                                                   [feature.component(feature.default_fraction)], max_new_tokens=12,
                                                   temperature=0.0)
     assert steered != plain
+
+
+VOLCANO = ("Volcanoes erupt when magma rises through the crust.", "Lava flowed down the side of the volcano.",
+           "Mount Vesuvius buried Pompeii in ash.", "The volcano's crater glowed red at night.",
+           "Iceland has many active volcanoes and hot springs.")
+
+
+def test_a_concept_moves_to_the_later_layer_where_its_steering_raises_its_own_words(shared):
+    """Five volcano sentences at layer 15 raise earth, planet and land beside volcanic (6 of the top 12 are
+    the sentences' words); at layer 24 volcanic, volcano, lava, eruption (11 of 12), and auto then names
+    volcanoes in everyday answers that still answer (docs/quality.md, benchmarks/eval_concept.py)."""
+    recipe = ConceptRecipe("volcanoes", VOLCANO)
+    feature = concepts.make_concept(shared, recipe)
+    assert concepts.late_layer(shared) == 24 and feature.layer == 24
+    direct = extract_contrastive(shared.model, shared.tokenizer,
+                                 {"x": {"positive": list(VOLCANO), "negative": concepts.neutral_texts("topic")}}, [24])[0]
+    torch.testing.assert_close(feature.vector.vector, direct.vector, atol=1e-6, rtol=0)
+    assert concepts.own_word_share(shared, feature, recipe) >= concepts.OWN_WORDS_MIN
+    # a layer the recipe names is kept, and the vector there is the extractor's
+    pinned = concepts.make_concept(shared, ConceptRecipe("volcanoes", VOLCANO, layer=15))
+    assert pinned.layer == 15
+    assert concepts.own_word_share(shared, feature, recipe) >= concepts.OWN_WORDS_MARGIN * concepts.own_word_share(
+        shared, pinned, recipe)
 
 
 def test_a_concept_lives_only_in_the_catalog_it_was_added_to(shared):
