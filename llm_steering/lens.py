@@ -313,24 +313,19 @@ def concept_token_ids(model: Any, tokenizer: Any, component: Any, k: int = 24) -
 # What a feature card shows: the one rule
 # ---------------------------------------------------------------------------
 
-LENS_FROM = 2 / 3  # the logit lens reads from this share of the model's layers on (the last third)
-
-
 def lens_reads(model: Any, feature: Any) -> bool:
     """Whether the logit lens of `feature`'s direction says what it does (else it is measured,
-    `steered_tokens`). The one rule of the cards, the console and extract.py:
+    `steered_tokens`). The one rule of the cards, the console and extract.py: only for an SAE feature
+    (its vector has an SAE index), whose decoder direction is one the SAE learned to read back out, and
+    whose lens is what Neuronpedia shows (on the 8B profile, L15F21576 promotes Paris and Eiffel);
+    measuring one there would also mean 8B forwards at start.
 
-    * an SAE feature (its vector has an SAE index): its decoder direction is one the SAE learned to
-      read back out, and its lens is what Neuronpedia shows (on the 8B profile, L15F21576 promotes
-      Paris and Eiffel); measuring one there would also mean 8B forwards at start;
-    * a direction at a layer in the last third of the model (layer >= LENS_FROM x the layers): little
-      is left to change it before the unembedding.
-
-    Everything else, the contrastive vectors and your own concepts of the middle layers (layer 15
-    or 12 of the embedded model's 30, where the lens is noise), is measured."""
-    from llm_steering.models import num_layers
-
-    return feature.vector.index is not None or feature.layer >= LENS_FROM * num_layers(model)
+    Everything else, the contrastive vectors and your own concepts, is measured, at every layer: the lens
+    is noise for them in the middle of the embedded model (layer 15 of 30) and late too (five volcano
+    sentences at layer 24 of 30: "aughed, aughtered, erno, ountains" by the lens, where the steering
+    raises "volcanic, volcano, lava, eruption"; tests/test_lens.py). `model` is kept for callers."""
+    del model
+    return feature.vector.index is not None
 
 
 def feature_tokens(model: Any, tokenizer: Any, feature: Any, k: int = DEFAULT_K) -> TokenLens:

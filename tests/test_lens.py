@@ -93,23 +93,41 @@ def test_extract_find_prints_each_features_promoted_tokens(embedded, tmp_path, c
 # -- what the cards show: measured, or the logit lens where it reads (lens.lens_reads) ---------------
 
 
-def test_the_rule_measures_middle_layers_and_reads_the_lens_late_and_for_sae_features(shared):
-    """One rule (lens.lens_reads): the embedded model's shipped features (layers 12 and 15 of 30) are
-    measured; a direction from layer 20 on (the last third), or any SAE feature, reads by the lens."""
+def test_the_rule_measures_contrastive_directions_at_every_layer_and_reads_the_lens_for_sae_features(shared):
+    """One rule (lens.lens_reads): the embedded model's shipped features (layers 12 and 15 of 30) and any
+    contrastive direction, late ones too, are measured; an SAE feature reads by the lens. A concept made from
+    five volcano sentences goes to layer 24 (concepts.make_concept); there the lens reads noise and the
+    measured tokens are its own words."""
     from dataclasses import replace
 
+    from llm_steering.concepts import make_concept
+    from llm_steering.recipe import ConceptRecipe
     from llm_steering.vectors import SteeringVector
 
     assert steering.num_layers(shared.model) == 30
     assert not any(lens.lens_reads(shared.model, f) for f in shared.features)
     pirate = shared.resolve("pirate")
-    late = replace(pirate, vector=replace(pirate.vector, layer=20))
-    assert lens.lens_reads(shared.model, late) and not lens.lens_reads(shared.model, replace(late, vector=replace(late.vector, layer=19)))
+    late = replace(pirate, vector=replace(pirate.vector, layer=26))
+    assert not lens.lens_reads(shared.model, late)
     sae = replace(pirate, vector=SteeringVector(name="L15F7", layer=15, vector=pirate.vector.vector, index=7))
     assert lens.lens_reads(shared.model, sae)
-    got = lens.feature_tokens(shared.model, shared.tokenizer, late, k=5)
+    got = lens.feature_tokens(shared.model, shared.tokenizer, sae, k=5)
     assert got == lens.top_tokens(shared.model, shared.tokenizer, pirate.vector.vector, k=5)
     assert got.how == lens.LOGIT_LENS and not got.measured and got.verbs == ("pushes up", "pushes down")
+
+    volcano = make_concept(shared, ConceptRecipe("volcanoes", (
+        "Volcanoes erupt when magma rises through the crust.", "Lava flowed down the side of the volcano.",
+        "Mount Vesuvius buried Pompeii in ash.", "The volcano's crater glowed red at night.",
+        "Iceland has many active volcanoes and hot springs.")))
+    assert volcano.layer == 24
+
+    def volcanic(words) -> int:
+        return sum(any(s in w.lower() for s in ("volcan", "lava", "magma", "erupt")) for w in words)
+
+    shown = lens.feature_tokens(shared.model, shared.tokenizer, volcano, k=8)
+    read = lens.top_tokens(shared.model, shared.tokenizer, volcano.vector.vector, k=8)
+    up, lens_up = [t.text for t in shown.promoted], [t.text for t in read.promoted]
+    assert shown.measured and volcanic(up) >= 5 and volcanic(lens_up) <= 1, (up, lens_up)
 
 
 @pytest.mark.parametrize("key,word", [("ocean", "ocean"), ("pirate", "pirate"), ("eiffel_tower", "Paris")])

@@ -119,12 +119,29 @@ def open_advanced(page) -> None:
 def set_max_new_tokens(page, n: int) -> None:
     open_advanced(page)
     box = page.locator("#max-new-tokens input[type='number']")
-    box.fill(str(n))
-    box.press("Enter")
-    box.blur()
-    # the slider takes the value once the box commits it: a fixed pause once let a loaded run send 24 tokens
+    # the slider takes the value once the box commits it: a fixed pause once let a loaded run send 24 tokens.
+    # Typed again if it has not taken it after a while: a loaded run once lost the Enter while the page redrew
+    # after a concept was made.
     slider = page.locator("#max-new-tokens input[type='range']")
-    wait_for(lambda: slider.input_value() == str(n), 15, f"the max new tokens slider at {n}")
+    for _ in range(6):  # 30 s in all
+        box.fill(str(n))
+        box.press("Enter")
+        box.blur()
+        if wait_for_quietly(lambda: slider.input_value() == str(n), 5):
+            return
+    pytest.fail(f"the max new tokens slider never took {n}: it shows {slider.input_value()}")
+
+
+def wait_for_quietly(predicate, timeout: float) -> bool:
+    """Whether `predicate` turns true within `timeout` seconds (polled); False where wait_for would fail."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return bool(predicate())
 
 
 # ---------------------------------------------------------------------------
