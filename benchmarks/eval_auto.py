@@ -22,7 +22,7 @@ import json
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from llm_steering import calibrate, steering
@@ -299,13 +299,14 @@ def handcheck(rows: list[dict]) -> None:
     agree("tint (the judge)", lambda c: c["tint"], "hand_tint")
 
 
-def subsets(rows: list[dict]) -> None:
+def subsets(rows: list[dict], per_concept: Sequence[int] = ()) -> None:
     """Auto with fewer candidates (a smaller batch, so the first words come sooner): for each size, the
     subsets (the unsteered answer always kept) whose picker tints most on tuning, replayed on held-out."""
     import itertools
 
     n = len(rows[0]["candidates"])
     names = ["unsteered", "op x0.6", "op x1", "op x1.4", "op x1.8", "other op x1", "release x2", "release x3", "release x4"]
+    names += [c["label"] for c in rows[0]["candidates"][len(names):]]  # --extra's
 
     def rate(set_: str, keep: list[int]) -> tuple[int, int]:
         picked = [r["candidates"][keep[auto_picker([r["candidates"][i] for i in keep])]] for r in rows if r["set"] == set_]
@@ -318,11 +319,58 @@ def subsets(rows: list[dict]) -> None:
         for _tuned, _, keep in ranked[:2]:
             t, m = rate("tuning", keep)
             h, hm = rate("heldout", keep)
-            print(f"| {k} | {', '.join(names[i] if n == len(names) else str(i) for i in keep)} | {t}/{m} | {h}/{hm} ({h / max(1, hm):.0%}) |")
+            print(f"| {k} | {', '.join(names[i] for i in keep)} | {t}/{m} | {h}/{hm} ({h / max(1, hm):.0%}) |")
+    if per_concept:
+        for k in per_concept:
+            keep = max((rate("tuning", [0, *sub])[0], -len(sub), [0, *sub])
+                        for sub in itertools.combinations(range(1, n), k - 1))[2]
+            print(f"\n{k} rows, the best on tuning ({', '.join(names[i] for i in keep)}):")
+            table(rows, {f"auto ({k})": lambda c, keep=keep: keep[auto_picker([c[i] for i in keep])],
+                         f"oracle ({k})": lambda c, keep=keep: keep[oracle([c[i] for i in keep])]})
+
+
+def add_extra(rows: list[dict], paths: list[str], kinds: list[str]) -> int:
+    """More candidates for each stored prompt and concept, from rows of another run with the same decoding
+    (benchmarks/eval_learned.py: a learned direction at multiples of the default), read with auto's signals:
+    the NLL ratio to the stored unsteered answer, rep3, a word of the question, the steering's own words
+    (projection not measured: NaN). Returns how many candidates were added."""
+    index = {(r["set"], r["prompt"], r["concept"]): r for r in rows}
+    added = 0
+    for path in paths:
+        for e in map(json.loads, open(path)):
+            r = index.get((e.get("set"), e.get("prompt"), e.get("concept")))
+            if r is None or e.get("vector") not in kinds:
+                continue
+            base, words = r["candidates"][0], set(r["words"])
+            r["candidates"].append({
+                "label": f"{e['vector']} x{e['multiplier']:g}", "multiplier": e["multiplier"], "steer_prompt": True,
+                "release": False, "op": r["candidates"][2]["op"], "text": e["text"], "ids": e["ids"], "nll": e["nll"],
+                "nll_ratio": e["nll"] / base["nll"], "rep3": e["rep3"],
+                "on_question": bool(calibrate.content_stems(e["text"]) & calibrate.content_stems(e["prompt"])),
+                "concept_words": sum(t in words for t in e["ids"]), "released_at": None, "projection": float("nan")})
+            added += 1
+    return added
 
 
 def cmd_report(args) -> None:
     rows = load(args.files)
+    if args.extra:
+        n = len(rows[0]["candidates"])
+        print(f"{add_extra(rows, args.extra, args.extra_kinds)} candidates added ({', '.join(args.extra_kinds)})")
+        mean = {}
+        for s in {r["set"] for r in rows}:
+            base = [r["candidates"][0]["nll"] for r in rows if r["set"] == s]
+            mean[s] = sum(base) / len(base)
+        for r in rows:
+            for cand in r["candidates"][n:]:
+                cand.update(judge(r, cand, mean[r["set"]]))
+        concept_scores(rows)
+        if args.subsets:
+            subsets(rows, args.per_concept)
+            return
+        table(rows, {"fixed": fixed(), f"auto ({n})": lambda c: auto_picker(c[:n]), "auto (all)": auto_picker,
+                     f"oracle ({n})": lambda c: oracle(c[:n]), "oracle (all)": oracle})
+        return
     concept_scores(rows)
     pickers = {"fixed": fixed(), "auto": auto_picker, "oracle": oracle}
     if args.search:
@@ -351,6 +399,9 @@ def main() -> None:
     rep.add_argument("files", nargs="+")
     rep.add_argument("--search", action="store_true", help="also search pickers on the tuning rows")
     rep.add_argument("--subsets", action="store_true", help="only: auto with fewer candidates, chosen on tuning")
+    rep.add_argument("--extra", nargs="*", default=[], help="only: auto with more candidates, from these rows (eval_learned.py's)")
+    rep.add_argument("--per-concept", nargs="*", type=int, default=[], help="with --subsets: per concept, for these sizes")
+    rep.add_argument("--extra-kinds", nargs="*", default=["learned"], help="the `vector` kinds of --extra rows to add")
     args = parser.parse_args()
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)

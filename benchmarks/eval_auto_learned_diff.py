@@ -1,0 +1,44 @@
+"""Where auto with the learned directions picks another answer than the shipped auto (issue 28): the sample read by hand.
+
+The shipped auto's nine candidates (results/auto28_heldout.jsonl) against the seven rows chosen on tuning among those
+nine and the learned direction at x0.6, x1, x1.4, x1.8 (`eval_auto.py report --subsets --extra ...`): unsteered, op x1,
+release x2 and x3, learned x1, x0.6 and x1.4. Prints the held-out pairs where the two pick different candidates, and
+20 of them drawn with random.seed(28), both answers side by side (written to the file given, as JSONL; the verdicts read
+by hand are in results/auto28_learned_handcheck.jsonl).
+
+    .venv/bin/python benchmarks/eval_auto_learned_diff.py /tmp/diff_sample.jsonl
+"""
+
+import json
+import random
+import sys
+
+sys.path.insert(0, "benchmarks")
+import eval_auto as ea
+
+rows = ea.load(["benchmarks/results/auto28_tuning.jsonl", "benchmarks/results/auto28_heldout.jsonl"])
+n0 = len(rows[0]["candidates"])
+ea.add_extra(rows, ["benchmarks/results/learned28_tuning.jsonl", "benchmarks/results/learned28_heldout.jsonl"], ["learned"])
+mean = {}
+for s in {r["set"] for r in rows}:
+    b = [r["candidates"][0]["nll"] for r in rows if r["set"] == s]
+    mean[s] = sum(b) / len(b)
+for r in rows:
+    for c in r["candidates"][n0:]:
+        c.update(ea.judge(r, c, mean[r["set"]]))
+ea.concept_scores(rows)
+keep = [0, 2, 6, 7, 9, 10, 11]
+diff = []
+for r in rows:
+    if r["set"] != "heldout":
+        continue
+    a = r["candidates"][ea.auto_picker(r["candidates"][:n0])]
+    b = r["candidates"][keep[ea.auto_picker([r["candidates"][i] for i in keep])]]
+    if a is not b:
+        diff.append((r, a, b))
+print(len(diff), "held-out pairs where the 7-row auto picks another candidate than the shipped 9-row auto")
+random.seed(28)
+out = open(sys.argv[1], "w")
+for r, a, b in random.sample(diff, 20):
+    out.write(json.dumps({"concept": r["concept"], "prompt": r["prompt"], "shipped": [a["label"], a["text"], a["tint"]], "seven": [b["label"], b["text"], b["tint"]]}) + "\n")
+    print(f"\n## {r['concept']} | {r['prompt']}\n  9-row [{a['label']}] tint={a['tint']}: {a['text']!r}\n  7-row [{b['label']}] tint={b['tint']}: {b['text']!r}")
