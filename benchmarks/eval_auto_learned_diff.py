@@ -13,7 +13,6 @@ import json
 import random
 import sys
 
-sys.path.insert(0, "benchmarks")
 import eval_auto as ea
 
 rows = ea.load(["benchmarks/results/auto28_tuning.jsonl", "benchmarks/results/auto28_heldout.jsonl"])
