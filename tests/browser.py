@@ -140,8 +140,14 @@ def download_export(page, button: str) -> tuple[str, bytes]:
     """Open the Share panel, click an export button, and fetch the file it offers: (its name, its bytes)."""
     if not page.locator("#exported").is_visible():
         page.locator("#share-acc").get_by_text("Share", exact=True).click()
-    page.get_by_role("button", name=button).click()
     link = page.locator("#exported [data-testid='download-link']")
+    before = link.get_attribute("href") if link.count() else None
+    page.get_by_role("button", name=button).click()
     link.wait_for(timeout=15_000)
+    # an earlier export's link stays until the new file replaces it: wait for another one (the same one after
+    # 20 s is the same file)
+    deadline = time.monotonic() + 20
+    while link.get_attribute("href") == before and time.monotonic() < deadline:
+        time.sleep(0.2)
     with urllib.request.urlopen(link.get_attribute("href"), timeout=10) as resp:
         return link.get_attribute("download"), resp.read()

@@ -23,7 +23,17 @@ from llm_steering.recipe import ConceptRecipe
 
 import pytest
 from browser import open_page, wait_for
-from test_web_page import TAG, TOKENS, answers_done, exported_chat, send, set_max_new_tokens, summary, upload
+from test_web_page import (
+    TAG,
+    TOKENS,
+    answer_texts,
+    answers_done,
+    exported_chat,
+    send,
+    set_max_new_tokens,
+    summary,
+    upload,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "Tell me about your weekend."
@@ -139,7 +149,7 @@ def test_every_feature_card_shows_the_tokens_its_steering_raises_and_lowers_meas
                                                                                   exact=True))
             card.get_by_role("checkbox", name=feature.title, exact=True).check()
             tokens = card.locator("[data-testid='markdown'].feature-tokens")
-            wait_for(lambda tokens=tokens: tokens.is_visible(), 10, f"{feature.key}'s tokens")
+            wait_for(lambda tokens=tokens: tokens.is_visible(), 60, f"{feature.key}'s tokens")  # a generous bound: loaded, seconds
             text = tokens.inner_text()
             assert f"raises: {', '.join(token_words(lens.promoted))}" in text, (feature.key, text)
             assert f"lowers: {', '.join(token_words(lens.suppressed))}" in text, (feature.key, text)
@@ -185,7 +195,8 @@ def test_a_concept_from_five_sentences_at_its_default_names_itself_in_answers_th
             wait_for(lambda: page.locator(f"#chat-steered {TAG}").count() == 0, 10, "a new chat")
             send(page, question)
             answers_done(page, 1, timeout=300)  # auto's nine candidates first: seconds alone, minutes on a loaded machine
-            answers.append(last_answer(page)["answer"])
+            (answer,) = answer_texts(page)  # the new chat's one answer as shown (an export's link lagged once)
+            answers.append(answer)
     finally:
         page.context.close()
     # Read by hand (greedy, so these are the answers): the job interview, "Here's a volcanic eruption of advice:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import urllib.request
 from pathlib import Path
 
@@ -90,12 +91,19 @@ def answer_texts(page, chat: str = "chat-steered") -> list[str]:
 
 
 def exported_chat(page) -> dict:
-    """The chat as the Export chat button writes it."""
+    """The chat as the Export chat button writes it. An earlier export's link stays on the page until the new
+    file replaces it (seconds on a loaded machine: a test once read the previous chat's answer from it), so
+    this waits for a link other than the one before the click; the same link after 20 s means the same file
+    (the chat did not change)."""
     if not page.locator("#export-chat").is_visible():
         page.locator("#share-acc").get_by_text("Share", exact=False).first.click()
-    page.locator("#export-chat").click()
     link = page.locator("#exported [data-testid='download-link']")
+    before = link.first.get_attribute("href") if link.count() else None
+    page.locator("#export-chat").click()
     wait_for(lambda: link.count() and (link.first.get_attribute("download") or "").startswith("chat"), 15, "the chat file")
+    deadline = time.monotonic() + 20
+    while link.first.get_attribute("href") == before and time.monotonic() < deadline:
+        time.sleep(0.2)
     with urllib.request.urlopen(link.first.get_attribute("href"), timeout=10) as resp:
         return json.loads(resp.read())
 
