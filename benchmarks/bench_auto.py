@@ -9,6 +9,7 @@ Prints, per pair and in all, the seconds to the first words and to the end, and 
 
     nice -n 5 .venv/bin/python benchmarks/bench_auto.py                    # 3 prompts x 2 features, 256 tokens
     .venv/bin/python benchmarks/bench_auto.py --prompts 1 --features ocean --tokens 64
+    nice -n 5 .venv/bin/python benchmarks/bench_auto.py --nine    # also the nine candidates of a feature without a learned direction
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ def main() -> None:
     parser.add_argument("--features", nargs="+", default=["ocean", "pirate"])
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--nine", action="store_true",
+                        help="also time auto with the nine candidates of a feature without a learned direction, each time")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = steering.load_model()
@@ -56,7 +59,7 @@ def main() -> None:
         f = catalog.resolve(key)
         comps[key] = f.component(f.default_fraction)
         calibrate.auto_choose(model, tok, eval_quality.chat("Hi"), comps[key], judge_tokens=2)
-    rows = []
+    rows, nines = [], []
     for p in prompts:
         chat = eval_quality.chat(p)
         for key, comp in comps.items():
@@ -67,6 +70,11 @@ def main() -> None:
             auto = timed(auto_stream)
             n_plain, n_auto = len(tok.encode(plain[2])), len(auto_stream.result.token_ids)
             rows.append((plain, auto))
+            if args.nine:
+                nine = timed(calibrate.stream_auto_answer(model, tok, chat, comp, (), args.tokens, eval_quality.REPETITION_PENALTY,
+                                                          candidates=calibrate.auto_candidates(comp)))
+                nines.append(nine)
+                print(f"  nine candidates: first {nine[0]:5.2f} s, all {nine[1]:6.2f} s", flush=True)
             print(f"{key:12s} {p[:40]!r:44s} plain: first {plain[0]:5.2f} s, all {plain[1]:6.2f} s ({n_plain} tokens) | "
                   f"auto ({auto_stream.choice.chosen.label}): first {auto[0]:5.2f} s, all {auto[1]:6.2f} s ({n_auto} tokens) | "
                   f"x{auto[1] / plain[1]:.2f}, first words +{auto[0] - plain[0]:.2f} s", flush=True)
@@ -75,6 +83,10 @@ def main() -> None:
     worst = max(a[0] - p[0] for p, a in rows)
     print(f"\nin all ({len(rows)} answers each, {args.tokens} new tokens, {args.threads} threads): auto's answers took "
           f"{ratio:.2f}x the plain ones' time; its first words came {delay:.2f} s later (median; at most {worst:.2f} s)")
+    if nines:
+        print(f"with the nine candidates instead: {sum(n[1] for n in nines) / sum(p[1] for p, _ in rows):.2f}x; first words "
+              f"{statistics.median(n[0] - p[0] for (p, _), n in zip(rows, nines, strict=True)):.2f} s later (median; at most "
+              f"{max(n[0] - p[0] for (p, _), n in zip(rows, nines, strict=True)):.2f} s)")
 
 
 if __name__ == "__main__":

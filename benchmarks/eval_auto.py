@@ -89,6 +89,59 @@ def cmd_run(args) -> None:
             print(f"{p[:50]!r}: {len(jobs)} answers in {time.time() - t0:.0f} s", file=sys.stderr)
 
 
+def cmd_check(args) -> None:
+    """The issue's check, as it calls it: `calibrate.auto_answer(model, tok, chat, component, norm=norm,
+    max_new_tokens=48)` (greedy, repetition penalty 1.1) for each concept at its shipped default and op, on the
+    first `--prompts` prompts of a set; each answer and the unsteered one with their NLL, judged by tint.py's rule
+    (the set's mean unsteered NLL); per concept: tint, and which candidate auto kept."""
+    model, tok = steering.load_model()
+    catalog = Catalog.open(steering.load_config(ROOT / "demo.yaml").profile(), model, tok)
+    prompts = eval_quality.load_prompts(args.set)[: args.prompts]
+    concepts = args.concepts or list(KEYWORDS)
+    done = {(r["prompt"], r["concept"]) for r in map(json.loads, open(args.out))} if Path(args.out).exists() else set()
+    with open(args.out, "a") as out:
+        for p in prompts:
+            chat = eval_quality.chat(p)
+            plain = None
+            for c in concepts:
+                if (p, c) in done:
+                    continue
+                t0 = time.time()
+                f = catalog.resolve(c)
+                res = calibrate.auto_answer(model, tok, chat, f.component(f.default_fraction), norm=f.norm, max_new_tokens=48)
+                if plain is None:
+                    plain = res.table[0]
+                (nll,) = calibrate.answer_nll(model, tok, [chat], [list(res.token_ids)])
+                out.write(json.dumps({"set": args.set, "prompt": p, "concept": c, "label": res.label, "text": res.answer,
+                                      "nll": nll, "rep3": calibrate.rep3(res.answer), "unsteered_nll": plain.nll,
+                                      "candidates": len(res.table), "seconds": round(time.time() - t0, 1)}) + "\n")
+                out.flush()
+                print(f"{c:13s} {p[:40]!r:44s} {res.label} ({time.time() - t0:.1f} s)", file=sys.stderr, flush=True)
+    check_report(args.out)
+
+
+def check_report(path: str) -> None:
+    rows = [json.loads(line) for line in open(path)]
+    mean = {}
+    for s in {r["set"] for r in rows}:
+        base = {r["prompt"]: r["unsteered_nll"] for r in rows if r["set"] == s}
+        mean[s] = sum(base.values()) / len(base)
+    cells: dict = defaultdict(lambda: [0, 0, 0, defaultdict(int)])
+    for r in rows:
+        j = judge(r, r, mean[r["set"]])
+        cell = cells[r["concept"]]
+        cell[0] += j["tint"]
+        cell[1] += j["eiffel"]
+        cell[2] += 1
+        cell[3][r["label"].split(",")[-1].strip() if "learned" in r["label"] else r["label"]] += 1
+    print("| concept | tint | kept |\n|---|---|---|")
+    for c, (t, _, n, kept) in cells.items():
+        print(f"| `{c}` | {t}/{n} | {', '.join(f'{k} {v}' for k, v in sorted(kept.items(), key=lambda kv: -kv[1]))} |")
+    t, n = sum(v[0] for v in cells.values()), sum(v[2] for v in cells.values())
+    e = cells.get("eiffel_tower", [0, 0, 0])
+    print(f"in all: {t} of {n} tint ({t / max(1, n):.0%}); the Eiffel Tower named in {e[1]} of {e[2]}")
+
+
 # ---------------------------------------------------------------------------
 # Judging and replaying
 # ---------------------------------------------------------------------------
@@ -395,6 +448,12 @@ def main() -> None:
     run.add_argument("--batch", type=int, default=64, help="rows per generate call")
     run.add_argument("--threads", type=int, default=None)
     run.add_argument("--out", required=True)
+    chk = sub.add_parser("check", help="calibrate.auto_answer as the issue's check calls it, judged")
+    chk.add_argument("--set", default="heldout")
+    chk.add_argument("--prompts", type=int, default=8)
+    chk.add_argument("--concepts", nargs="*")
+    chk.add_argument("--threads", type=int, default=None)
+    chk.add_argument("--out", required=True)
     rep = sub.add_parser("report")
     rep.add_argument("files", nargs="+")
     rep.add_argument("--search", action="store_true", help="also search pickers on the tuning rows")
@@ -405,7 +464,7 @@ def main() -> None:
     args = parser.parse_args()
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    {"run": cmd_run, "report": cmd_report}[args.cmd](args)
+    {"run": cmd_run, "check": cmd_check, "report": cmd_report}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from llm_steering import calibrate, learned, steering
+from llm_steering.calibrate import LEARNED_SUFFIX
 from llm_steering.catalog import Catalog
 from llm_steering.steering import SteeringComponent
 
@@ -385,6 +386,30 @@ def cmd_report(args) -> None:
         volcano_report(args.volcano)
 
 
+def cmd_ship(args) -> None:
+    """The learned directions into vectors files, as `<concept>_learned` beside each shipped concept (auto's
+    candidates: calibrate.learned_direction finds them by the concept's vector)."""
+    from llm_steering.vectors import SteeringVector, SteeringVectorSet
+
+    learned_vecs = torch.load(args.vectors, weights_only=True)
+    for path in args.files:
+        vs = SteeringVectorSet.load(path)
+        add = []
+        for c, v in learned_vecs.items():
+            base = vs.get(c)
+            if base.layer != v["layer"]:
+                raise SystemExit(f"{c}: learned at layer {v['layer']}, but {path} has it at {base.layer}")
+            add.append(SteeringVector(
+                name=f"{c}{LEARNED_SUFFIX}", layer=v["layer"], vector=v["vector"], concept=base.concept,
+                source="benchmarks/eval_learned.py train", description=f"{base.description or c}: learned through the "
+                "frozen model on answers that name it (auto's candidates, docs/learned.md)".strip(),
+                metadata={"learned_for": c, "default_fraction": round(v["strength"] / vs.norm(v["layer"]), 6),
+                          "default_op": v["op"], "teacher": v["teacher"], "steps": v["steps"], "lr": v["lr"],
+                          "seed": v["seed"], "cosine_to_contrastive": round(float(v["cosine_to_contrastive"]), 4)}))
+        vs.merged(SteeringVectorSet(vs.model_id, vs.hidden_size, add, {})).save(path)
+        print(f"{path}: {len(add)} learned directions written beside their concepts")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -421,10 +446,13 @@ def main() -> None:
     r = sub.add_parser("report")
     r.add_argument("files", nargs="*", default=[str(RESULTS / "learned28_tuning.jsonl"), str(RESULTS / "learned28_heldout.jsonl")])
     r.add_argument("--volcano", default=str(RESULTS / "learned28_volcano.jsonl"))
+    sh = sub.add_parser("ship", help="write the learned directions into vectors files, beside their concepts")
+    sh.add_argument("files", nargs="+", help="vectors files (steering_vectors.pt; the package data file links to it)")
+    sh.add_argument("--vectors", default=str(VECTORS))
     args = parser.parse_args()
-    if getattr(args, "files", None):
+    if getattr(args, "files", None) and args.cmd != "ship":
         args.files = [f for f in args.files if Path(f).exists()]
-    {"train": cmd_train, "gen": cmd_gen, "volcano": cmd_volcano, "report": cmd_report}[args.cmd](args)
+    {"train": cmd_train, "gen": cmd_gen, "volcano": cmd_volcano, "report": cmd_report, "ship": cmd_ship}[args.cmd](args)
 
 
 if __name__ == "__main__":

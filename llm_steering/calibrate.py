@@ -23,6 +23,7 @@ Greedy decoding only: candidates are compared on their deterministic answers.
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import time
@@ -279,6 +280,9 @@ AUTO_PROMPT_MULTIPLIERS = (0.6, 1.0, 1.4, 1.8)  # the feature's op, prompt steer
 AUTO_OTHER_OP_MULTIPLIERS = (1.0,)              # the other op (add <-> clamp), prompt steered
 AUTO_RELEASE_MULTIPLIERS = (2.0, 3.0, 4.0)      # answer-only, let go at the first word of the concept (until then
                                                 # the same answer as answer-only steering, which is not tried apart)
+AUTO_LEARNED_MULTIPLIERS = (1.0, 0.6, 1.4)      # a learned direction shipped beside the feature's vector, prompt steered
+AUTO_LEARNED_RELEASE_MULTIPLIERS = (2.0, 3.0)   # with one: the release rows kept (the seven rows chosen on tuning)
+LEARNED_SUFFIX = "_learned"                     # its name in the vectors file: "<feature>_learned"
 AUTO_JUDGE_TOKENS = 48                          # candidates are compared on their first tokens
 AUTO_NLL_BOUND = 3.0                            # x the unsteered answer's NLL (past it a candidate reads broken)
 AUTO_CONCEPT_WORDS = 24                         # how many of the steering's own top tokens count as its words
@@ -296,6 +300,8 @@ class Candidate:
     steer_prompt: bool = True
     release: bool = False
     multiplier: float = 0.0
+    vector: str | None = None  # the vector steered when it is not the feature's own: a learned direction's name
+
 
 
 def other_op(op: str) -> str:
@@ -304,16 +310,33 @@ def other_op(op: str) -> str:
     return {"add": "clamp", "clamp": "add", "cap": "clamp"}.get(base, base) + suffix
 
 
-def auto_candidates(component: SteeringComponent, max_multiplier: float | None = None) -> list[Candidate]:
+def auto_candidates(component: SteeringComponent, max_multiplier: float | None = None,
+                    learned: Any = None) -> list[Candidate]:
     """The candidates auto compares for `component` at its default strength and op (unsteered first); with
     `max_multiplier`, those that would take it past that many times its strength are left out (the app's and
-    the console's strength range: a setting they could not show or apply again is never chosen)."""
+    the console's strength range: a setting they could not show or apply again is never chosen).
+
+    With `learned` (a SteeringVector: the direction learned for this feature, `learned_direction`), the seven
+    rows chosen on the tuning prompts among the nine and the learned direction's strengths: unsteered, the op
+    x1, the release x2 and x3, and the learned direction x1, x0.6 and x1.4 (same op, prompt steered); without,
+    the nine: the op x0.6-x1.8, the other op x1, the release x2-x4 (docs/quality.md)."""
     if component.op == "ablate":
         raise ValueError("an ablate component has no strength to choose: use add, clamp or cap")
     s = component.cap_min if component.op == "cap" else component.strength
     if not (s == s) or s == 0:
         raise ValueError(f"auto needs the feature at a nonzero default strength, got {s!r}")
     out = [Candidate("unsteered")]
+    if learned is not None and component.op != "cap":
+        if learned.layer != component.layer or learned.vector.numel() != component.vector.numel():
+            raise ValueError(f"the learned direction {learned.name!r} is at layer {learned.layer} with "
+                             f"{learned.vector.numel()} values; the feature is at layer {component.layer}")
+        out.append(Candidate(f"{component.op} x1", (component,), multiplier=1.0))
+        out += [Candidate(f"{component.op} x{m:g}, answer only until it names the concept", (with_strength(component, m * s),),
+                          steer_prompt=False, release=True, multiplier=m) for m in AUTO_LEARNED_RELEASE_MULTIPLIERS]
+        out += [Candidate(f"{component.op} x{m:g}, learned direction",
+                          (replace(component, vector=learned.vector, strength=m * s, name=learned.name),),
+                          multiplier=m, vector=learned.name) for m in AUTO_LEARNED_MULTIPLIERS]
+        return [c for c in out if max_multiplier is None or c.multiplier <= max_multiplier + 1e-9]
     out += [Candidate(f"{component.op} x{m:g}", (with_strength(component, m * s),), multiplier=m) for m in AUTO_PROMPT_MULTIPLIERS]
     alt = other_op(component.op)
     out += [Candidate(f"{alt} x{m:g}", (with_strength(component.with_op(alt) if component.op != "cap" else
@@ -324,6 +347,31 @@ def auto_candidates(component: SteeringComponent, max_multiplier: float | None =
     if max_multiplier is not None:
         out = [c for c in out if c.multiplier <= max_multiplier + 1e-9]
     return out
+
+
+@functools.cache
+def _shipped_vectors() -> Any:
+    from llm_steering.vectors import load_vectors
+
+    return load_vectors()
+
+
+def learned_direction(component: SteeringComponent, vectors: Any = None) -> Any:
+    """The direction learned for `component`'s feature (a SteeringVector named "<feature>_learned" whose
+    metadata says `learned_for`), from `vectors` (a SteeringVectorSet; default the embedded model's shipped
+    file), or None. Found by the vector itself: only a component that steers the very vector of that feature
+    (same layer, cosine above 0.9999) gets it, whatever it is called; a user's own concept or another file's
+    vector gets None."""
+    vectors = _shipped_vectors() if vectors is None else vectors
+    v = component.vector.detach().to(device="cpu", dtype=torch.float32).flatten()
+    for cand in vectors.vectors:
+        target = cand.metadata.get("learned_for")
+        if not isinstance(target, str) or cand.layer != component.layer or cand.vector.numel() != v.numel():
+            continue
+        base = next((b for b in vectors.vectors if b.name == target), None)
+        if base is not None and base.layer == cand.layer and float(torch.dot(base.vector, v) / v.norm().clamp_min(1e-12)) > 0.9999:
+            return cand
+    return None
 
 
 @dataclass
@@ -481,7 +529,7 @@ def auto_choose(model: Any, tokenizer: Any, chat: Sequence[dict], component: Ste
     t0 = time.perf_counter()
     others = list(other_components)
     steering.validate_components(model, [*others, component])
-    cands = list(candidates) if candidates is not None else auto_candidates(component)
+    cands = list(candidates) if candidates is not None else auto_candidates(component, learned=learned_direction(component))
     if concept_words is None:
         from llm_steering.lens import concept_token_ids
 

@@ -251,6 +251,10 @@ class Catalog:
             description = vector.description
             canonical = f"{layer_index[0]}:{layer_index[1]}" if layer_index else vector.name
             label = ""
+            target = meta.get("learned_for")  # a direction learned for a feature (auto's candidates): "Ocean (learned)"
+            if isinstance(target, str) and target != vector.name and self.in_file(target) is not None:
+                base = self.profile_feature(target)
+                label = f"{base.label if base is not None and base.label else human_name(target)} (learned)"
         return Feature(canonical, vector, norm, default_fraction, op, description, label)
 
     def profile_feature(self, key: str) -> FeatureConfig | None:

@@ -391,16 +391,50 @@ def test_auto_chooses_how_to_steer_this_answer_then_goes_on_with_it(app_module, 
     expected = calibrate.auto_answer(la.model, la.tokenizer, chat, feature.component(feature.default_fraction),
                                      norm=feature.norm, max_new_tokens=12, repetition_penalty=1.1)
     turn = last[1][-1]
-    assert turn["answer"] == expected.answer and turn["auto"] == "pirate"
     cand = expected.chosen
+    key = "pirate_learned" if cand.vector else "pirate"  # a learned direction kept: the spec names it
+    assert turn["answer"] == expected.answer and turn["auto"] == key
     if cand.components:
-        assert turn["steering"]["features"] == [{"key": "pirate", "op": cand.components[0].op,
+        assert turn["steering"]["features"] == [{"key": key, "op": cand.components[0].op,
                                                  "fraction": round_fraction(feature.default_fraction * cand.multiplier)}]
         assert turn["steering"].get("steer_prompt", True) == cand.steer_prompt
     else:
         assert turn["steering"]["features"] == []
     assert f"Auto: Pirate {turn['auto_setting']} (compared {len(expected.table)} ways in" in shown
     assert f"(auto: {turn['auto_setting']})" in views.turn_messages(la.catalog, [turn])[-1]["content"]
+
+
+def test_an_auto_answer_steered_by_the_learned_direction_says_so_and_its_link_steers_the_same(app_module, capsys, monkeypatch):
+    """When auto keeps a row of the direction learned for the feature, the turn's spec names that vector
+    (pirate_learned), not the feature at the same strength: the tag says it, and the spec, read back as a link
+    or an export would be, gives the very answer."""
+    from llm_steering import calibrate
+
+    la = app_module.LOADED
+    monkeypatch.setattr(calibrate, "pick_candidate",
+                        lambda rows, **kw: next(i for i, r in enumerate(rows) if r.candidate.vector))  # the learned x1
+    controls = la.panel.pack({("pirate", "on"): True, ("pirate", "auto"): True})
+    message, system = "Tell me about your weekend.", la.profile.generation.system_prompt
+    mode = next(iter(handlers.HISTORY_MODES))
+    *_, last = handlers.respond(la, message, [], system, 0.0, 1.1, 12, False, mode, "", *controls)
+    turn = last[1][-1]
+    feature = la.catalog.resolve("pirate")
+    assert turn["auto"] == "pirate_learned" and turn["auto_setting"] == "clamp, its learned direction, 1x its default"
+    assert turn["steering"]["features"] == [{"key": "pirate_learned", "op": "clamp",
+                                             "fraction": round_fraction(feature.default_fraction)}]
+    assert f"Auto: Pirate {turn['auto_setting']} (compared 7 ways in" in capsys.readouterr().out
+    tag = views.turn_messages(la.catalog, [turn])[-1]["content"]
+    assert "Pirate (learned) · clamp" in tag and "(auto: clamp, its learned direction, 1x its default)" in tag, tag
+    spec = steering.SteeringSpec.from_dict(json.loads(json.dumps(turn["steering"])))
+    comps = la.catalog.components(spec)
+    assert torch.equal(comps[0].vector, la.catalog.vectors.get("pirate_learned").vector)
+    chat = [{"role": "system", "content": system}, {"role": "user", "content": message}]
+    def answer(components):
+        return "".join(steering.stream_steered_answer_hf(la.model, la.tokenizer, chat, components, max_new_tokens=12,
+                                                         temperature=0.0, repetition_penalty=1.1))
+
+    assert answer(comps) == turn["answer"]
+    assert answer([feature.component(feature.default_fraction)]) != turn["answer"]  # the feature's own vector: another answer
 
 
 def test_auto_never_chooses_a_strength_outside_the_sliders_range(app_module, capsys):
@@ -415,7 +449,7 @@ def test_auto_never_chooses_a_strength_outside_the_sliders_range(app_module, cap
     *_, last = handlers.respond(la, "Tell me about your weekend.", [], "", 0.0, 1.1, 6, False, mode, "", *controls)
     turn = last[1][-1]
     shown = capsys.readouterr().out
-    assert "(compared 5 ways in" in shown, shown  # the unsteered answer, x0.6, x1, x1.4 and the other op at x1
+    assert "(compared 5 ways in" in shown, shown  # the unsteered answer, x1, and the learned direction at x1, x0.6, x1.4
     for f in turn["steering"]["features"]:
         assert lo <= f["fraction"] <= hi, turn["steering"]
     tag = views.turn_messages(la.catalog, [turn])[-1]["content"]

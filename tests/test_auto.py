@@ -10,6 +10,7 @@ from llm_steering.calibrate import Candidate
 from llm_steering.steering import SteeringComponent
 
 import pytest
+import torch
 from conftest import build_tiny_llama, unit
 from test_calibrate import CHAT, single_answer
 from test_calibrate import ToyTokenizer as ChatOnlyTokenizer
@@ -190,3 +191,62 @@ def test_candidates_past_a_bound_are_left_out_and_the_catalog_gives_the_bound():
     assert Catalog.auto_max_multiplier(range_of, None, 0.5) == 4.0
     assert Catalog.auto_max_multiplier(range_of, None, -0.5) == 2.0
     assert Catalog.auto_max_multiplier(range_of, None, 0.0) is None
+
+
+def test_a_shipped_concept_gets_its_learned_direction_among_the_candidates_and_nothing_else_does():
+    """calibrate.learned_direction finds the direction learned for a feature by the feature's very vector (the
+    issue's check passes only the component); the seven rows then replace the nine, the learned ones steering
+    the learned vector at the feature's op, prompt steered, each naming it for the turn's spec."""
+    from llm_steering.vectors import SteeringVector, SteeringVectorSet
+
+    vs = steering.load_vectors()
+    concepts = [n for n in vs.names if not n.endswith(calibrate.LEARNED_SUFFIX)]
+    assert len(concepts) == 10
+    for name in concepts:
+        found = calibrate.learned_direction(vs.component(name, 0.1, op="clamp"))
+        assert found is not None and found.name == name + calibrate.LEARNED_SUFFIX and found.layer == vs.get(name).layer
+    ocean = vs.component("ocean", 0.085, op="clamp")
+    learned = calibrate.learned_direction(ocean)
+    assert calibrate.learned_direction(vs.component("ocean_learned", 0.085)) is None  # the learned one has no partner
+    assert calibrate.learned_direction(SteeringComponent(ocean.layer, unit(576, 5), strength=3.0)) is None  # a made concept
+    assert calibrate.learned_direction(SteeringComponent(ocean.layer + 1, ocean.vector, strength=3.0)) is None  # another layer
+    plain = SteeringVectorSet(vs.model_id, vs.hidden_size, [vs.get(n) for n in concepts], vs.layer_norms)
+    assert calibrate.learned_direction(ocean, plain) is None  # a file without learned directions: the nine rows
+    renamed = SteeringComponent(ocean.layer, ocean.vector, strength=ocean.strength, op="clamp", name="my_sea")
+    assert calibrate.learned_direction(renamed).name == "ocean_learned"  # found by the vector, not the name
+
+    cands = calibrate.auto_candidates(ocean, learned=learned)
+    assert [c.label for c in cands] == [
+        "unsteered", "clamp x1", "clamp x2, answer only until it names the concept",
+        "clamp x3, answer only until it names the concept", "clamp x1, learned direction",
+        "clamp x0.6, learned direction", "clamp x1.4, learned direction"]
+    for c in cands[4:]:
+        (lc,) = c.components
+        assert c.vector == "ocean_learned" and c.steer_prompt and not c.release and lc.op == "clamp"
+        assert torch.equal(lc.vector, learned.vector) and lc.layer == ocean.layer
+        assert abs(lc.strength - c.multiplier * ocean.strength) < 1e-9
+    assert all(c.vector is None and (not c.components or torch.equal(c.components[0].vector, ocean.vector)) for c in cands[:4])
+    assert [c.label for c in calibrate.auto_candidates(ocean, 1.2, learned)] == [
+        "unsteered", "clamp x1", "clamp x1, learned direction", "clamp x0.6, learned direction"]
+    capped = SteeringComponent(ocean.layer, ocean.vector, op="cap", cap_min=10.0)
+    assert [c.label for c in calibrate.auto_candidates(capped, learned=learned)] == [c.label for c in calibrate.auto_candidates(capped)]
+    wrong = SteeringVector(name="x_learned", layer=ocean.layer + 1, vector=learned.vector)
+    with pytest.raises(ValueError, match="layer"):
+        calibrate.auto_candidates(ocean, learned=wrong)
+
+
+def test_learned_rows_are_the_single_requests_they_stand_for(tiny):
+    """The seven rows with a learned direction, as rows of one batch: each non-releasing one equals the library's
+    single-request steering with its own vector."""
+    from llm_steering.vectors import SteeringVector
+
+    model, tok = tiny
+    learned = SteeringVector(name="c_learned", layer=1, vector=unit(32, 2))
+    cands = calibrate.auto_candidates(comp(), learned=learned)
+    assert len(cands) == 7 and sum(c.vector is not None for c in cands) == 3
+    jobs = [(CHAT, c, (), frozenset()) for c in cands if not c.release]
+    ids, _ = calibrate.generate_many(model, tok, jobs, 10, 1.1)
+    for (chat, c, _, _), got in zip(jobs, ids, strict=True):
+        assert got == single_answer(model, tok, chat, list(c.components), max_new_tokens=10), c.label
+    learned_rows = [got for (_, c, _, _), got in zip(jobs, ids, strict=True) if c.vector]
+    assert any(a != ids[1] for a in learned_rows), "the learned direction must change the answer for the check to mean anything"

@@ -52,6 +52,8 @@ SPECS = [
     [{"key": "eiffel_tower", "fraction": 0.3, "op": "clamp"}],
     [{"key": "shakespeare", "fraction": -1.0, "op": "add"}, {"key": "music", "fraction": 2.0}],
     [{"key": "ocean", "fraction": 0.1, "mode": "add"}],  # a file written before op was called op
+    # an auto answer that kept a learned direction: its turn's spec names the learned vector (no op: the feature's)
+    [{"key": "eiffel_tower", "fraction": 0.3}, {"key": "pirate_learned", "fraction": 0.255}],
 ]
 
 

@@ -130,9 +130,9 @@ def test_pip_install_dot_gives_a_working_library_outside_the_checkout(tmp_path):
     assert out.returncode == 0, out.stderr[-800:]
     code = ("import steering, llm_steering; from llm_steering.web import views; "
             "print(llm_steering.__file__, steering.SteeringComponent.__module__, len(views.strength_curves()), "
-            "len(steering.load_vectors().names))")  # the shipped vectors are package data
+            "len(steering.load_vectors().names))")  # the shipped vectors are package data: ten concepts, each learned beside
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(target)},
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-800:]
     where, module, curves, vectors = out.stdout.split()
-    assert where.startswith(str(target)) and module.startswith("llm_steering.") and int(curves) > 0 and int(vectors) == 10
+    assert where.startswith(str(target)) and module.startswith("llm_steering.") and int(curves) > 0 and int(vectors) == 20

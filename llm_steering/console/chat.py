@@ -231,11 +231,14 @@ class Console:
 
         feature, fraction, op = self.active[key]
         others = [f.component(frac, o) for k, (f, frac, o) in self.active.items() if k != key]
-        candidates = calibrate.auto_candidates(feature.component(fraction, op),
-                                               self.catalog.auto_max_multiplier(feature, fraction))
+        component = feature.component(fraction, op)
+        candidates = calibrate.auto_candidates(component, self.catalog.auto_max_multiplier(feature, fraction),
+                                               calibrate.learned_direction(component, self.catalog.vectors))
         n = len(candidates)
+        learned = any(c.vector for c in candidates)
         self.notice(f"auto: trying {feature.title} {n} ways on the first words (strengths, answer only, letting go once "
-                    "it names the concept; one greedy batch), keeping one that still answers")
+                    f"it names the concept{', its learned direction' if learned else ''}; one greedy batch), keeping one "
+                    "that still answers")
         cancel = threading.Event()
         stream = calibrate.stream_auto_answer(self.model, self.tokenizer, chat, feature.component(fraction, op), others,
                                               self.settings.max_new_tokens, self.settings.repetition_penalty,
@@ -250,6 +253,7 @@ class Console:
                         cand = stream.choice.chosen
                         how = ("unsteered: no way of steering kept the answer on the question" if not cand.components else
                                f"{cand.components[0].op} {format_fraction(fraction * cand.multiplier)} x norm"
+                               + (f", its learned direction ({cand.vector})" if cand.vector else "")
                                + (", answer only, let go once it named the concept" if cand.release else
                                   ", answer only" if not cand.steer_prompt else ""))
                         self.notice(f"auto: {feature.title} {how} (compared {len(stream.choice.table)} in "

@@ -220,7 +220,8 @@ def auto_generate(
     model, tok = LOADED.model, LOADED.tokenizer
     auto = calibrate.stream_auto_answer(model, tok, chat, component, others, max_new_tokens, repetition_penalty,
                                         temperature, cancel,
-                                        candidates=calibrate.auto_candidates(component, max_multiplier))
+                                        candidates=calibrate.auto_candidates(
+                                            component, max_multiplier, calibrate.learned_direction(component, LOADED.catalog.vectors)))
     pieces = iter(auto)
     plain = None
     text, other = "", None
@@ -229,7 +230,7 @@ def auto_generate(
         choice = auto.choice
         cand = choice.chosen
         yield {"label": cand.label, "multiplier": cand.multiplier, "op": cand.components[0].op if cand.components else None,
-               "steer_prompt": cand.steer_prompt, "release": cand.release, "seconds": round(choice.seconds, 1),
+               "steer_prompt": cand.steer_prompt, "release": cand.release, "vector": cand.vector, "seconds": round(choice.seconds, 1),
                "tried": len(choice.table)}
         if unsteered_chat is not None:
             settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature,

@@ -186,12 +186,17 @@ def auto_answer_stream(app: App, chat: list[dict], spec: SteeringSpec, component
             setting = "unsteered: no way of steering kept the answer on the question"
         else:
             chosen_fraction = round_fraction(fraction * chosen["multiplier"])
+            learned = chosen.get("vector")  # a direction learned for the feature: the turn's spec names it, so a link,
+            chosen_key = key                # an export or the server steers what made this answer
+            if learned:
+                chosen_key = turn["auto"] = catalog.resolve(learned).key
             turn["steering"] = catalog.spec(
-                {k: ((chosen_fraction, chosen["op"]) if k == key else (f, o)) for k, (_, f, o) in active.items()},
+                {(chosen_key if k == key else k): ((chosen_fraction, chosen["op"]) if k == key else (f, o))
+                 for k, (_, f, o) in active.items()},
                 chosen["steer_prompt"]).to_dict()
             setting = ("answer only, let go once it named the concept" if chosen["release"]
                        else "answer only" if not chosen["steer_prompt"] else chosen["op"])
-            setting = f"{setting}, {chosen['multiplier']:g}x its default"
+            setting = f"{setting}{', its learned direction' if learned else ''}, {chosen['multiplier']:g}x its default"
         turn["auto_setting"] = setting
         gr.Info(f"Auto: {feature.title} {setting} (compared {chosen['tried']} ways in {chosen['seconds']:.1f} s).")
         yield from stream

@@ -112,7 +112,9 @@ def feature_cards(app: App) -> None:
     """A card per feature of the catalog, then "Another feature" (an SAE feature or another vector)."""
     listed = {f.key for f in app.features}
     vectors = app.catalog.vectors
-    extra_names = [v.name for v in vectors.vectors if v.name not in listed] if vectors else []
+    # the directions learned for listed features (auto's candidates) are not offered: a link or a file that names
+    # one (an auto answer that kept it) switches the card on, and the card shows itself then
+    extra_names = [v.name for v in vectors.vectors if v.name not in listed and "learned_for" not in v.metadata] if vectors else []
     with gr.Accordion(f"Features ({len(app.features)})", open=True, elem_id="features-acc"):
         with gr.Column(elem_id="catalog"):
             for feature in app.features:
