@@ -303,7 +303,6 @@ class Candidate:
     vector: str | None = None  # the vector steered when it is not the feature's own: a learned direction's name
 
 
-
 def other_op(op: str) -> str:
     """add <-> clamp (keeping a _keepnorm suffix); cap -> clamp."""
     base, suffix = (op[: -len("_keepnorm")], "_keepnorm") if op.endswith("_keepnorm") else (op, "")
