@@ -122,10 +122,7 @@ def cmd_check(args) -> None:
 
 def check_report(path: str) -> None:
     rows = [json.loads(line) for line in open(path)]
-    mean = {}
-    for s in {r["set"] for r in rows}:
-        base = {r["prompt"]: r["unsteered_nll"] for r in rows if r["set"] == s}
-        mean[s] = sum(base.values()) / len(base)
+    mean = set_means(rows, lambda r: r["unsteered_nll"])
     cells: dict = defaultdict(lambda: [0, 0, 0, defaultdict(int)])
     for r in rows:
         j = judge(r, r, mean[r["set"]])
@@ -147,15 +144,17 @@ def check_report(path: str) -> None:
 # ---------------------------------------------------------------------------
 
 
+def set_means(rows: list[dict], unsteered: Callable[[dict], float]) -> dict[str, float]:
+    """Per set, the mean unsteered NLL over its prompts (each prompt once, whatever the concepts): the judge's
+    fluency bar."""
+    base = {(r["set"], r["prompt"]): unsteered(r) for r in rows}
+    sets = {s for s, _ in base}
+    return {s: sum(v for (t, _), v in base.items() if t == s) / sum(t == s for t, _ in base) for s in sets}
+
+
 def load(paths: list[str]) -> list[dict]:
     rows = [json.loads(line) for p in paths for line in open(p)]
-    base_nll: dict[str, list[float]] = defaultdict(list)
-    seen = set()
-    for r in rows:
-        if (r["set"], r["prompt"]) not in seen:
-            seen.add((r["set"], r["prompt"]))
-            base_nll[r["set"]].append(r["candidates"][0]["nll"])
-    mean = {s: sum(v) / len(v) for s, v in base_nll.items()}
+    mean = set_means(rows, lambda r: r["candidates"][0]["nll"])
     for r in rows:
         for cand in r["candidates"]:
             cand.update(judge(r, cand, mean[r["set"]]))
@@ -386,8 +385,10 @@ def add_extra(rows: list[dict], paths: list[str], kinds: list[str]) -> int:
     """More candidates for each stored prompt and concept, from rows of another run with the same decoding
     (benchmarks/eval_learned.py: a learned direction at multiples of the default), read with auto's signals:
     the NLL ratio to the stored unsteered answer, rep3, a word of the question, the steering's own words
-    (projection not measured: NaN). Returns how many candidates were added."""
+    (projection not measured: NaN), and judged as `load` judges (against the set's mean unsteered NLL). Returns
+    how many candidates were added."""
     index = {(r["set"], r["prompt"], r["concept"]): r for r in rows}
+    mean = set_means(rows, lambda r: r["candidates"][0]["nll"])
     added = 0
     for path in paths:
         for e in map(json.loads, open(path)):
@@ -401,6 +402,7 @@ def add_extra(rows: list[dict], paths: list[str], kinds: list[str]) -> int:
                 "nll_ratio": e["nll"] / base["nll"], "rep3": e["rep3"],
                 "on_question": bool(calibrate.content_stems(e["text"]) & calibrate.content_stems(e["prompt"])),
                 "concept_words": sum(t in words for t in e["ids"]), "released_at": None, "projection": float("nan")})
+            r["candidates"][-1].update(judge(r, r["candidates"][-1], mean[r["set"]]))
             added += 1
     return added
 
@@ -410,13 +412,6 @@ def cmd_report(args) -> None:
     if args.extra:
         n = len(rows[0]["candidates"])
         print(f"{add_extra(rows, args.extra, args.extra_kinds)} candidates added ({', '.join(args.extra_kinds)})")
-        mean = {}
-        for s in {r["set"] for r in rows}:
-            base = [r["candidates"][0]["nll"] for r in rows if r["set"] == s]
-            mean[s] = sum(base) / len(base)
-        for r in rows:
-            for cand in r["candidates"][n:]:
-                cand.update(judge(r, cand, mean[r["set"]]))
         concept_scores(rows)
         if args.subsets:
             subsets(rows, args.per_concept)

@@ -23,13 +23,6 @@ import eval_auto as ea
 rows = ea.load(["benchmarks/results/auto28_tuning.jsonl", "benchmarks/results/auto28_heldout.jsonl"])
 n0 = len(rows[0]["candidates"])
 ea.add_extra(rows, ["benchmarks/results/learned28_tuning.jsonl", "benchmarks/results/learned28_heldout.jsonl"], ["learned"])
-mean = {}
-for s in {r["set"] for r in rows}:
-    b = [r["candidates"][0]["nll"] for r in rows if r["set"] == s]
-    mean[s] = sum(b) / len(b)
-for r in rows:
-    for c in r["candidates"][n0:]:
-        c.update(ea.judge(r, c, mean[r["set"]]))
 ea.concept_scores(rows)
 keep = [0, 2, 6, 7, 9, 10, 11]
 diff = []
