@@ -250,3 +250,16 @@ def pytest_runtest_logreport(report):
     with open(path, "a") as f:
         f.write(json.dumps({"worker": worker, "id": report.nodeid, "when": report.when, "start": report.start,
                             "stop": report.stop, "outcome": report.outcome}) + "\n")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test that ran against an app server (default_app, greedy_app) carries the end of that server's
+    log: a browser test that timed out on CI once said only what it waited for, not what the app did."""
+    report = yield
+    if report.failed and call.when == "call":
+        for name in ("greedy_app", "default_app"):
+            value = item.funcargs.get(name)
+            if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], Path) and value[1].is_file():
+                report.sections.append((f"{name}'s log, last lines", value[1].read_text(errors="replace")[-4000:]))
+    return report

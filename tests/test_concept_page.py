@@ -24,11 +24,11 @@ from llm_steering.recipe import ConceptRecipe
 import pytest
 from browser import open_page, wait_for
 from test_web_page import (
-    TAG,
     TOKENS,
     answer_texts,
     answers_done,
     exported_chat,
+    new_chat,
     send,
     set_max_new_tokens,
     summary,
@@ -191,8 +191,7 @@ def test_a_concept_from_five_sentences_at_its_default_names_itself_in_answers_th
         set_max_new_tokens(page, 48)  # auto judges its candidates on the first 48 tokens (24 judge too few to name it)
         answers = []
         for question in EVERYDAY:
-            page.locator("#clear").click()
-            wait_for(lambda: page.locator(f"#chat-steered {TAG}").count() == 0, 10, "a new chat")
+            new_chat(page)
             send(page, question)
             answers_done(page, 1, timeout=300)  # auto's nine candidates first: seconds alone, minutes on a loaded machine
             (answer,) = answer_texts(page)  # the new chat's one answer as shown (an export's link lagged once)

@@ -72,10 +72,26 @@ def send(page, text: str) -> None:
 
 
 def answers_done(page, n: int, chat: str = "chat-steered", timeout: float = 90) -> int:
-    """Wait until the chat holds `n` finished answers (a finished answer shows its steering tag)."""
+    """Wait until the chat holds `n` finished answers (a finished answer shows its steering tag); a timeout
+    says what the chat, the message box and the toasts showed instead."""
+    def state() -> dict:
+        return {"chat": page.locator(f"#{chat}").inner_text()[-600:], "message box": page.locator("#msg textarea").input_value(),
+                "toasts": toast_texts(page)}
+
     wait_for(lambda: page.locator(f"#{chat} {TAG}").count() >= n, timeout,
-             f"{n} finished answers in #{chat}")
+             f"{n} finished answers in #{chat}", state=state)
     return n
+
+
+def new_chat(page) -> None:
+    """Click New chat and wait until its answer is back: it empties the message box and cancels a running
+    answer, so a message sent before it lands is wiped or its answer cancelled (a CI run waited 300 s for an
+    answer to a question sent right after the click). Text in the box first makes the emptying visible."""
+    box = page.locator("#msg textarea")
+    box.fill("(new chat)")
+    page.locator("#clear").click()
+    wait_for(lambda: box.input_value() == "" and page.locator(f"#chat-steered {TAG}").count() == 0, 15, "a new chat",
+             state=lambda: {"message box": box.input_value(), "answers": page.locator(f"#chat-steered {TAG}").count()})
 
 
 def open_effects(page) -> None:
