@@ -609,9 +609,12 @@ def stream_auto_answer(model: Any, tokenizer: Any, chat: Sequence[dict], compone
         raise ValueError(f"max_new_tokens must be a whole number of at least 1, got {max_new_tokens!r}")
 
     class Cancelled(StoppingCriteria):
+        fired = False  # the generation was cut by `cancel` (not ended by its EOS or its length)
+
         def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-            return torch.full((input_ids.shape[0],), cancel is not None and cancel.is_set(), dtype=torch.bool,
-                              device=input_ids.device)
+            stop = cancel is not None and cancel.is_set()
+            Cancelled.fired = Cancelled.fired or stop
+            return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
     def pieces(out: AutoStream) -> Iterator[str]:
         t0 = time.perf_counter()
@@ -643,18 +646,21 @@ def stream_auto_answer(model: Any, tokenizer: Any, chat: Sequence[dict], compone
 
             thread = threading.Thread(target=run, name="auto-continuation", daemon=True)
             thread.start()
+            read_all = False
             try:
                 for piece in streamer:
                     if piece:
                         yield piece
+                read_all = True
             finally:
-                if cancel is not None and thread.is_alive():
+                # closed before the end (Clear, a dropped client): the generation ends at its next token. Not
+                # when every word was read: its thread may still be finishing an answer that ended by itself.
+                if cancel is not None and not read_all and thread.is_alive():
                     cancel.set()
                 thread.join()
             if failed:
                 raise failed[0]
-            out.stopped = cancel is not None and cancel.is_set() and len(rest) < max_new_tokens - judge \
-                and not (rest and rest[-1] in eos)
+            out.stopped = Cancelled.fired and len(rest) < max_new_tokens - judge
         all_ids = ids + rest
         out.result = AutoAnswer(tokenizer.decode(all_ids, skip_special_tokens=True), tuple(all_ids), choice.chosen,
                                 choice.table, time.perf_counter() - t0, choice.seconds)

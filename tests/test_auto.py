@@ -250,3 +250,42 @@ def test_learned_rows_are_the_single_requests_they_stand_for(tiny):
         assert got == single_answer(model, tok, chat, list(c.components), max_new_tokens=10), c.label
     learned_rows = [got for (_, c, _, _), got in zip(jobs, ids, strict=True) if c.vector]
     assert any(a != ids[1] for a in learned_rows), "the learned direction must change the answer for the check to mean anything"
+
+
+def test_an_answer_that_ends_by_itself_is_not_marked_stopped(tiny, monkeypatch):
+    """An answer whose continuation ends at its EOS before max_new_tokens is one that ended, not one that
+    was stopped, even while the continuation's thread is still finishing when its last words have been read
+    (held here 0.3 s after it generated): the browser once tagged "stopped" a three-tips answer nobody
+    stopped. A cancel that comes while it writes still stops it."""
+    import time
+
+    model, tok = tiny
+    strong = comp(8.0)
+    ids = single_answer(model, tok, CHAT, [strong], max_new_tokens=12)  # 47, 54, then 115 over and over
+    model.generation_config.eos_token_id = ids[2]  # so the answer ends there by itself, after two tokens
+    cands = [Candidate("unsteered"), Candidate("add x1", (strong,), multiplier=1.0)]
+    original = calibrate.continue_candidate
+
+    def finishing_slowly(*args, **kwargs):
+        out = original(*args, **kwargs)
+        time.sleep(0.3)
+        return out
+
+    monkeypatch.setattr(calibrate, "continue_candidate", finishing_slowly)
+
+    def auto(cancel):
+        return calibrate.stream_auto_answer(model, tok, CHAT, strong, max_new_tokens=12, cancel=cancel, judge_tokens=1,
+                                            candidates=cands, picker=lambda rows: 1, concept_words=frozenset())
+
+    stream = auto(threading.Event())
+    "".join(stream)
+    assert list(stream.result.token_ids) == ids[:2]
+    assert not stream.stopped
+
+    cancel = threading.Event()
+    stream = auto(cancel)
+    pieces = iter(stream)
+    next(pieces)  # the judged word
+    cancel.set()  # Stop, while the rest is written
+    list(pieces)
+    assert stream.stopped
