@@ -97,7 +97,7 @@ def main() -> None:
                 if not page.get_by_role("checkbox", name=title, exact=True).is_visible():
                     page.locator("#features-acc").get_by_text("Features", exact=False).first.click()
                 page.get_by_role("checkbox", name=title, exact=True).check()
-                wait(lambda: title in page.locator("#summary").inner_text(), 30, f"{title} switched on")
+                wait(lambda page=page, title=title: title in page.locator("#summary").inner_text(), 30, f"{title} switched on")
                 for q in args.questions:
                     t0 = time.monotonic()
                     answer, tag = ask(page, q)
