@@ -268,6 +268,19 @@ def test_the_reserved_key_is_a_4xx_by_every_route_and_the_server_goes_on(client,
     assert ask(client, max_tokens=4).choices[0].message.content == plain  # alive, and no poisoned cache
 
 
+@pytest.mark.parametrize("content_type", ["application/json", "Application/JSON", "application/vnd.api+json"])
+def test_asking_for_auto_is_a_400_that_says_it_is_not_on_the_server(client, server, content_type):
+    """auto runs in the app, the console and the library: a request that asks the server for it is told so,
+    not answered at a fixed strength after vLLM drops the unknown field (top-level or in vllm_xargs)."""
+    for body in (chat_body(steering=SPEC, auto=True), chat_body(vllm_xargs={"steering": json.dumps(SPEC), "auto": True}),
+                 chat_body(auto=True)):
+        resp = post(server[1], body, content_type)
+        assert resp.status_code == 400, (content_type, resp.status_code, resp.text[:300])
+        message = resp.json()["error"]["message"]
+        assert "not on this server yet" in message and "\n" not in message, message
+    assert ask(client, max_tokens=4, extra_body={"steering": SPEC}).choices[0].message.content
+
+
 def test_without_the_key_every_request_is_a_401_that_names_no_feature(server):
     url = server[1]
     bodies = [chat_body(steering={**SPEC, "features": [{"key": "no_such_feature", "fraction": 0.5}]}),

@@ -93,6 +93,21 @@ def test_the_admission_check_is_a_value_error_for_vllm():
         SteeringValidator.validate_params(SimpleNamespace(extra_args={EXTRA_KEY: record().payload()}))
 
 
+
+def test_what_only_the_middleware_reads_is_refused_if_it_reaches_the_engine_unread():
+    """`steering` and `auto` in vllm_xargs are the middleware's to read; arriving at admission, they came by a
+    route it did not parse, and vLLM's worker would ignore them: a one-line ValueError (vLLM's 400)."""
+    pytest.importorskip("vllm", reason="vLLM is not installed")
+    from llm_steering.backends.vllm.validator import SteeringValidator
+
+    with pytest.raises(ValueError, match="reached the engine unread: send it in a JSON body"):
+        SteeringValidator.validate_params(SimpleNamespace(extra_args={"steering": '{"features": []}'}))
+    for value in (True, "true", 1):
+        with pytest.raises(ValueError, match="^auto .* not on this server yet: send the feature with a strength"):
+            SteeringValidator.validate_params(SimpleNamespace(extra_args={EXTRA_KEY: record().sign(), "auto": value}))
+    SteeringValidator.validate_params(SimpleNamespace(extra_args={EXTRA_KEY: record().sign(), "other": 1}))
+
+
 # ---------------------------------------------------------------------------
 # worker.py: nothing a request carries raises in the worker
 # ---------------------------------------------------------------------------

@@ -10,7 +10,8 @@ does that). For every HTTP request it:
 - parses the body when its media type is JSON as HTTP defines it (`application/json` or
   `application/*+json`, in any letter case, with parameters): JSON it cannot parse, or nested too
   deep, is a 400; `true` for an integer field (`seed`, `n`, `max_tokens`, ...) is a 400 (vLLM
-  would read 1); a client's own `vllm_xargs.llm_steering` is a 400;
+  would read 1); a client's own `vllm_xargs.llm_steering` is a 400; so is `auto` (top-level or in
+  vllm_xargs): auto is not on the server, and vLLM would drop the field without a word;
 - on /v1/chat/completions and /v1/completions, takes the request's steering (the top-level
   `steering` field, or `vllm_xargs.steering` as a JSON string) and resolves it the one way the
   app and the console do (`catalog.Catalog.components`, over the vectors file LLM_STEERING_VECTORS
@@ -33,7 +34,7 @@ import json
 import os
 from typing import Any
 
-from llm_steering.backends.vllm.wire import EXTRA_KEY, SteeringRecord, WireComponent, file_digest
+from llm_steering.backends.vllm.wire import AUTO_REFUSED, EXTRA_KEY, SteeringRecord, WireComponent, file_digest
 from llm_steering.catalog import Catalog, catalog_for_vectors
 from llm_steering.config import MAX_SPEC_BYTES, SteeringSpec
 from llm_steering.core import short_repr
@@ -106,6 +107,8 @@ class SteeringMiddleware:
         if isinstance(xargs, dict) and EXTRA_KEY in xargs:
             raise RequestError(400, f"vllm_xargs.{EXTRA_KEY} is reserved: send the steering as 'steering' "
                                     "(or vllm_xargs.steering)", "vllm_xargs")
+        if "auto" in data or (isinstance(xargs, dict) and "auto" in xargs):
+            raise RequestError(400, AUTO_REFUSED, "auto")
         spec = take_spec(data)
         if spec is None:
             return body

@@ -31,6 +31,10 @@ from pathlib import Path
 from typing import Any
 
 EXTRA_KEY = "llm_steering"  # the key of a request's steering in SamplingParams.extra_args (vllm_xargs)
+# A request's `auto` (top-level or in vllm_xargs), refused by the middleware and at admission: vLLM would drop the
+# unknown field with a log line, and a client asking for auto would quietly get its fixed strength
+AUTO_REFUSED = ("auto (the way of steering chosen for each prompt) runs in the app, the console and the library, not on "
+                "this server yet: send the feature with a strength (docs/serving.md)")
 OPS = ("add", "clamp", "cap", "ablate", "add_keepnorm", "clamp_keepnorm")  # components.OPS, without torch
 MAX_COMPONENTS = 64
 MAX_WIDTH = 65_536
