@@ -13,6 +13,8 @@ fixed default, auto's picker, the oracle, and how each keyword-free signal agree
     nice -n 5 .venv/bin/python benchmarks/eval_auto.py run --set heldout --out benchmarks/results/auto28_heldout.jsonl
     .venv/bin/python benchmarks/eval_auto.py report benchmarks/results/auto28_*.jsonl
     .venv/bin/python benchmarks/eval_auto.py report --subsets benchmarks/results/auto28_tuning.jsonl benchmarks/results/auto28_heldout.jsonl
+    .venv/bin/python benchmarks/eval_auto.py report benchmarks/results/auto28_tuning.jsonl benchmarks/results/auto28_heldout.jsonl \
+        --extra benchmarks/results/learned28_tuning.jsonl benchmarks/results/learned28_heldout.jsonl --variants
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from llm_steering import calibrate, steering
 from llm_steering.catalog import Catalog
@@ -407,6 +410,58 @@ def add_extra(rows: list[dict], paths: list[str], kinds: list[str]) -> int:
     return added
 
 
+def shipped_seven(cands: list[dict]) -> list[dict]:
+    """The seven rows auto ships for a feature with a learned direction, from a row with --extra's candidates."""
+    op = cands[1]["op"]
+    want = ["unsteered", f"{op} x1", "x2, answer only", "x3, answer only", "learned x1", "learned x0.6", "learned x1.4"]
+    return [next(c for c in cands if c["label"] == w or (", answer only" in w and w in c["label"])) for w in want]
+
+
+def variants(rows: list[dict]) -> None:
+    """Keyword-free pickers beside the shipped one, over the shipped seven rows, tuning and held-out side by
+    side (a picker is chosen on tuning; held-out only reports): the NLL bound, a second word of the question,
+    a share of the unsteered answer's words, the steering's own words first, the concept score less the NLL
+    ratio, the mean of the three highest scores."""
+    for r in rows:
+        r["candidates"] = shipped_seven(r["candidates"])
+
+    def gated(cands: list[dict], bound: float = calibrate.AUTO_NLL_BOUND) -> list[int]:
+        return [i for i, c in enumerate(cands) if i > 0 and c["nll_ratio"] <= bound and c["rep3"] < 0.2 and c["on_question"]]
+
+    def best(key: Callable[[dict], Any], keep: Callable[[dict, list[dict], str], bool] = lambda c, cs, p: True,
+             bound: float = calibrate.AUTO_NLL_BOUND) -> Picker:
+        return lambda cands, prompt="": max((i for i in gated(cands, bound) if keep(cands[i], cands, prompt)),
+                                            key=lambda i: key(cands[i]), default=0)
+
+    def shared(c: dict, cands: list[dict]) -> float:
+        mine = calibrate.content_stems(c["text"])
+        return len(mine & calibrate.content_stems(cands[0]["text"])) / max(1, len(mine))
+
+    def score(c: dict) -> tuple[float, float]:  # the shipped rule
+        return c["score"], -c["nll_ratio"]
+
+    pickers: dict[str, Any] = {"shipped (bound 3.0, highest score)": best(score)}
+    for b in (2.0, 2.5, 3.5, 4.0):
+        pickers[f"bound {b}"] = best(score, bound=b)
+    pickers["two words of the question"] = best(score, lambda c, cs, p: len(calibrate.content_stems(c["text"])
+                                                                            & calibrate.content_stems(p)) >= 2)
+    for t in (0.05, 0.1, 0.2):
+        pickers[f"shares {t:.0%} of the unsteered answer's words"] = best(score, lambda c, cs, p, t=t: shared(c, cs) >= t)
+    pickers["the steering's own words first"] = best(lambda c: (c["concept_words"] > 0, c["score"], -c["nll_ratio"]))
+    for lam in (0.5, 1.0):
+        pickers[f"score - {lam:g} x NLL ratio"] = best(lambda c, lam=lam: c["score"] - lam * c["nll_ratio"])
+    pickers["mean of the three highest scores"] = best(lambda c: (c["score3"], -c["nll_ratio"]))
+    pickers["oracle"] = lambda cands, prompt="": oracle(cands)
+    print("| picker | tuning | held-out | held-out per concept (" + ", ".join(KEYWORDS) + ") |\n|---|---|---|---|")
+    for name, pick in pickers.items():
+        tally: dict = defaultdict(int)
+        for r in rows:
+            tally[(r["set"], r["concept"])] += r["candidates"][pick(r["candidates"], r["prompt"])]["tint"]
+        tun, held = (sum(v for (s, _), v in tally.items() if s == st) for st in ("tuning", "heldout"))
+        per = " ".join(str(tally[("heldout", c)]) for c in KEYWORDS)
+        print(f"| {name} | {tun}/{sum(r['set'] == 'tuning' for r in rows)} | {held}/{sum(r['set'] == 'heldout' for r in rows)} | {per} |")
+
+
 def cmd_report(args) -> None:
     rows = load(args.files)
     if args.extra:
@@ -415,6 +470,9 @@ def cmd_report(args) -> None:
         concept_scores(rows)
         if args.subsets:
             subsets(rows, args.per_concept)
+            return
+        if args.variants:
+            variants(rows)
             return
         table(rows, {"fixed": fixed(), f"auto ({n})": lambda c: auto_picker(c[:n]), "auto (all)": auto_picker,
                      f"oracle ({n})": lambda c: oracle(c[:n]), "oracle (all)": oracle})
@@ -456,6 +514,7 @@ def main() -> None:
     rep.add_argument("--extra", nargs="*", default=[], help="only: auto with more candidates, from these rows (eval_learned.py's)")
     rep.add_argument("--per-concept", nargs="*", type=int, default=[], help="with --subsets: per concept, for these sizes")
     rep.add_argument("--extra-kinds", nargs="*", default=["learned"], help="the `vector` kinds of --extra rows to add")
+    rep.add_argument("--variants", action="store_true", help="with --extra: other pickers over the shipped seven rows")
     args = parser.parse_args()
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
