@@ -284,6 +284,7 @@ AUTO_LEARNED_MULTIPLIERS = (1.0, 0.6, 1.4)      # a learned direction shipped be
 AUTO_LEARNED_RELEASE_MULTIPLIERS = (2.0, 3.0)   # with one: the release rows kept (the seven rows chosen on tuning)
 LEARNED_SUFFIX = "_learned"                     # its name in the vectors file: "<feature>_learned"
 AUTO_JUDGE_TOKENS = 48                          # candidates are compared on their first tokens
+AUTO_LET_GO = True                              # after the judged tokens the chosen steering lets go (docs/quality.md)
 AUTO_NLL_BOUND = 3.0                            # x the unsteered answer's NLL (past it a candidate reads broken)
 AUTO_CONCEPT_WORDS = 24                         # how many of the steering's own top tokens count as its words
 
@@ -470,6 +471,7 @@ class AutoAnswer:
     table: tuple[AutoRow, ...]
     seconds: float
     judge_seconds: float   # until the candidates were compared (the first words can show from here)
+    let_go_at: int | None = None  # the answer token from which the chosen steering was let go (after the judged words)
 
     @property
     def label(self) -> str:
@@ -556,6 +558,7 @@ def auto_answer(
     candidates: Sequence[Candidate] | None = None,
     picker: Any = None,
     concept_words: frozenset[int] | None = None,
+    let_go: bool = AUTO_LET_GO,
 ) -> AutoAnswer:
     """The steered answer to `chat` with the way of steering chosen for this prompt (greedy).
 
@@ -563,7 +566,8 @@ def auto_answer(
     checked: candidates are multiples of the component's own strength). The candidates
     (`auto_candidates`) are generated for `judge_tokens` tokens as rows of one batch, read back by the
     unsteered model (NLL, rep3, the question's words, the steering's own words: no keyword list) and
-    compared (`pick_candidate`); the chosen one goes on to `max_new_tokens`. `other_components` are
+    compared (`pick_candidate`); the chosen one goes on to `max_new_tokens`, its steering let go after the
+    judged tokens unless `let_go` is false (`stream_auto_answer`). `other_components` are
     applied in every row as they are (other switched-on features). `concept_words`: token ids that
     count as the concept's words (default: `lens.concept_token_ids` of the component); `picker`: a
     function of the rows read to the index chosen (default `pick_candidate`).
@@ -575,7 +579,7 @@ def auto_answer(
         raise ValueError(f"norm must be positive, got {norm!r}")
     stream = stream_auto_answer(model, tokenizer, chat, component, other_components, max_new_tokens,
                                 repetition_penalty, judge_tokens=judge_tokens, candidates=candidates, picker=picker,
-                                concept_words=concept_words)
+                                concept_words=concept_words, let_go=let_go)
     for _ in stream:
         pass
     return stream.result
@@ -590,6 +594,7 @@ class AutoStream:
         self.choice: AutoChoice | None = None
         self.result: AutoAnswer | None = None
         self.stopped = False
+        self.let_go_at: int | None = None  # set with `choice`: where the chosen steering will be let go, if it is
 
     def __iter__(self) -> Iterator[str]:
         return self._pieces(self)
@@ -599,10 +604,14 @@ def stream_auto_answer(model: Any, tokenizer: Any, chat: Sequence[dict], compone
                        other_components: Sequence[SteeringComponent] = (), max_new_tokens: int = 256,
                        repetition_penalty: float = 1.1, temperature: float = 0.0, cancel: threading.Event | None = None,
                        judge_tokens: int = AUTO_JUDGE_TOKENS, candidates: Sequence[Candidate] | None = None,
-                       picker: Any = None, concept_words: frozenset[int] | None = None) -> AutoStream:
+                       picker: Any = None, concept_words: frozenset[int] | None = None,
+                       let_go: bool = AUTO_LET_GO) -> AutoStream:
     """Auto, streamed: choose on the first `judge_tokens` greedy tokens (auto_choose), yield that prefix,
-    then go on with the chosen steering (sampled at `temperature` after the greedy prefix) and yield
-    the rest as it comes. Setting `cancel` ends it at the next token (`stopped` then says so)."""
+    then go on (sampled at `temperature` after the greedy prefix) and yield the rest as it comes. With
+    `let_go` (the default), the chosen steering of `component` is let go from the first token after the
+    judged ones (they named the concept; steered on, long answers drift off the question: docs/quality.md,
+    "After the judged words"); `other_components` stay on. Without, it goes on steered as it was judged.
+    Setting `cancel` ends it at the next token (`stopped` then says so)."""
     from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -623,14 +632,19 @@ def stream_auto_answer(model: Any, tokenizer: Any, chat: Sequence[dict], compone
                              candidates, picker, concept_words)
         out.choice = choice
         ids = list(choice.prefix)
+        eos = steering.eos_ids(model, tokenizer)
+        goes_on = max_new_tokens > judge and len(ids) == judge and not (ids and ids[-1] in eos)
+        cand = choice.chosen
+        let_go_in_prefix = cand.release and any(t in choice.words for t in ids)
+        if let_go and goes_on and cand.components and not let_go_in_prefix:
+            out.let_go_at = len(ids)
         text = tokenizer.decode(ids, skip_special_tokens=True)
         if text:
             yield text
-        eos = steering.eos_ids(model, tokenizer)
         rest: list[int] = []
         if cancel is not None and cancel.is_set():
             out.stopped = True
-        elif max_new_tokens > judge and len(ids) == judge and not (ids and ids[-1] in eos):
+        elif goes_on:
             streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
             failed: list[BaseException] = []
 
@@ -639,7 +653,8 @@ def stream_auto_answer(model: Any, tokenizer: Any, chat: Sequence[dict], compone
                     rest.extend(continue_candidate(model, tokenizer, chat, choice.chosen, other_components, choice.words,
                                                    ids, None, max_new_tokens - judge, repetition_penalty,
                                                    streamer=streamer, temperature=temperature,
-                                                   stopping_criteria=StoppingCriteriaList([Cancelled()])))
+                                                   stopping_criteria=StoppingCriteriaList([Cancelled()]),
+                                                   let_go_at=out.let_go_at))
                 except BaseException as exc:  # handed to the reader
                     failed.append(exc)
                     streamer.end()
@@ -663,7 +678,8 @@ def stream_auto_answer(model: Any, tokenizer: Any, chat: Sequence[dict], compone
             out.stopped = Cancelled.fired and len(rest) < max_new_tokens - judge
         all_ids = ids + rest
         out.result = AutoAnswer(tokenizer.decode(all_ids, skip_special_tokens=True), tuple(all_ids), choice.chosen,
-                                choice.table, time.perf_counter() - t0, choice.seconds)
+                                choice.table, time.perf_counter() - t0, choice.seconds,
+                                out.let_go_at if rest else None)
 
     return AutoStream(pieces)
 
@@ -743,14 +759,19 @@ def read_candidates(model: Any, tokenizer: Any, chat: Sequence[dict], cands: Seq
 def continue_candidate(model: Any, tokenizer: Any, chat: Sequence[dict], cand: Candidate,
                        others: Sequence[SteeringComponent], release_ids: frozenset[int], prefix: list[int],
                        released_at: int | None, max_new_tokens: int, repetition_penalty: float,
-                       streamer: Any = None, temperature: float = 0.0, stopping_criteria: Any = None) -> list[int]:
+                       streamer: Any = None, temperature: float = 0.0, stopping_criteria: Any = None,
+                       let_go_at: int | None = None) -> list[int]:
     """The chosen candidate's answer after `prefix` (its first tokens), steered as it was: the prompt
     and the prefix are read again with the same positions steered (a release that let go in the
-    prefix stays let go), then generation goes on."""
+    prefix stays let go), then generation goes on. With `let_go_at` (an answer token index), the
+    candidate's own steering stops there (`others` stay on)."""
     prompt = steering.chat_input_ids(tokenizer, chat)
     seq = prompt + list(prefix)
     if cand.release:  # where it let go, read from the tokens (the judged run never fed its last token)
         released_at = next((i for i, t in enumerate(prefix) if t in release_ids), None)
+    if let_go_at is not None and cand.components:
+        released_at = let_go_at if released_at is None else min(released_at, let_go_at)
+        cand = replace(cand, release=True)  # its part now ends at `stop`, whatever tokens come
     stop = None if released_at is None else len(prompt) + released_at
     row = _row(model, cand, others, 0, len(prompt), stop)
     config = _config(model, tokenizer, max_new_tokens, repetition_penalty)

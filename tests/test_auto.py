@@ -69,8 +69,9 @@ def test_a_release_row_is_answer_only_steering_until_its_word_then_lets_go(tiny)
 
 @pytest.mark.parametrize("judge", [3, 6])
 def test_the_chosen_answer_goes_on_exactly_as_it_began(tiny, judge):
-    """Judged on `judge` tokens and continued to 14, each candidate's answer (releases that let go before
-    or after the judged part included) is the one the same row gives when generated to 14 at once."""
+    """Judged on `judge` tokens and continued to 14 steered as it was judged (`let_go=False`), each
+    candidate's answer (releases that let go before or after the judged part included) is the one the same
+    row gives when generated to 14 at once."""
     model, tok = tiny
     strong = comp(12.0)
     answer_only = single_answer(model, tok, CHAT, [strong], max_new_tokens=14, steer_prompt=False)
@@ -81,7 +82,7 @@ def test_the_chosen_answer_goes_on_exactly_as_it_began(tiny, judge):
     assert released[-1] is not None
     for i in range(len(cands)):
         out = calibrate.auto_answer(model, tok, CHAT, comp(), max_new_tokens=14, judge_tokens=judge, candidates=cands,
-                                    picker=lambda rows, i=i: i, concept_words=words)
+                                    picker=lambda rows, i=i: i, concept_words=words, let_go=False)
         assert list(out.token_ids) == whole[i], cands[i].label
         assert out.chosen == cands[i]
 
@@ -275,7 +276,8 @@ def test_an_answer_that_ends_by_itself_is_not_marked_stopped(tiny, monkeypatch):
 
     def auto(cancel):
         return calibrate.stream_auto_answer(model, tok, CHAT, strong, max_new_tokens=12, cancel=cancel, judge_tokens=1,
-                                            candidates=cands, picker=lambda rows: 1, concept_words=frozenset())
+                                            candidates=cands, picker=lambda rows: 1, concept_words=frozenset(),
+                                            let_go=False)
 
     stream = auto(threading.Event())
     "".join(stream)
@@ -289,3 +291,41 @@ def test_an_answer_that_ends_by_itself_is_not_marked_stopped(tiny, monkeypatch):
     cancel.set()  # Stop, while the rest is written
     list(pieces)
     assert stream.stopped
+
+
+def test_after_the_judged_words_the_chosen_steering_lets_go():
+    """By default the chosen steering lets go from the first token after the judged ones (read by hand, long
+    answers steered on drift off the question: docs/quality.md). Checked against a reference built from
+    public pieces only: the prompt and the judged words read with `steering.steer`, the next token from
+    those logits, then plain generation from that cache. `let_go=False` keeps the steering to the end."""
+    from transformers import GenerationConfig, RepetitionPenaltyLogitsProcessor
+
+    model = build_tiny_llama(num_layers=4, hidden=32, seed=2)  # a model whose answer changes when let go
+    model.generation_config.eos_token_id = 2
+    tok = ToyTokenizer()
+    strong = comp(8.0)
+    cands = [Candidate("unsteered"), Candidate("add x1", (strong,), multiplier=1.0)]
+
+    def auto(**kwargs):
+        return calibrate.auto_answer(model, tok, CHAT, strong, max_new_tokens=12, judge_tokens=4, candidates=cands,
+                                     picker=lambda rows: 1, concept_words=frozenset(), **kwargs)
+
+    out = auto()
+    steered = single_answer(model, tok, CHAT, [strong], max_new_tokens=12)
+    assert list(out.token_ids[:4]) == steered[:4] and out.let_go_at == 4
+    ids = steering.chat_input_ids(tok, CHAT) + steered[:4]
+    with steering.steer(model, [strong], steer_from=0), torch.inference_mode():
+        first = model(input_ids=torch.tensor([ids]), use_cache=True)
+    penalty = RepetitionPenaltyLogitsProcessor(1.1)
+    nxt = int(penalty(torch.tensor([ids]), first.logits[:, -1].clone()).argmax())
+    config = GenerationConfig(max_new_tokens=7, do_sample=False, temperature=None, top_p=None, top_k=None,
+                              repetition_penalty=1.1, pad_token_id=0, eos_token_id=steering.eos_ids(model, tok))
+    whole = torch.tensor([ids + [nxt]])
+    with torch.inference_mode():
+        rest = model.generate(input_ids=whole, attention_mask=torch.ones_like(whole), past_key_values=first.past_key_values,
+                              generation_config=config)[0, whole.shape[1]:].tolist()
+    assert list(out.token_ids) == steered[:4] + [nxt] + rest
+    assert list(out.token_ids) != steered  # letting go changed the answer here
+
+    kept = auto(let_go=False)
+    assert list(kept.token_ids) == steered and kept.let_go_at is None

@@ -813,6 +813,30 @@ def test_steer_without_a_strength_takes_the_features_default(embedded, shipped):
     assert result.stdout.strip() == expected.strip()
 
 
+def test_a_long_auto_answer_in_the_console_lets_go_after_the_judged_words_and_says_so(embedded, shipped, monkeypatch):
+    """Past the 48 judged tokens the chosen steering lets go (calibrate.AUTO_LET_GO), in the console as in the app:
+    the notice says where, and the answer is calibrate.auto_answer's."""
+    from llm_steering import calibrate
+
+    model, tok = embedded
+    profile, vectors = shipped
+    catalog = demo.Catalog(profile, vectors)
+    catalog.attach(model, tok)
+    monkeypatch.setattr(calibrate, "pick_candidate", lambda rows, **kw: 1)  # the op x1, prompt steered
+    out = io.StringIO()
+    settings = demo.Settings(backend="hf", temperature=0.0, max_new_tokens=60, repetition_penalty=1.1,
+                             system="You are a helpful assistant.", max_input_tokens=2048)
+    console = demo.Console(model, tok, catalog, settings, out=out, info=out, interactive=False)
+    console.command("/steer pirate auto")
+    answer = console.ask(QUESTION)
+    feature = catalog.resolve("pirate")
+    chat = [{"role": "system", "content": settings.system}, {"role": "user", "content": QUESTION}]
+    expected = calibrate.auto_answer(model, tok, chat, feature.component(feature.default_fraction), norm=feature.norm,
+                                     max_new_tokens=60, repetition_penalty=1.1)
+    assert expected.let_go_at == 48 and answer == expected.answer
+    assert "x norm, let go after its first 48 tokens (compared" in out.getvalue()
+
+
 def test_a_feature_without_a_strength_is_steered_by_auto_where_the_profile_says_so(embedded, shipped):
     """Issue 28: the shipped profile's generation.auto makes auto what `--steer NAME` and `/steer NAME` do, as a
     preset does in the app; a strength gives the fixed one. The one-shot answer is calibrate.auto_answer's."""

@@ -255,7 +255,8 @@ class Console:
                                f"{cand.components[0].op} {format_fraction(fraction * cand.multiplier)} x norm"
                                + (f", its learned direction ({cand.vector})" if cand.vector else "")
                                + (", answer only, let go once it named the concept" if cand.release else
-                                  ", answer only" if not cand.steer_prompt else ""))
+                                  ", answer only" if not cand.steer_prompt else "")
+                               + (f", let go after its first {stream.let_go_at} tokens" if stream.let_go_at else ""))
                         self.notice(f"auto: {feature.title} {how} (compared {len(stream.choice.table)} in "
                                     f"{stream.choice.seconds:.1f} s)")
                         self._begin("steered" if cand.components or others else "unsteered", labelled)

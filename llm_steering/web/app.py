@@ -231,7 +231,7 @@ def auto_generate(
         cand = choice.chosen
         yield {"label": cand.label, "multiplier": cand.multiplier, "op": cand.components[0].op if cand.components else None,
                "steer_prompt": cand.steer_prompt, "release": cand.release, "vector": cand.vector, "seconds": round(choice.seconds, 1),
-               "tried": len(choice.table)}
+               "tried": len(choice.table), "let_go_at": auto.let_go_at}
         if unsteered_chat is not None:
             settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=temperature,
                                           repetition_penalty=repetition_penalty, steer_prompt=True)
@@ -260,7 +260,7 @@ def auto_generate(
     trace = SteeringTrace(prompt_len=len(prompt), token_ids=[*prompt, *result.token_ids])
     token_effects = None
     cand = result.chosen
-    if cand.components and not cand.release and not others and len(result.token_ids):
+    if cand.components and not cand.release and result.let_go_at is None and not others and len(result.token_ids):
         token_effects = effects.token_effects(model, trace.token_ids, trace.prompt_len, list(cand.components),
                                               steer_from=0 if cand.steer_prompt else trace.prompt_len)
     yield result.answer, other, trace, auto.stopped, token_effects

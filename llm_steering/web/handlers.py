@@ -197,6 +197,8 @@ def auto_answer_stream(app: App, chat: list[dict], spec: SteeringSpec, component
             setting = ("answer only, let go once it named the concept" if chosen["release"]
                        else "answer only" if not chosen["steer_prompt"] else chosen["op"])
             setting = f"{setting}{', its learned direction' if learned else ''}, {chosen['multiplier']:g}x its default"
+            if chosen.get("let_go_at"):
+                setting += f", let go after its first {chosen['let_go_at']} tokens"
         turn["auto_setting"] = setting
         gr.Info(f"Auto: {feature.title} {setting} (compared {chosen['tried']} ways in {chosen['seconds']:.1f} s).")
         yield from stream
