@@ -94,9 +94,13 @@ def main() -> None:
                 page = context.new_page()
                 page.goto(url)
                 page.wait_for_selector("#msg textarea", timeout=60_000)
-                if not page.get_by_role("checkbox", name=title, exact=True).is_visible():
+                card = page.get_by_role("checkbox", name=title, exact=True)
+                try:  # the cards show once the page has drawn them; the Features fold may start closed
+                    card.wait_for(state="visible", timeout=15_000)
+                except Exception:
                     page.locator("#features-acc").get_by_text("Features", exact=False).first.click()
-                page.get_by_role("checkbox", name=title, exact=True).check()
+                    card.wait_for(state="visible", timeout=30_000)
+                card.check()
                 wait(lambda page=page, title=title: title in page.locator("#summary").inner_text(), 30, f"{title} switched on")
                 for q in args.questions:
                     t0 = time.monotonic()
