@@ -439,7 +439,8 @@ def test_an_auto_answer_steered_by_the_learned_direction_says_so_and_its_link_st
 
 def test_a_long_auto_answer_lets_go_after_the_judged_words_and_says_so(app_module, capsys, monkeypatch):
     """Past the 48 judged tokens the chosen steering lets go (calibrate.AUTO_LET_GO): the app's answer is the
-    library's, and the tag and the notice say where it let go."""
+    library's, and the tag and the notice say where it let go (that letting go changes an answer:
+    tests/test_auto.py)."""
     from llm_steering import calibrate
 
     la = app_module.LOADED
@@ -448,19 +449,16 @@ def test_a_long_auto_answer_lets_go_after_the_judged_words_and_says_so(app_modul
     controls = la.panel.pack({("pirate", "on"): True, ("pirate", "auto"): True})
     message, system = "Tell me about your weekend.", la.profile.generation.system_prompt
     mode = next(iter(handlers.HISTORY_MODES))
-    *_, last = handlers.respond(la, message, [], system, 0.0, 1.1, 60, False, mode, "", *controls)
+    *_, last = handlers.respond(la, message, [], system, 0.0, 1.1, 52, False, mode, "", *controls)
     turn = last[1][-1]
     chat = [{"role": "system", "content": system}, {"role": "user", "content": message}]
     expected = calibrate.auto_answer(la.model, la.tokenizer, chat, feature.component(feature.default_fraction),
-                                     norm=feature.norm, max_new_tokens=60, repetition_penalty=1.1)
+                                     norm=feature.norm, max_new_tokens=52, repetition_penalty=1.1)
     assert expected.let_go_at == calibrate.AUTO_JUDGE_TOKENS and len(expected.token_ids) > expected.let_go_at
     assert turn["answer"] == expected.answer
     assert turn["auto_setting"] == "clamp, 1x its default, let go after its first 48 tokens"
     assert f"Auto: Pirate {turn['auto_setting']} (compared" in capsys.readouterr().out
     assert "let go after its first 48 tokens" in views.turn_messages(la.catalog, [turn])[-1]["content"]
-    kept = calibrate.auto_answer(la.model, la.tokenizer, chat, feature.component(feature.default_fraction),
-                                 norm=feature.norm, max_new_tokens=60, repetition_penalty=1.1, let_go=False)
-    assert kept.answer != turn["answer"] and kept.answer[:100] == turn["answer"][:100]  # the judged words are the same
 
 
 def test_auto_never_chooses_a_strength_outside_the_sliders_range(app_module, capsys):

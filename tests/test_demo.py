@@ -824,7 +824,7 @@ def test_a_long_auto_answer_in_the_console_lets_go_after_the_judged_words_and_sa
     catalog.attach(model, tok)
     monkeypatch.setattr(calibrate, "pick_candidate", lambda rows, **kw: 1)  # the op x1, prompt steered
     out = io.StringIO()
-    settings = demo.Settings(backend="hf", temperature=0.0, max_new_tokens=60, repetition_penalty=1.1,
+    settings = demo.Settings(backend="hf", temperature=0.0, max_new_tokens=52, repetition_penalty=1.1,
                              system="You are a helpful assistant.", max_input_tokens=2048)
     console = demo.Console(model, tok, catalog, settings, out=out, info=out, interactive=False)
     console.command("/steer pirate auto")
@@ -832,7 +832,7 @@ def test_a_long_auto_answer_in_the_console_lets_go_after_the_judged_words_and_sa
     feature = catalog.resolve("pirate")
     chat = [{"role": "system", "content": settings.system}, {"role": "user", "content": QUESTION}]
     expected = calibrate.auto_answer(model, tok, chat, feature.component(feature.default_fraction), norm=feature.norm,
-                                     max_new_tokens=60, repetition_penalty=1.1)
+                                     max_new_tokens=52, repetition_penalty=1.1)
     assert expected.let_go_at == 48 and answer == expected.answer
     assert "x norm, let go after its first 48 tokens (compared" in out.getvalue()
 
