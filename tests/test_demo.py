@@ -492,9 +492,9 @@ def test_find_lists_the_features_that_fire_and_one_steers_them(embedded, sae_pro
     assert "/find [layer] <text>" in console_commands.help_text()
 
 
-def test_steer_auto_chooses_how_to_steer_each_answer_and_goes_on_with_it(embedded, shipped):
-    """/steer pirate auto (issue 28): it says what it tries, then which way it kept, then that answer
-    (calibrate.auto_answer's, greedy)."""
+def pirate_auto(embedded, shipped, max_new_tokens: int):
+    """`/steer pirate auto` then QUESTION in a greedy console: (its answer, what it printed, the feature, and
+    calibrate.auto_answer's answer to the same chat)."""
     from llm_steering import calibrate
 
     model, tok = embedded
@@ -502,7 +502,7 @@ def test_steer_auto_chooses_how_to_steer_each_answer_and_goes_on_with_it(embedde
     catalog = demo.Catalog(profile, vectors)
     catalog.attach(model, tok)
     out = io.StringIO()
-    settings = demo.Settings(backend="hf", temperature=0.0, max_new_tokens=12, repetition_penalty=1.1,
+    settings = demo.Settings(backend="hf", temperature=0.0, max_new_tokens=max_new_tokens, repetition_penalty=1.1,
                              system="You are a helpful assistant.", max_input_tokens=2048)
     console = demo.Console(model, tok, catalog, settings, out=out, info=out, interactive=False)
     console.command("/steer pirate auto")
@@ -510,8 +510,14 @@ def test_steer_auto_chooses_how_to_steer_each_answer_and_goes_on_with_it(embedde
     feature = catalog.resolve("pirate")
     chat = [{"role": "system", "content": settings.system}, {"role": "user", "content": QUESTION}]
     expected = calibrate.auto_answer(model, tok, chat, feature.component(feature.default_fraction), norm=feature.norm,
-                                     max_new_tokens=12, repetition_penalty=1.1)
-    text = out.getvalue()
+                                     max_new_tokens=max_new_tokens, repetition_penalty=1.1)
+    return answer, out.getvalue(), feature, expected
+
+
+def test_steer_auto_chooses_how_to_steer_each_answer_and_goes_on_with_it(embedded, shipped):
+    """/steer pirate auto (issue 28): it says what it tries, then which way it kept, then that answer
+    (calibrate.auto_answer's, greedy)."""
+    answer, text, feature, expected = pirate_auto(embedded, shipped, 12)
     n = len(expected.table)
     assert text.index(f"auto: trying Pirate {n} ways") < text.index(f"(compared {n} in") < text.index(answer)
     cand = expected.chosen
@@ -818,23 +824,10 @@ def test_a_long_auto_answer_in_the_console_lets_go_after_the_judged_words_and_sa
     the notice says where, and the answer is calibrate.auto_answer's."""
     from llm_steering import calibrate
 
-    model, tok = embedded
-    profile, vectors = shipped
-    catalog = demo.Catalog(profile, vectors)
-    catalog.attach(model, tok)
     monkeypatch.setattr(calibrate, "pick_candidate", lambda rows, **kw: 1)  # the op x1, prompt steered
-    out = io.StringIO()
-    settings = demo.Settings(backend="hf", temperature=0.0, max_new_tokens=52, repetition_penalty=1.1,
-                             system="You are a helpful assistant.", max_input_tokens=2048)
-    console = demo.Console(model, tok, catalog, settings, out=out, info=out, interactive=False)
-    console.command("/steer pirate auto")
-    answer = console.ask(QUESTION)
-    feature = catalog.resolve("pirate")
-    chat = [{"role": "system", "content": settings.system}, {"role": "user", "content": QUESTION}]
-    expected = calibrate.auto_answer(model, tok, chat, feature.component(feature.default_fraction), norm=feature.norm,
-                                     max_new_tokens=52, repetition_penalty=1.1)
+    answer, text, _, expected = pirate_auto(embedded, shipped, 52)
     assert expected.let_go_at == 48 and answer == expected.answer
-    assert "x norm, let go after its first 48 tokens (compared" in out.getvalue()
+    assert "x norm, let go after its first 48 tokens (compared" in text
 
 
 def test_a_feature_without_a_strength_is_steered_by_auto_where_the_profile_says_so(embedded, shipped):
