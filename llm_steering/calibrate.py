@@ -503,6 +503,17 @@ def pick_candidate(rows: Sequence[AutoRow], nll_bound: float = AUTO_NLL_BOUND, m
     return max(ok, key=lambda i: (rows[i].concept_score, -rows[i].nll_ratio), default=0)
 
 
+def setting_text(op: str | None, multiplier: float, steer_prompt: bool = True, release: bool = False,
+                 learned: bool = False, let_go_at: int | None = None) -> str:
+    """How auto steered an answer, in the words of its tag ("clamp, 1.4x its default, let go after its first 48
+    tokens"); `op` None: the unsteered answer was kept."""
+    if op is None:
+        return "unsteered: no way of steering kept the answer on the question"
+    how = "answer only, let go once it named the concept" if release else "answer only" if not steer_prompt else op
+    text = f"{how}{', its learned direction' if learned else ''}, {multiplier:g}x its default"
+    return text + (f", let go after its first {let_go_at} tokens" if let_go_at else "")
+
+
 @dataclass(frozen=True)
 class AutoChoice:
     """The candidate auto chose for a chat, from its first `judge` tokens: its index in `table`."""
@@ -742,6 +753,14 @@ def read_candidates(model: Any, tokenizer: Any, chat: Sequence[dict], cands: Seq
                     scores: torch.Tensor | None = None) -> list[AutoRow]:
     """The candidates' answers read back by the unsteered model: the signals `pick_candidate` uses."""
     nlls = answer_nll(model, tokenizer, [chat] * len(answers), answers)
+    return candidate_rows(tokenizer, chat, cands, answers, nlls, released, words, scores)
+
+
+def candidate_rows(tokenizer: Any, chat: Sequence[dict], cands: Sequence[Candidate], answers: Sequence[Sequence[int]],
+                   nlls: Sequence[float], released: Sequence[int | None], words: frozenset[int],
+                   scores: torch.Tensor | None = None) -> list[AutoRow]:
+    """The rows `pick_candidate` reads, from the candidates' answers and their NLLs under the unsteered model
+    (read_candidates here; the server reads the NLLs through vLLM: serving/auto.py)."""
     question = content_stems(" ".join(m["content"] for m in chat if m["role"] == "user")[-2000:])
     base = nlls[0]
     table = []

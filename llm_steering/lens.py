@@ -20,6 +20,7 @@ import hashlib
 import os
 import tempfile
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,12 +143,8 @@ def steered_tokens(model: Any, tokenizer: Any, component: Any, k: int = DEFAULT_
     per_model = _STEERED.setdefault(model, {})
     if key not in per_model:
         scores = cached_steering_scores(model, tokenizer, component)
-        up, down = scores.topk(k), (-scores).topk(k)
-
-        def tokens(ids: torch.Tensor) -> tuple[Token, ...]:
-            return tuple(Token(int(i), tokenizer.decode([int(i)]), float(scores[i])) for i in ids)
-
-        per_model[key] = TokenLens(tokens(up.indices), tokens(down.indices), MEASURED)
+        down = tuple(Token(int(i), tokenizer.decode([int(i)]), float(scores[i])) for i in (-scores).topk(k).indices)
+        per_model[key] = TokenLens(top_raised(tokenizer, scores, k), down, MEASURED)
     return per_model[key]
 
 
@@ -298,15 +295,26 @@ def concept_token_ids(model: Any, tokenizer: Any, component: Any, k: int = 24) -
     """The steering's own words, for reading an answer without a keyword list: of the `k` tokens the
     steering raises most (`steered_tokens`), those that start a word and have at least three letters
     and are not a stop word (" ocean", " Shakespeare"; not ",", "ass", "The")."""
+    return words_of(steered_tokens(model, tokenizer, component, k).promoted)
+
+
+def words_of(tokens: Sequence[Token]) -> frozenset[int]:
+    """Of `tokens` (with their scores in `logit`), the ids of those raised that start a word, have at least three
+    letters and are not a stop word: `concept_token_ids`' rule (the server applies it to its own scores)."""
     from llm_steering.calibrate import STOP_WORDS
 
     words = set()
-    for t in steered_tokens(model, tokenizer, component, k).promoted:
+    for t in tokens:
         text = t.text
         if (t.logit > 0 and (text[:1] == " " or text[:1].isupper()) and sum(ch.isalpha() for ch in text) >= 3
                 and text.strip().lower() not in STOP_WORDS):
             words.add(t.id)
     return frozenset(words)
+
+
+def top_raised(tokenizer: Any, scores: torch.Tensor, k: int) -> tuple[Token, ...]:
+    """The `k` tokens with the highest scores, as `steered_tokens` lists them."""
+    return tuple(Token(int(i), tokenizer.decode([int(i)]), float(scores[i])) for i in scores.topk(k).indices)
 
 
 # ---------------------------------------------------------------------------

@@ -269,16 +269,77 @@ def test_the_reserved_key_is_a_4xx_by_every_route_and_the_server_goes_on(client,
 
 
 @pytest.mark.parametrize("content_type", ["application/json", "Application/JSON", "application/vnd.api+json"])
-def test_asking_for_auto_is_a_400_that_says_it_is_not_on_the_server(client, server, content_type):
-    """auto runs in the app, the console and the library: a request that asks the server for it is told so,
-    not answered at a fixed strength after vLLM drops the unknown field (top-level or in vllm_xargs)."""
-    for body in (chat_body(steering=SPEC, auto=True), chat_body(vllm_xargs={"steering": json.dumps(SPEC), "auto": True}),
-                 chat_body(auto=True)):
-        resp = post(server[1], body, content_type)
-        assert resp.status_code == 400, (content_type, resp.status_code, resp.text[:300])
+def test_auto_the_server_cannot_answer_is_a_one_line_400(client, server, content_type):
+    """auto answers chats with steering: anything else is told what to change (never a fixed strength after
+    vLLM drops the unknown field), in every JSON media type, before any engine work."""
+    cases = [
+        (chat_body(steering=SPEC, auto=True) | {"prompt": "Once upon a time"}, "/v1/completions", "answers chats"),
+        (chat_body(vllm_xargs={"steering": json.dumps(SPEC), "auto": "true"}) | {"prompt": "x"}, "/v1/completions",
+         "answers chats"),
+        (chat_body(auto=True), "/v1/chat/completions", "send the steering with it"),
+        (chat_body(steering=SPEC, auto=True, logprobs=True), "/v1/chat/completions", "with auto this server takes"),
+        (chat_body(steering=SPEC, auto=True, n=2), "/v1/chat/completions", "n must be 1"),
+        (chat_body(steering=SPEC, auto="ocean"), "/v1/chat/completions", "not one of this steering's features"),
+        (chat_body(steering=SPEC, auto=[1]), "/v1/chat/completions", "auto must be true or the name"),
+        (chat_body(steering=SPEC, auto=True, messages=[{"role": "user", "content": "hi " * 2000}]), "/v1/chat/completions",
+         "server's context is 1024 tokens"),
+    ]
+    for body, path, expected in cases:
+        body = {k: v for k, v in body.items() if k != "messages"} if path == "/v1/completions" else body
+        resp = post(server[1], body, content_type, path)
+        assert resp.status_code == 400, (content_type, path, resp.status_code, resp.text[:300])
         message = resp.json()["error"]["message"]
-        assert "not on this server yet" in message and "\n" not in message, message
+        assert expected in message and "\n" not in message, message
     assert ask(client, max_tokens=4, extra_body={"steering": SPEC}).choices[0].message.content
+
+
+def auto_reference(embedded, key: str, chat: list, n: int):
+    """calibrate.auto_answer on the hooks backend, with the candidates the server (and the app) gives the feature
+    at its default: the reference a server's auto answer must equal token for token (both float32, greedy)."""
+    from llm_steering import calibrate
+    from llm_steering.catalog import catalog_for_vectors
+
+    catalog = catalog_for_vectors(steering.load_vectors(ROOT / "steering_vectors.pt"), file_only=True)
+    feature = catalog.resolve(key)
+    comp = feature.component(feature.default_fraction, feature.default_op)
+    cands = calibrate.auto_candidates(comp, catalog.auto_max_multiplier(feature, feature.default_fraction),
+                                      learned=calibrate.learned_direction(comp))
+    spec = {**SPEC, "features": [{"key": key, "fraction": feature.default_fraction}]}
+    return spec, calibrate.auto_answer(*embedded, chat, comp, max_new_tokens=n, candidates=cands)
+
+
+def test_auto_on_the_server_chooses_and_answers_as_the_library_does(client, embedded):
+    """`"auto": true` on the server: the candidates as parallel engine requests, the steering scores recorded by the
+    workers, the answers read back through prompt_logprobs, the same picker; then the chosen answer goes on with
+    its steering let go. Two cases, each checked token for token against calibrate.auto_answer: one where a
+    release lets go inside the judged words (streamed), one let go after them (not streamed)."""
+    n = 64
+    desk = [{"role": "user", "content": "Give me three tips for keeping a tidy desk."}]
+    spec, ref = auto_reference(embedded, "pirate", desk, n)
+    assert ref.chosen.release and ref.let_go_at is None  # the case is what it says
+    stream = client.chat.completions.create(model="default", messages=desk, max_tokens=n, temperature=0, stream=True,
+                                            extra_body={"steering": spec, "auto": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    summary = chunks[0].model_extra["steering_auto"]
+    assert summary["chosen"] == ref.label and text == ref.answer
+    assert summary["setting"] == "answer only, let go once it named the concept, 2x its default"
+    assert [c["label"] for c in summary["candidates"]] == [r.candidate.label for r in ref.table]
+    for got, want in zip(summary["candidates"], ref.table, strict=True):  # the signals, read through vLLM
+        assert got["nll_ratio"] == pytest.approx(want.nll_ratio, abs=1e-3)
+        assert got["concept_score"] == pytest.approx(want.concept_score, abs=1e-3)
+        assert got["on_question"] == want.on_question
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+    job = [{"role": "user", "content": "Give me three tips for a job interview."}]
+    spec, ref = auto_reference(embedded, "ocean", job, n)
+    assert ref.let_go_at == 48 and ref.chosen.components
+    out = client.chat.completions.create(model="default", messages=job, max_tokens=n, temperature=0,
+                                         extra_body={"steering": spec, "auto": True})
+    summary = out.model_extra["steering_auto"]
+    assert out.choices[0].message.content == ref.answer and summary["chosen"] == ref.label
+    assert summary["let_go_at"] == 48 and summary["setting"].endswith("let go after its first 48 tokens")
+    assert out.usage.completion_tokens >= len(ref.token_ids)
 
 
 def test_without_the_key_every_request_is_a_401_that_names_no_feature(server):
@@ -336,7 +397,7 @@ def mutate(rng, body: dict) -> dict:
         spec = body.get("steering") if isinstance(body.get("steering"), dict) else None
         features = spec.get("features") if spec and isinstance(spec.get("features"), list) else []
         target = rng.choice([body, body, *([spec] if spec else []), *[f for f in features if isinstance(f, dict)]])
-        key = rng.choice([*target, "n", "seed", "stop", "logit_bias", "cache_salt", "steering"])
+        key = rng.choice([*target, "n", "seed", "stop", "logit_bias", "cache_salt", "steering", "auto"])
         op = rng.randrange(6)
         if op == 0:
             target.pop(key, None)
@@ -367,6 +428,8 @@ def test_random_mutations_of_valid_requests_never_5xx_and_never_kill_the_engine(
     for i in range(FUZZ_COUNT):
         base = chat_body(max_tokens=2, steering={**SPEC, "features": [{"key": "pirate", "fraction": 0.3},
                                                                         {"key": "ocean", "fraction": 0.1, "op": "add"}]})
+        if rng.random() < 0.2:  # auto, answered by the middleware itself (2 tokens: cheap)
+            base["auto"] = rng.choice(["pirate", "ocean", True])
         body = mutate(rng, base)
         path = "/v1/chat/completions"
         if rng.random() < 0.25:

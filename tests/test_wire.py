@@ -77,6 +77,29 @@ def test_parse_refuses_unknown_fields_and_too_many_components():
             SteeringRecord.parse(json.dumps(bad))
 
 
+def test_auto_fields_round_trip_and_are_checked():
+    """What the server's auto adds to a record (serving/auto.py): where steering starts, where a releasing
+    component lets go, the tokens that let it go, a scored request's key."""
+    rec = SteeringRecord((WireComponent(1, "add", 2.0, name="x", vector=vector(4), release=True),), steer_from=3,
+                         let_go_at=9, release_ids=(5, 7), score=None)
+    assert SteeringRecord.verify(rec.sign()) == rec
+    assert '"release"' not in record().payload()  # a component that never lets go says nothing of it
+    scored = SteeringRecord((), score="k", score_from=2)
+    assert SteeringRecord.verify(scored.sign()) == scored and scored.cache_salt() == "k"
+    comp = rec.components[0]
+    for bad, message in [({"let_go_at": -1}, "let_go_at must be a non-negative integer"),
+                         ({"steer_from": True}, "steer_from must be a non-negative integer"),
+                         ({"release_ids": (1, -2)}, "release_ids"), ({"release_ids": (True,)}, "release_ids"),
+                         ({"release_ids": tuple(range(5000))}, "release_ids"), ({"score": ""}, "score must be a key"),
+                         ({"trace": "t"}, "traced record cannot let go")]:
+        with pytest.raises(RecordError, match=message):
+            SteeringRecord((comp,), **{"steer_from": 3, **bad}).check()
+    with pytest.raises(RecordError, match="release must be true or false"):
+        SteeringRecord((WireComponent(1, "add", 2.0, name="x", vector=vector(4), release="yes"),)).check()
+    with pytest.raises(RecordError, match="release_ids"):
+        SteeringRecord.parse(json.dumps({**json.loads(rec.payload()), "release_ids": "5"}))
+
+
 def test_the_cache_salt_follows_the_steering_and_traces_never_share():
     assert record().cache_salt() == record().cache_salt()
     assert record().cache_salt() != record(strength=2.6).cache_salt()
@@ -103,7 +126,7 @@ def test_what_only_the_middleware_reads_is_refused_if_it_reaches_the_engine_unre
     with pytest.raises(ValueError, match="reached the engine unread: send it in a JSON body"):
         SteeringValidator.validate_params(SimpleNamespace(extra_args={"steering": '{"features": []}'}))
     for value in (True, "true", 1):
-        with pytest.raises(ValueError, match="^auto .* not on this server yet: send the feature with a strength"):
+        with pytest.raises(ValueError, match="^auto .* answers chats: send it in a JSON body to /v1/chat/completions"):
             SteeringValidator.validate_params(SimpleNamespace(extra_args={EXTRA_KEY: record().sign(), "auto": value}))
     SteeringValidator.validate_params(SimpleNamespace(extra_args={EXTRA_KEY: record().sign(), "other": 1}))
 
@@ -158,6 +181,32 @@ def test_the_worker_builds_a_good_record():
     req = WorkerSteering(runner)._parse("r")
     (idx, comps, vectors), = req.layers.values()
     assert comps[0].op == "clamp" and comps[0].strength == 2.5 and vectors[0].shape == (4,)
+
+
+def test_a_releasing_component_lets_go_where_the_record_says_and_the_others_stay_on():
+    """The worker's hook steers a chunk's positions before `let_go_at` with every component and those from it
+    on only with the ones that do not let go; a generated token among `release_ids` lets go from its own
+    position (calibrate.scheduled_steering's rule), a prompt token does not."""
+    from llm_steering.backends.vllm.worker import WorkerSteering
+
+    runner = FakeRunner()
+    e0, e1 = [1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]
+    comps = (WireComponent(1, "add", 2.0, name="goes", vector=WireComponent.encode_vector(e0), release=True),
+             WireComponent(1, "add", 3.0, name="stays", vector=WireComponent.encode_vector(e1)))
+    runner.requests["r"] = SimpleNamespace(num_prompt_tokens=3, sampling_params=SimpleNamespace(
+        extra_args={EXTRA_KEY: SteeringRecord(comps, let_go_at=5, release_ids=(7,)).sign()}))
+    worker = WorkerSteering(runner)
+    req = worker._parse("r")
+    worker.plan = {1: [(0, 4, 3, req)]}  # rows 0-3 are positions 3-6
+    hidden, residual = torch.zeros(4, 4), torch.zeros(4, 4)
+    out, _ = worker._make_hook(1)(None, None, (hidden, residual))
+    assert out[:, 0].tolist() == [2.0, 2.0, 0.0, 0.0]  # let go from position 5
+    assert out[:, 1].tolist() == [3.0] * 4  # the other component stays on
+
+    req.stop = None
+    worker.releases = [(0, 3, 2, req)]  # positions 2-4: the prompt's last token (7, not generated), then 9, 7
+    worker._read_fed_tokens(None, (torch.tensor([7, 9, 7]),))
+    assert req.stop == 4
 
 
 # ---------------------------------------------------------------------------

@@ -10,8 +10,9 @@ does that). For every HTTP request it:
 - parses the body when its media type is JSON as HTTP defines it (`application/json` or
   `application/*+json`, in any letter case, with parameters): JSON it cannot parse, or nested too
   deep, is a 400; `true` for an integer field (`seed`, `n`, `max_tokens`, ...) is a 400 (vLLM
-  would read 1); a client's own `vllm_xargs.llm_steering` is a 400; so is `auto` (top-level or in
-  vllm_xargs): auto is not on the server, and vLLM would drop the field without a word;
+  would read 1); a client's own `vllm_xargs.llm_steering` is a 400;
+- answers a chat with `auto` itself (serving/auto.py: the candidates as parallel engine requests,
+  read back and chosen as the app chooses); `auto` on another route is a 400;
 - on /v1/chat/completions and /v1/completions, takes the request's steering (the top-level
   `steering` field, or `vllm_xargs.steering` as a JSON string) and resolves it the one way the
   app and the console do (`catalog.Catalog.components`, over the vectors file LLM_STEERING_VECTORS
@@ -31,14 +32,26 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from typing import Any
 
 from llm_steering.backends.vllm.wire import AUTO_REFUSED, EXTRA_KEY, SteeringRecord, WireComponent, file_digest
 from llm_steering.catalog import Catalog, catalog_for_vectors
 from llm_steering.config import MAX_SPEC_BYTES, SteeringSpec
-from llm_steering.core import short_repr
+from llm_steering.core import one_line, short_repr
+from llm_steering.serving.auto import (
+    AutoRequest,
+    RequestError,
+    ServerAuto,
+    auto_request,
+    serve_auto,
+    take_auto,
+    take_field,
+)
 from llm_steering.serving.timeouts import install_header_timeout
+
+logger = logging.getLogger(__name__)
 
 VECTORS_ENV = "LLM_STEERING_VECTORS"
 MAX_BODY_ENV = "LLM_STEERING_MAX_BODY_BYTES"
@@ -48,14 +61,6 @@ DEFAULT_BODY_TIMEOUT = 30.0
 STEERED_PATHS = ("/v1/chat/completions", "/v1/completions")
 INTEGER_FIELDS = ("seed", "n", "max_tokens", "max_completion_tokens", "min_tokens", "top_k", "top_logprobs", "best_of")
 BODY_METHODS = ("POST", "PUT", "PATCH")
-
-
-class RequestError(Exception):
-    """A request the server refuses: HTTP status, one-line message, the offending parameter."""
-
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param = status, message, param
 
 
 class SteeringMiddleware:
@@ -69,6 +74,7 @@ class SteeringMiddleware:
         self._catalog: tuple[Catalog, str] | None = None
         self._entry: Any = None
         self._installed = False
+        self._auto: ServerAuto | None = None
         self._lock = asyncio.Lock()
         # Starlette builds its middleware at the lifespan's startup, before uvicorn accepts a connection
         install_header_timeout()
@@ -93,10 +99,42 @@ class SteeringMiddleware:
         except RequestError as exc:
             await send_error(send, exc)
             return
+        if isinstance(body, AutoRequest):
+            await self._serve_auto(scope, body, receive, send)
+            return
         await self.app(replace_length(scope, len(body)), replay(body, receive), send)
 
-    async def _rewrite(self, scope: dict, body: bytes) -> bytes:
-        """The body with its steering resolved into a signed record in vllm_xargs (unchanged if none)."""
+    async def _serve_auto(self, scope: dict, req: AutoRequest, receive: Any, send: Any) -> None:
+        """A chat with auto, answered here (serving/auto.py); a one-line error for what fails before the answer starts."""
+        app_state = scope["app"].state
+        engine = app_state.engine_client
+        models = getattr(app_state, "openai_serving_models", None)
+        started = False
+
+        async def send_once(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            if req.model and models is not None and not models.is_base_model(req.model):
+                raise RequestError(404, f"The model `{req.model}` does not exist.", "model")
+            await self._install(engine)
+            if self._auto is None:
+                catalog, digest = await self._catalog_for()
+                self._auto = ServerAuto(engine, catalog, self.vectors_path, digest)
+            await serve_auto(self._auto, req, models.model_name() if models is not None else "default", receive, send_once)
+        except RequestError as exc:
+            if not started:
+                await send_error(send, exc)
+        except Exception as exc:  # noqa: BLE001  (one line for the client; the server goes on)
+            logger.exception("auto failed")
+            if not started:
+                await send_error(send, RequestError(500, f"auto failed: {one_line(exc)}"))
+
+    async def _rewrite(self, scope: dict, body: bytes) -> bytes | AutoRequest:
+        """The body with its steering resolved into a signed record in vllm_xargs (unchanged if none); a chat
+        with auto, checked, to be answered here."""
         data = parse_json(body)
         if not isinstance(data, dict):
             return body
@@ -107,9 +145,13 @@ class SteeringMiddleware:
         if isinstance(xargs, dict) and EXTRA_KEY in xargs:
             raise RequestError(400, f"vllm_xargs.{EXTRA_KEY} is reserved: send the steering as 'steering' "
                                     "(or vllm_xargs.steering)", "vllm_xargs")
-        if "auto" in data or (isinstance(xargs, dict) and "auto" in xargs):
-            raise RequestError(400, AUTO_REFUSED, "auto")
+        auto = take_auto(data)
         spec = take_spec(data)
+        if auto is not None:
+            if scope["path"] != "/v1/chat/completions":
+                raise RequestError(400, AUTO_REFUSED, "auto")
+            defaults = scope["app"].state.engine_client.model_config.get_diff_sampling_param()
+            return auto_request(data, spec, auto, defaults)
         if spec is None:
             return body
         if scope["path"] not in STEERED_PATHS:
@@ -195,14 +237,8 @@ def is_json(content_type: bytes | None) -> bool:
 
 def take_spec(data: dict) -> SteeringSpec | None:
     """Pop the request's steering (top-level `steering` or `vllm_xargs.steering`) and parse it."""
-    raw = data.pop("steering", None)
-    xargs = data.get("vllm_xargs")
-    if isinstance(xargs, dict) and "steering" in xargs:
-        if raw is not None:
-            raise RequestError(400, "send the steering once: as 'steering' or as vllm_xargs.steering", "steering")
-        raw = xargs.pop("steering")
-        if not xargs:
-            del data["vllm_xargs"]
+    raw, in_xargs = take_field(data, "steering", "the steering")
+    if in_xargs:
         if isinstance(raw, str):
             if len(raw) > MAX_SPEC_BYTES:
                 raise RequestError(400, f"the steering spec is over {MAX_SPEC_BYTES} bytes", "steering")
@@ -351,7 +387,8 @@ def _track(state: dict[str, Any], payload: bytes) -> None:
 
 async def send_error(send: Any, exc: RequestError) -> None:
     """An error object in the shape vLLM (and OpenAI) use."""
-    kind = {413: "RequestEntityTooLarge", 408: "RequestTimeout"}.get(exc.status, "BadRequestError")
+    kind = {413: "RequestEntityTooLarge", 408: "RequestTimeout", 404: "NotFoundError",
+            500: "InternalServerError"}.get(exc.status, "BadRequestError")
     body = json.dumps({"error": {"message": exc.message, "type": kind, "param": exc.param, "code": exc.status}}).encode()
     await send({"type": "http.response.start", "status": exc.status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from llm_steering import chat_history, control_vector, steering
+from llm_steering.calibrate import setting_text
 from llm_steering.chat_input import fit_chat, message_text
 from llm_steering.config import SteeringSpec, load_steering_spec, save_steering_spec
 from llm_steering.core import atomic_write, format_fraction, one_line, round_fraction
@@ -183,7 +184,7 @@ def auto_answer_stream(app: App, chat: list[dict], spec: SteeringSpec, component
         if chosen["op"] is None:
             turn["steering"] = catalog.spec({k: (f, o) for k, (_, f, o) in active.items() if k != key},
                                                 chosen["steer_prompt"]).to_dict()  # how the other features were applied
-            setting = "unsteered: no way of steering kept the answer on the question"
+            setting = setting_text(None, 0.0)
         else:
             chosen_fraction = round_fraction(fraction * chosen["multiplier"])
             learned = chosen.get("vector")  # a direction learned for the feature: the turn's spec names it, so a link,
@@ -194,11 +195,8 @@ def auto_answer_stream(app: App, chat: list[dict], spec: SteeringSpec, component
                 {(chosen_key if k == key else k): ((chosen_fraction, chosen["op"]) if k == key else (f, o))
                  for k, (_, f, o) in active.items()},
                 chosen["steer_prompt"]).to_dict()
-            setting = ("answer only, let go once it named the concept" if chosen["release"]
-                       else "answer only" if not chosen["steer_prompt"] else chosen["op"])
-            setting = f"{setting}{', its learned direction' if learned else ''}, {chosen['multiplier']:g}x its default"
-            if chosen.get("let_go_at"):
-                setting += f", let go after its first {chosen['let_go_at']} tokens"
+            setting = setting_text(chosen["op"], chosen["multiplier"], chosen["steer_prompt"], chosen["release"],
+                                   bool(learned), chosen.get("let_go_at"))
         turn["auto_setting"] = setting
         gr.Info(f"Auto: {feature.title} {setting} (compared {chosen['tried']} ways in {chosen['seconds']:.1f} s).")
         yield from stream

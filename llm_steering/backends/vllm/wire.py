@@ -31,13 +31,14 @@ from pathlib import Path
 from typing import Any
 
 EXTRA_KEY = "llm_steering"  # the key of a request's steering in SamplingParams.extra_args (vllm_xargs)
-# A request's `auto` (top-level or in vllm_xargs), refused by the middleware and at admission: vLLM would drop the
-# unknown field with a log line, and a client asking for auto would quietly get its fixed strength
-AUTO_REFUSED = ("auto (the way of steering chosen for each prompt) runs in the app, the console and the library, not on "
-                "this server yet: send the feature with a strength (docs/serving.md)")
+# A request's `auto` where no chat is answered with it (another route; one that reaches the engine unread):
+# vLLM would drop the unknown field with a log line, and the client would quietly get its fixed strength
+AUTO_REFUSED = ("auto (the way of steering chosen for each prompt) answers chats: send it in a JSON body to "
+                "/v1/chat/completions (docs/serving.md)")
 OPS = ("add", "clamp", "cap", "ablate", "add_keepnorm", "clamp_keepnorm")  # components.OPS, without torch
 MAX_COMPONENTS = 64
 MAX_WIDTH = 65_536
+MAX_RELEASE_IDS = 4096
 _KEY = secrets.token_bytes(32)  # this process's signing key: records are admitted only where they were made
 
 
@@ -58,6 +59,7 @@ class WireComponent:
     name: str = ""
     feature: str | None = None  # a vector of the record's vectors file, by name
     vector: str | None = None  # else the float32 unit vector itself: base64 of its little-endian bytes
+    release: bool = False  # let go (unsteered) from the record's let_go_at, or its first generated release_ids token
 
     @staticmethod
     def encode_vector(values: Any) -> str:
@@ -91,13 +93,21 @@ class SteeringRecord:
     trace: str | None = None  # a key under which the worker records projections (the library's traces)
     vectors_file: str | None = None  # where `feature` names resolve (the server's --vectors)
     vectors_digest: str | None = None  # file_digest of it: a worker that loaded another file refuses
+    # auto on the server (serving/auto.py): where steering starts and where its releasing components let go
+    steer_from: int | None = None  # the first steered position (overrides steer_prompt): a continued answer's
+    let_go_at: int | None = None   # releasing components are unsteered from this position on
+    release_ids: tuple[int, ...] = ()  # ... or from the first generated token that is one of these
+    score: str | None = None  # a key under which the worker records the mean log-probabilities the model gives
+    score_from: int = 0       # every vocabulary token at the prompt positions [score_from, prompt length - 1)
 
     # -- the wire -----------------------------------------------------------------
 
     def payload(self) -> str:
         """The record as canonical JSON text (sorted keys): what is signed and what the salt hashes."""
         data = asdict(self)
-        data["components"] = [{k: v for k, v in c.items() if v is not None} for c in data["components"]]
+        data["components"] = [{k: v for k, v in c.items() if v is not None and not (k == "release" and v is False)}
+                              for c in data["components"]]
+        data["release_ids"] = list(self.release_ids)
         return json.dumps(data, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
     def sign(self) -> str:
@@ -108,8 +118,8 @@ class SteeringRecord:
 
     def cache_salt(self) -> str:
         """The prefix-cache salt: requests share cached prompt KV only under the same steering; traced ones never."""
-        if self.trace:
-            return self.trace
+        if self.trace or self.score:
+            return self.trace or self.score
         return hashlib.sha256(self.payload().encode()).hexdigest()
 
     @classmethod
@@ -134,7 +144,8 @@ class SteeringRecord:
             raise RecordError("the steering record is not JSON") from None
         if not isinstance(data, dict) or not isinstance(data.get("components"), list):
             raise RecordError("the steering record must be an object with a list of components")
-        fields = {"components", "steer_prompt", "trace", "vectors_file", "vectors_digest"}
+        fields = {"components", "steer_prompt", "trace", "vectors_file", "vectors_digest", "steer_from", "let_go_at",
+                  "release_ids", "score", "score_from"}
         if set(data) - fields:
             raise RecordError(f"the steering record has unknown fields {sorted(set(data) - fields)}")
         comp_fields = set(WireComponent.__dataclass_fields__)
@@ -143,8 +154,12 @@ class SteeringRecord:
             if not isinstance(item, dict) or not set(item) <= comp_fields or not {"layer", "op"} <= set(item):
                 raise RecordError("a steering component must be an object with layer, op and known fields only")
             comps.append(WireComponent(**item))
+        ids = data.get("release_ids", [])
+        if not isinstance(ids, list) or len(ids) > MAX_RELEASE_IDS:
+            raise RecordError(f"release_ids must be a list of at most {MAX_RELEASE_IDS} token ids")
         record = cls(tuple(comps), data.get("steer_prompt", True), data.get("trace"), data.get("vectors_file"),
-                     data.get("vectors_digest"))
+                     data.get("vectors_digest"), data.get("steer_from"), data.get("let_go_at"), tuple(ids),
+                     data.get("score"), data.get("score_from", 0))
         record.check()
         return record
 
@@ -158,6 +173,17 @@ class SteeringRecord:
         for name in ("trace", "vectors_file", "vectors_digest"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise RecordError(f"{name} must be text")
+        for name in ("steer_from", "let_go_at", "score_from"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise RecordError(f"{name} must be a non-negative integer")
+        if self.score is not None and (not self.score or len(self.score) > 200):
+            raise RecordError("score must be a key of 1 to 200 characters")
+        if len(self.release_ids) > MAX_RELEASE_IDS or any(
+                isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.release_ids):
+            raise RecordError(f"release_ids must be at most {MAX_RELEASE_IDS} non-negative token ids")
+        if self.trace and any(c.release for c in self.components):
+            raise RecordError("a traced record cannot let go of a component")
         if len(self.components) > MAX_COMPONENTS:
             raise RecordError(f"at most {MAX_COMPONENTS} steering components, got {len(self.components)}")
         for comp in self.components:
@@ -201,6 +227,8 @@ def _check_component(c: WireComponent, num_layers: int | None, hidden_size: int 
         raise RecordError(f"{label}: op 'cap' needs cap_min, cap_max or both")
     if c.cap_min is not None and c.cap_max is not None and c.cap_min > c.cap_max:
         raise RecordError(f"{label}: cap_min is above cap_max")
+    if not isinstance(c.release, bool):
+        raise RecordError(f"{label}: release must be true or false")
     if (c.feature is None) == (c.vector is None):
         raise RecordError(f"{label}: give either a feature name or a vector")
     if c.feature is not None and (not isinstance(c.feature, str) or len(c.feature) > 200):

@@ -24,6 +24,7 @@ from llm_steering.traces import ComponentTrace
 import torch
 
 WORKER_EXTENSION = "llm_steering.backends.vllm.worker.SteeringWorkerExtension"
+SCORE_EPS = 1e-6  # lens.EPS: the probability floor of a scored log-probability
 logger = logging.getLogger(__name__)
 
 
@@ -35,6 +36,15 @@ class SteeringWorkerExtension:
         if getattr(self, "_steering", None) is None:
             self._steering = WorkerSteering(self.model_runner)
         return len(self._steering.layers)
+
+    def steering_pop_scores(self, keys: list[str]) -> list[tuple[list[float], int] | None]:
+        """Per scored request key (SteeringRecord.score): the sum over its scored positions of the log-probability
+        the model gave every vocabulary token (log(softmax + EPS), float32) and how many positions; forgotten after."""
+        out = []
+        for key in keys:
+            got = self._steering.scores.pop(key, None)
+            out.append(None if got is None else (got[0].tolist(), got[1]))
+        return out
 
     def steering_pop_trace(self, key: str) -> list[list[tuple[int, float, float]]] | None:
         """The recorded (position, before, after) rows of a traced request, per component; forgotten after."""
@@ -49,6 +59,18 @@ class RequestSteering:
     layers: dict[int, tuple[list[int], list[SteeringComponent], list[torch.Tensor]]]
     steer_from: int
     trace: list[dict[int, tuple[float, float]]] | None
+    n_prompt: int = 0
+    stop: int | None = None  # the releasing components are unsteered from this position on
+    release_ids: frozenset[int] = frozenset()  # ... or from the first generated token among these
+    releasing: frozenset[int] = frozenset()  # the component indices that let go
+    score: str | None = None  # record the mean log-probabilities at [score_from, n_prompt - 1) under this key
+    score_from: int = 0
+
+    def kept(self, layer: int) -> tuple[list[SteeringComponent], list[torch.Tensor]]:
+        """The layer's components that do not let go, and their vectors."""
+        idx, comps, vectors = self.layers[layer]
+        keep = [j for j, i in enumerate(idx) if i not in self.releasing]
+        return [comps[j] for j in keep], [vectors[j] for j in keep]
 
 
 class WorkerSteering:
@@ -63,12 +85,32 @@ class WorkerSteering:
         self.requests: dict[str, RequestSteering | None] = {}
         self.traces: dict[str, list[dict[int, tuple[float, float]]]] = {}
         self.vector_files: dict[str, tuple[str, Any]] = {}  # path -> (digest, SteeringVectorSet)
+        self.releases: list[tuple[int, int, int, RequestSteering]] = []  # this step's rows that may let go
+        self.scoring: list[tuple[int, int, int, RequestSteering]] = []  # this step's rows that are scored
+        self.scores: dict[str, tuple[torch.Tensor, int]] = {}
         hook_runner_steps(runner, self._plan_step, self._end_step)
-        for index in held_layers(self.layers):
-            self.layers[index].register_forward_hook(self._make_hook(index))
+        held = held_layers(self.layers)
+        for index in held:
+            self.layers[index].register_forward_hook(self._make_hook(index, last=index == len(self.layers) - 1))
+        embed = getattr(getattr(runner.model, "model", None), "embed_tokens", None)
+        if embed is not None and 0 in held:
+            embed.register_forward_pre_hook(self._read_fed_tokens)
 
     def _end_step(self) -> None:
         self.plan = None  # dummy and profiling runs must never see a stale plan
+        self.releases, self.scoring = [], []
+
+    def _read_fed_tokens(self, module: Any, args: Any) -> None:
+        """A releasing request lets go from the position of the first generated token it is fed that is one of
+        its release ids (that token's own position on unsteered; calibrate.scheduled_steering's rule)."""
+        if not self.releases or not args:
+            return
+        ids = args[0]  # [tokens] this step's input ids, rows laid out as the plan's
+        for a, b, pos, req in self.releases:
+            for k in range(b - a):
+                if pos + k >= req.n_prompt and int(ids[a + k]) in req.release_ids:
+                    req.stop = pos + k if req.stop is None else min(req.stop, pos + k)
+                    break
 
     def _plan_step(self) -> None:
         """Which rows [a, b) of this step's batch belong to which steered request, from which position."""
@@ -86,6 +128,10 @@ class WorkerSteering:
             if req is None:
                 continue
             a, b, pos = int(starts[i]), int(starts[i + 1]), int(computed[i])
+            if req.score is not None:
+                self.scoring.append((a, b, pos, req))
+            if req.release_ids and req.releasing and req.stop is None:
+                self.releases.append((a, b, pos, req))
             if pos + (b - a) <= req.steer_from and req.trace is None:
                 continue
             for layer in req.layers:
@@ -120,7 +166,10 @@ class WorkerSteering:
         trace = None
         if record.trace:
             trace = self.traces.setdefault(record.trace, [{} for _ in record.components])
-        return RequestSteering(layers, 0 if record.steer_prompt else n_prompt, trace)
+        steer_from = record.steer_from if record.steer_from is not None else 0 if record.steer_prompt else n_prompt
+        return RequestSteering(layers, steer_from, trace, n_prompt, record.let_go_at, frozenset(record.release_ids),
+                               frozenset(i for i, c in enumerate(record.components) if c.release), record.score,
+                               record.score_from)
 
     def _vectors_file(self, record: SteeringRecord) -> Any:
         """The record's vectors file, read once per file and checked by its digest."""
@@ -134,17 +183,28 @@ class WorkerSteering:
             raise RecordError(f"{path} is not the vectors file this steering was resolved in (its digest differs)")
         return vectors
 
-    def _make_hook(self, index: int) -> Any:
+    def _make_hook(self, index: int, last: bool = False) -> Any:
         def hook(module: Any, args: Any, output: Any) -> Any:
             entries = self.plan.get(index) if self.plan else None
             if not entries:
+                if last and self.scoring:
+                    self._score(*output)
                 return None
             hidden, residual = output  # [tokens, d_model] each; the stream is their sum
             for a, b, pos, req in entries:
                 idx, comps, vectors = req.layers[index]
                 record = None if req.trace is None else [ComponentTrace(c.layer, c.name, c.op) for c in comps]
                 stream = (hidden[a:b] + residual[a:b]).unsqueeze(0)  # [1, b - a, d_model]
-                steered = steer_hidden(stream, comps, vectors, req.steer_from, pos, record)
+                cut = b - a if req.stop is None else min(b - a, max(0, req.stop - pos))  # where the release lets go
+                if cut == b - a:
+                    steered = steer_hidden(stream, comps, vectors, req.steer_from, pos, record)
+                else:  # positions from the release on: only the components that do not let go
+                    kept, kept_vectors = req.kept(index)
+                    tail = stream[:, cut:]
+                    if kept:
+                        tail = steer_hidden(tail, kept, kept_vectors, req.steer_from, pos + cut)
+                    head = steer_hidden(stream[:, :cut], comps, vectors, req.steer_from, pos) if cut else stream[:, :0]
+                    steered = torch.cat([head, tail], dim=1)
                 hidden[a:b] = steered[0]
                 residual[a:b] = 0  # the next layer's fused add reads hidden + 0 = the steered stream exactly
                 for i, rec in zip(idx, record or [], strict=False):
@@ -152,9 +212,25 @@ class WorkerSteering:
                         rec.flush()
                     for k, (before, after) in enumerate(zip(rec.before, rec.after, strict=True)):
                         req.trace[i][pos + k] = (before, after)
+            if last and self.scoring:
+                self._score(hidden, residual)
             return hidden, residual
 
         return hook
+
+    def _score(self, hidden: torch.Tensor, residual: torch.Tensor) -> None:
+        """For each scored row of this step, the model's log-probabilities at its scored positions, summed (the
+        final norm and the unembedding applied to a copy of the stream: the forward itself is untouched)."""
+        model = self.runner.model
+        for a, b, pos, req in self.scoring:
+            lo, hi = max(a, a + req.score_from - pos), min(b, a + req.n_prompt - 1 - pos)
+            if lo >= hi:
+                continue
+            stream = hidden[lo:hi] + residual[lo:hi]
+            logits = model.compute_logits(model.model.norm(stream.clone()))  # [n, vocab]
+            logp = (logits.float().softmax(-1) + SCORE_EPS).log().sum(0).cpu()
+            total, count = self.scores.get(req.score, (torch.zeros_like(logp), 0))
+            self.scores[req.score] = (total + logp, count + hi - lo)
 
 
 def record_components(record: SteeringRecord, vectors: Any = None) -> list[tuple[SteeringComponent, torch.Tensor]]:
