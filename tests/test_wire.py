@@ -270,3 +270,29 @@ def test_a_stalled_body_is_a_408_after_the_bound():
     with pytest.raises(middleware.RequestError) as info:
         asyncio.run(asyncio.wait_for(go(), 5))
     assert info.value.status == 408
+
+
+def test_an_auto_request_is_read_with_autos_own_penalty_and_the_models_sampling_defaults():
+    """serving/auto.py: `auto` by either route; repetition penalty 1.1 (what auto was chosen with) unless the
+    request says, whatever the model's generation config says; its temperature and top_p the model's defaults."""
+    from llm_steering.config import SteeringSpec
+    from llm_steering.serving import auto
+
+    spec = SteeringSpec.from_dict({"format": "llm-steering/spec", "version": 1, "model_id": "m", "steer_prompt": True,
+                                   "features": [{"key": "pirate", "fraction": 0.2}]})
+    body = {"messages": [{"role": "user", "content": "Hi"}], "vllm_xargs": {"auto": "true"}}
+    value = auto.take_auto(body)
+    assert value is True and "vllm_xargs" not in body
+    defaults = {"repetition_penalty": 1.0, "temperature": 0.6, "top_p": 0.9}
+    req = auto.auto_request(body, spec, value, defaults)
+    assert (req.repetition_penalty, req.temperature, req.top_p, req.stream) == (1.1, 0.6, 0.9, False)
+    req = auto.auto_request({**body, "repetition_penalty": 1.3, "temperature": 0}, spec, value, defaults)
+    assert (req.repetition_penalty, req.temperature) == (1.3, 0.0)
+    for bad, message in [({"temperature": float("nan")}, "temperature must be"), ({"seed": "1"}, "seed must be"),
+                         ({"max_tokens": 0}, "max_tokens must be"), ({"messages": []}, "messages must be"),
+                         ({"messages": [{"role": "user", "content": " "}]}, "no user message"),
+                         ({"tools": []}, "not tools: drop it")]:
+        with pytest.raises(auto.RequestError, match=message):
+            auto.auto_request({**body, **bad}, spec, value, defaults)
+    with pytest.raises(auto.RequestError, match="send auto once"):
+        auto.take_auto({"auto": True, "vllm_xargs": {"auto": True}})

@@ -120,8 +120,9 @@ def auto_request(data: dict, spec: SteeringSpec | None, auto: Any, defaults: dic
     if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
         raise RequestError(400, f"max_tokens must be a whole number of at least 1, got {short_repr(max_tokens)}", "max_tokens")
 
-    def number(name: str, default: Any, ok: Any, what: str) -> Any:
-        value = data.get(name, defaults.get(name, default))
+    def number(name: str, default: Any, ok: Any, what: str, fixed: Any = None) -> Any:
+        """The request's value; else `fixed` (what auto was chosen with), else the model's default, else `default`."""
+        value = data.get(name, fixed if fixed is not None else defaults.get(name, default))
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or not ok(value):
             raise RequestError(400, f"{name} must be {what}, got {short_repr(value)}", name)
         return value
@@ -139,7 +140,7 @@ def auto_request(data: dict, spec: SteeringSpec | None, auto: Any, defaults: dic
         top_p=float(number("top_p", 1.0, lambda v: 0 < v <= 1, "a number above 0 and at most 1")),
         top_k=int(number("top_k", 0, lambda v: v == int(v) and v >= -1, "a whole number (0 or -1: off)")),
         seed=seed, stream=data.get("stream") is True, include_usage=bool((options or {}).get("include_usage")),
-        repetition_penalty=float(number("repetition_penalty", AUTO_REPETITION_PENALTY, lambda v: v > 0, "a number > 0")),
+        repetition_penalty=float(number("repetition_penalty", None, lambda v: v > 0, "a number > 0", AUTO_REPETITION_PENALTY)),
         model=data.get("model") if isinstance(data.get("model"), str) else None)
 
 
