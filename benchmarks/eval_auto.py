@@ -30,6 +30,7 @@ from typing import Any
 
 from llm_steering import calibrate, steering
 from llm_steering.catalog import Catalog
+from llm_steering.core import human_name
 from llm_steering.lens import concept_token_ids
 
 import eval_quality
@@ -451,6 +452,17 @@ def variants(rows: list[dict]) -> None:
     for lam in (0.5, 1.0):
         pickers[f"score - {lam:g} x NLL ratio"] = best(lambda c, lam=lam: c["score"] - lam * c["nll_ratio"])
     pickers["mean of the three highest scores"] = best(lambda c: (c["score3"], -c["nll_ratio"]))
+    # the feature's own name (what a user names a concept, an SAE feature's label): not a keyword list
+    named = {c: calibrate.content_stems(human_name(c)) for c in KEYWORDS}
+
+    def says_name(c: dict, concept: str) -> bool:
+        return bool(calibrate.content_stems(c["text"]) & named[concept])
+
+    for r in rows:
+        for c in r["candidates"]:
+            c["says_name"] = says_name(c, r["concept"])
+    pickers["its name first, then the score"] = best(lambda c: (c["says_name"], c["score"], -c["nll_ratio"]))
+    pickers["its name first, then the lowest NLL ratio"] = best(lambda c: (c["says_name"], -c["nll_ratio"]))
     pickers["oracle"] = lambda cands, prompt="": oracle(cands)
     print("| picker | tuning | held-out | held-out per concept (" + ", ".join(KEYWORDS) + ") |\n|---|---|---|---|")
     for name, pick in pickers.items():
