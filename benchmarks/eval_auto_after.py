@@ -8,7 +8,10 @@ each shipped concept at its default: `calibrate.auto_choose` as the app calls it
 
 - keep: the same steering (what ships; a release that has not let go yet still lets go at its word),
 - half: the same steering at half its strength from the first token after the judged ones,
-- let go: unsteered from the first token after the judged ones (the judged words stay as they were steered).
+- let go: unsteered from the first token after the judged ones (the judged words stay as they were steered),
+- let go once named: as let go when the judged words hold one of the steering's own words (calibrate's
+  keyword-free "names the concept"), else steered on until the answer feeds one, then let go (the release's
+  rule after the judged words).
 
 Greedy, repetition penalty 1.1. Writes one JSON line per prompt and concept: the chosen candidate, the
 judged words, each way's whole answer, and tint.py's judgement of the whole answer and of the part after
@@ -37,7 +40,7 @@ from sweep_vectors import KEYWORDS, mentions
 from tint import FLUENT_NLL, MAX_REP3, addresses_prompt
 
 ROOT = Path(__file__).resolve().parent.parent
-WAYS = ("keep", "half", "let go")
+WAYS = ("keep", "half", "let go", "let go once named")
 
 
 def prompts_of(set_: str) -> list[str]:
@@ -47,12 +50,12 @@ def prompts_of(set_: str) -> list[str]:
 
 
 def rows_for(model, prompt: list[int], prefix: list[int], cand: calibrate.Candidate, words: frozenset[int]) -> list:
-    """The three ways to go on, as scheduled_steering rows over prompt + prefix (no padding)."""
+    """The four ways to go on, as scheduled_steering rows over prompt + prefix (no padding)."""
     p, end = len(prompt), len(prompt) + len(prefix)
     released_at = next((i for i, t in enumerate(prefix) if t in words), None) if cand.release else None
     keep = calibrate._row(model, cand, (), 0, p, None if released_at is None else p + released_at)
     if not cand.components:
-        return [keep, calibrate._row(model, cand, (), 0, p), calibrate._row(model, cand, (), 0, p)]
+        return [keep, *(calibrate._row(model, cand, (), 0, p) for _ in range(3))]
     stop = end if released_at is None else p + released_at
     start = 0 if cand.steer_prompt else p
     comps = list(cand.components)
@@ -62,7 +65,11 @@ def rows_for(model, prompt: list[int], prefix: list[int], cand: calibrate.Candid
     half = calibrate._Row([(comps, vecs, start, True)], stop=stop, released=True)
     if released_at is None:  # a release that let go in the judged words stays let go
         half.parts.append((halves, calibrate._vectors(model, halves), end, False))
-    return [keep, half, let_go]
+    if released_at is not None or any(t in words for t in prefix):
+        named = calibrate._Row([(comps, vecs, start, True)], stop=stop, released=True)
+    else:  # steered on until it feeds one of the steering's words
+        named = calibrate._Row([(comps, vecs, start, True)])
+    return [keep, half, let_go, named]
 
 
 def go_on(model, tok, chat, choice: calibrate.AutoChoice, tokens: int) -> list[list[int]]:
@@ -70,10 +77,10 @@ def go_on(model, tok, chat, choice: calibrate.AutoChoice, tokens: int) -> list[l
     prefix = list(choice.prefix)
     eos = set(steering.eos_ids(model, tok))
     if len(prefix) < choice.judge_tokens or (prefix and prefix[-1] in eos):
-        return [prefix] * 3  # it ended within the judged words
+        return [prefix] * len(WAYS)  # it ended within the judged words
     rows = rows_for(model, prompt, prefix, choice.chosen, choice.words)
     config = calibrate._config(model, tok, tokens - len(prefix), 1.1)
-    ids = torch.tensor([prompt + prefix] * 3)
+    ids = torch.tensor([prompt + prefix] * len(WAYS))
     with calibrate.scheduled_steering(model, rows, choice.words), torch.inference_mode():
         gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)
     out = []
@@ -111,12 +118,13 @@ def cmd_run(args) -> None:
                     checked = True
                 if prompt not in plain:
                     plain[prompt] = unsteered(model, tok, chat, args.tokens)
-                nlls = calibrate.answer_nll(model, tok, [chat] * 4, [*answers, plain[prompt]])
+                nlls = calibrate.answer_nll(model, tok, [chat] * (len(WAYS) + 1), [*answers, plain[prompt]])
                 row = {"set": args.set, "prompt": prompt, "concept": concept, "chosen": choice.chosen.label,
-                       "judged": tok.decode(list(choice.prefix), skip_special_tokens=True), "unsteered_nll": nlls[3],
+                       "judged": tok.decode(list(choice.prefix), skip_special_tokens=True), "unsteered_nll": nlls[-1],
                        "ways": {w: {"text": tok.decode(a, skip_special_tokens=True),
                                     "after": tok.decode(a[len(choice.prefix):], skip_special_tokens=True), "nll": n}
-                                for w, a, n in zip(WAYS, answers, nlls, strict=False)}}
+                                for w, a, n in zip(WAYS, answers, nlls, strict=False)},
+                       "named_in_judged": any(t in choice.words for t in choice.prefix)}
                 out.write(json.dumps(row) + "\n")
                 out.flush()
                 print(f"{concept:12s} {prompt[:40]:40s} {choice.chosen.label:45s} {time.time() - t0:5.1f} s", file=sys.stderr,
@@ -142,7 +150,7 @@ def cmd_report(args) -> None:
         print(f"\n{set_}: {len(mine)} prompt-concept pairs; cells: whole answer tints / after the judged words: "
               "a keyword, a word of the question")
         print("| way | tints (whole answer) | keyword after | question word after | fluent |\n|---|---|---|---|---|")
-        for w in WAYS:
+        for w in [w for w in WAYS if all(w in r["ways"] for r in mine)]:
             whole = [judge(r, r["ways"][w], mean, "text") for r in mine]
             after = [judge(r, r["ways"][w], mean, "after") for r in mine]
             n = len(mine)
