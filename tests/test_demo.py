@@ -492,9 +492,9 @@ def test_find_lists_the_features_that_fire_and_one_steers_them(embedded, sae_pro
     assert "/find [layer] <text>" in console_commands.help_text()
 
 
-def pirate_auto(embedded, shipped, max_new_tokens: int):
-    """`/steer pirate auto` then QUESTION in a greedy console: (its answer, what it printed, the feature, and
-    calibrate.auto_answer's answer to the same chat)."""
+def pirate_auto(embedded, shipped, max_new_tokens: int, backend=None):
+    """`/steer pirate auto` then QUESTION in a greedy console (on `backend`, a started one, else hf): (its answer,
+    what it printed, the feature, and calibrate.auto_answer's answer to the same chat)."""
     from llm_steering import calibrate
 
     model, tok = embedded
@@ -502,9 +502,11 @@ def pirate_auto(embedded, shipped, max_new_tokens: int):
     catalog = demo.Catalog(profile, vectors)
     catalog.attach(model, tok)
     out = io.StringIO()
-    settings = demo.Settings(backend="hf", temperature=0.0, max_new_tokens=max_new_tokens, repetition_penalty=1.1,
-                             system="You are a helpful assistant.", max_input_tokens=2048)
+    settings = demo.Settings(backend=backend.name if backend else "hf", temperature=0.0, max_new_tokens=max_new_tokens,
+                             repetition_penalty=1.1, system="You are a helpful assistant.", max_input_tokens=2048)
     console = demo.Console(model, tok, catalog, settings, out=out, info=out, interactive=False)
+    if backend is not None:
+        console._backends[backend.name] = backend
     console.command("/steer pirate auto")
     answer = console.ask(QUESTION)
     feature = catalog.resolve("pirate")
@@ -512,6 +514,20 @@ def pirate_auto(embedded, shipped, max_new_tokens: int):
     expected = calibrate.auto_answer(model, tok, chat, feature.component(feature.default_fraction), norm=feature.norm,
                                      max_new_tokens=max_new_tokens, repetition_penalty=1.1)
     return answer, out.getvalue(), feature, expected
+
+
+def test_steer_auto_on_the_vllm_backend_runs_its_candidates_on_the_engine(embedded, shipped, vllm_engine):
+    """On the vLLM backend, /steer pirate auto runs the candidates as parallel requests on the engine
+    (VLLMEngine.open_auto_stream, serving/auto.py's steps), the steering scores measured by its workers: the
+    same answer as calibrate.auto_answer on the in-process model, token for token (both float32, greedy),
+    let go after the judged words; every prompt here prefilled in chunks of 16 tokens."""
+    from llm_steering.backends.vllm import VLLMBackend
+
+    answer, text, feature, expected = pirate_auto(embedded, shipped, 52, backend=VLLMBackend(vllm_engine))
+    assert answer == expected.answer and f"auto: {feature.title} " in text
+    assert ("let go after its first 48 tokens" in text) == (expected.let_go_at == 48)
+    assert ("let go once it named the concept" in text) == expected.chosen.release
+    assert vllm_engine._auto._scores  # the steering scores were measured through the engine
 
 
 def test_steer_auto_chooses_how_to_steer_each_answer_and_goes_on_with_it(embedded, shipped):

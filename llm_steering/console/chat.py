@@ -240,9 +240,13 @@ class Console:
                     f"it names the concept{', its learned direction' if learned else ''}; one greedy batch), keeping one "
                     "that still answers")
         cancel = threading.Event()
-        stream = calibrate.stream_auto_answer(self.model, self.tokenizer, chat, feature.component(fraction, op), others,
-                                              self.settings.max_new_tokens, self.settings.repetition_penalty,
-                                              self.settings.temperature, cancel, candidates=candidates)
+        backend = self.backend()
+        if hasattr(backend, "auto_stream"):  # vLLM: the candidates as parallel requests on its engine
+            stream = backend.auto_stream(chat, component, others, self.generation_settings(), candidates, cancel)
+        else:
+            stream = calibrate.stream_auto_answer(self.model, self.tokenizer, chat, component, others,
+                                                  self.settings.max_new_tokens, self.settings.repetition_penalty,
+                                                  self.settings.temperature, cancel, candidates=candidates)
         pieces: list[str] = []
         started = False
         with ctrl_c_stops():

@@ -144,35 +144,47 @@ def auto_request(data: dict, spec: SteeringSpec | None, auto: Any, defaults: dic
         model=data.get("model") if isinstance(data.get("model"), str) else None)
 
 
-def wire_component(comp: Any, vector_name: str, release: bool = False) -> WireComponent:
-    """A component as the workers read it: its direction by name in the server's vectors file."""
-    return WireComponent(layer=comp.layer, op=comp.op, strength=float(comp.strength), cap_min=comp.cap_min,
-                         cap_max=comp.cap_max, scale=float(getattr(comp, "scale", 0.0) or 0.0), name=comp.name,
-                         feature=vector_name, release=release)
+class EngineAuto:
+    """Auto through a vLLM engine client (the server's, or the library's VLLMEngine): the steering scores,
+    the candidates and their read-back as engine requests; the choice is calibrate's own.
 
+    With `vectors_file` (the server), a component travels by its name in that file (a feature's component
+    is named after its vector, a learned direction after its own); without (the library), its vector travels
+    with it."""
 
-class ServerAuto:
-    """Auto for one server: its engine client, the catalog of its vectors file; steering scores cached."""
-
-    def __init__(self, engine: Any, catalog: Any, vectors_file: str, digest: str) -> None:
-        self.engine, self.catalog, self.vectors_file, self.digest = engine, catalog, vectors_file, digest
-        self.tokenizer = engine.get_tokenizer()
+    def __init__(self, engine: Any, tokenizer: Any, vectors_file: str | None = None, digest: str | None = None) -> None:
+        self.engine, self.tokenizer, self.vectors_file, self.digest = engine, tokenizer, vectors_file, digest
         self._plain: torch.Tensor | None = None
         self._scores: dict[tuple, torch.Tensor] = {}
+
+    def wire(self, comp: Any, release: bool = False) -> WireComponent:
+        """A component as the workers read it."""
+        fields = {"layer": comp.layer, "op": comp.op, "strength": float(comp.strength), "cap_min": comp.cap_min,
+                  "cap_max": comp.cap_max, "scale": float(getattr(comp, "scale", 0.0) or 0.0), "name": comp.name,
+                  "release": release}
+        if self.vectors_file is not None:
+            return WireComponent(**fields, feature=comp.name)
+        unit = comp.vector.detach().float().cpu().flatten()
+        return WireComponent(**fields, vector=WireComponent.encode_vector((unit / unit.norm()).tolist()))
 
     def record(self, comps: list[WireComponent], **fields: Any) -> SteeringRecord:
         return SteeringRecord(tuple(comps), vectors_file=self.vectors_file, vectors_digest=self.digest, **fields)
 
     async def run(self, prompt_ids: list[int], params: Any, record: SteeringRecord | None = None) -> Any:
         """One request through the engine, to its last output."""
+        last = None
+        async for out in self.engine.generate(self.prompt(prompt_ids, params, record), params, f"auto-{uuid.uuid4().hex}"):
+            last = out
+        return last
+
+    @staticmethod
+    def prompt(prompt_ids: list[int], params: Any, record: SteeringRecord | None) -> dict[str, Any]:
+        """The engine prompt, its record put in `params` (and the prefix cache salted by it)."""
         prompt: dict[str, Any] = {"prompt_token_ids": list(prompt_ids)}
         if record is not None:
             params.extra_args = {**(params.extra_args or {}), EXTRA_KEY: record.sign()}
             prompt["cache_salt"] = record.cache_salt()
-        last = None
-        async for out in self.engine.generate(prompt, params, f"auto-{uuid.uuid4().hex}"):
-            last = out
-        return last
+        return prompt
 
     # -- the steering scores (lens.steering_scores, measured by the workers) ------------------------
 
@@ -194,70 +206,41 @@ class ServerAuto:
             total, count = (values if total is None else total + values), count + part[1]
         return total / max(count, 1)
 
-    async def steering_scores(self, comp: Any, vector_name: str) -> torch.Tensor:
-        """`lens.steering_scores` of one component, through the engine (cached per direction, op, strength)."""
-        key = (vector_name, comp.layer, comp.op, float(comp.strength), comp.cap_min, comp.cap_max)
+    async def steering_scores(self, comp: Any) -> torch.Tensor:
+        """`lens.steering_scores` of one component, through the engine (cached per vector, layer, op, strength)."""
+        key = lens.component_key(comp)
         if key not in self._scores:
             if self._plain is None:
                 self._plain = await self._mean_logp([])
-            self._scores[key] = await self._mean_logp([wire_component(comp, vector_name)]) - self._plain
+            self._scores[key] = await self._mean_logp([self.wire(comp)]) - self._plain
         return self._scores[key]
 
     # -- the candidates, read and chosen -----------------------------------------------------------
 
-    async def choose(self, req: AutoRequest, chat_ids: list[int]) -> dict[str, Any]:
-        """Every candidate generated and read; the rows and the choice (calibrate.auto_choose's steps)."""
+    async def choose(self, chat: list[dict], chat_ids: list[int], component: Any, others: list[Any],
+                     cands: list[calibrate.Candidate], judge: int, repetition_penalty: float) -> calibrate.AutoChoice:
+        """Every candidate generated (greedy, `judge` tokens, in parallel) and read; the choice
+        (calibrate.auto_choose's steps). `others`: the other switched-on features' components, in every row."""
         from vllm import SamplingParams
 
         t0 = time.perf_counter()
-        active = self.catalog.active(req.spec)  # ValueError: an unknown feature, a strength out of range
-        key = self._auto_key(req, active)
-        feature, fraction, op = active[key]
-        component = feature.component(fraction, op)
-        others = [wire_component(f.component(fr, o), f.vector.name) for k, (f, fr, o) in active.items() if k != key]
-        learned = calibrate.learned_direction(component, self.catalog.vectors)
-        cands = calibrate.auto_candidates(component, self.catalog.auto_max_multiplier(feature, fraction), learned=learned)
-        scores = await self.steering_scores(component, feature.vector.name)
+        scores = await self.steering_scores(component)
         words = lens.words_of(lens.top_raised(self.tokenizer, scores, calibrate.AUTO_CONCEPT_WORDS))
+        fixed = [self.wire(c) for c in others]
 
         def cand_record(cand: calibrate.Candidate) -> SteeringRecord | None:
             if not cand.components and not others:
                 return None
-            mine = [wire_component(c, cand.vector or feature.vector.name, cand.release) for c in cand.components]
-            return self.record([*others, *mine], steer_prompt=cand.steer_prompt,
-                               release_ids=tuple(sorted(words)) if cand.release else ())
+            return self.record([*fixed, *(self.wire(c, cand.release) for c in cand.components)],
+                               steer_prompt=cand.steer_prompt, release_ids=tuple(sorted(words)) if cand.release else ())
 
-        judge = min(calibrate.AUTO_JUDGE_TOKENS, req.max_tokens or calibrate.AUTO_JUDGE_TOKENS)
-        greedy = SamplingParams(max_tokens=judge, temperature=0.0, repetition_penalty=req.repetition_penalty)
+        greedy = SamplingParams(max_tokens=judge, temperature=0.0, repetition_penalty=repetition_penalty)
         outs = await asyncio.gather(*(self.run(chat_ids, greedy.clone(), cand_record(c)) for c in cands))
-        answers = [self.answer_ids(out) for out in outs]
+        answers = [answer_ids(out) for out in outs]
         nlls = await asyncio.gather(*(self.nll(chat_ids, ids) for ids in answers))
-        table = calibrate.candidate_rows(self.tokenizer, req.chat, cands, answers, nlls, [None] * len(cands), words,
-                                         scores)
-        index = calibrate.pick_candidate(table)
-        return {"key": key, "feature": feature, "fraction": fraction, "others": others, "table": table,
-                "index": index, "words": words, "judge": judge, "seconds": time.perf_counter() - t0}
-
-    @staticmethod
-    def _auto_key(req: AutoRequest, active: dict) -> str:
-        if req.auto is True:
-            if len(active) != 1:
-                raise RequestError(400, f"auto chooses for one feature: name it (\"auto\": \"{next(iter(active))}\"); "
-                                     f"this steering has {len(active)}", "auto")
-            return next(iter(active))
-        key = next((k for k, (f, _, _) in active.items() if req.auto in (k, f.name)), None)
-        if key is None:
-            raise RequestError(400, f"auto names {short_repr(req.auto)}, which is not one of this steering's features "
-                                 f"({', '.join(active)})", "auto")
-        return key
-
-    def answer_ids(self, out: Any) -> list[int]:
-        """A candidate's answer ids, without the token that ended it (as calibrate cuts at EOS)."""
-        done = out.outputs[0]
-        ids = list(done.token_ids)
-        if done.finish_reason == "stop" and ids and done.stop_reason is None:
-            ids.pop()  # its EOS (vLLM keeps it among the ids; the text leaves it out)
-        return ids
+        table = calibrate.candidate_rows(self.tokenizer, chat, cands, answers, nlls, [None] * len(cands), words, scores)
+        return calibrate.AutoChoice(calibrate.pick_candidate(table), tuple(table), words, judge,
+                                    time.perf_counter() - t0)
 
     async def nll(self, chat_ids: list[int], ids: list[int]) -> float:
         """Mean NLL per answer token under the unsteered model (calibrate.answer_nll), from prompt_logprobs."""
@@ -270,64 +253,86 @@ class ServerAuto:
         n = len(chat_ids)
         return -sum(logps[n + i][t].logprob for i, t in enumerate(ids)) / len(ids)
 
-    # -- the answer --------------------------------------------------------------------------------
-
-    def continuation(self, req: AutoRequest, chosen: dict[str, Any], chat_ids: list[int]) -> tuple[Any, SteeringRecord | None, int | None]:
-        """The sampling parameters and record the chosen answer goes on with (calibrate.continue_candidate)."""
+    def continuation(self, choice: calibrate.AutoChoice, others: list[Any], chat_ids: list[int], max_tokens: int,
+                     **sampling: Any) -> tuple[Any, SteeringRecord | None, int | None]:
+        """The sampling parameters (`sampling`: temperature, top_p, ...) and record the chosen answer goes on
+        with (calibrate.continue_candidate), and where its steering is let go after the judged words (None: it is
+        not, or it let go in them)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        row = chosen["table"][chosen["index"]]
-        cand, prefix, words = row.candidate, list(row.token_ids), chosen["words"]
+        cand, prefix, words = choice.chosen, list(choice.prefix), choice.words
         released_at = next((i for i, t in enumerate(prefix) if t in words), None) if cand.release else None
         let_go_at = len(prefix) if calibrate.AUTO_LET_GO and cand.components and released_at is None else None
         if let_go_at is not None:
             released_at = let_go_at
         record = None
-        if cand.components or chosen["others"]:
-            name = cand.vector or chosen["feature"].vector.name
-            mine = [wire_component(c, name, release=cand.release or let_go_at is not None) for c in cand.components]
-            record = self.record([*chosen["others"], *mine], steer_from=0 if cand.steer_prompt else len(chat_ids),
+        if cand.components or others:
+            mine = [self.wire(c, release=cand.release or let_go_at is not None) for c in cand.components]
+            record = self.record([*(self.wire(c) for c in others), *mine],
+                                 steer_from=0 if cand.steer_prompt else len(chat_ids),
                                  let_go_at=None if released_at is None else len(chat_ids) + released_at,
                                  release_ids=tuple(sorted(words)) if cand.release else ())
-        room = (req.max_tokens or 1 << 30) - len(prefix)
-        params = SamplingParams(max_tokens=max(1, room), temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                                seed=req.seed, repetition_penalty=req.repetition_penalty,
-                                output_kind=RequestOutputKind.DELTA)
+        params = SamplingParams(max_tokens=max(1, max_tokens - len(prefix)), output_kind=RequestOutputKind.DELTA,
+                                **sampling)
         return params, record, let_go_at
 
 
-def setting_summary(chosen: dict[str, Any], let_go_at: int | None) -> dict[str, Any]:
+def answer_ids(out: Any) -> list[int]:
+    """A candidate's answer ids, without the token that ended it (calibrate cuts at the EOS): vLLM keeps an EOS or
+    a stop token among the ids (the text leaves it out)."""
+    done = out.outputs[0]
+    ids = list(done.token_ids)
+    if done.finish_reason == "stop" and ids and (done.stop_reason is None or done.stop_reason == ids[-1]):
+        ids.pop()
+    return ids
+
+
+def auto_key(auto: Any, active: dict) -> str:
+    """The key of the feature `auto` (true, or a feature's key or name) chooses for."""
+    if auto is True:
+        if len(active) != 1:
+            raise RequestError(400, f"auto chooses for one feature: name it (\"auto\": \"{next(iter(active))}\"); "
+                                    f"this steering has {len(active)}", "auto")
+        return next(iter(active))
+    key = next((k for k, (f, _, _) in active.items() if auto in (k, f.name)), None)
+    if key is None:
+        raise RequestError(400, f"auto names {short_repr(auto)}, which is not one of this steering's features "
+                                f"({', '.join(active)})", "auto")
+    return key
+
+
+def setting_summary(key: str, fraction: float, choice: calibrate.AutoChoice, let_go_at: int | None) -> dict[str, Any]:
     """The response's `steering_auto`: the candidate chosen, in the app's words, and every candidate's signals."""
-    row = chosen["table"][chosen["index"]]
-    cand = row.candidate
+    cand = choice.chosen
     comp = cand.components[0] if cand.components else None
 
     def finite(x: float) -> float | None:
         return round(float(x), 4) if math.isfinite(x) else None
 
     return {
-        "feature": chosen["key"],
+        "feature": key,
         "chosen": cand.label,
         "setting": calibrate.setting_text(comp.op if comp else None, cand.multiplier, cand.steer_prompt, cand.release,
                                           bool(cand.vector), let_go_at),
         "op": comp.op if comp else None,
-        "fraction": round(chosen["fraction"] * cand.multiplier, 6) if comp else None,
+        "fraction": round(fraction * cand.multiplier, 6) if comp else None,
         "multiplier": cand.multiplier,
         "steer_prompt": cand.steer_prompt,
         "release": cand.release,
         "vector": cand.vector,
         "let_go_at": let_go_at,
-        "judged_tokens": chosen["judge"],
-        "seconds": round(chosen["seconds"], 3),
+        "judged_tokens": choice.judge_tokens,
+        "seconds": round(choice.seconds, 3),
         "candidates": [{"label": r.candidate.label, "nll_ratio": finite(r.nll_ratio), "rep3": finite(r.rep3),
                         "on_question": r.on_question, "concept_score": finite(r.concept_score),
-                        "tokens": len(r.token_ids)} for r in chosen["table"]],
+                        "tokens": len(r.token_ids)} for r in choice.table],
     }
 
 
-async def serve_auto(auto: ServerAuto, req: AutoRequest, model_name: str, receive: Any, send: Any) -> None:
-    """Answer `req` with auto: a chat completion, streamed as server-sent events when it asks for a stream."""
+async def serve_auto(auto: EngineAuto, catalog: Any, req: AutoRequest, model_name: str, receive: Any, send: Any) -> None:
+    """Answer `req` with auto (features resolved by `catalog`, the server's): a chat completion, streamed as
+    server-sent events when it asks for a stream."""
     from llm_steering.models import chat_input_ids
 
     tok = auto.tokenizer
@@ -339,16 +344,25 @@ async def serve_auto(auto: ServerAuto, req: AutoRequest, model_name: str, receiv
                              f"server's context is {limit} tokens; shorten the chat or ask for fewer tokens", "messages")
     req = replace(req, max_tokens=req.max_tokens or limit - len(chat_ids))
     try:
-        chosen = await auto.choose(req, chat_ids)
+        active = catalog.active(req.spec)  # an unknown feature, a strength out of range: one line
+        key = auto_key(req.auto, active)
+        feature, fraction, op = active[key]
+        component = feature.component(fraction, op)
+        others = [f.component(fr, o) for k, (f, fr, o) in active.items() if k != key]
+        cands = calibrate.auto_candidates(component, catalog.auto_max_multiplier(feature, fraction),
+                                          learned=calibrate.learned_direction(component, catalog.vectors))
+        choice = await auto.choose(req.chat, chat_ids, component, others, cands, judge, req.repetition_penalty)
     except ValueError as exc:  # the catalog's and the engine's one-line refusals
         raise RequestError(400, str(exc).strip().splitlines()[-1], "steering") from None
-    prefix = list(chosen["table"][chosen["index"]].token_ids)
-    goes_on = len(prefix) == chosen["judge"] and req.max_tokens > len(prefix)
-    params, record, let_go_at = auto.continuation(req, chosen, chat_ids)
-    summary = setting_summary(chosen, let_go_at if goes_on else None)
+    prefix = list(choice.prefix)
+    goes_on = len(prefix) == judge and req.max_tokens > len(prefix)
+    params, record, let_go_at = auto.continuation(
+        choice, others, chat_ids, req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+        seed=req.seed, repetition_penalty=req.repetition_penalty)
+    summary = setting_summary(key, fraction, choice, let_go_at if goes_on else None)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model or model_name}
     first_text = tok.decode(prefix, skip_special_tokens=True)
-    finish = "length" if len(prefix) == chosen["judge"] else "stop"
+    finish = "length" if len(prefix) == judge else "stop"
     rest: list[int] = []
     gone = asyncio.Event()
 
@@ -361,11 +375,7 @@ async def serve_auto(auto: ServerAuto, req: AutoRequest, model_name: str, receiv
         nonlocal finish
         if not goes_on:
             return
-        prompt: dict[str, Any] = {"prompt_token_ids": chat_ids + prefix}
-        if record is not None:
-            params.extra_args = {EXTRA_KEY: record.sign()}
-            prompt["cache_salt"] = record.cache_salt()
-        stream = auto.engine.generate(prompt, params, f"auto-{uuid.uuid4().hex}")
+        stream = auto.engine.generate(auto.prompt(chat_ids + prefix, params, record), params, f"auto-{uuid.uuid4().hex}")
         try:
             async for out in stream:
                 done = out.outputs[0]

@@ -42,8 +42,8 @@ from llm_steering.config import MAX_SPEC_BYTES, SteeringSpec
 from llm_steering.core import one_line, short_repr
 from llm_steering.serving.auto import (
     AutoRequest,
+    EngineAuto,
     RequestError,
-    ServerAuto,
     auto_request,
     serve_auto,
     take_auto,
@@ -74,7 +74,7 @@ class SteeringMiddleware:
         self._catalog: tuple[Catalog, str] | None = None
         self._entry: Any = None
         self._installed = False
-        self._auto: ServerAuto | None = None
+        self._auto: EngineAuto | None = None
         self._lock = asyncio.Lock()
         # Starlette builds its middleware at the lifespan's startup, before uvicorn accepts a connection
         install_header_timeout()
@@ -120,10 +120,11 @@ class SteeringMiddleware:
             if req.model and models is not None and not models.is_base_model(req.model):
                 raise RequestError(404, f"The model `{req.model}` does not exist.", "model")
             await self._install(engine)
+            catalog, digest = await self._catalog_for()
             if self._auto is None:
-                catalog, digest = await self._catalog_for()
-                self._auto = ServerAuto(engine, catalog, self.vectors_path, digest)
-            await serve_auto(self._auto, req, models.model_name() if models is not None else "default", receive, send_once)
+                self._auto = EngineAuto(engine, engine.get_tokenizer(), self.vectors_path, digest)
+            await serve_auto(self._auto, catalog, req, models.model_name() if models is not None else "default",
+                             receive, send_once)
         except RequestError as exc:
             if not started:
                 await send_error(send, exc)

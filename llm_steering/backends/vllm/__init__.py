@@ -41,6 +41,12 @@ class VLLMBackend(BackendBase):
                cancel: threading.Event | None = None) -> Stream:
         return self.engine.open_stream(chat, components, settings or GenerationSettings(), cancel)
 
+    def auto_stream(self, chat: Sequence[dict], component: Any, others: Sequence[Any] = (),
+                    settings: GenerationSettings | None = None, candidates: Sequence[Any] | None = None,
+                    cancel: threading.Event | None = None) -> Any:
+        """Auto with the candidates as parallel requests on the engine (VLLMEngine.open_auto_stream)."""
+        return self.engine.open_auto_stream(chat, component, others, settings, candidates, cancel)
+
     def close(self) -> None:
         self.engine.shutdown()
 

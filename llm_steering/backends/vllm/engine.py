@@ -32,6 +32,7 @@ import asyncio
 import gc
 import os
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
@@ -146,6 +147,7 @@ class VLLMEngine:
             **({"gpu_memory_utilization": gpu_memory_utilization} if gpu_memory_utilization else {}),
             **engine_kwargs,
         }
+        self._auto: Any = None  # serving/auto.py's EngineAuto on this engine, made at the first auto answer
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-engine-loop", daemon=True)
         self._thread.start()
@@ -226,6 +228,62 @@ class VLLMEngine:
         prompt = {"prompt_token_ids": prompt_ids, **({"cache_salt": record.cache_salt()} if record else {})}
         return self._run(prompt, params, comps, result, trace_key, cancel)
 
+    def open_auto_stream(self, chat: Sequence[dict], component: SteeringComponent,
+                         others: Sequence[SteeringComponent] = (), settings: GenerationSettings | None = None,
+                         candidates: Sequence[Any] | None = None, cancel: threading.Event | None = None) -> Any:
+        """Auto on this engine: `calibrate.stream_auto_answer`'s answer (a `calibrate.AutoStream`), with the
+        candidates as parallel requests, the steering scores measured by the workers and the answers read back
+        through prompt_logprobs (serving/auto.py, as the server runs it). Greedy judged words at the settings'
+        repetition penalty, then the rest at its temperature, the chosen steering let go after them. Errors
+        are raised here; setting `cancel` or closing the stream aborts the request."""
+        from llm_steering import calibrate
+        from llm_steering.serving.auto import EngineAuto
+
+        s = settings or GenerationSettings()
+        others = list(others)
+        validate_components(self._shape, [*others, component])
+        models.validate_generation(chat, s.max_new_tokens, s.temperature, s.repetition_penalty)
+        s.check()
+        chat_ids = models.chat_input_ids(self.tokenizer, chat)
+        judge = min(calibrate.AUTO_JUDGE_TOKENS, s.max_new_tokens)
+        if len(chat_ids) + judge > self.max_model_len:
+            raise ValueError(f"the prompt is {len(chat_ids)} tokens, but this model reads at most {self.max_model_len}: "
+                             "shorten the chat or clear it")
+        cands = list(candidates) if candidates is not None else calibrate.auto_candidates(
+            component, learned=calibrate.learned_direction(component))
+        if self._auto is None:
+            self._auto = EngineAuto(self.engine, self.tokenizer)
+        auto = self._auto
+        max_tokens = min(s.max_new_tokens, self.max_model_len - len(chat_ids))
+
+        def pieces(out: Any) -> Iterator[str]:
+            t0 = time.perf_counter()
+            choice = self._call(auto.choose(list(chat), chat_ids, component, others, cands, judge, s.repetition_penalty))
+            out.choice = choice
+            prefix = list(choice.prefix)
+            goes_on = len(prefix) == judge and max_tokens > judge
+            params, record, let_go_at = auto.continuation(choice, others, chat_ids, max_tokens, temperature=s.temperature,
+                                                          top_p=s.top_p, seed=s.seed,
+                                                          repetition_penalty=s.repetition_penalty)
+            out.let_go_at = let_go_at if goes_on else None
+            text = self.tokenizer.decode(prefix, skip_special_tokens=True)
+            if text:
+                yield text
+            result = Generation([])
+            if cancel is not None and cancel.is_set():
+                out.stopped = True
+            elif goes_on:
+                prompt = auto.prompt(chat_ids + prefix, params, record)
+                yield from self._iterate(self._run(prompt, params, [], result, None, cancel))
+                out.stopped = result.finish_reason == "cancelled"
+            rest = [t for t in result.token_ids if t not in self._eos]
+            ids = prefix + rest
+            out.result = calibrate.AutoAnswer(self.tokenizer.decode(ids, skip_special_tokens=True), tuple(ids),
+                                              choice.chosen, choice.table, time.perf_counter() - t0, choice.seconds,
+                                              out.let_go_at if rest else None)
+
+        return calibrate.AutoStream(pieces)
+
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         return self._loop
@@ -235,7 +293,7 @@ class VLLMEngine:
         engine = getattr(self, "engine", None)
         if engine is not None:
             self._call(_async(engine.shutdown))
-            self.engine = None
+            self.engine = self._auto = None  # (auto's client holds the engine too)
             del engine
             gc.collect()  # its __del__ now, not at interpreter exit, where it fails with a traceback
         self._stop_loop()
