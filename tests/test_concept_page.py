@@ -24,6 +24,7 @@ from llm_steering.recipe import ConceptRecipe
 import pytest
 from browser import open_page, wait_for
 from test_web_page import (
+    TAG,
     TOKENS,
     answer_texts,
     answers_done,
@@ -192,9 +193,16 @@ def test_a_concept_from_five_sentences_at_its_default_names_itself_in_answers_th
         answers = []
         for question in EVERYDAY:
             new_chat(page)
+            # a loaded run once answered the second and third questions short and plain (the app's 24 tokens, no
+            # volcano) after a first one at 48: what is sent is checked before each question, and the tag after
+            set_max_new_tokens(page, 48)
+            wait_for(lambda: "Volcanoes" in summary(page) and auto.is_checked(), 15, "the concept on, its auto ticked",
+                     state=lambda: {"summary": summary(page), "auto": auto.is_checked()})
             send(page, question)
             answers_done(page, 1, timeout=300)  # auto's nine candidates first: seconds alone, minutes on a loaded machine
             (answer,) = answer_texts(page)  # the new chat's one answer as shown (an export's link lagged once)
+            tag = page.locator(f"#chat-steered {TAG}").last.inner_text()
+            assert "Volcanoes" in tag and "auto" in tag, (question, tag, answer)
             answers.append(answer)
     finally:
         page.context.close()
