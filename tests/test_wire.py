@@ -291,7 +291,8 @@ def test_an_auto_request_is_read_with_autos_own_penalty_and_the_models_sampling_
     for bad, message in [({"temperature": float("nan")}, "temperature must be"), ({"seed": "1"}, "seed must be"),
                          ({"max_tokens": 0}, "max_tokens must be"), ({"messages": []}, "messages must be"),
                          ({"messages": [{"role": "user", "content": " "}]}, "no user message"),
-                         ({"tools": []}, "not tools: drop it")]:
+                         ({"tools": []}, "not tools: drop it"), ({"stream": "yes"}, "stream must be true or false"),
+                         ({"model": 3}, "model must be text")]:
         with pytest.raises(auto.RequestError, match=message):
             auto.auto_request({**body, **bad}, spec, value, defaults)
     with pytest.raises(auto.RequestError, match="send auto once"):

@@ -127,6 +127,9 @@ def auto_request(data: dict, spec: SteeringSpec | None, auto: Any, defaults: dic
             raise RequestError(400, f"{name} must be {what}, got {short_repr(value)}", name)
         return value
 
+    for name, kind, what in (("stream", bool, "true or false"), ("model", str, "text")):
+        if data.get(name) is not None and not isinstance(data[name], kind):
+            raise RequestError(400, f"{name} must be {what}, got {short_repr(data[name])}", name)
     options = data.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise RequestError(400, "stream_options must be an object", "stream_options")
@@ -141,7 +144,7 @@ def auto_request(data: dict, spec: SteeringSpec | None, auto: Any, defaults: dic
         top_k=int(number("top_k", 0, lambda v: v == int(v) and v >= -1, "a whole number (0 or -1: off)")),
         seed=seed, stream=data.get("stream") is True, include_usage=bool((options or {}).get("include_usage")),
         repetition_penalty=float(number("repetition_penalty", None, lambda v: v > 0, "a number > 0", AUTO_REPETITION_PENALTY)),
-        model=data.get("model") if isinstance(data.get("model"), str) else None)
+        model=data.get("model"))
 
 
 class EngineAuto:
