@@ -519,14 +519,14 @@ def pirate_auto(embedded, shipped, max_new_tokens: int, backend=None):
 def test_steer_auto_on_the_vllm_backend_runs_its_candidates_on_the_engine(embedded, shipped, vllm_engine):
     """On the vLLM backend, /steer pirate auto runs the candidates as parallel requests on the engine
     (VLLMEngine.open_auto_stream, serving/auto.py's steps), the steering scores measured by its workers: the
-    same answer as calibrate.auto_answer on the in-process model, token for token (both float32, greedy),
-    let go after the judged words; every prompt here prefilled in chunks of 16 tokens."""
+    same answer as calibrate.auto_answer on the in-process model, token for token (both float32, greedy), its
+    vectors carried with the requests; every prompt here prefilled in chunks of 16 tokens."""
     from llm_steering.backends.vllm import VLLMBackend
 
     answer, text, feature, expected = pirate_auto(embedded, shipped, 52, backend=VLLMBackend(vllm_engine))
     assert answer == expected.answer and f"auto: {feature.title} " in text
-    assert ("let go after its first 48 tokens" in text) == (expected.let_go_at == 48)
-    assert ("let go once it named the concept" in text) == expected.chosen.release
+    assert expected.chosen.release  # the case: a release, let go in the workers at the concept's first word
+    assert "let go once it named the concept" in text
     assert vllm_engine._auto._scores  # the steering scores were measured through the engine
 
 

@@ -309,37 +309,30 @@ def auto_reference(embedded, key: str, chat: list, n: int):
 
 
 def test_auto_on_the_server_chooses_and_answers_as_the_library_does(client, embedded):
-    """`"auto": true` on the server: the candidates as parallel engine requests, the steering scores recorded by the
-    workers, the answers read back through prompt_logprobs, the same picker; then the chosen answer goes on with
-    its steering let go. Two cases, each checked token for token against calibrate.auto_answer: one where a
-    release lets go inside the judged words (streamed), one let go after them (not streamed)."""
-    n = 64
-    desk = [{"role": "user", "content": "Give me three tips for keeping a tidy desk."}]
-    spec, ref = auto_reference(embedded, "pirate", desk, n)
-    assert ref.chosen.release and ref.let_go_at is None  # the case is what it says
-    stream = client.chat.completions.create(model="default", messages=desk, max_tokens=n, temperature=0, stream=True,
+    """`"auto": true` on the server, streamed: the candidates as parallel engine requests, the steering scores
+    recorded by the workers, the answers read back through prompt_logprobs, the same picker; then the chosen
+    answer goes on with its steering let go after the judged words. Checked token for token against
+    calibrate.auto_answer on the hooks backend, and every candidate's signals. (A release that lets go inside the
+    judged words, and vectors carried instead of named: the console on vLLM, tests/test_demo.py.)"""
+    n = 52
+    job = [{"role": "user", "content": "Give me three tips for a job interview."}]
+    spec, ref = auto_reference(embedded, "ocean", job, n)
+    assert ref.let_go_at == 48 and ref.chosen.components  # the case is what it says
+    stream = client.chat.completions.create(model="default", messages=job, max_tokens=n, temperature=0, stream=True,
+                                            stream_options={"include_usage": True},
                                             extra_body={"steering": spec, "auto": True})
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     summary = chunks[0].model_extra["steering_auto"]
-    assert summary["chosen"] == ref.label and text == ref.answer
-    assert summary["setting"] == "answer only, let go once it named the concept, 2x its default"
+    assert text == ref.answer and summary["chosen"] == ref.label
+    assert summary["let_go_at"] == 48 and summary["setting"].endswith("let go after its first 48 tokens")
     assert [c["label"] for c in summary["candidates"]] == [r.candidate.label for r in ref.table]
     for got, want in zip(summary["candidates"], ref.table, strict=True):  # the signals, read through vLLM
         assert got["nll_ratio"] == pytest.approx(want.nll_ratio, abs=1e-3)
         assert got["concept_score"] == pytest.approx(want.concept_score, abs=1e-3)
         assert got["on_question"] == want.on_question
-    assert chunks[-1].choices[0].finish_reason == "length"
-
-    job = [{"role": "user", "content": "Give me three tips for a job interview."}]
-    spec, ref = auto_reference(embedded, "ocean", job, n)
-    assert ref.let_go_at == 48 and ref.chosen.components
-    out = client.chat.completions.create(model="default", messages=job, max_tokens=n, temperature=0,
-                                         extra_body={"steering": spec, "auto": True})
-    summary = out.model_extra["steering_auto"]
-    assert out.choices[0].message.content == ref.answer and summary["chosen"] == ref.label
-    assert summary["let_go_at"] == 48 and summary["setting"].endswith("let go after its first 48 tokens")
-    assert out.usage.completion_tokens >= len(ref.token_ids)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == n
 
 
 def test_without_the_key_every_request_is_a_401_that_names_no_feature(server):
