@@ -645,10 +645,8 @@ def stream_auto_answer(model: Any, tokenizer: Any, chat: Sequence[dict], compone
         ids = list(choice.prefix)
         eos = steering.eos_ids(model, tokenizer)
         goes_on = max_new_tokens > judge and len(ids) == judge and not (ids and ids[-1] in eos)
-        cand = choice.chosen
-        let_go_in_prefix = cand.release and any(t in choice.words for t in ids)
-        if let_go and goes_on and cand.components and not let_go_in_prefix:
-            out.let_go_at = len(ids)
+        if let_go and goes_on:
+            out.let_go_at = let_go_point(choice.chosen, ids, choice.words)
         text = tokenizer.decode(ids, skip_special_tokens=True)
         if text:
             yield text
@@ -693,6 +691,14 @@ def stream_auto_answer(model: Any, tokenizer: Any, chat: Sequence[dict], compone
                                 out.let_go_at if rest else None)
 
     return AutoStream(pieces)
+
+
+def let_go_point(cand: Candidate, prefix: Sequence[int], words: frozenset[int]) -> int | None:
+    """Where the chosen steering lets go after its judged words `prefix` (an answer token index): right after
+    them, unless it steers nothing or is a release that already let go in them (at one of `words`)."""
+    if not cand.components or (cand.release and any(t in words for t in prefix)):
+        return None
+    return len(prefix)
 
 
 def _row(model: Any, cand: Candidate, others: Sequence[SteeringComponent], prompt_start: int, answer_start: int,

@@ -265,10 +265,9 @@ class EngineAuto:
         from vllm.sampling_params import RequestOutputKind
 
         cand, prefix, words = choice.chosen, list(choice.prefix), choice.words
-        released_at = next((i for i, t in enumerate(prefix) if t in words), None) if cand.release else None
-        let_go_at = len(prefix) if calibrate.AUTO_LET_GO and cand.components and released_at is None else None
-        if let_go_at is not None:
-            released_at = let_go_at
+        let_go_at = calibrate.let_go_point(cand, prefix, words) if calibrate.AUTO_LET_GO else None
+        released_at = let_go_at if let_go_at is not None else (
+            next((i for i, t in enumerate(prefix) if t in words), None) if cand.release else None)
         record = None
         if cand.components or others:
             mine = [self.wire(c, release=cand.release or let_go_at is not None) for c in cand.components]
