@@ -15,6 +15,9 @@ fixed default, auto's picker, the oracle, and how each keyword-free signal agree
     .venv/bin/python benchmarks/eval_auto.py report --subsets benchmarks/results/auto28_tuning.jsonl benchmarks/results/auto28_heldout.jsonl
     .venv/bin/python benchmarks/eval_auto.py report benchmarks/results/auto28_tuning.jsonl benchmarks/results/auto28_heldout.jsonl \
         --extra benchmarks/results/learned28_tuning.jsonl benchmarks/results/learned28_heldout.jsonl --variants
+    .venv/bin/python benchmarks/eval_auto.py report benchmarks/results/auto28_tuning.jsonl benchmarks/results/auto28_heldout.jsonl \
+        --extra benchmarks/results/learned28_*.jsonl benchmarks/results/auto28_mid_*.jsonl --extra-kinds learned contrastive \
+        --grow "learned x1.1" "learned x1.2" "learned x1.3" "contrastive x1.1" "contrastive x1.2" "contrastive x1.3"
 """
 
 from __future__ import annotations
@@ -418,6 +421,41 @@ def shipped_seven(cands: list[dict]) -> list[dict]:
     return [next(c for c in cands if c["label"] == w or (", answer only" in w and w in c["label"])) for w in want]
 
 
+def grow(rows: list[dict], pool: Sequence[str]) -> None:
+    """Auto with more rows: every subset of `pool` (--extra's labels: "learned x1.2", "contrastive x1.1", the
+    feature's own vector) added to the shipped seven, ranked on tuning (auto's tint, then fewer rows, then the
+    oracle's tint); the twelve best and the whole pool, with held-out beside them (held-out only reports)."""
+    import itertools
+
+    def pick_rows(r: dict, extra: Sequence[str]) -> list[dict]:
+        return shipped_seven(r["candidates"]) + [next(c for c in r["candidates"] if c["label"] == x) for x in extra]
+
+    def rate(extra: Sequence[str], picker: Picker) -> tuple[int, int, str, int]:
+        tally: dict = defaultdict(int)
+        named = 0
+        for r in rows:
+            cands = pick_rows(r, extra)
+            c = cands[picker(cands)]
+            tally[(r["set"], r["concept"])] += c["tint"]
+            named += r["set"] == "heldout" and c["eiffel"]
+        tun, held = (sum(v for (s, _), v in tally.items() if s == st) for st in ("tuning", "heldout"))
+        return tun, held, " ".join(str(tally[("heldout", c)]) for c in KEYWORDS), named
+
+    rows = [r for r in rows if all(any(c["label"] == x for c in r["candidates"]) for x in pool)]
+    ranked = []
+    for k in range(len(pool) + 1):
+        for extra in itertools.combinations(pool, k):
+            a, o = rate(extra, auto_picker), rate(extra, oracle)
+            ranked.append(((a[0], -k, o[0]), extra, a, o))
+    ranked.sort(key=lambda x: x[0], reverse=True)
+    n_t, n_h = sum(r["set"] == "tuning" for r in rows), sum(r["set"] == "heldout" for r in rows)
+    print(f"| rows | added to the seven (ranked on tuning) | tuning | held-out | held-out per concept ({', '.join(KEYWORDS)}) "
+          f"| Eiffel named | oracle: tuning, held-out, per concept |\n|---|---|---|---|---|---|---|")
+    for _, extra, a, o in [*ranked[:12], *[x for x in ranked if len(x[1]) in (0, len(pool))]]:
+        print(f"| {7 + len(extra)} | {', '.join(extra) or '(the seven)'} | {a[0]}/{n_t} | {a[1]}/{n_h} ({a[1] / max(1, n_h):.0%}) "
+              f"| {a[2]} | {a[3]} | {o[0]}, {o[1]}, {o[2]} |")
+
+
 def variants(rows: list[dict]) -> None:
     """Keyword-free pickers beside the shipped one, over the shipped seven rows, tuning and held-out side by
     side (a picker is chosen on tuning; held-out only reports): the NLL bound, a second word of the question,
@@ -486,6 +524,9 @@ def cmd_report(args) -> None:
         if args.variants:
             variants(rows)
             return
+        if args.grow:
+            grow(rows, args.grow)
+            return
         table(rows, {"fixed": fixed(), f"auto ({n})": lambda c: auto_picker(c[:n]), "auto (all)": auto_picker,
                      f"oracle ({n})": lambda c: oracle(c[:n]), "oracle (all)": oracle})
         return
@@ -527,6 +568,8 @@ def main() -> None:
     rep.add_argument("--per-concept", nargs="*", type=int, default=[], help="with --subsets: per concept, for these sizes")
     rep.add_argument("--extra-kinds", nargs="*", default=["learned"], help="the `vector` kinds of --extra rows to add")
     rep.add_argument("--variants", action="store_true", help="with --extra: other pickers over the shipped seven rows")
+    rep.add_argument("--grow", nargs="*", default=[],
+                     help="with --extra: subsets of these --extra labels added to the shipped seven, ranked on tuning")
     args = parser.parse_args()
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)

@@ -32,6 +32,9 @@ on the tuning prompts (ties: x1, then the weaker).
     nice -n 19 .venv/bin/python benchmarks/eval_learned.py train --out benchmarks/results/learned28_vectors.pt
     nice -n 19 .venv/bin/python benchmarks/eval_learned.py gen --set tuning --mult 1 --check 5 --out benchmarks/results/learned28_tuning.jsonl
     nice -n 19 .venv/bin/python benchmarks/eval_learned.py gen --set heldout --mult 1 --out benchmarks/results/learned28_heldout.jsonl
+    nice -n 5 .venv/bin/python benchmarks/eval_learned.py gen --set tuning --mult 1.2 1.1 1.3 --out benchmarks/results/auto28_mid_tuning.jsonl
+    nice -n 5 .venv/bin/python benchmarks/eval_learned.py gen --set tuning --mult 1.2 1.1 1.3 --vectors shipped --name contrastive \
+        --check 3 --out benchmarks/results/auto28_mid_tuning.jsonl   # the same two for --set heldout: the finer doses
     nice -n 19 .venv/bin/python benchmarks/eval_learned.py volcano --out benchmarks/results/learned28_volcano.jsonl
     .venv/bin/python benchmarks/eval_learned.py report
 """
@@ -163,7 +166,8 @@ def cmd_train(args) -> None:
 def cmd_gen(args) -> None:
     model, tok = steering.load_model()
     _, comps = shipped(model, tok)
-    vecs = torch.load(args.vectors)
+    # "shipped": the features' own (contrastive) vectors, at other doses than the stored rows'
+    vecs = {c: {"vector": comp.vector} for c, comp in comps.items()} if args.vectors == "shipped" else torch.load(args.vectors)
     prompts = eval_prompts(args.set)
     concepts = [c for c in (args.concepts or list(KEYWORDS)) if c in vecs]
     done = set()
@@ -428,7 +432,7 @@ def main() -> None:
     g.add_argument("--concepts", nargs="*")
     g.add_argument("--check", type=int, default=0, help="regenerate this many stored contrastive x1 rows")
     g.add_argument("--batch", type=int, default=40)
-    g.add_argument("--vectors", default=str(VECTORS))
+    g.add_argument("--vectors", default=str(VECTORS), help='a vectors file, or "shipped": the features\' own vectors')
     g.add_argument("--name", default="learned", help="the rows' vector label (a variant of the learned vectors)")
     g.add_argument("--out", required=True)
     v = sub.add_parser("volcano")

@@ -280,8 +280,10 @@ AUTO_PROMPT_MULTIPLIERS = (0.6, 1.0, 1.4, 1.8)  # the feature's op, prompt steer
 AUTO_OTHER_OP_MULTIPLIERS = (1.0,)              # the other op (add <-> clamp), prompt steered
 AUTO_RELEASE_MULTIPLIERS = (2.0, 3.0, 4.0)      # answer-only, let go at the first word of the concept (until then
                                                 # the same answer as answer-only steering, which is not tried apart)
-AUTO_LEARNED_MULTIPLIERS = (1.0, 0.6, 1.4)      # a learned direction shipped beside the feature's vector, prompt steered
+AUTO_LEARNED_MULTIPLIERS = (1.0, 0.6, 1.4, 1.1, 1.2)  # a learned direction shipped beside the feature's vector, prompt steered
 AUTO_LEARNED_RELEASE_MULTIPLIERS = (2.0, 3.0)   # with one: the release rows kept (the seven rows chosen on tuning)
+AUTO_LEARNED_OP_MULTIPLIERS = (1.1,)            # with one: the feature's own op just past x1 too (the ten rows: the
+                                                # seven and the finer doses chosen on tuning, docs/quality.md)
 LEARNED_SUFFIX = "_learned"                     # its name in the vectors file: "<feature>_learned"
 AUTO_JUDGE_TOKENS = 48                          # candidates are compared on their first tokens
 AUTO_LET_GO = True                              # after the judged tokens the chosen steering lets go (docs/quality.md)
@@ -316,10 +318,11 @@ def auto_candidates(component: SteeringComponent, max_multiplier: float | None =
     `max_multiplier`, those that would take it past that many times its strength are left out (the app's and
     the console's strength range: a setting they could not show or apply again is never chosen).
 
-    With `learned` (a SteeringVector: the direction learned for this feature, `learned_direction`), the seven
-    rows chosen on the tuning prompts among the nine and the learned direction's strengths: unsteered, the op
-    x1, the release x2 and x3, and the learned direction x1, x0.6 and x1.4 (same op, prompt steered); without,
-    the nine: the op x0.6-x1.8, the other op x1, the release x2-x4 (docs/quality.md)."""
+    With `learned` (a SteeringVector: the direction learned for this feature, `learned_direction`), the ten
+    rows chosen on the tuning prompts: unsteered, the op x1, the release x2 and x3, the learned direction x1,
+    x0.6, x1.4, x1.1 and x1.2 (same op, prompt steered), and the op x1.1 (the right dose is often just past
+    the default, and differs from prompt to prompt); without, the nine: the op x0.6-x1.8, the other op x1,
+    the release x2-x4 (docs/quality.md)."""
     if component.op == "ablate":
         raise ValueError("an ablate component has no strength to choose: use add, clamp or cap")
     s = component.cap_min if component.op == "cap" else component.strength
@@ -336,6 +339,8 @@ def auto_candidates(component: SteeringComponent, max_multiplier: float | None =
         out += [Candidate(f"{component.op} x{m:g}, learned direction",
                           (replace(component, vector=learned.vector, strength=m * s, name=learned.name),),
                           multiplier=m, vector=learned.name) for m in AUTO_LEARNED_MULTIPLIERS]
+        out += [Candidate(f"{component.op} x{m:g}", (with_strength(component, m * s),), multiplier=m)
+                for m in AUTO_LEARNED_OP_MULTIPLIERS]
         return [c for c in out if max_multiplier is None or c.multiplier <= max_multiplier + 1e-9]
     out += [Candidate(f"{component.op} x{m:g}", (with_strength(component, m * s),), multiplier=m) for m in AUTO_PROMPT_MULTIPLIERS]
     alt = other_op(component.op)

@@ -422,7 +422,7 @@ def test_an_auto_answer_steered_by_the_learned_direction_says_so_and_its_link_st
     assert turn["auto"] == "pirate_learned" and turn["auto_setting"] == "clamp, its learned direction, 1x its default"
     assert turn["steering"]["features"] == [{"key": "pirate_learned", "op": "clamp",
                                              "fraction": round_fraction(feature.default_fraction)}]
-    assert f"Auto: Pirate {turn['auto_setting']} (compared 7 ways in" in capsys.readouterr().out
+    assert f"Auto: Pirate {turn['auto_setting']} (compared 10 ways in" in capsys.readouterr().out
     tag = views.turn_messages(la.catalog, [turn])[-1]["content"]
     assert "Pirate (learned) · clamp" in tag and "(auto: clamp, its learned direction, 1x its default)" in tag, tag
     spec = steering.SteeringSpec.from_dict(json.loads(json.dumps(turn["steering"])))
@@ -473,7 +473,8 @@ def test_auto_never_chooses_a_strength_outside_the_sliders_range(app_module, cap
     *_, last = handlers.respond(la, "Tell me about your weekend.", [], "", 0.0, 1.1, 6, False, mode, "", *controls)
     turn = last[1][-1]
     shown = capsys.readouterr().out
-    assert "(compared 5 ways in" in shown, shown  # the unsteered answer, x1, and the learned direction at x1, x0.6, x1.4
+    # the unsteered answer, x1 and x1.1, and the learned direction at x1, x0.6, x1.4, x1.1 and x1.2 (not x2 or x3)
+    assert "(compared 8 ways in" in shown, shown
     for f in turn["steering"]["features"]:
         assert lo <= f["fraction"] <= hi, turn["steering"]
     tag = views.turn_messages(la.catalog, [turn])[-1]["content"]

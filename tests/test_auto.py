@@ -196,7 +196,7 @@ def test_candidates_past_a_bound_are_left_out_and_the_catalog_gives_the_bound():
 
 def test_a_shipped_concept_gets_its_learned_direction_among_the_candidates_and_nothing_else_does():
     """calibrate.learned_direction finds the direction learned for a feature by the feature's very vector (the
-    issue's check passes only the component); the seven rows then replace the nine, the learned ones steering
+    issue's check passes only the component); the ten rows then replace the nine, the learned ones steering
     the learned vector at the feature's op, prompt steered, each naming it for the turn's spec."""
     from llm_steering.vectors import SteeringVector, SteeringVectorSet
 
@@ -220,15 +220,19 @@ def test_a_shipped_concept_gets_its_learned_direction_among_the_candidates_and_n
     assert [c.label for c in cands] == [
         "unsteered", "clamp x1", "clamp x2, answer only until it names the concept",
         "clamp x3, answer only until it names the concept", "clamp x1, learned direction",
-        "clamp x0.6, learned direction", "clamp x1.4, learned direction"]
-    for c in cands[4:]:
+        "clamp x0.6, learned direction", "clamp x1.4, learned direction", "clamp x1.1, learned direction",
+        "clamp x1.2, learned direction", "clamp x1.1"]
+    for c in cands[4:9]:
         (lc,) = c.components
         assert c.vector == "ocean_learned" and c.steer_prompt and not c.release and lc.op == "clamp"
         assert torch.equal(lc.vector, learned.vector) and lc.layer == ocean.layer
         assert abs(lc.strength - c.multiplier * ocean.strength) < 1e-9
-    assert all(c.vector is None and (not c.components or torch.equal(c.components[0].vector, ocean.vector)) for c in cands[:4])
-    assert [c.label for c in calibrate.auto_candidates(ocean, 1.2, learned)] == [
-        "unsteered", "clamp x1", "clamp x1, learned direction", "clamp x0.6, learned direction"]
+    assert all(c.vector is None and (not c.components or torch.equal(c.components[0].vector, ocean.vector))
+               for c in [*cands[:4], cands[9]])
+    assert abs(cands[9].components[0].strength - 1.1 * ocean.strength) < 1e-9 and cands[9].steer_prompt
+    assert [c.label for c in calibrate.auto_candidates(ocean, 1.15, learned)] == [
+        "unsteered", "clamp x1", "clamp x1, learned direction", "clamp x0.6, learned direction",
+        "clamp x1.1, learned direction", "clamp x1.1"]
     capped = SteeringComponent(ocean.layer, ocean.vector, op="cap", cap_min=10.0)
     assert [c.label for c in calibrate.auto_candidates(capped, learned=learned)] == [c.label for c in calibrate.auto_candidates(capped)]
     wrong = SteeringVector(name="x_learned", layer=ocean.layer + 1, vector=learned.vector)
@@ -237,14 +241,14 @@ def test_a_shipped_concept_gets_its_learned_direction_among_the_candidates_and_n
 
 
 def test_learned_rows_are_the_single_requests_they_stand_for(tiny):
-    """The seven rows with a learned direction, as rows of one batch: each non-releasing one equals the library's
+    """The ten rows with a learned direction, as rows of one batch: each non-releasing one equals the library's
     single-request steering with its own vector."""
     from llm_steering.vectors import SteeringVector
 
     model, tok = tiny
     learned = SteeringVector(name="c_learned", layer=1, vector=unit(32, 2))
     cands = calibrate.auto_candidates(comp(), learned=learned)
-    assert len(cands) == 7 and sum(c.vector is not None for c in cands) == 3
+    assert len(cands) == 10 and sum(c.vector is not None for c in cands) == 5
     jobs = [(CHAT, c, (), frozenset()) for c in cands if not c.release]
     ids, _ = calibrate.generate_many(model, tok, jobs, 10, 1.1)
     for (chat, c, _, _), got in zip(jobs, ids, strict=True):
