@@ -335,6 +335,51 @@ def test_auto_on_the_server_chooses_and_answers_as_the_library_does(client, embe
     assert chunks[-1].usage.completion_tokens == n
 
 
+def engine_counts(url: str) -> dict[str, float]:
+    """From vLLM's /metrics: requests running or waiting now, and requests finished (by stop or length) so far."""
+    import re
+
+    text = httpx.get(f"{url}/metrics", headers=AUTH, timeout=10).text
+
+    def total(pattern: str) -> float:
+        return sum(float(v) for v in re.findall(pattern, text, re.M))
+
+    return {"busy": total(r'^vllm:num_requests_(?:running|waiting)\{[^}]*\} (\S+)'),
+            "finished": total(r'^vllm:request_success_total\{[^}]*finished_reason="(?:length|stop)"[^}]*\} (\S+)')}
+
+
+def test_a_client_that_leaves_while_auto_chooses_stops_its_candidates(client, server):
+    """A client that goes away while auto's candidates run (seconds of engine work) takes them with it: the
+    engine aborts them, none runs to its length, no read-back or continuation starts, and the engine is idle
+    at once. Before, they ran on to the end for nobody."""
+    _, url = server
+    spec = {**SPEC, "features": [{"key": "coffee", "fraction": 0.15}]}
+    chat = [{"role": "user", "content": "How do I fry an egg?"}]
+    # the feature's steering scores measured first (a short auto answer), so what runs below is the candidates
+    client.chat.completions.create(model="default", messages=chat, max_tokens=1, extra_body={"steering": spec, "auto": True})
+    body = json.dumps({"model": "default", "messages": chat, "max_tokens": 64, "steering": spec, "auto": True}).encode()
+    wait_for_idle = time.monotonic() + 60
+    while engine_counts(url)["busy"] and time.monotonic() < wait_for_idle:
+        time.sleep(0.1)
+    before = engine_counts(url)
+    port = int(url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        deadline = time.monotonic() + 60
+        while engine_counts(url)["busy"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine_counts(url)["busy"] >= 2, "the candidates never ran"
+    left = time.monotonic()  # the client is gone
+    while engine_counts(url)["busy"] and time.monotonic() - left < 60:
+        time.sleep(0.05)
+    after = engine_counts(url)
+    assert after["busy"] == 0
+    assert after["finished"] == before["finished"], "candidates, read-backs or the continuation ran on for nobody"
+    # and the server answers the next request as before
+    assert client.chat.completions.create(model="default", messages=chat, max_tokens=4).choices[0].message.content
+
+
 def test_without_the_key_every_request_is_a_401_that_names_no_feature(server):
     url = server[1]
     bodies = [chat_body(steering={**SPEC, "features": [{"key": "no_such_feature", "fraction": 0.5}]}),

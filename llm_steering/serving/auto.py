@@ -22,6 +22,7 @@ chosen, its setting in the words of the app's tag, and each candidate's signals.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import time
@@ -345,6 +346,23 @@ async def serve_auto(auto: EngineAuto, catalog: Any, req: AutoRequest, model_nam
         raise RequestError(400, f"the chat is {len(chat_ids)} tokens and the answer may take {req.max_tokens or judge}: this "
                              f"server's context is {limit} tokens; shorten the chat or ask for fewer tokens", "messages")
     req = replace(req, max_tokens=req.max_tokens or limit - len(chat_ids))
+    gone = asyncio.Event()
+
+    async def watch() -> None:  # the client going away stops what runs for it (vLLM aborts its requests)
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await _answer(auto, catalog, req, model_name, send, chat_ids, judge, gone)
+    finally:
+        watcher.cancel()
+
+
+async def _answer(auto: EngineAuto, catalog: Any, req: AutoRequest, model_name: str, send: Any, chat_ids: list[int],
+                  judge: int, gone: asyncio.Event) -> None:
+    tok = auto.tokenizer
     try:
         active = catalog.active(req.spec)  # an unknown feature, a strength out of range: one line
         key = auto_key(req.auto, active)
@@ -353,7 +371,17 @@ async def serve_auto(auto: EngineAuto, catalog: Any, req: AutoRequest, model_nam
         others = [f.component(fr, o) for k, (f, fr, o) in active.items() if k != key]
         cands = calibrate.auto_candidates(component, catalog.auto_max_multiplier(feature, fraction),
                                           learned=calibrate.learned_direction(component, catalog.vectors))
-        choice = await auto.choose(req.chat, chat_ids, component, others, cands, judge, req.repetition_penalty)
+        choosing = asyncio.ensure_future(auto.choose(req.chat, chat_ids, component, others, cands, judge,
+                                                     req.repetition_penalty))
+        leaving = asyncio.ensure_future(gone.wait())
+        await asyncio.wait({choosing, leaving}, return_when=asyncio.FIRST_COMPLETED)
+        leaving.cancel()
+        if not choosing.done():  # nobody to answer: the candidates' requests are aborted
+            choosing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await choosing
+            return
+        choice = choosing.result()
     except ValueError as exc:  # the catalog's and the engine's one-line refusals
         raise RequestError(400, str(exc).strip().splitlines()[-1], "steering") from None
     prefix = list(choice.prefix)
@@ -366,12 +394,6 @@ async def serve_auto(auto: EngineAuto, catalog: Any, req: AutoRequest, model_nam
     first_text = tok.decode(prefix, skip_special_tokens=True)
     finish = "length" if len(prefix) == judge else "stop"
     rest: list[int] = []
-    gone = asyncio.Event()
-
-    async def watch() -> None:  # the client going away ends the continuation (vLLM aborts it)
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        gone.set()
 
     async def pieces() -> Any:
         nonlocal finish
@@ -412,23 +434,19 @@ async def serve_auto(auto: EngineAuto, catalog: Any, req: AutoRequest, model_nam
 
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})
-    watcher = asyncio.create_task(watch())
+    await send({"type": "http.response.body", "more_body": True,
+                "body": event({"role": "assistant", "content": first_text}, steering_auto=summary)})
     try:
-        await send({"type": "http.response.body", "more_body": True,
-                    "body": event({"role": "assistant", "content": first_text}, steering_auto=summary)})
-        try:
-            async for text in pieces():
-                if text:
-                    await send({"type": "http.response.body", "body": event({"content": text}), "more_body": True})
-        except Exception as exc:  # noqa: BLE001  (the answer is cut: the client is told, in the stream)
-            error = {"error": {"message": f"the answer was cut off: {str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}",
-                               "type": "InternalServerError", "param": None, "code": 500}}
-            await send({"type": "http.response.body", "body": f"data: {json.dumps(error)}\n\n".encode(), "more_body": True})
-        else:
-            tail = event({}, finish)
-            if req.include_usage:
-                tail += f"data: {json.dumps({**chunk, 'choices': [], 'usage': usage()})}\n\n".encode()
-            await send({"type": "http.response.body", "body": tail, "more_body": True})
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
-    finally:
-        watcher.cancel()
+        async for text in pieces():
+            if text:
+                await send({"type": "http.response.body", "body": event({"content": text}), "more_body": True})
+    except Exception as exc:  # noqa: BLE001  (the answer is cut: the client is told, in the stream)
+        error = {"error": {"message": f"the answer was cut off: {str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}",
+                           "type": "InternalServerError", "param": None, "code": 500}}
+        await send({"type": "http.response.body", "body": f"data: {json.dumps(error)}\n\n".encode(), "more_body": True})
+    else:
+        tail = event({}, finish)
+        if req.include_usage:
+            tail += f"data: {json.dumps({**chunk, 'choices': [], 'usage': usage()})}\n\n".encode()
+        await send({"type": "http.response.body", "body": tail, "more_body": True})
+    await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
