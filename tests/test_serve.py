@@ -7,6 +7,7 @@ Skipped when vLLM is not installed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -57,12 +58,15 @@ def server():
         os.killpg(proc.pid, signal.SIGKILL)
         pytest.fail(f"serve.py did not come up: see {log.name}")
     yield proc, url
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
-    for p in session_processes(proc.pid):  # whatever the SIGTERM test may have left
-        p.kill()
-    log.close()
+    try:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+    finally:  # a server that does not end within the bound is still not left behind
+        for p in [proc, *session_processes(proc.pid)]:  # whatever the SIGTERM test may have left
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
+                p.kill()
+        log.close()
 
 
 @pytest.fixture(scope="module")
