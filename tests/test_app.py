@@ -43,7 +43,7 @@ def test_browser_preset_streaming_compare_stop(server, tmp_path):
     url, log_path = server
     with app_page(url) as page:
         page.get_by_text("Advanced", exact=True).click()
-        _set_max_new_tokens(page, 24)
+        _set_max_new_tokens(page, 64)  # a loaded fresh-clone run saw a whole 24-token answer arrive in one draw
 
         # A preset switches its feature on, and the summary shows its absolute strength.
         page.locator("#preset").get_by_label("Eiffel Tower").check()
@@ -73,6 +73,7 @@ def test_browser_preset_streaming_compare_stop(server, tmp_path):
         assert "Eiffel Tower" in page.locator("#effects").inner_text()
 
         # Retry asks the same message again, in place of the last turn.
+        _set_max_new_tokens(page, 24)
         page.locator("#retry").click()
         wait_for(lambda: page.locator("#effects .toks .tok").count() == 0, 20, "Retry to start a new answer")
         wait_for(lambda: page.locator("#effects .toks .tok").count() > 0, 60, "the retried answer")
