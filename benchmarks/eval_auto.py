@@ -437,7 +437,7 @@ def grow(rows: list[dict], pool: Sequence[str]) -> None:
             cands = pick_rows(r, extra)
             c = cands[picker(cands)]
             tally[(r["set"], r["concept"])] += c["tint"]
-            named += r["set"] == "heldout" and c["eiffel"]
+            named += r["set"] == "heldout" and r["concept"] == "eiffel_tower" and c["eiffel"]
         tun, held = (sum(v for (s, _), v in tally.items() if s == st) for st in ("tuning", "heldout"))
         return tun, held, " ".join(str(tally[("heldout", c)]) for c in KEYWORDS), named
 

@@ -281,7 +281,7 @@ AUTO_OTHER_OP_MULTIPLIERS = (1.0,)              # the other op (add <-> clamp), 
 AUTO_RELEASE_MULTIPLIERS = (2.0, 3.0, 4.0)      # answer-only, let go at the first word of the concept (until then
                                                 # the same answer as answer-only steering, which is not tried apart)
 AUTO_LEARNED_MULTIPLIERS = (1.0, 0.6, 1.4, 1.1, 1.2)  # a learned direction shipped beside the feature's vector, prompt steered
-AUTO_LEARNED_RELEASE_MULTIPLIERS = (2.0, 3.0)   # with one: the release rows kept (the seven rows chosen on tuning)
+AUTO_LEARNED_RELEASE_MULTIPLIERS = (2.0, 3.0)   # with one: the release rows kept (chosen on tuning; the ten rows)
 AUTO_LEARNED_OP_MULTIPLIERS = (1.1,)            # with one: the feature's own op just past x1 too (the ten rows: the
                                                 # seven and the finer doses chosen on tuning, docs/quality.md)
 LEARNED_SUFFIX = "_learned"                     # its name in the vectors file: "<feature>_learned"

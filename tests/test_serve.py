@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -341,8 +342,6 @@ def test_auto_on_the_server_chooses_and_answers_as_the_library_does(client, embe
 
 def engine_counts(url: str) -> dict[str, float]:
     """From vLLM's /metrics: requests running or waiting now, and requests finished (by stop or length) so far."""
-    import re
-
     text = httpx.get(f"{url}/metrics", headers=AUTH, timeout=10).text
 
     def total(pattern: str) -> float:
