@@ -541,8 +541,9 @@ class AutoChoice:
 def auto_choose(model: Any, tokenizer: Any, chat: Sequence[dict], component: SteeringComponent,
                 other_components: Sequence[SteeringComponent] = (), judge_tokens: int = AUTO_JUDGE_TOKENS,
                 repetition_penalty: float = 1.1, candidates: Sequence[Candidate] | None = None, picker: Any = None,
-                concept_words: frozenset[int] | None = None) -> AutoChoice:
-    """Generate every candidate for `judge_tokens` tokens in one batch, read them, choose (see auto_answer)."""
+                concept_words: frozenset[int] | None = None, cancel: threading.Event | None = None) -> AutoChoice:
+    """Generate every candidate for `judge_tokens` tokens in one batch, read them, choose (see auto_answer).
+    Setting `cancel` ends the batch at its next token: the choice is then made on the tokens so far."""
     t0 = time.perf_counter()
     others = list(other_components)
     steering.validate_components(model, [*others, component])
@@ -555,7 +556,8 @@ def auto_choose(model: Any, tokenizer: Any, chat: Sequence[dict], component: Ste
     from llm_steering.lens import cached_steering_scores
 
     scores = cached_steering_scores(model, tokenizer, component)
-    rows, released = generate_candidates(model, tokenizer, chat, cands, others, words, judge_tokens, repetition_penalty)
+    rows, released = generate_candidates(model, tokenizer, chat, cands, others, words, judge_tokens, repetition_penalty,
+                                         cancel)
     table = read_candidates(model, tokenizer, chat, cands, rows, released, words, scores)
     choice = (picker or pick_candidate)(table)
     return AutoChoice(choice, tuple(table), words, judge_tokens, time.perf_counter() - t0)
@@ -645,7 +647,7 @@ def stream_auto_answer(model: Any, tokenizer: Any, chat: Sequence[dict], compone
         t0 = time.perf_counter()
         judge = min(judge_tokens, max_new_tokens)
         choice = auto_choose(model, tokenizer, chat, component, other_components, judge, repetition_penalty,
-                             candidates, picker, concept_words)
+                             candidates, picker, concept_words, cancel)
         out.choice = choice
         ids = list(choice.prefix)
         eos = steering.eos_ids(model, tokenizer)
@@ -727,20 +729,36 @@ def _config(model: Any, tokenizer: Any, max_new_tokens: int, repetition_penalty:
                             bos_token_id=getattr(model.generation_config, "bos_token_id", None))
 
 
+def _cancelled(cancel: threading.Event) -> Any:
+    """A StoppingCriteria that ends every row of a generate call once `cancel` is set."""
+    from transformers import StoppingCriteria
+
+    class Cancelled(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return Cancelled()
+
+
 def generate_candidates(model: Any, tokenizer: Any, chat: Sequence[dict], cands: Sequence[Candidate],
                         others: Sequence[SteeringComponent], release_ids: frozenset[int], max_new_tokens: int,
-                        repetition_penalty: float) -> tuple[list[list[int]], list[int | None]]:
+                        repetition_penalty: float, cancel: threading.Event | None = None
+                        ) -> tuple[list[list[int]], list[int | None]]:
     """Each candidate's greedy answer (ids, cut at EOS) in one batch, and where each release let go
-    (the answer token index, or None)."""
+    (the answer token index, or None). Setting `cancel` ends the batch at its next token."""
     return generate_many(model, tokenizer, [(chat, c, others, release_ids) for c in cands], max_new_tokens,
-                         repetition_penalty)
+                         repetition_penalty, cancel)
 
 
 def generate_many(model: Any, tokenizer: Any, jobs: Sequence[tuple[Sequence[dict], Candidate, Sequence[SteeringComponent],
                                                                  frozenset[int]]],
-                  max_new_tokens: int, repetition_penalty: float) -> tuple[list[list[int]], list[int | None]]:
+                  max_new_tokens: int, repetition_penalty: float, cancel: threading.Event | None = None
+                  ) -> tuple[list[list[int]], list[int | None]]:
     """`generate_candidates` for rows of different chats (left-padded): jobs[b] = (chat, candidate,
-    other components, release ids). One generate call; every row's ids and release point."""
+    other components, release ids). One generate call; every row's ids and release point. Setting
+    `cancel` ends it at the next token (every row then shorter than `max_new_tokens`)."""
+    from transformers import StoppingCriteriaList
+
     prompts = [steering.chat_input_ids(tokenizer, chat) for chat, *_ in jobs]
     config = _config(model, tokenizer, max_new_tokens, repetition_penalty)
     device = next(model.parameters()).device
@@ -749,8 +767,9 @@ def generate_many(model: Any, tokenizer: Any, jobs: Sequence[tuple[Sequence[dict
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     rows = [_row(model, cand, others, width - len(p), width) for p, (_, cand, others, _) in zip(prompts, jobs, strict=True)]
+    stop = StoppingCriteriaList([_cancelled(cancel)]) if cancel is not None else None
     with scheduled_steering(model, rows, [r for *_, r in jobs]), torch.inference_mode():
-        gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        gen = model.generate(input_ids=ids, attention_mask=mask, generation_config=config, stopping_criteria=stop)
     eos = set(config.eos_token_id)
     out = []
     for row in gen[:, width:].tolist():

@@ -333,3 +333,33 @@ def test_after_the_judged_words_the_chosen_steering_lets_go():
 
     kept = auto(let_go=False)
     assert list(kept.token_ids) == steered and kept.let_go_at is None
+
+
+def test_stop_while_the_candidates_are_generated_ends_their_batch_at_its_next_token(tiny):
+    """The app's Stop (its `cancel`) pressed while auto's candidates are being generated ends their batch at
+    the next token, not after every judged token: the choice is made on the words so far, they are the
+    answer, it is marked stopped and nothing goes on; no hook stays on the model."""
+    from llm_steering import lens
+
+    model, tok = tiny
+    lens.cached_steering_scores(model, tok, comp())  # measured before: only the candidates' forwards count below
+    cancel, forwards = threading.Event(), []
+
+    def count(module, args):
+        forwards.append(1)
+        if len(forwards) == 3:  # the prompt and two more tokens: Stop
+            cancel.set()
+
+    handle = model.register_forward_pre_hook(count)
+    try:
+        stream = calibrate.stream_auto_answer(model, tok, CHAT, comp(), max_new_tokens=24, cancel=cancel, judge_tokens=12,
+                                              concept_words=frozenset(), let_go=False)
+        text = "".join(stream)
+    finally:
+        handle.remove()
+    assert len(forwards) == 3, "the batch went on after Stop"
+    assert all(len(r.token_ids) <= 3 for r in stream.choice.table)
+    assert stream.stopped and list(stream.result.token_ids) == list(stream.choice.prefix)
+    assert text == tok.decode(list(stream.choice.prefix), skip_special_tokens=True)
+    _, layers = steering.decoder_layers(model)
+    assert not any(layer._forward_hooks for layer in layers) and not model.model.embed_tokens._forward_pre_hooks
