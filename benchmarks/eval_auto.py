@@ -18,6 +18,10 @@ fixed default, auto's picker, the oracle, and how each keyword-free signal agree
     .venv/bin/python benchmarks/eval_auto.py report benchmarks/results/auto28_tuning.jsonl benchmarks/results/auto28_heldout.jsonl \
         --extra benchmarks/results/learned28_*.jsonl benchmarks/results/auto28_mid_*.jsonl --extra-kinds learned contrastive \
         --grow "learned x1.1" "learned x1.2" "learned x1.3" "contrastive x1.1" "contrastive x1.2" "contrastive x1.3"
+    nice -n 5 .venv/bin/python benchmarks/eval_auto.py run --set tuning --offset 1 --every 3 --out benchmarks/results/auto28_tuning_more.jsonl
+    R=benchmarks/results; .venv/bin/python benchmarks/eval_auto.py report $R/auto28_tuning.jsonl $R/auto28_tuning_more.jsonl \
+        $R/auto28_heldout.jsonl --extra $R/learned28_*.jsonl $R/auto28_mid_*.jsonl --extra-kinds learned contrastive \
+        --variants --ten [--only $R/auto28_tuning_more.jsonl]     # the pickers over the ten rows on 21 tuning prompts
 """
 
 from __future__ import annotations
@@ -264,21 +268,53 @@ def signals(rows: list[dict]) -> None:
                   agree(lambda c, b=b: c["nll_ratio"] <= b and c["rep3"] < 0.2, "fluent"))
 
 
+def word_key(text: str) -> str:
+    """The word a token spells, whatever its case, its leading space or a plural's final s: " Cats", "cat" and
+    "cats" all give "cat" (a final s is dropped only from a word of four letters or more, not after an s)."""
+    word = text.strip().lower()
+    return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
+
+
+def word_groups(tokenizer: Any, vocab: int) -> tuple[torch.Tensor, int]:
+    """For each of the first `vocab` token ids, the index of its `word_key` (ids past the tokenizer's own
+    vocabulary each alone), and how many indices there are."""
+    n_tok = min(vocab, len(tokenizer))
+    index: dict[str, int] = {}
+    groups = [index.setdefault(word_key(t), len(index)) for t in tokenizer.batch_decode([[i] for i in range(n_tok)])]
+    groups += [len(index) + j for j in range(vocab - n_tok)]
+    return torch.tensor(groups), len(index) + vocab - n_tok
+
+
+def word_scores(groups: tuple[torch.Tensor, int], scores: torch.Tensor) -> torch.Tensor:
+    """`scores` (one per vocabulary token) with each token given the highest score of any token that spells the
+    same word (`word_groups`): the steering raises " cats" mid-sentence, and "Cats" opening one is the same word."""
+    index, n = groups
+    best = torch.full((n,), float("-inf"), dtype=scores.dtype).scatter_reduce(0, index, scores.cpu(), "amax")
+    return best[index]
+
+
 def concept_scores(rows: list[dict]) -> None:
     """Each candidate's `score`: the highest steering score (lens.steering_scores: the log-probability rise the
-    feature gives a token on neutral chats) of any of its tokens, and `score3`, the mean of its three highest."""
+    feature gives a token on neutral chats) of any of its tokens, and `score3`, the mean of its three highest;
+    `score_word` and `score3_word` the same by words (`word_scores`: " cats", "Cats" and "cat" are one word,
+    scored as the highest of them)."""
     model, tok = steering.load_model()
     catalog = Catalog.open(steering.load_config(ROOT / "demo.yaml").profile(), model, tok)
     from llm_steering.lens import steering_scores
 
-    vec = {}
+    vec, by_word = {}, {}
+    groups = word_groups(tok, steering.unembedding(model).weight.shape[0])
     for c in {r["concept"] for r in rows}:
         f = catalog.resolve(c)
         vec[c] = steering_scores(model, tok, [f.component(f.default_fraction)])
+        by_word[c] = word_scores(groups, vec[c])
+    group_of = groups[0].tolist()
     for r in rows:
         for cand in r["candidates"]:
             s = sorted((float(vec[r["concept"]][i]) for i in set(cand["ids"])), reverse=True) or [0.0]
             cand["score"], cand["score3"] = s[0], sum(s[:3]) / 3
+            w = sorted({group_of[i]: float(by_word[r["concept"]][i]) for i in set(cand["ids"])}.values(), reverse=True) or [0.0]
+            cand["score_word"], cand["score3_word"] = w[0], sum(w[:3]) / 3
 
 
 def make_picker(bound: float, signal: str, tau: float, choose: str, fallback: str) -> Picker:
@@ -456,13 +492,24 @@ def grow(rows: list[dict], pool: Sequence[str]) -> None:
               f"| {a[2]} | {a[3]} | {o[0]}, {o[1]}, {o[2]} |")
 
 
-def variants(rows: list[dict]) -> None:
-    """Keyword-free pickers beside the shipped one, over the shipped seven rows, tuning and held-out side by
-    side (a picker is chosen on tuning; held-out only reports): the NLL bound, a second word of the question,
-    a share of the unsteered answer's words, the steering's own words first, the concept score less the NLL
-    ratio, the mean of the three highest scores."""
+TEN = ("learned x1.1", "learned x1.2", "contrastive x1.1")  # the rows the ten add to the seven (--extra's labels)
+
+
+def shipped_ten(cands: list[dict]) -> list[dict]:
+    """The ten rows auto ships for a feature with a learned direction (the seven, learned x1.1 and x1.2, the
+    feature's own op at x1.1), from a row with --extra's candidates, in calibrate.auto_candidates' order."""
+    return shipped_seven(cands) + [next(c for c in cands if c["label"] == x) for x in TEN]
+
+
+def variants(rows: list[dict], ten: bool = False) -> None:
+    """Keyword-free pickers beside the shipped one, over the shipped seven rows (or `ten`), tuning and held-out
+    side by side (a picker is chosen on tuning; held-out only reports): the NLL bound, a second word of the
+    question, a share of the unsteered answer's words, the steering's own words first, the concept score less
+    the NLL ratio, the mean of the three highest scores, and the score read by words (`word_scores`)."""
+    if ten:
+        rows[:] = [r for r in rows if all(any(c["label"] == x for c in r["candidates"]) for x in TEN)]
     for r in rows:
-        r["candidates"] = shipped_seven(r["candidates"])
+        r["candidates"] = shipped_ten(r["candidates"]) if ten else shipped_seven(r["candidates"])
 
     def gated(cands: list[dict], bound: float = calibrate.AUTO_NLL_BOUND) -> list[int]:
         return [i for i, c in enumerate(cands) if i > 0 and c["nll_ratio"] <= bound and c["rep3"] < 0.2 and c["on_question"]]
@@ -479,7 +526,8 @@ def variants(rows: list[dict]) -> None:
     def score(c: dict) -> tuple[float, float]:  # the shipped rule
         return c["score"], -c["nll_ratio"]
 
-    pickers: dict[str, Any] = {"shipped (bound 3.0, highest score)": best(score)}
+    pickers: dict[str, Any] = {"the fixed default": lambda cands, prompt="": fixed()(cands),
+                               "shipped (bound 3.0, highest score)": best(score)}
     for b in (2.0, 2.5, 3.5, 4.0):
         pickers[f"bound {b}"] = best(score, bound=b)
     pickers["two words of the question"] = best(score, lambda c, cs, p: len(calibrate.content_stems(c["text"])
@@ -490,6 +538,12 @@ def variants(rows: list[dict]) -> None:
     for lam in (0.5, 1.0):
         pickers[f"score - {lam:g} x NLL ratio"] = best(lambda c, lam=lam: c["score"] - lam * c["nll_ratio"])
     pickers["mean of the three highest scores"] = best(lambda c: (c["score3"], -c["nll_ratio"]))
+    pickers["by words: the highest word score"] = best(lambda c: (c["score_word"], -c["nll_ratio"]))
+    for b in (2.5, 3.5):
+        pickers[f"by words, bound {b}"] = best(lambda c: (c["score_word"], -c["nll_ratio"]), bound=b)
+    pickers["by words, then more of the steering's own words"] = best(lambda c: (c["score_word"], c["concept_words"],
+                                                                                 -c["nll_ratio"]))
+    pickers["by words: the mean of the three highest"] = best(lambda c: (c["score3_word"], -c["nll_ratio"]))
     # the feature's own name (what a user names a concept, an SAE feature's label): not a keyword list
     named = {c: calibrate.content_stems(human_name(c)) for c in KEYWORDS}
 
@@ -502,14 +556,19 @@ def variants(rows: list[dict]) -> None:
     pickers["its name first, then the score"] = best(lambda c: (c["says_name"], c["score"], -c["nll_ratio"]))
     pickers["its name first, then the lowest NLL ratio"] = best(lambda c: (c["says_name"], -c["nll_ratio"]))
     pickers["oracle"] = lambda cands, prompt="": oracle(cands)
-    print("| picker | tuning | held-out | held-out per concept (" + ", ".join(KEYWORDS) + ") |\n|---|---|---|---|")
+    print("| picker | tuning | tuning per concept | held-out | held-out per concept (" + ", ".join(KEYWORDS)
+          + ") | Eiffel named (held-out) |\n|---|---|---|---|---|---|")
     for name, pick in pickers.items():
         tally: dict = defaultdict(int)
+        named = 0
         for r in rows:
-            tally[(r["set"], r["concept"])] += r["candidates"][pick(r["candidates"], r["prompt"])]["tint"]
+            c = r["candidates"][pick(r["candidates"], r["prompt"])]
+            tally[(r["set"], r["concept"])] += c["tint"]
+            named += r["set"] == "heldout" and r["concept"] == "eiffel_tower" and c["eiffel"]
         tun, held = (sum(v for (s, _), v in tally.items() if s == st) for st in ("tuning", "heldout"))
-        per = " ".join(str(tally[("heldout", c)]) for c in KEYWORDS)
-        print(f"| {name} | {tun}/{sum(r['set'] == 'tuning' for r in rows)} | {held}/{sum(r['set'] == 'heldout' for r in rows)} | {per} |")
+        per_t, per = (" ".join(str(tally[(st, c)]) for c in KEYWORDS) for st in ("tuning", "heldout"))
+        print(f"| {name} | {tun}/{sum(r['set'] == 'tuning' for r in rows)} | {per_t} | {held}/"
+              f"{sum(r['set'] == 'heldout' for r in rows)} | {per} | {named} |")
 
 
 def cmd_report(args) -> None:
@@ -518,11 +577,14 @@ def cmd_report(args) -> None:
         n = len(rows[0]["candidates"])
         print(f"{add_extra(rows, args.extra, args.extra_kinds)} candidates added ({', '.join(args.extra_kinds)})")
         concept_scores(rows)
+        if args.only:  # judged against every loaded prompt of the set (its mean unsteered NLL), then kept
+            keep = {json.loads(line)["prompt"] for path in args.only for line in open(path)}
+            rows[:] = [r for r in rows if r["prompt"] in keep]
         if args.subsets:
             subsets(rows, args.per_concept)
             return
         if args.variants:
-            variants(rows)
+            variants(rows, args.ten)
             return
         if args.grow:
             grow(rows, args.grow)
@@ -568,6 +630,9 @@ def main() -> None:
     rep.add_argument("--per-concept", nargs="*", type=int, default=[], help="with --subsets: per concept, for these sizes")
     rep.add_argument("--extra-kinds", nargs="*", default=["learned"], help="the `vector` kinds of --extra rows to add")
     rep.add_argument("--variants", action="store_true", help="with --extra: other pickers over the shipped seven rows")
+    rep.add_argument("--only", nargs="*", default=[],
+                     help="with --extra: report only the prompts of these files (judged against all the files' prompts)")
+    rep.add_argument("--ten", action="store_true", help="with --variants: over the shipped ten rows (--extra: the mid rows too)")
     rep.add_argument("--grow", nargs="*", default=[],
                      help="with --extra: subsets of these --extra labels added to the shipped seven, ranked on tuning")
     args = parser.parse_args()

@@ -35,6 +35,10 @@ on the tuning prompts (ties: x1, then the weaker).
     nice -n 5 .venv/bin/python benchmarks/eval_learned.py gen --set tuning --mult 1.2 1.1 1.3 --out benchmarks/results/auto28_mid_tuning.jsonl
     nice -n 5 .venv/bin/python benchmarks/eval_learned.py gen --set tuning --mult 1.2 1.1 1.3 --vectors shipped --name contrastive \
         --check 3 --out benchmarks/results/auto28_mid_tuning.jsonl   # the same two for --set heldout: the finer doses
+    nice -n 5 .venv/bin/python benchmarks/eval_learned.py gen --set tuning --mult 1 0.6 1.4 1.1 1.2 1.3 \
+        --auto benchmarks/results/auto28_tuning_more.jsonl --out benchmarks/results/learned28_tuning_more.jsonl
+        # and --vectors shipped --name contrastive --mult 1.1 1.2 1.3 --check 3 (auto28_mid_tuning_more.jsonl):
+        # the finer rows on the 14 more tuning prompts of eval_auto.py run --offset 1
     nice -n 19 .venv/bin/python benchmarks/eval_learned.py volcano --out benchmarks/results/learned28_volcano.jsonl
     .venv/bin/python benchmarks/eval_learned.py report
 """
@@ -83,8 +87,10 @@ def names_concept(text: str, concept: str) -> bool:
     return any(w.startswith(s) for s in name_stems(concept) for w in words)
 
 
-def eval_prompts(set_name: str) -> list[str]:
-    return sorted({json.loads(line)["prompt"] for line in open(AUTO[set_name])}, key=eval_quality.load_prompts(set_name).index)
+def eval_prompts(set_name: str, auto: str | Path | None = None) -> list[str]:
+    """The prompts of a set's stored auto rows (results/auto28_<set>.jsonl, or `auto`), in the set's order."""
+    return sorted({json.loads(line)["prompt"] for line in open(auto or AUTO[set_name])},
+                  key=eval_quality.load_prompts(set_name).index)
 
 
 def train_prompts() -> list[str]:
@@ -168,13 +174,13 @@ def cmd_gen(args) -> None:
     _, comps = shipped(model, tok)
     # "shipped": the features' own (contrastive) vectors, at other doses than the stored rows'
     vecs = {c: {"vector": comp.vector} for c, comp in comps.items()} if args.vectors == "shipped" else torch.load(args.vectors)
-    prompts = eval_prompts(args.set)
+    prompts = eval_prompts(args.set, args.auto)
     concepts = [c for c in (args.concepts or list(KEYWORDS)) if c in vecs]
     done = set()
     if Path(args.out).exists():
         done = {(r["prompt"], r["concept"], r["vector"], r["multiplier"]) for r in map(json.loads, open(args.out))}
     jobs = []
-    stored = {(r["prompt"], r["concept"]): r for r in map(json.loads, open(AUTO[args.set]))}
+    stored = {(r["prompt"], r["concept"]): r for r in map(json.loads, open(args.auto or AUTO[args.set]))}
     for c in concepts:
         comp = comps[c]
         for p in prompts:
@@ -434,6 +440,8 @@ def main() -> None:
     g.add_argument("--batch", type=int, default=40)
     g.add_argument("--vectors", default=str(VECTORS), help='a vectors file, or "shipped": the features\' own vectors')
     g.add_argument("--name", default="learned", help="the rows' vector label (a variant of the learned vectors)")
+    g.add_argument("--auto", default=None,
+                   help="the stored auto rows whose prompts to answer (default: results/auto28_<set>.jsonl)")
     g.add_argument("--out", required=True)
     v = sub.add_parser("volcano")
     v.add_argument("--steps", type=int, default=16)
