@@ -580,6 +580,11 @@ def cmd_report(args) -> None:
         if args.only:  # judged against every loaded prompt of the set (its mean unsteered NLL), then kept
             keep = {json.loads(line)["prompt"] for path in args.only for line in open(path)}
             rows[:] = [r for r in rows if r["prompt"] in keep]
+        if args.untaught:  # not the pairs whose steered answers taught the learned directions (eval_learned.py train)
+            from eval_learned import steered_teachers
+
+            taught = {(c, t["prompt"]) for c, ts in steered_teachers().items() for t in ts}
+            rows[:] = [r for r in rows if (r["concept"], r["prompt"]) not in taught]
         if args.subsets:
             subsets(rows, args.per_concept)
             return
@@ -632,6 +637,8 @@ def main() -> None:
     rep.add_argument("--variants", action="store_true", help="with --extra: other pickers over the shipped seven rows")
     rep.add_argument("--only", nargs="*", default=[],
                      help="with --extra: report only the prompts of these files (judged against all the files' prompts)")
+    rep.add_argument("--untaught", action="store_true",
+                     help="with --extra: leave out the prompt-concept pairs whose steered answers taught the learned directions")
     rep.add_argument("--ten", action="store_true", help="with --variants: over the shipped ten rows (--extra: the mid rows too)")
     rep.add_argument("--grow", nargs="*", default=[],
                      help="with --extra: subsets of these --extra labels added to the shipped seven, ranked on tuning")
