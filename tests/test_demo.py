@@ -530,6 +530,48 @@ def test_steer_auto_on_the_vllm_backend_runs_its_candidates_on_the_engine(embedd
     assert vllm_engine._auto._scores  # the steering scores were measured through the engine
 
 
+def test_ctrl_c_while_auto_chooses_on_the_vllm_backend_aborts_its_candidates(embedded, shipped, vllm_engine):
+    """Ctrl-C in the console while auto works on the engine (its steering scores, then its candidates: the
+    seconds before the first words, when a user gives up waiting) ends the answer at once and takes auto's
+    requests off the engine: they no longer run on for nobody ahead of the next question (before, Ctrl-C
+    returned but the engine went on for seconds, and with a wait it could not interrupt, it took 15 s)."""
+    from llm_steering.backends.vllm import VLLMBackend
+
+    model, tok = embedded
+    profile, vectors = shipped
+    catalog = demo.Catalog(profile, vectors)
+    catalog.attach(model, tok)
+    out = io.StringIO()
+    settings = demo.Settings(backend="vllm", temperature=0.0, max_new_tokens=52, repetition_penalty=1.1,
+                             system="You are a helpful assistant.", max_input_tokens=2048)
+    console = demo.Console(model, tok, catalog, settings, out=out, info=out, interactive=False)
+    console._backends["vllm"] = VLLMBackend(vllm_engine)
+    console.command("/steer pirate auto")
+    engine, pressed = vllm_engine.engine, []
+
+    def press_once_auto_runs() -> None:
+        deadline = time.monotonic() + 120
+        while engine.get_num_unfinished_requests() < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        pressed.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C
+
+    presser = threading.Thread(target=press_once_auto_runs, daemon=True)
+    presser.start()
+    answer = console.ask("Write a short note to welcome a new neighbor.")
+    ended = time.monotonic()
+    presser.join()
+    assert answer is None and "(stopped" in out.getvalue()
+    assert ended - pressed[0] < 1.5, f"Ctrl-C took {ended - pressed[0]:.1f} s: it waited for the candidates"
+    while engine.get_num_unfinished_requests() and time.monotonic() < ended + 2:
+        time.sleep(0.01)
+    seen = []  # and none starts after it: before, the scores' requests and then the candidates ran on for seconds
+    while time.monotonic() < ended + 5:
+        seen.append(engine.get_num_unfinished_requests())
+        time.sleep(0.05)
+    assert not any(seen), f"the engine ran on after Ctrl-C: {seen}"
+
+
 def test_steer_auto_chooses_how_to_steer_each_answer_and_goes_on_with_it(embedded, shipped):
     """/steer pirate auto (issue 28): it says what it tries, then which way it kept, then that answer
     (calibrate.auto_answer's, greedy)."""

@@ -29,6 +29,7 @@ compiled graphs would not call Python hooks per step.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import gc
 import os
 import threading
@@ -358,7 +359,20 @@ class VLLMEngine:
             self._call(agen.aclose())
 
     def _call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        """`coro` run on the engine's loop, waited for here. Waited for in short steps, so that Ctrl-C reaches the
+        caller at once (a wait without a timeout takes it only when `coro` ends); whatever ends the wait early
+        (Ctrl-C, a closed generator) cancels `coro`, and with it its engine requests."""
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            while True:
+                try:
+                    return fut.result(timeout=0.05)
+                except concurrent.futures.TimeoutError:
+                    if fut.done():  # coro's own TimeoutError
+                        raise
+        except BaseException:
+            fut.cancel()
+            raise
 
     def _stop_loop(self) -> None:
         if self._loop.is_running():
