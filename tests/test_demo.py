@@ -534,7 +534,7 @@ def test_ctrl_c_while_auto_chooses_on_the_vllm_backend_aborts_its_candidates(emb
     """Ctrl-C in the console while auto works on the engine (its steering scores, then its candidates: the
     seconds before the first words, when a user gives up waiting) ends the answer at once and takes auto's
     requests off the engine: they no longer run on for nobody ahead of the next question (before, Ctrl-C
-    returned but the engine went on for seconds, and with a wait it could not interrupt, it took 15 s)."""
+    returned, but the engine went on with them for seconds)."""
     from llm_steering.backends.vllm import VLLMBackend
 
     model, tok = embedded
