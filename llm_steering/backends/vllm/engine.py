@@ -152,6 +152,7 @@ class VLLMEngine:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-engine-loop", daemon=True)
         self._thread.start()
+        _import_in_a_thread_of_its_own()
         try:
             self.engine = self._call(self._start(args))
         except Exception as exc:
@@ -383,6 +384,24 @@ class VLLMEngine:
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
+
+
+def _import_in_a_thread_of_its_own() -> None:
+    """Import vLLM's engine in a short thread of its own. vLLM keeps the ImportError of an optional package
+    (torchcodec, in vllm.multimodal.media.audio) with its traceback, and so every frame that was above the
+    import: imported inside `_start`, that kept the finished `_start`, and the AsyncLLM it returned, alive after
+    `shutdown` (whose __del__ then failed at interpreter exit). Here those frames hold nothing."""
+
+    def imports() -> None:
+        try:
+            from vllm import AsyncEngineArgs  # noqa: F401
+            from vllm.v1.engine.async_llm import AsyncLLM  # noqa: F401
+        except Exception:  # noqa: S110 (`_start` imports them again and says why it cannot)
+            pass
+
+    thread = threading.Thread(target=imports, name="vllm-import", daemon=True)
+    thread.start()
+    thread.join()
 
 
 def vllm_dtype(path: str | os.PathLike) -> str:
