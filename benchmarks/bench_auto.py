@@ -10,6 +10,11 @@ Prints, per pair and in all, the seconds to the first words and to the end, and 
     nice -n 5 .venv/bin/python benchmarks/bench_auto.py                    # 3 prompts x 2 features, 256 tokens
     .venv/bin/python benchmarks/bench_auto.py --prompts 1 --features ocean --tokens 64
     nice -n 5 .venv/bin/python benchmarks/bench_auto.py --nine    # also the nine candidates of a feature without a learned direction
+    .venv/bin/python benchmarks/bench_auto.py --floor     # only: where the first words' delay comes from (below)
+
+`--floor` times what the first words wait for, apart: the bare model's greedy batch of 48 tokens (one row and
+ten, the candidates' number), in float32 (what ships) and bfloat16 (not shipped: it changes the answers), and
+the read-back of ten rows (calibrate.read_candidates), alternating, twice each.
 """
 
 from __future__ import annotations
@@ -48,9 +53,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--nine", action="store_true",
                         help="also time auto with the nine candidates of a feature without a learned direction, each time")
+    parser.add_argument("--floor", action="store_true", help="only: the batch and the read-back timed apart, float32 and bfloat16")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = steering.load_model()
+    if args.floor:
+        floor(model, tok)
+        return
     catalog = Catalog.open(steering.load_config(ROOT / "demo.yaml").profile(), model, tok)
     prompts = eval_quality.load_prompts("heldout")[: args.prompts]
     # the steering scores and words are measured once per feature (cached, as in the app after its start)
@@ -87,6 +96,35 @@ def main() -> None:
         print(f"with the nine candidates instead: {sum(n[1] for n in nines) / sum(p[1] for p, _ in rows):.2f}x; first words "
               f"{statistics.median(n[0] - p[0] for (p, _), n in zip(rows, nines, strict=True)):.2f} s later (median; at most "
               f"{max(n[0] - p[0] for (p, _), n in zip(rows, nines, strict=True)):.2f} s)")
+
+
+def floor(model, tok) -> None:
+    """The first words' floor on this machine: the batch of 48 greedy tokens (1 and 10 rows, float32 and
+    bfloat16, the bare model, no EOS) and the read-back of ten candidates, on the first held-out prompt."""
+    import copy
+
+    chat = eval_quality.chat(eval_quality.load_prompts("heldout")[0])
+    prompt = steering.chat_input_ids(tok, chat)
+    config = calibrate._config(model, tok, 48, eval_quality.REPETITION_PENALTY)
+    config.eos_token_id, config.min_new_tokens = None, 48
+    models = {"float32": model, "bfloat16": copy.deepcopy(model).to(torch.bfloat16)}
+    ids = torch.tensor([prompt] * 10)
+    rows = [list(range(1000, 1048))] * 10  # ten answers of 48 tokens to read back
+    cands = [calibrate.Candidate("unsteered")] * 10
+    times: dict[str, list[float]] = {}
+    for _ in range(2):
+        for dtype, m in models.items():
+            for n in (1, 10):
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    m.generate(input_ids=ids[:n], attention_mask=torch.ones_like(ids[:n]), generation_config=config)
+                times.setdefault(f"{dtype}: {n} row{'s' * (n > 1)} of 48 tokens", []).append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            calibrate.read_candidates(m, tok, chat, cands, rows, [None] * 10, frozenset())
+            times.setdefault(f"{dtype}: reading 10 rows back", []).append(time.perf_counter() - t0)
+    print(f"prompt of {len(prompt)} tokens, {torch.get_num_threads()} threads:")
+    for what, ts in times.items():
+        print(f"  {what:34s} {' '.join(f'{t:.2f}' for t in ts)} s")
 
 
 if __name__ == "__main__":
