@@ -258,10 +258,11 @@ class EngineAuto:
         return -sum(logps[n + i][t].logprob for i, t in enumerate(ids)) / len(ids)
 
     def continuation(self, choice: calibrate.AutoChoice, others: list[Any], chat_ids: list[int], max_tokens: int,
-                     **sampling: Any) -> tuple[Any, SteeringRecord | None, int | None]:
+                     **sampling: Any) -> tuple[Any, SteeringRecord | None, int | None, bool]:
         """The sampling parameters (`sampling`: temperature, top_p, ...) and record the chosen answer goes on
-        with (calibrate.continue_candidate), and where its steering is let go after the judged words (None: it is
-        not, or it let go in them)."""
+        with (calibrate.continue_candidate), where its steering is let go after the judged words (None: it is
+        not, it let go in them, or the answer does not go on), and whether it goes on at all (calibrate.
+        stream_auto_answer's rule: its judged words filled the judged tokens, and `max_tokens` leaves room)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -278,7 +279,8 @@ class EngineAuto:
                                  release_ids=tuple(sorted(words)) if cand.release else ())
         params = SamplingParams(max_tokens=max(1, max_tokens - len(prefix)), output_kind=RequestOutputKind.DELTA,
                                 **sampling)
-        return params, record, let_go_at
+        goes_on = len(prefix) == choice.judge_tokens and max_tokens > len(prefix)
+        return params, record, let_go_at if goes_on else None, goes_on
 
 
 def answer_ids(out: Any) -> list[int]:
@@ -385,11 +387,10 @@ async def _answer(auto: EngineAuto, catalog: Any, req: AutoRequest, model_name: 
     except ValueError as exc:  # the catalog's and the engine's one-line refusals
         raise RequestError(400, str(exc).strip().splitlines()[-1], "steering") from None
     prefix = list(choice.prefix)
-    goes_on = len(prefix) == judge and req.max_tokens > len(prefix)
-    params, record, let_go_at = auto.continuation(
+    params, record, let_go_at, goes_on = auto.continuation(
         choice, others, chat_ids, req.max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
         seed=req.seed, repetition_penalty=req.repetition_penalty)
-    summary = setting_summary(key, fraction, choice, let_go_at if goes_on else None)
+    summary = setting_summary(key, fraction, choice, let_go_at)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": req.model or model_name}
     first_text = tok.decode(prefix, skip_special_tokens=True)
     finish = "length" if len(prefix) == judge else "stop"

@@ -263,11 +263,9 @@ class VLLMEngine:
             choice = self._call(auto.choose(list(chat), chat_ids, component, others, cands, judge, s.repetition_penalty))
             out.choice = choice
             prefix = list(choice.prefix)
-            goes_on = len(prefix) == judge and max_tokens > judge
-            params, record, let_go_at = auto.continuation(choice, others, chat_ids, max_tokens, temperature=s.temperature,
-                                                          top_p=s.top_p, seed=s.seed,
-                                                          repetition_penalty=s.repetition_penalty)
-            out.let_go_at = let_go_at if goes_on else None
+            params, record, out.let_go_at, goes_on = auto.continuation(
+                choice, others, chat_ids, max_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed,
+                repetition_penalty=s.repetition_penalty)
             text = self.tokenizer.decode(prefix, skip_special_tokens=True)
             if text:
                 yield text
