@@ -297,7 +297,8 @@ def concept_scores(rows: list[dict]) -> None:
     """Each candidate's `score`: the highest steering score (lens.steering_scores: the log-probability rise the
     feature gives a token on neutral chats) of any of its tokens, and `score3`, the mean of its three highest;
     `score_word` and `score3_word` the same by words (`word_scores`: " cats", "Cats" and "cat" are one word,
-    scored as the highest of them)."""
+    scored as the highest of them); `score_new`, the highest of a token whose word neither the prompt nor the
+    unsteered answer has."""
     model, tok = steering.load_model()
     catalog = Catalog.open(steering.load_config(ROOT / "demo.yaml").profile(), model, tok)
     from llm_steering.lens import steering_scores
@@ -310,9 +311,13 @@ def concept_scores(rows: list[dict]) -> None:
         by_word[c] = word_scores(groups, vec[c])
     group_of = groups[0].tolist()
     for r in rows:
+        # the words the question and the unsteered answer already have (by word: " Earth" and "earth" are one)
+        known = {group_of[i] for i in [*tok.encode(r["prompt"], add_special_tokens=False), *r["candidates"][0]["ids"]]}
         for cand in r["candidates"]:
             s = sorted((float(vec[r["concept"]][i]) for i in set(cand["ids"])), reverse=True) or [0.0]
             cand["score"], cand["score3"] = s[0], sum(s[:3]) / 3
+            cand["score_new"] = max((float(vec[r["concept"]][i]) for i in set(cand["ids"]) if group_of[i] not in known),
+                                    default=0.0)
             w = sorted({group_of[i]: float(by_word[r["concept"]][i]) for i in set(cand["ids"])}.values(), reverse=True) or [0.0]
             cand["score_word"], cand["score3_word"] = w[0], sum(w[:3]) / 3
 
@@ -539,6 +544,8 @@ def variants(rows: list[dict], ten: bool = False) -> None:
         pickers[f"score - {lam:g} x NLL ratio"] = best(lambda c, lam=lam: c["score"] - lam * c["nll_ratio"])
     pickers["mean of the three highest scores"] = best(lambda c: (c["score3"], -c["nll_ratio"]))
     pickers["by words: the highest word score"] = best(lambda c: (c["score_word"], -c["nll_ratio"]))
+    pickers["the highest score of a word the question and the unsteered answer lack"] = best(
+        lambda c: (c["score_new"], -c["nll_ratio"]))
     for b in (2.5, 3.5):
         pickers[f"by words, bound {b}"] = best(lambda c: (c["score_word"], -c["nll_ratio"]), bound=b)
     pickers["by words, then more of the steering's own words"] = best(lambda c: (c["score_word"], c["concept_words"],
