@@ -630,18 +630,11 @@ def stream_auto_answer(model: Any, tokenizer: Any, chat: Sequence[dict], compone
     judged ones (they named the concept; steered on, long answers drift off the question: docs/quality.md,
     "After the judged words"); `other_components` stay on. Without, it goes on steered as it was judged.
     Setting `cancel` ends it at the next token (`stopped` then says so)."""
-    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+    from transformers import StoppingCriteriaList, TextIteratorStreamer
 
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a whole number of at least 1, got {max_new_tokens!r}")
-
-    class Cancelled(StoppingCriteria):
-        fired = False  # the generation was cut by `cancel` (not ended by its EOS or its length)
-
-        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-            stop = cancel is not None and cancel.is_set()
-            Cancelled.fired = Cancelled.fired or stop
-            return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+    cancelled = _cancelled(cancel)  # the continuation's: `fired` says it was cut by `cancel`
 
     def pieces(out: AutoStream) -> Iterator[str]:
         t0 = time.perf_counter()
@@ -669,7 +662,7 @@ def stream_auto_answer(model: Any, tokenizer: Any, chat: Sequence[dict], compone
                     rest.extend(continue_candidate(model, tokenizer, chat, choice.chosen, other_components, choice.words,
                                                    ids, None, max_new_tokens - judge, repetition_penalty,
                                                    streamer=streamer, temperature=temperature,
-                                                   stopping_criteria=StoppingCriteriaList([Cancelled()]),
+                                                   stopping_criteria=StoppingCriteriaList([cancelled]),
                                                    let_go_at=out.let_go_at))
                 except BaseException as exc:  # handed to the reader
                     failed.append(exc)
@@ -691,7 +684,7 @@ def stream_auto_answer(model: Any, tokenizer: Any, chat: Sequence[dict], compone
                 thread.join()
             if failed:
                 raise failed[0]
-            out.stopped = Cancelled.fired and len(rest) < max_new_tokens - judge
+            out.stopped = cancelled.fired and len(rest) < max_new_tokens - judge
         all_ids = ids + rest
         out.result = AutoAnswer(tokenizer.decode(all_ids, skip_special_tokens=True), tuple(all_ids), choice.chosen,
                                 choice.table, time.perf_counter() - t0, choice.seconds,
@@ -729,13 +722,18 @@ def _config(model: Any, tokenizer: Any, max_new_tokens: int, repetition_penalty:
                             bos_token_id=getattr(model.generation_config, "bos_token_id", None))
 
 
-def _cancelled(cancel: threading.Event) -> Any:
-    """A StoppingCriteria that ends every row of a generate call once `cancel` is set."""
+def _cancelled(cancel: threading.Event | None) -> Any:
+    """A StoppingCriteria that ends every row of a generate call once `cancel` (if any) is set; its `fired`
+    says whether it did (not the EOS or the length)."""
     from transformers import StoppingCriteria
 
     class Cancelled(StoppingCriteria):
+        fired = False
+
         def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
-            return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+            stop = cancel is not None and cancel.is_set()
+            self.fired = self.fired or stop
+            return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
     return Cancelled()
 
